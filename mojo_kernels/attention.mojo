@@ -1,0 +1,505 @@
+# MSA.md step 5: block-major attention. One thread block per work item
+# (g, row, begin, count): it loads the K/V block of `row` ONCE into shared
+# memory and streams the `count` selecting queries (all G heads of group g)
+# through it. Softmax is over one tile, so there is no online rescaling:
+# each (query, head, slot) gets o_partial (normalized within the block) and
+# lse_partial (natural log). Keys past the query's position are masked
+# (causality inside its own block); K/V rows past the sequence are zero-filled.
+#
+# Two GPU paths:
+#   mma  (bf16/fp16, D <= 128, block_size <= 128): rows = (entry, head) pairs
+#        packed into the M dimension, 64 per tile (16 per warp);
+#        S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, fp32
+#        accumulate), K and V^T resident in shared memory, Q rows gathered
+#        with cp.async, P kept in registers (its accumulator layout is the A
+#        operand layout of the second product).
+#   simt (any float dtype): one warp per (entry, head) row.
+# lse_partial is filled with -inf first, so slots no work item touches read
+# as unused in the combine.
+
+from std.math import ceildiv, exp, exp2, log
+from std.memory import unsafe_stack_allocation
+
+from extensibility import InputTensor, OutputTensor, register
+from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
+from max.gpu.compute.mma import ld_matrix, mma
+from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.primitives import warp
+
+from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, seq_of
+
+comptime LOG2E = Float32(1.4426950408889634)
+comptime LN2 = Float32(0.6931471805599453)
+comptime SIMT_WARPS = 8
+comptime MMA_WARPS = 4
+comptime MMA_BM = 16 * MMA_WARPS  # rows of a query tile
+
+
+struct _Item(TrivialRegisterPassable):
+    """A decoded work item: which block, which entries, where its keys live."""
+
+    var g: Int
+    var b: Int
+    var j: Int
+    var begin: Int
+    var count: Int
+    var kstart: Int  # global index of the block's first key
+    var nk: Int  # keys in the block (< block_size for a sequence's last block)
+    var pos0: Int  # key position of query index 0 of the sequence: tk - tq
+    var q0: Int  # first query token of the sequence
+
+    @always_inline
+    def __init__(
+        out self, work: I32Ptr, w: Int, row_offsets: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
+        num_seqs: Int, block_size: Int,
+    ):
+        var wp = work.unsafe_offset(w * 4)
+        self.g = Int(wp[unsafe_offset=0])
+        var row = Int(wp[unsafe_offset=1])
+        self.begin = Int(wp[unsafe_offset=2])
+        self.count = Int(wp[unsafe_offset=3])
+        self.b = seq_of(row_offsets, num_seqs + 1, row)
+        self.j = row - Int(row_offsets[unsafe_offset=self.b])
+        self.q0 = Int(cu_q[unsafe_offset=self.b])
+        var k0 = Int(cu_k[unsafe_offset=self.b])
+        var tk = Int(cu_k[unsafe_offset=self.b + 1]) - k0
+        var tq = Int(cu_q[unsafe_offset=self.b + 1]) - self.q0
+        self.kstart = k0 + self.j * block_size
+        self.nk = min(block_size, tk - self.j * block_size)
+        self.pos0 = tk - tq
+
+    @always_inline
+    def visible(self, t: Int, block_size: Int) -> Int:
+        """Keys of this block that query token t sees."""
+        return max(0, min(self.nk, self.pos0 + (t - self.q0) - self.j * block_size + 1))
+
+
+@always_inline
+def _part_offset(t: Int, h: Int, slot: Int, num_heads: Int, topk: Int) -> Int:
+    return (t * num_heads + h) * topk + slot
+
+
+def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
+    var i = Int(block_idx.x) * 256 + Int(thread_idx.x)
+    if i < Int(n):
+        x[unsafe_offset=i] = value
+
+
+# ----------------------------------------------------------------------------- CPU
+def _attention_cpu[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int
+](
+    o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
+    lse_p: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: Int,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int,
+):
+    var Hq = num_groups * group
+    var s = unsafe_stack_allocation[block_size, Float32]()
+    var acc = unsafe_stack_allocation[head_dim, Float32]()
+    for w in range(num_work):
+        var it = _Item(work, w, row_offsets, cu_q, cu_k, num_seqs, block_size)
+        for e in range(it.count):
+            var ent = Int(entries[unsafe_offset=it.g * T * topk + it.begin + e])
+            var t = ent // topk
+            var slot = ent % topk
+            var nvis = it.visible(t, block_size)
+            for hh in range(group):
+                var h = it.g * group + hh
+                var qrow = q.unsafe_offset((t * Hq + h) * head_dim)
+                var m = f32_neg_inf()
+                for key in range(nvis):
+                    var krow = k.unsafe_offset(((it.kstart + key) * num_groups + it.g) * head_dim)
+                    var dot = Float32(0)
+                    for d in range(head_dim):
+                        dot += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
+                    s[unsafe_offset=key] = dot * scale
+                    m = max(m, dot * scale)
+                for d in range(head_dim):
+                    acc[unsafe_offset=d] = 0
+                var den = Float32(0)
+                for key in range(nvis):
+                    var pr = exp(s[unsafe_offset=key] - m)
+                    den += pr
+                    var vrow = v.unsafe_offset(((it.kstart + key) * num_groups + it.g) * head_dim)
+                    for d in range(head_dim):
+                        acc[unsafe_offset=d] += pr * vrow[unsafe_offset=d].cast[DType.float32]()
+                var off = _part_offset(t, h, slot, Hq, topk)
+                var inv = Float32(1) / den if den > 0 else Float32(0)
+                for d in range(head_dim):
+                    o_p[unsafe_offset=off * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[part_dtype]()
+                lse_p[unsafe_offset=off] = m + log(den) if den > 0 else f32_neg_inf()
+
+
+# ----------------------------------------------------------------------------- GPU, SIMT
+def attention_simt_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int
+](
+    o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
+    lse_p: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+):
+    comptime KP = head_dim + 1  # padded K rows (fp32): lanes walk different keys
+    comptime Hq = num_groups * group
+    comptime KPL = ceildiv(block_size, WARP_SIZE)  # keys per lane
+    comptime DPL = ceildiv(head_dim, WARP_SIZE)  # dims per lane
+    var w = Int(block_idx.x)
+    if w >= Int(num_work[unsafe_offset=0]):
+        return
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), block_size)
+    var smem = external_memory[Float32, address_space=AddressSpace.SHARED, alignment=16]()
+    var k_s = smem
+    var v_s = smem.unsafe_offset(block_size * KP)
+    var q_s = v_s.unsafe_offset(block_size * head_dim).unsafe_offset(wid * head_dim)
+    var p_s = v_s.unsafe_offset(block_size * head_dim + SIMT_WARPS * head_dim).unsafe_offset(wid * block_size)
+    for i in range(tid, block_size * head_dim, SIMT_WARPS * WARP_SIZE):
+        var key = i // head_dim
+        var d = i % head_dim
+        var kv = Float32(0)
+        var vv = Float32(0)
+        if key < it.nk:
+            var off = ((it.kstart + key) * num_groups + it.g) * head_dim + d
+            kv = k[unsafe_offset=off].cast[DType.float32]()
+            vv = v[unsafe_offset=off].cast[DType.float32]()
+        k_s[unsafe_offset=key * KP + d] = kv
+        v_s[unsafe_offset=i] = vv
+    barrier()
+    var scale = scale_p[unsafe_offset=0]
+    var nent = Int(T) * topk
+    for r in range(wid, it.count * group, SIMT_WARPS):
+        var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + r // group])
+        var h = it.g * group + r % group
+        var t = ent // topk
+        var off = _part_offset(t, h, ent % topk, Hq, topk)
+        var nvis = it.visible(t, block_size)
+        comptime for i in range(DPL):
+            var d = lane + i * WARP_SIZE
+            if d < head_dim:
+                q_s[unsafe_offset=d] = q[unsafe_offset=(t * Hq + h) * head_dim + d].cast[DType.float32]() * scale
+        syncwarp()
+        var s = SIMD[DType.float32, KPL](0)
+        var m = f32_neg_inf()
+        comptime for kk in range(KPL):
+            var key = lane + kk * WARP_SIZE
+            var dot = Float32(0)
+            if key < nvis:
+                for d in range(head_dim):
+                    dot += q_s[unsafe_offset=d] * k_s[unsafe_offset=key * KP + d]
+                m = max(m, dot)
+            s[kk] = dot
+        m = warp.max(m)
+        var den = Float32(0)
+        comptime for kk in range(KPL):
+            var key = lane + kk * WARP_SIZE
+            var pr = Float32(0)
+            if key < nvis:
+                pr = exp(s[kk] - m)
+            den += pr
+            if key < block_size:
+                p_s[unsafe_offset=key] = pr
+        den = warp.sum(den)
+        syncwarp()
+        var inv = Float32(1) / den if den > 0 else Float32(0)
+        comptime for i in range(DPL):
+            var d = lane + i * WARP_SIZE
+            if d < head_dim:
+                var a = Float32(0)
+                for key in range(nvis):
+                    a += p_s[unsafe_offset=key] * v_s[unsafe_offset=key * head_dim + d]
+                o_p[unsafe_offset=off * head_dim + d] = (a * inv).cast[part_dtype]()
+        if lane == 0:
+            lse_p[unsafe_offset=off] = m + log(den) if den > 0 else f32_neg_inf()
+        syncwarp()
+
+
+def simt_smem_bytes[head_dim: Int, block_size: Int]() -> Int:
+    return 4 * (block_size * (head_dim + 1) + block_size * head_dim + SIMT_WARPS * (head_dim + block_size))
+
+
+# ----------------------------------------------------------------------------- GPU, tensor cores
+@always_inline
+def _frag_a[dtype: DType, stride: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
+) -> SIMD[dtype, 8]:
+    """A operand (16 x 16, row-major at base): ldmatrix.x4 over rows 0-15, k 0/8."""
+    return ld_matrix[8](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))
+
+
+@always_inline
+def _frag_b2[dtype: DType, stride: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
+) -> SIMD[dtype, 8]:
+    """B operands of two n8 tiles from a [n][k] block (16 n x 16 k) at base."""
+    return ld_matrix[8](base.unsafe_offset(((lane % 8) + (lane // 16) * 8) * stride + ((lane // 8) % 2) * 8))
+
+
+def attention_mma_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int
+](
+    o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
+    lse_p: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+):
+    comptime D = head_dim
+    comptime BS = block_size
+    comptime KS = D + 8  # padded row stride (elements) of K_s and Q_s: conflict-free ldmatrix
+    comptime VS = BS + 8  # row stride of V^T
+    comptime Hq = num_groups * group
+    comptime NT = MMA_WARPS * WARP_SIZE
+    comptime CPR = D // 8  # 16-byte chunks per row
+    var w = Int(block_idx.x)
+    if w >= Int(num_work[unsafe_offset=0]):
+        return
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var k_s = smem
+    var vt_s = smem.unsafe_offset(BS * KS)
+    var q_s = vt_s.unsafe_offset(D * VS)
+    # per tile row: q offset, partial offset (-1: padding), visible keys
+    var meta = unsafe_stack_allocation[MMA_BM * 3, Int32, address_space=AddressSpace.SHARED]()
+    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    # K rows by cp.async; V transposed through registers; zeros past the sequence
+    for i in range(tid, BS * CPR, NT):
+        var key = i // CPR
+        var c = (i % CPR) * 8
+        var goff = ((it.kstart + key) * num_groups + it.g) * D + c
+        if key < it.nk:
+            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
+            var vv = v.unsafe_load[width=8, alignment=16](goff)
+            comptime for u in range(8):
+                vt_s[unsafe_offset=(c + u) * VS + key] = vv[u]
+        else:
+            k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+            comptime for u in range(8):
+                vt_s[unsafe_offset=(c + u) * VS + key] = 0
+    async_copy_commit_group()
+    var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
+    var nent = Int(T) * topk
+    var rows_total = it.count * group
+    var g_lane = lane // 4
+    var t2 = (lane % 4) * 2
+    for m0 in range(0, rows_total, MMA_BM):
+        if tid < MMA_BM:
+            var mr = m0 + tid
+            var qoff = -1
+            var poff = -1
+            var nvis = 0
+            if mr < rows_total:
+                var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + mr // group])
+                var h = it.g * group + mr % group
+                var t = ent // topk
+                qoff = (t * Hq + h) * D
+                poff = _part_offset(t, h, ent % topk, Hq, topk)
+                nvis = it.visible(t, BS)
+            meta[unsafe_offset=tid * 3] = Int32(qoff)
+            meta[unsafe_offset=tid * 3 + 1] = Int32(poff)
+            meta[unsafe_offset=tid * 3 + 2] = Int32(nvis)
+        barrier()
+        for i in range(tid, MMA_BM * CPR, NT):
+            var r = i // CPR
+            var c = (i % CPR) * 8
+            var qoff = Int(meta[unsafe_offset=r * 3])
+            if qoff >= 0:
+                async_copy[16](qg.unsafe_offset(qoff + c), q_s.unsafe_offset(r * KS + c))
+            else:
+                q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+        async_copy_commit_group()
+        async_copy_wait_group(0)
+        barrier()
+        # S = Q K^T for this warp's 16 rows
+        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
+        var q_w = q_s.unsafe_offset(wid * 16 * KS)
+        comptime for kk in range(D // 16):
+            var a = _frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
+            comptime for nj2 in range(BS // 16):
+                var bv = _frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
+                var bh = bv.split()
+                var d0 = SIMD[DType.float32, 4](0)
+                mma(d0, a, bh[0], s_acc[2 * nj2])
+                s_acc[2 * nj2] = d0
+                var d1 = SIMD[DType.float32, 4](0)
+                mma(d1, a, bh[1], s_acc[2 * nj2 + 1])
+                s_acc[2 * nj2 + 1] = d1
+        # mask and softmax (log2 domain); this thread holds rows r0 and r0 + 8
+        var r0 = wid * 16 + g_lane
+        var nv0 = Int(meta[unsafe_offset=r0 * 3 + 2])
+        var nv1 = Int(meta[unsafe_offset=(r0 + 8) * 3 + 2])
+        var m_0 = f32_neg_inf()
+        var m_1 = f32_neg_inf()
+        comptime for nj in range(BS // 8):
+            var col = nj * 8 + t2
+            var x = s_acc[nj] * scale_log2
+            if col >= nv0:
+                x[0] = f32_neg_inf()
+            if col + 1 >= nv0:
+                x[1] = f32_neg_inf()
+            if col >= nv1:
+                x[2] = f32_neg_inf()
+            if col + 1 >= nv1:
+                x[3] = f32_neg_inf()
+            s_acc[nj] = x
+            m_0 = max(m_0, max(x[0], x[1]))
+            m_1 = max(m_1, max(x[2], x[3]))
+        m_0 = max(m_0, warp.shuffle_xor(m_0, 1))
+        m_0 = max(m_0, warp.shuffle_xor(m_0, 2))
+        m_1 = max(m_1, warp.shuffle_xor(m_1, 1))
+        m_1 = max(m_1, warp.shuffle_xor(m_1, 2))
+        var mu0 = m_0 if m_0 > f32_neg_inf() else Float32(0)
+        var mu1 = m_1 if m_1 > f32_neg_inf() else Float32(0)
+        var l_0 = Float32(0)
+        var l_1 = Float32(0)
+        comptime for nj in range(BS // 8):
+            var x = s_acc[nj]
+            var pr = SIMD[DType.float32, 4](exp2(x[0] - mu0), exp2(x[1] - mu0), exp2(x[2] - mu1), exp2(x[3] - mu1))
+            l_0 += pr[0] + pr[1]
+            l_1 += pr[2] + pr[3]
+            s_acc[nj] = pr
+        l_0 += warp.shuffle_xor(l_0, 1)
+        l_0 += warp.shuffle_xor(l_0, 2)
+        l_1 += warp.shuffle_xor(l_1, 1)
+        l_1 += warp.shuffle_xor(l_1, 2)
+        # O = P V: P's accumulator layout is the A layout of the next product
+        var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
+        comptime for kk2 in range(BS // 16):
+            var a = s_acc[2 * kk2].join(s_acc[2 * kk2 + 1]).cast[dtype]()
+            comptime for dn2 in range(D // 16):
+                var bv = _frag_b2[dtype, VS](vt_s.unsafe_offset(dn2 * 16 * VS + kk2 * 16), lane)
+                var bh = bv.split()
+                var d0 = SIMD[DType.float32, 4](0)
+                mma(d0, a, bh[0], o_acc[2 * dn2])
+                o_acc[2 * dn2] = d0
+                var d1 = SIMD[DType.float32, 4](0)
+                mma(d1, a, bh[1], o_acc[2 * dn2 + 1])
+                o_acc[2 * dn2 + 1] = d1
+        var p0 = Int(meta[unsafe_offset=r0 * 3 + 1])
+        var p1 = Int(meta[unsafe_offset=(r0 + 8) * 3 + 1])
+        var inv0 = Float32(1) / l_0 if l_0 > 0 else Float32(0)
+        var inv1 = Float32(1) / l_1 if l_1 > 0 else Float32(0)
+        comptime for dn in range(D // 8):
+            var d = dn * 8 + t2
+            var o = o_acc[dn]
+            if p0 >= 0:
+                o_p[unsafe_offset=p0 * D + d] = (o[0] * inv0).cast[part_dtype]()
+                o_p[unsafe_offset=p0 * D + d + 1] = (o[1] * inv0).cast[part_dtype]()
+            if p1 >= 0:
+                o_p[unsafe_offset=p1 * D + d] = (o[2] * inv1).cast[part_dtype]()
+                o_p[unsafe_offset=p1 * D + d + 1] = (o[3] * inv1).cast[part_dtype]()
+        if lane % 4 == 0:
+            if p0 >= 0:
+                lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
+            if p1 >= 0:
+                lse_p[unsafe_offset=p1] = m_1 * LN2 + log(l_1) if l_1 > 0 else f32_neg_inf()
+        barrier()  # q_s and meta are refilled by the next tile
+
+
+def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    comptime elems = block_size * (head_dim + 8) + head_dim * (block_size + 8) + MMA_BM * (head_dim + 8)
+    return elems * dtype.size_of()
+
+
+def mma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
+    return (
+        (dtype == DType.bfloat16 or dtype == DType.float16)
+        and head_dim % 16 == 0
+        and head_dim <= 128
+        and block_size % 16 == 0
+        and block_size <= 128
+    )
+
+
+@register("msa_block_attention")
+struct MSABlockAttention:
+    @staticmethod
+    def execute[
+        dtype: DType,
+        part_dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        group: Int,
+        num_groups: Int,
+        head_dim: Int,
+        use_mma: Bool = True,
+    ](
+        o_partial: OutputTensor[dtype=part_dtype, rank=4, ...],
+        lse_partial: OutputTensor[dtype=DType.float32, rank=3, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        k: InputTensor[dtype=dtype, rank=3, ...],
+        v: InputTensor[dtype=dtype, rank=3, ...],
+        row_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
+        entries: InputTensor[dtype=DType.int32, rank=2, ...],
+        work: InputTensor[dtype=DType.int32, rank=2, ...],
+        num_work: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q.dim_size(0)
+        var B = cu_seqlens_q.dim_size(0) - 1
+        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
+            raise Error("msa_block_attention: q must be [T, Hq, D] with the op's Hq and D")
+        if k.dim_size(1) != num_groups or k.dim_size(2) != head_dim:
+            raise Error("msa_block_attention: k must be [S, Hkv, D] with the op's Hkv and D")
+        var n_part = T * group * num_groups * topk
+        if n_part == 0:
+            return
+        comptime if is_cpu[target]():
+            var lp = lse_partial.unsafe_ptr()
+            for i in range(n_part):
+                lp[unsafe_offset=i] = f32_neg_inf()
+            _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk](
+                o_partial.unsafe_ptr(), lp, q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), Int(num_work[0]),
+                cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale[0], B, num_groups, T,
+            )
+        else:
+            ctx.enqueue_function[_fill_kernel](
+                lse_partial.unsafe_ptr(), f32_neg_inf(), Int32(n_part),
+                grid_dim=ceildiv(n_part, 256), block_dim=256,
+            )
+            var grid = work.dim_size(0)
+            if grid == 0:
+                return
+            comptime if use_mma and mma_supported[dtype, head_dim, block_size]():
+                comptime smem = mma_smem_bytes[dtype, head_dim, block_size]()
+                comptime kernel = attention_mma_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk]
+                ctx.enqueue_function[kernel](
+                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
+                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
+                    grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
+                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                )
+            else:
+                comptime smem = simt_smem_bytes[head_dim, block_size]()
+                comptime assert smem <= 227 * 1024, "msa_block_attention: block_size * head_dim too large for the SIMT path"
+                comptime kernel = attention_simt_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk]
+                ctx.enqueue_function[kernel](
+                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
+                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
+                    grid_dim=grid, block_dim=SIMT_WARPS * WARP_SIZE, shared_mem_bytes=smem,
+                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                )

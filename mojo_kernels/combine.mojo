@@ -1,0 +1,118 @@
+# MSA.md step 6: merge the per-block partials of each (query, head) by LSE.
+#
+#   out[t, h] = sum_s exp(lse_p[t, h, s] - lse[t, h]) * o_p[t, h, s]
+#   lse[t, h] = logsumexp_s lse_p[t, h, s]
+#
+# Unused slots carry lse_p = -inf and are skipped without reading o_p (their
+# o_p is never written). A row with no visible key gets out 0, lse -inf.
+# GPU: one warp per (t, h) row, lanes over D (coalesced), fp32 accumulation.
+
+from std.math import ceildiv, exp, log
+
+from extensibility import InputTensor, OutputTensor, register
+from max.gpu import WARP_SIZE, block_idx, lane_id, thread_idx
+from max.gpu.host import DeviceContext
+from max.gpu.host.info import is_cpu
+from max.gpu.primitives import warp
+
+from .common import F32MutPtr, F32Ptr, f32_neg_inf
+
+comptime COMBINE_WARPS = 8
+
+
+@always_inline
+def _combine_row[
+    out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, lanes: Int
+](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    row: Int,
+    lane: Int,
+):
+    """Merges one (t, h) row; `lanes` threads cooperate (32 on GPU, 1 on CPU)."""
+    var lrow = lse_p.unsafe_offset(row * topk)
+    var m = f32_neg_inf()
+    for s in range(topk):
+        m = max(m, lrow[unsafe_offset=s])
+    comptime PER_LANE = ceildiv(head_dim, lanes)
+    var acc = Array[Float32, PER_LANE](fill=0)
+    var den = Float32(0)
+    if m > f32_neg_inf():
+        var orow = o_p.unsafe_offset(row * topk * head_dim)
+        for s in range(topk):
+            var l = lrow[unsafe_offset=s]
+            if l == f32_neg_inf():
+                continue
+            var w = exp(l - m)
+            den += w
+            comptime for i in range(PER_LANE):
+                var d = lane + i * lanes
+                if d < head_dim:
+                    acc[i] += w * orow[unsafe_offset=s * head_dim + d].cast[DType.float32]()
+    var inv = Float32(1) / den if den > 0 else Float32(0)
+    comptime for i in range(PER_LANE):
+        var d = lane + i * lanes
+        if d < head_dim:
+            output[unsafe_offset=row * head_dim + d] = (acc[i] * inv).cast[out_dtype]()
+    if lane == 0:
+        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
+
+
+def combine_kernel[
+    out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int
+](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    rows: Int32,
+):
+    var row = Int(block_idx.x) * COMBINE_WARPS + Int(thread_idx.x) // WARP_SIZE
+    if row >= Int(rows):
+        return
+    _combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
+        output, lse, o_p, lse_p, row, Int(lane_id())
+    )
+
+
+@register("msa_combine")
+struct MSACombine:
+    @staticmethod
+    def execute[
+        out_dtype: DType,
+        part_dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        head_dim: Int,
+    ](
+        output: OutputTensor[dtype=out_dtype, rank=3, ...],
+        lse: OutputTensor[dtype=DType.float32, rank=2, ...],
+        o_partial: InputTensor[dtype=part_dtype, rank=4, ...],
+        lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = o_partial.dim_size(0)
+        var H = o_partial.dim_size(1)
+        if o_partial.dim_size(2) != topk or o_partial.dim_size(3) != head_dim:
+            raise Error("msa_combine: o_partial must be [T, Hq, topk, D] with the op's topk and D")
+        var rows = T * H
+        if rows == 0:
+            return
+        comptime if is_cpu[target]():
+            for r in range(rows):
+                _combine_row[out_dtype, part_dtype, topk, head_dim, 1](
+                    output.unsafe_ptr(), lse.unsafe_ptr(), o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), r, 0
+                )
+        else:
+            ctx.enqueue_function[combine_kernel[out_dtype, part_dtype, topk, head_dim]](
+                output.unsafe_ptr(),
+                lse.unsafe_ptr(),
+                o_partial.unsafe_ptr(),
+                lse_partial.unsafe_ptr(),
+                Int32(rows),
+                grid_dim=ceildiv(rows, COMBINE_WARPS),
+                block_dim=COMBINE_WARPS * WARP_SIZE,
+            )

@@ -1,0 +1,32 @@
+# Helpers shared by the MSA ops: pointer aliases, sequence lookups.
+
+from std.utils.numerics import neg_inf
+
+comptime I32Ptr = Pointer[Int32, ImmutAnyOrigin]
+comptime I32MutPtr = Pointer[Int32, MutAnyOrigin]
+comptime F32Ptr = Pointer[Float32, ImmutAnyOrigin]
+comptime F32MutPtr = Pointer[Float32, MutAnyOrigin]
+
+
+@always_inline
+def f32_neg_inf() -> Float32:
+    return neg_inf[DType.float32]()
+
+
+@always_inline
+def seq_of(cu: I32Ptr, num_seqs: Int, t: Int) -> Int:
+    """The b with cu[b] <= t < cu[b+1] (the last such b when sequences are empty)."""
+    var lo = 0
+    var hi = num_seqs - 1
+    while lo < hi:
+        var mid = (lo + hi + 1) // 2
+        if Int(cu[unsafe_offset=mid]) <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@always_inline
+def blocks_of(num_keys: Int, block_size: Int) -> Int:
+    return (num_keys + block_size - 1) // block_size

@@ -1,0 +1,376 @@
+# MSA.md step 4: invert block_ids [Hkv, T, topk] into, per KV group, a CSR of
+# block rows -> (query, slot) entries sorted by query, plus a work list of
+# (g, row, begin, count) items of at most q_budget entries.
+#
+# Rows number the blocks of all sequences in order: row = row_offsets[b] + j.
+# Output sizes are upper bounds known before launch (no host round trip):
+#   R_max = S // block_size + B rows, W_max = Hkv * (R_max + T*topk // q_budget)
+# work items; num_work[0] holds the real count, entries past a group's nnz
+# are -1 and rows past R are empty.
+#
+# GPU pipeline (all on the stream, capturable): row offsets, count (atomics),
+# scan (one block), scatter (atomics, unordered), then one block per row puts
+# its entries in query order with a bitmap over the sequence's queries
+# (deterministic, O(nnz + rows * Tq/32)) and writes the row's work items.
+#
+# scratch layout (int32): counts [Hkv*R_max] | cursors [Hkv*R_max]
+#                         | work_offsets [Hkv*(R_max+1)]
+#                         | unsorted entries [Hkv*T*topk]
+
+from std.atomic import Atomic
+from std.bit import pop_count
+from std.math import ceildiv
+from std.memory import unsafe_stack_allocation
+
+from extensibility import InputTensor, OutputTensor, register
+from max.gpu import barrier, block_dim, block_idx, global_idx, thread_idx
+from max.gpu.host import DeviceContext
+from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace
+
+from .common import I32MutPtr, I32Ptr, blocks_of, seq_of
+
+comptime SCAN_THREADS = 1024
+comptime SORT_THREADS = 256
+comptime BITMAP_WORDS = 2048  # 65536 queries per window
+
+
+def _row_offsets_kernel(roff: I32MutPtr, cu_k: I32Ptr, num_seqs: Int32, block_size: Int32):
+    # B is small next to T: one thread walks it.
+    if thread_idx.x != 0:
+        return
+    var acc = 0
+    roff[unsafe_offset=0] = 0
+    for b in range(Int(num_seqs)):
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+        acc += blocks_of(tk, Int(block_size))
+        roff[unsafe_offset=b + 1] = Int32(acc)
+
+
+@always_inline
+def _entry_row(
+    block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr, num_seqs: Int, T: Int, topk: Int, idx: Int
+) -> Int:
+    """Row of the flat entry idx = (g*T + t)*topk + slot, or -1 when unused."""
+    var j = Int(block_ids[unsafe_offset=idx])
+    if j < 0:
+        return -1
+    var t = (idx // topk) % T
+    var b = seq_of(cu_q, num_seqs, t)
+    return Int(roff[unsafe_offset=b]) + j
+
+
+def _count_kernel(
+    counts: I32MutPtr, block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
+    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, total: Int32,
+):
+    var idx = Int(global_idx.x)
+    if idx >= Int(total):
+        return
+    var row = _entry_row(block_ids, roff, cu_q, Int(num_seqs), Int(T), Int(topk), idx)
+    if row < 0:
+        return
+    var g = idx // (Int(T) * Int(topk))
+    _ = Atomic.fetch_add(counts.unsafe_offset(g * Int(r_max) + row), Int32(1))
+
+
+def _scatter_kernel(
+    unsorted: I32MutPtr, cursor: I32MutPtr, row_ptr: I32Ptr, block_ids: I32Ptr, roff: I32Ptr,
+    cu_q: I32Ptr, num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, total: Int32,
+):
+    var idx = Int(global_idx.x)
+    if idx >= Int(total):
+        return
+    var row = _entry_row(block_ids, roff, cu_q, Int(num_seqs), Int(T), Int(topk), idx)
+    if row < 0:
+        return
+    var nent = Int(T) * Int(topk)
+    var g = idx // nent
+    var pos = Atomic.fetch_add(cursor.unsafe_offset(g * Int(r_max) + row), Int32(1))
+    var base = Int(row_ptr[unsafe_offset=g * (Int(r_max) + 1) + row])
+    unsorted[unsafe_offset=g * nent + base + Int(pos)] = Int32(idx - g * nent)
+
+
+def _scan_kernel(
+    row_ptr: I32MutPtr, work_off: I32MutPtr, num_work: I32MutPtr, counts: I32Ptr,
+    num_groups: Int32, r_max: Int32, q_budget: Int32,
+):
+    """One block: per group, exclusive scans of counts (-> row_ptr) and of
+    ceil(count / q_budget) (-> work_off, offset by the earlier groups' work)."""
+    var sums = unsafe_stack_allocation[2 * SCAN_THREADS, Int32, address_space=AddressSpace.SHARED]()
+    var tid = Int(thread_idx.x)
+    var R = Int(r_max)
+    var qb = Int(q_budget)
+    var per = ceildiv(R, SCAN_THREADS)
+    var work_base = 0
+    for g in range(Int(num_groups)):
+        var c_base = counts.unsafe_offset(g * R)
+        var lo = min(R, tid * per)
+        var hi = min(R, lo + per)
+        var s_cnt = 0
+        var s_wrk = 0
+        for r in range(lo, hi):
+            var c = Int(c_base[unsafe_offset=r])
+            s_cnt += c
+            s_wrk += ceildiv(c, qb)
+        sums[unsafe_offset=tid] = Int32(s_cnt)
+        sums[unsafe_offset=SCAN_THREADS + tid] = Int32(s_wrk)
+        barrier()
+        # Hillis-Steele inclusive scan of both arrays
+        var off = 1
+        while off < SCAN_THREADS:
+            var a = sums[unsafe_offset=tid]
+            var w = sums[unsafe_offset=SCAN_THREADS + tid]
+            if tid >= off:
+                a += sums[unsafe_offset=tid - off]
+                w += sums[unsafe_offset=SCAN_THREADS + tid - off]
+            barrier()
+            sums[unsafe_offset=tid] = a
+            sums[unsafe_offset=SCAN_THREADS + tid] = w
+            barrier()
+            off *= 2
+        var run_c = Int(sums[unsafe_offset=tid]) - s_cnt
+        var run_w = Int(sums[unsafe_offset=SCAN_THREADS + tid]) - s_wrk + work_base
+        var rp = row_ptr.unsafe_offset(g * (R + 1))
+        var wo = work_off.unsafe_offset(g * (R + 1))
+        for r in range(lo, hi):
+            rp[unsafe_offset=r] = Int32(run_c)
+            wo[unsafe_offset=r] = Int32(run_w)
+            var c = Int(c_base[unsafe_offset=r])
+            run_c += c
+            run_w += ceildiv(c, qb)
+        var total_c = Int(sums[unsafe_offset=SCAN_THREADS - 1])
+        var total_w = Int(sums[unsafe_offset=2 * SCAN_THREADS - 1])
+        if tid == 0:
+            rp[unsafe_offset=R] = Int32(total_c)
+            wo[unsafe_offset=R] = Int32(work_base + total_w)
+        work_base += total_w
+        barrier()
+    if tid == 0:
+        num_work[unsafe_offset=0] = Int32(work_base)
+
+
+@always_inline
+def _slot_of(block_ids: I32Ptr, base: Int, topk: Int, j: Int) -> Int:
+    for s in range(topk):
+        if Int(block_ids[unsafe_offset=base + s]) == j:
+            return s
+    return 0
+
+
+def _sort_rows_kernel(
+    entries: I32MutPtr, work: I32MutPtr, unsorted: I32Ptr, row_ptr: I32Ptr, work_off: I32Ptr,
+    block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
+    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, q_budget: Int32,
+):
+    """One block per (g, row): entries in query order, and the row's work items."""
+    var R = Int(r_max)
+    var g = Int(block_idx.x) // R
+    var row = Int(block_idx.x) % R
+    var tid = Int(thread_idx.x)
+    var rp = row_ptr.unsafe_offset(g * (R + 1))
+    var begin = Int(rp[unsafe_offset=row])
+    var n = Int(rp[unsafe_offset=row + 1]) - begin
+    if n == 0:
+        return
+    var K = Int(topk)
+    var nent = Int(T) * K
+    var qb = Int(q_budget)
+    # work items of this row
+    var w0 = Int(work_off[unsafe_offset=g * (R + 1) + row])
+    for c in range(tid, ceildiv(n, qb), SORT_THREADS):
+        var w = work.unsafe_offset((w0 + c) * 4)
+        w[unsafe_offset=0] = Int32(g)
+        w[unsafe_offset=1] = Int32(row)
+        w[unsafe_offset=2] = Int32(begin + c * qb)
+        w[unsafe_offset=3] = Int32(min(qb, n - c * qb))
+    # the sequence and local block id of this row
+    var b = 0
+    var nseq = Int(num_seqs)
+    var lo = 0
+    var hi = nseq - 1
+    while lo < hi:  # last b with roff[b] <= row
+        var mid = (lo + hi + 1) // 2
+        if Int(roff[unsafe_offset=mid]) <= row:
+            lo = mid
+        else:
+            hi = mid - 1
+    b = lo
+    var j = row - Int(roff[unsafe_offset=b])
+    var t_lo = Int(cu_q[unsafe_offset=b])
+    var t_hi = Int(cu_q[unsafe_offset=b + 1])
+    var src = unsorted.unsafe_offset(g * nent + begin)
+    var dst = entries.unsafe_offset(g * nent + begin)
+    var bits = unsafe_stack_allocation[BITMAP_WORDS, Int32, address_space=AddressSpace.SHARED]()
+    var part = unsafe_stack_allocation[SORT_THREADS, Int32, address_space=AddressSpace.SHARED]()
+    comptime WIN = BITMAP_WORDS * 32
+    comptime PER = BITMAP_WORDS // SORT_THREADS
+    var written = 0
+    var w_lo = t_lo
+    while w_lo < t_hi and written < n:
+        for i in range(tid, BITMAP_WORDS, SORT_THREADS):
+            bits[unsafe_offset=i] = 0
+        barrier()
+        for i in range(tid, n, SORT_THREADS):
+            var t = Int(src[unsafe_offset=i]) // K - w_lo
+            if t >= 0 and t < WIN:
+                # each query appears once per row: adding the bit is an OR
+                _ = Atomic.fetch_add(bits.unsafe_offset(t // 32), Int32(1) << Int32(t % 32))
+        barrier()
+        var mine = 0
+        comptime for k in range(PER):
+            mine += Int(pop_count(bits[unsafe_offset=tid * PER + k]))
+        part[unsafe_offset=tid] = Int32(mine)
+        barrier()
+        var off = 1
+        while off < SORT_THREADS:
+            var a = part[unsafe_offset=tid]
+            if tid >= off:
+                a += part[unsafe_offset=tid - off]
+            barrier()
+            part[unsafe_offset=tid] = a
+            barrier()
+            off *= 2
+        var pos = written + Int(part[unsafe_offset=tid]) - mine
+        var win_total = Int(part[unsafe_offset=SORT_THREADS - 1])
+        comptime for k in range(PER):
+            var word = Int(bits[unsafe_offset=tid * PER + k])
+            for bit in range(32):
+                if (word >> bit) & 1:
+                    var t = w_lo + (tid * PER + k) * 32 + bit
+                    var base = t * K
+                    var slot = _slot_of(block_ids, g * nent + base, K, j)
+                    dst[unsafe_offset=pos] = Int32(base + slot)
+                    pos += 1
+        written += win_total
+        w_lo += WIN
+        barrier()
+
+
+def _invert_cpu(
+    row_offsets: I32MutPtr, row_ptr: I32MutPtr, entries: I32MutPtr, work: I32MutPtr,
+    num_work: I32MutPtr, counts: I32MutPtr, block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
+    num_seqs: Int, num_groups: Int, T: Int, topk: Int, block_size: Int, r_max: Int, q_budget: Int,
+):
+    """Stable counting sort by row, walking queries in order."""
+    var acc = 0
+    row_offsets[unsafe_offset=0] = 0
+    for b in range(num_seqs):
+        acc += blocks_of(Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b]), block_size)
+        row_offsets[unsafe_offset=b + 1] = Int32(acc)
+    var nent = T * topk
+    var nw = 0
+    for g in range(num_groups):
+        var cnt = counts.unsafe_offset(g * r_max)
+        for r in range(r_max):
+            cnt[unsafe_offset=r] = 0
+        for b in range(num_seqs):
+            for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
+                for s in range(topk):
+                    var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
+                    if j >= 0:
+                        cnt[unsafe_offset=Int(row_offsets[unsafe_offset=b]) + j] += 1
+        var rp = row_ptr.unsafe_offset(g * (r_max + 1))
+        var run = 0
+        for r in range(r_max):
+            rp[unsafe_offset=r] = Int32(run)
+            var c = Int(cnt[unsafe_offset=r])
+            var c0 = 0
+            while c0 < c:
+                var w = work.unsafe_offset(nw * 4)
+                w[unsafe_offset=0] = Int32(g)
+                w[unsafe_offset=1] = Int32(r)
+                w[unsafe_offset=2] = Int32(run + c0)
+                w[unsafe_offset=3] = Int32(min(q_budget, c - c0))
+                nw += 1
+                c0 += q_budget
+            run += c
+            cnt[unsafe_offset=r] = 0  # reused as the fill cursor below
+        rp[unsafe_offset=r_max] = Int32(run)
+        var ent = entries.unsafe_offset(g * nent)
+        for i in range(run, nent):
+            ent[unsafe_offset=i] = -1
+        for b in range(num_seqs):
+            for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
+                for s in range(topk):
+                    var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
+                    if j >= 0:
+                        var r = Int(row_offsets[unsafe_offset=b]) + j
+                        var pos = Int(rp[unsafe_offset=r]) + Int(cnt[unsafe_offset=r])
+                        cnt[unsafe_offset=r] += 1
+                        ent[unsafe_offset=pos] = Int32(t * topk + s)
+    num_work[unsafe_offset=0] = Int32(nw)
+
+
+@register("msa_invert")
+struct MSAInvert:
+    @staticmethod
+    def execute[
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        q_budget: Int,
+    ](
+        row_offsets: OutputTensor[dtype=DType.int32, rank=1, ...],
+        row_ptr: OutputTensor[dtype=DType.int32, rank=2, ...],
+        entries: OutputTensor[dtype=DType.int32, rank=2, ...],
+        work: OutputTensor[dtype=DType.int32, rank=2, ...],
+        num_work: OutputTensor[dtype=DType.int32, rank=1, ...],
+        scratch: OutputTensor[dtype=DType.int32, rank=1, ...],
+        block_ids: InputTensor[dtype=DType.int32, rank=3, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var G = block_ids.dim_size(0)
+        var T = block_ids.dim_size(1)
+        var B = cu_seqlens_q.dim_size(0) - 1
+        var R = row_ptr.dim_size(1) - 1
+        var nent = T * topk
+        if block_ids.dim_size(2) != topk:
+            raise Error("msa_invert: block_ids must have topk slots")
+        if entries.dim_size(1) != nent or row_ptr.dim_size(0) != G or work.dim_size(1) != 4:
+            raise Error("msa_invert: output shapes do not match block_ids")
+        if scratch.dim_size(0) < G * (3 * R + 1 + nent):
+            raise Error("msa_invert: scratch too small")
+        var counts = scratch.unsafe_ptr()
+        var cursor = counts.unsafe_offset(G * R)
+        var work_off = cursor.unsafe_offset(G * R)
+        var unsorted = work_off.unsafe_offset(G * (R + 1))
+        comptime if is_cpu[target]():
+            _invert_cpu(
+                row_offsets.unsafe_ptr(), row_ptr.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(),
+                num_work.unsafe_ptr(), counts, block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                cu_seqlens_k.unsafe_ptr(), B, G, T, topk, block_size, R, q_budget,
+            )
+        else:
+            var total = G * nent
+            ctx.enqueue_function[_row_offsets_kernel](
+                row_offsets.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(block_size),
+                grid_dim=1, block_dim=32,
+            )
+            ctx.enqueue_memset(scratch.to_device_buffer(ctx), Int32(0))
+            ctx.enqueue_memset(entries.to_device_buffer(ctx), Int32(-1))
+            if total > 0:
+                ctx.enqueue_function[_count_kernel](
+                    counts, block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(total),
+                    grid_dim=ceildiv(total, 256), block_dim=256,
+                )
+            ctx.enqueue_function[_scan_kernel](
+                row_ptr.unsafe_ptr(), work_off, num_work.unsafe_ptr(), counts,
+                Int32(G), Int32(R), Int32(q_budget),
+                grid_dim=1, block_dim=SCAN_THREADS,
+            )
+            if total > 0 and R > 0:
+                ctx.enqueue_function[_scatter_kernel](
+                    unsorted, cursor, row_ptr.unsafe_ptr(), block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(),
+                    cu_seqlens_q.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R), Int32(total),
+                    grid_dim=ceildiv(total, 256), block_dim=256,
+                )
+                ctx.enqueue_function[_sort_rows_kernel](
+                    entries.unsafe_ptr(), work.unsafe_ptr(), unsorted, row_ptr.unsafe_ptr(), work_off,
+                    block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(q_budget),
+                    grid_dim=G * R, block_dim=SORT_THREADS,
+                )

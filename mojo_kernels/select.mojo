@@ -1,0 +1,322 @@
+# MSA.md steps 1-3: index scores, block max-pool, forcing of sinks and local
+# blocks, top-k per (query, KV group), ascending ids, -1 padding.
+#
+# For a query at key position p (own block jq = p // block_size):
+#   sinks  [0, nsink)          nsink = min(init_blocks, jq + 1)
+#   free   [nsink, local_lo)   scored and ranked (ties to the lower id)
+#   locals [local_lo, jq]      local_lo = max(nsink, jq - local_blocks + 1)
+# Forced blocks rank first (sinks before locals), so the answer is
+#   sinks ++ sorted(top (topk - forced) of free) ++ locals,
+# or, when the forced blocks alone fill topk, the first topk of sinks ++ locals.
+# Free blocks are scanned in ascending id and enter the running top-k only
+# when strictly better than its worst member (the worst of equal scores being
+# the highest id): that is the tie rule. NaN scores never win a comparison,
+# so they act as -inf; every written id lies in [0, jq].
+#
+# GPU: one thread block per tile of queries of one sequence (all KV groups
+# together, so each index-key chunk is loaded once for all of them); scores
+# are formed chunk by chunk in shared memory and reduced to block maxima in
+# registers; each (query, group) row keeps its running top-k in shared
+# memory. No [T, blocks] score matrix exists anywhere.
+
+from std.math import ceildiv
+from std.memory import unsafe_stack_allocation
+
+from extensibility import InputTensor, OutputTensor, register
+from max.gpu import barrier, block_idx, thread_idx
+from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace, external_memory
+from max.gpu.primitives import warp
+
+from .common import F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, seq_of
+
+comptime SEL_ROWS = 64  # (query, group) rows per tile
+comptime SEL_SUB = 4  # threads per row
+comptime SEL_THREADS = SEL_ROWS * SEL_SUB
+comptime SEL_KC = 32  # keys per shared-memory chunk
+
+
+struct _Forced(TrivialRegisterPassable):
+    var jq: Int
+    var nsink: Int
+    var local_lo: Int
+
+    @always_inline
+    def __init__(out self, p: Int, block_size: Int, init_blocks: Int, local_blocks: Int):
+        self.jq = p // block_size
+        self.nsink = min(init_blocks, self.jq + 1)
+        self.local_lo = max(self.nsink, self.jq - local_blocks + 1)
+
+    @always_inline
+    def num_forced(self) -> Int:
+        return self.nsink + self.jq + 1 - self.local_lo
+
+
+@always_inline
+def _topk_insert[
+    space: AddressSpace
+](
+    sc: Pointer[Float32, MutUntrackedOrigin, address_space=space],
+    ids: Pointer[Int32, MutUntrackedOrigin, address_space=space],
+    mut cnt: Int,
+    mut worst: Int,
+    kfree: Int,
+    s: Float32,
+    j: Int,
+):
+    """Running top-kfree: fill, then replace the worst when strictly better."""
+    if cnt < kfree:
+        sc[unsafe_offset=cnt] = s
+        ids[unsafe_offset=cnt] = Int32(j)
+        cnt += 1
+        if cnt < kfree:
+            return
+    elif s > sc[unsafe_offset=worst]:
+        sc[unsafe_offset=worst] = s
+        ids[unsafe_offset=worst] = Int32(j)
+    else:
+        return
+    # recompute the worst: lowest score, ties -> highest id
+    worst = 0
+    for i in range(1, kfree):
+        var a = sc[unsafe_offset=i]
+        var w = sc[unsafe_offset=worst]
+        if a < w or (not (a > w) and ids[unsafe_offset=i] > ids[unsafe_offset=worst]):
+            worst = i
+
+
+@always_inline
+def _write_selection[
+    space: AddressSpace, topk: Int
+](
+    out_row: I32MutPtr,
+    f: _Forced,
+    ids: Pointer[Int32, MutUntrackedOrigin, address_space=space],
+    cnt: Int,
+):
+    """sinks ++ sorted(ids[:cnt]) ++ locals, truncated to topk, -1 padded."""
+    # insertion sort of the chosen free ids (at most topk of them)
+    for i in range(1, cnt):
+        var x = ids[unsafe_offset=i]
+        var k = i - 1
+        while k >= 0 and ids[unsafe_offset=k] > x:
+            ids[unsafe_offset=k + 1] = ids[unsafe_offset=k]
+            k -= 1
+        ids[unsafe_offset=k + 1] = x
+    var n = 0
+    for j in range(f.nsink):
+        if n < topk:
+            out_row[unsafe_offset=n] = Int32(j)
+            n += 1
+    var nlocal = f.jq + 1 - f.local_lo
+    var room = topk - f.nsink - nlocal  # free slots; <= 0 when forcing fills topk
+    for i in range(min(cnt, max(room, 0))):
+        out_row[unsafe_offset=n] = ids[unsafe_offset=i]
+        n += 1
+    for j in range(f.local_lo, f.jq + 1):
+        if n < topk:
+            out_row[unsafe_offset=n] = Int32(j)
+            n += 1
+    for i in range(n, topk):
+        out_row[unsafe_offset=i] = -1
+
+
+def _select_cpu[
+    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
+](
+    block_ids: I32MutPtr,
+    q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    cu_q: I32Ptr,
+    cu_k: I32Ptr,
+    scale: Float32,
+    num_seqs: Int,
+    num_groups: Int,
+    T: Int,
+):
+    var sc = unsafe_stack_allocation[topk, Float32]()
+    var ids = unsafe_stack_allocation[topk, Int32]()
+    for t in range(T):
+        var b = seq_of(cu_q, num_seqs, t)
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b])
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+        var p = tk - tq + (t - Int(cu_q[unsafe_offset=b]))
+        var f = _Forced(p, block_size, init_blocks, local_blocks)
+        var kfree = topk - f.num_forced()
+        for g in range(num_groups):
+            var qrow = q_idx.unsafe_offset((t * num_groups + g) * idx_dim)
+            var cnt = 0
+            var worst = 0
+            if kfree > 0:
+                for j in range(f.nsink, f.local_lo):
+                    var m = f32_neg_inf()
+                    for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
+                        var krow = k_idx.unsafe_offset((k0 + key) * idx_dim)
+                        var s = Float32(0)
+                        for d in range(idx_dim):
+                            s += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
+                        s *= scale
+                        if s > m:
+                            m = s
+                    _topk_insert(sc, ids, cnt, worst, kfree, m, j)
+            _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
+
+
+def select_kernel[
+    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
+](
+    block_ids: I32MutPtr,
+    q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    cu_q: I32Ptr,
+    cu_k: I32Ptr,
+    scale_p: F32Ptr,
+    num_seqs: Int32,
+    T: Int32,
+):
+    comptime QPT = max(1, SEL_ROWS // num_groups)  # queries per tile
+    comptime ROWS = QPT * num_groups
+    comptime DP = idx_dim + 1  # padded rows: conflict-free column walks
+    comptime KC = min(SEL_KC, block_size)
+    comptime KPT = KC // SEL_SUB  # keys per thread per chunk
+    var tid = Int(thread_idx.x)
+    var smem = external_memory[Float32, address_space=AddressSpace.SHARED, alignment=16]()
+    var q_s = smem
+    var k_s = smem.unsafe_offset(ROWS * DP)
+    var sc_s = smem.unsafe_offset(ROWS * DP + KC * DP)
+    var id_s = sc_s.unsafe_offset(ROWS * topk).unsafe_bitcast[Int32]()
+    var hdr = unsafe_stack_allocation[2, Int32, address_space=AddressSpace.SHARED]()
+    # which sequence and query offset this tile covers (B is small: walk it)
+    if tid == 0:
+        var tile = Int(block_idx.x)
+        var acc = 0
+        var found = -1
+        for b in range(Int(num_seqs)):
+            var n = ceildiv(Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b]), QPT)
+            if tile < acc + n:
+                found = b
+                hdr[unsafe_offset=1] = Int32((tile - acc) * QPT)
+                break
+            acc += n
+        hdr[unsafe_offset=0] = Int32(found)
+    barrier()
+    var b = Int(hdr[unsafe_offset=0])
+    if b < 0:
+        return
+    var i0 = Int(hdr[unsafe_offset=1])
+    var q0 = Int(cu_q[unsafe_offset=b])
+    var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+    var k0 = Int(cu_k[unsafe_offset=b])
+    var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+    var scale = scale_p[unsafe_offset=0]
+    var nq = min(QPT, tq - i0)
+    # query tile, scaled, in shared memory: row r = qi * num_groups + g
+    for i in range(tid, ROWS * idx_dim, SEL_THREADS):
+        var r = i // idx_dim
+        var d = i % idx_dim
+        var qi = r // num_groups
+        var v = Float32(0)
+        if qi < nq:
+            v = q_idx[unsafe_offset=((q0 + i0 + qi) * num_groups) * idx_dim + i].cast[DType.float32]() * scale
+        q_s[unsafe_offset=r * DP + d] = v
+    var r = tid // SEL_SUB
+    var l = tid % SEL_SUB
+    var qi = r // num_groups
+    var valid = qi < nq
+    var p = tk - tq + i0 + min(qi, nq - 1)
+    var f = _Forced(p, block_size, init_blocks, local_blocks)
+    var kfree = topk - f.num_forced()
+    var cnt = 0
+    var worst = 0
+    var my_sc = sc_s.unsafe_offset(r * topk)
+    var my_id = id_s.unsafe_offset(r * topk)
+    var p_max = tk - tq + i0 + nq - 1
+    var jmax = p_max // block_size
+    var j_hi = jmax - local_blocks if local_blocks > 0 else jmax  # last block free for some row
+    for j in range(init_blocks, j_hi + 1):
+        var m = f32_neg_inf()
+        for c in range(block_size // KC):
+            var kbase = j * block_size + c * KC
+            if kbase > p_max:
+                break
+            barrier()  # the previous chunk is consumed
+            for i in range(tid, KC * idx_dim, SEL_THREADS):
+                var key = i // idx_dim
+                var d = i % idx_dim
+                var v = Float32(0)
+                if kbase + key < tk:
+                    v = k_idx[unsafe_offset=(k0 + kbase) * idx_dim + i].cast[DType.float32]()
+                k_s[unsafe_offset=key * DP + d] = v
+            barrier()
+            var acc = SIMD[DType.float32, KPT](0)
+            for d in range(idx_dim):
+                var qv = q_s[unsafe_offset=r * DP + d]
+                comptime for kk in range(KPT):
+                    acc[kk] += qv * k_s[unsafe_offset=(l + SEL_SUB * kk) * DP + d]
+            comptime for kk in range(KPT):
+                if kbase + l + SEL_SUB * kk <= p and acc[kk] > m:
+                    m = acc[kk]
+        # block max across the SUB threads of the row (consecutive lanes)
+        m = max(m, warp.shuffle_xor(m, 1))
+        m = max(m, warp.shuffle_xor(m, 2))
+        if l == 0 and valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
+            _topk_insert(my_sc, my_id, cnt, worst, kfree, m, j)
+    if l == 0 and valid:
+        var g = r % num_groups
+        var t = q0 + i0 + qi
+        _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
+
+
+def select_smem_bytes[idx_dim: Int, num_groups: Int, topk: Int, block_size: Int]() -> Int:
+    comptime QPT = max(1, SEL_ROWS // num_groups)
+    comptime ROWS = QPT * num_groups
+    return 4 * (ROWS * (idx_dim + 1) + min(SEL_KC, block_size) * (idx_dim + 1) + 2 * ROWS * topk)
+
+
+@register("msa_select")
+struct MSASelect:
+    @staticmethod
+    def execute[
+        dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        init_blocks: Int,
+        local_blocks: Int,
+        num_groups: Int,
+        idx_dim: Int,
+    ](
+        block_ids: OutputTensor[dtype=DType.int32, rank=3, ...],
+        q_idx: InputTensor[dtype=dtype, rank=3, ...],
+        k_idx: InputTensor[dtype=dtype, rank=2, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        idx_scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q_idx.dim_size(0)
+        var B = cu_seqlens_q.dim_size(0) - 1
+        if q_idx.dim_size(1) != num_groups or q_idx.dim_size(2) != idx_dim or k_idx.dim_size(1) != idx_dim:
+            raise Error("msa_select: q_idx must be [T, Hkv, Di] and k_idx [S, Di] with the op's Hkv and Di")
+        if T == 0:
+            return
+        comptime if is_cpu[target]():
+            _select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks](
+                block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                cu_seqlens_k.unsafe_ptr(), idx_scale[0], B, num_groups, T,
+            )
+        else:
+            comptime QPT = max(1, SEL_ROWS // num_groups)
+            comptime smem = select_smem_bytes[idx_dim, num_groups, topk, block_size]()
+            comptime kernel = select_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks]
+            ctx.enqueue_function[kernel](
+                block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), Int32(B), Int32(T),
+                grid_dim=T // QPT + B,
+                block_dim=SEL_THREADS,
+                shared_mem_bytes=smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+            )

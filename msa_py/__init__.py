@@ -1,0 +1,1 @@
+"""MSA block-sparse attention: Mojo kernels on MAX, called from PyTorch."""

@@ -1,0 +1,174 @@
+"""Input checks shared by every layer (NumPy reference, MAX graph, torch).
+
+Each check works on shapes (tuples of ints, or symbolic dims for graph values)
+and dtype names, so the three layers give the same error for the same mistake,
+before any kernel runs. Errors are `ValueError`s that name the argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Static parameters of the MSA pipeline (compile-time in the kernels)."""
+
+    topk: int = 16
+    block_size: int = 128
+    init_blocks: int = 1
+    local_blocks: int = 2
+    q_budget: int = 64
+
+    def check(self) -> "Config":
+        for name in ("topk", "block_size", "init_blocks", "local_blocks", "q_budget"):
+            v = getattr(self, name)
+            if not _is_int(v) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        bs = self.block_size
+        if bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {bs}")
+        if bs > 1024:
+            raise ValueError(f"block_size must be <= 1024, got {bs}")
+        if self.init_blocks < 0:
+            raise ValueError(f"init_blocks must be >= 0, got {self.init_blocks}")
+        if self.local_blocks < 0:
+            raise ValueError(f"local_blocks must be >= 0, got {self.local_blocks}")
+        if self.q_budget < 1:
+            raise ValueError(f"q_budget must be >= 1, got {self.q_budget}")
+        return self
+
+
+def check_rank(name: str, shape, rank: int, what: str) -> None:
+    if len(shape) != rank:
+        raise ValueError(f"{name} must have rank {rank} ({what}), got shape {tuple(shape)}")
+
+
+def check_float_dtype(name: str, dtype_name: str, allowed=FLOAT_DTYPES) -> None:
+    if dtype_name not in allowed:
+        raise ValueError(f"{name} must have a floating dtype in {allowed}, got {dtype_name}")
+
+
+def check_same_dtype(pairs) -> None:
+    """pairs: [(name, dtype_name), ...]; all must equal the first."""
+    n0, d0 = pairs[0]
+    for n, d in pairs[1:]:
+        if d != d0:
+            raise ValueError(f"{n} must have the same dtype as {n0} ({d0}), got {d}")
+
+
+def _eq(a, b) -> bool:
+    """Dims may be symbolic (graph layer): only compare when both are ints."""
+    if _is_int(a) and _is_int(b):
+        return int(a) == int(b)
+    return True
+
+
+def attention_dims(q_shape, k_shape, v_shape):
+    """q [T, Hq, D], k/v [S, Hkv, D] -> (T, S, Hq, Hkv, D)."""
+    check_rank("q", q_shape, 3, "[T, Hq, D]")
+    check_rank("k", k_shape, 3, "[S, Hkv, D]")
+    check_rank("v", v_shape, 3, "[S, Hkv, D]")
+    T, Hq, D = q_shape
+    S, Hkv, Dk = k_shape
+    if not _eq(Dk, D):
+        raise ValueError(f"k must have head dim D={D} like q, got shape {tuple(k_shape)}")
+    if tuple(v_shape) != tuple(k_shape) and not all(_eq(a, b) for a, b in zip(v_shape, k_shape)):
+        raise ValueError(f"v must have the shape of k {tuple(k_shape)}, got {tuple(v_shape)}")
+    check_heads(Hq, Hkv, "q")
+    if _is_int(D) and D < 1:
+        raise ValueError(f"q head dim D must be >= 1, got {D}")
+    return T, S, Hq, Hkv, D
+
+
+def check_heads(Hq, Hkv, qname: str) -> None:
+    if _is_int(Hkv) and Hkv < 1:
+        raise ValueError(f"k must have at least one KV head, got Hkv={Hkv}")
+    if _is_int(Hq) and _is_int(Hkv) and (Hq < 1 or Hq % Hkv):
+        raise ValueError(f"{qname} heads Hq={Hq} must be a positive multiple of KV heads Hkv={Hkv}")
+
+
+def index_dims(q_idx_shape, k_idx_shape):
+    """q_idx [T, Hkv, Di], k_idx [S, Di] -> (T, S, Hkv, Di)."""
+    check_rank("q_idx", q_idx_shape, 3, "[T, Hkv, Di]")
+    check_rank("k_idx", k_idx_shape, 2, "[S, Di]")
+    T, Hkv, Di = q_idx_shape
+    S, Dk = k_idx_shape
+    if not _eq(Dk, Di):
+        raise ValueError(f"k_idx must have index dim Di={Di} like q_idx, got shape {tuple(k_idx_shape)}")
+    if _is_int(Hkv) and Hkv < 1:
+        raise ValueError(f"q_idx must have at least one KV group, got Hkv={Hkv}")
+    if _is_int(Di) and Di < 1:
+        raise ValueError(f"q_idx index dim Di must be >= 1, got {Di}")
+    return T, S, Hkv, Di
+
+
+def check_block_ids_shape(shape, Hkv, T, topk=None):
+    check_rank("block_ids", shape, 3, "[Hkv, T, topk]")
+    if not (_eq(shape[0], Hkv) and _eq(shape[1], T)):
+        raise ValueError(f"block_ids must have shape [Hkv={Hkv}, T={T}, topk], got {tuple(shape)}")
+    if topk is not None and not _eq(shape[2], topk):
+        raise ValueError(f"block_ids must have topk={topk} slots, got shape {tuple(shape)}")
+    if _is_int(shape[2]) and shape[2] < 1:
+        raise ValueError(f"block_ids must have at least one slot, got shape {tuple(shape)}")
+
+
+def check_cu_seqlens_shapes(cu_q_shape, cu_k_shape):
+    """Both given or both None; rank 1 with the same length B+1 >= 2."""
+    if (cu_q_shape is None) != (cu_k_shape is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (or both None)")
+    if cu_q_shape is None:
+        return
+    check_rank("cu_seqlens_q", cu_q_shape, 1, "[B+1]")
+    check_rank("cu_seqlens_k", cu_k_shape, 1, "[B+1]")
+    if not _eq(cu_q_shape[0], cu_k_shape[0]):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length B+1, got {cu_q_shape[0]} and {cu_k_shape[0]}"
+        )
+    if _is_int(cu_q_shape[0]) and cu_q_shape[0] < 2:
+        raise ValueError(f"cu_seqlens_q must hold at least 2 entries (B >= 1), got {cu_q_shape[0]}")
+
+
+def check_cu_seqlens_values(cu_q: np.ndarray, cu_k: np.ndarray, T: int, S: int) -> None:
+    """Prefix sums starting at 0, non-decreasing, ending at T / S, Tq_b <= Tk_b."""
+    for name, cu, total, what in (("cu_seqlens_q", cu_q, T, "T"), ("cu_seqlens_k", cu_k, S, "S")):
+        cu = np.asarray(cu)
+        if cu.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be an integer array, got dtype {cu.dtype}")
+        if cu.ndim != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be rank 1 with B+1 >= 2 entries, got shape {cu.shape}")
+        if int(cu[0]) != 0:
+            raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
+        if np.any(np.diff(cu.astype(np.int64)) < 0):
+            raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()[:16]}")
+        if int(cu[-1]) != total:
+            raise ValueError(f"{name} must end at {what}={total}, got {int(cu[-1])}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.shape[0]} and {cu_k.shape[0]}")
+    tq = np.diff(cu_q.astype(np.int64))
+    tk = np.diff(cu_k.astype(np.int64))
+    bad = np.nonzero(tq > tk)[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(
+            f"cu_seqlens_q/cu_seqlens_k: sequence {b} has more queries ({int(tq[b])}) than keys ({int(tk[b])})"
+        )
+
+
+def check_int32_range(T: int, S: int, topk: int) -> None:
+    """Entries are stored as t * topk + slot in int32: refuse before overflow."""
+    limit = 2**31 - 1
+    if T * topk > limit:
+        raise ValueError(f"T * topk = {T * topk} overflows the int32 entry index (T={T}, topk={topk})")
+    if S > limit:
+        raise ValueError(f"S = {S} keys overflow int32 key indices")

@@ -1,0 +1,397 @@
+"""NumPy reference of every MSA stage (float64 truth).
+
+Shapes and semantics follow ../shared/design/MSA.md; the same names and
+argument order run through `msa_py.graph` (MAX graph values) and `msa_py`
+(torch tensors):
+
+    q [T, Hq, D], k, v [S, Hkv, D], q_idx [T, Hkv, Di], k_idx [S, Di]
+    cu_seqlens_q, cu_seqlens_k [B+1] int32 (None: one sequence whose queries
+    are the last T of its S keys)
+    block_ids [Hkv, T, topk] int32, ascending, -1 padded
+
+Inputs may be any floating NumPy dtype (bfloat16 through ml_dtypes too);
+everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _validate as V
+
+NEG_INF = -np.inf
+
+
+# --------------------------------------------------------------------------- helpers
+def _f64(name: str, x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise ValueError(f"{name} must be a floating array, got dtype {a.dtype}")
+    return a.astype(np.float64)
+
+
+def _seqlens(cu_q, cu_k, T: int, S: int):
+    """Validated (cu_q, cu_k) int64 arrays; None -> one bottom-right aligned sequence."""
+    V.check_cu_seqlens_shapes(
+        None if cu_q is None else np.shape(cu_q), None if cu_k is None else np.shape(cu_k)
+    )
+    if cu_q is None:
+        if T > S:
+            raise ValueError(f"q has more tokens (T={T}) than k (S={S}) without cu_seqlens")
+        return np.array([0, T], np.int64), np.array([0, S], np.int64)
+    cu_q, cu_k = np.asarray(cu_q), np.asarray(cu_k)
+    V.check_cu_seqlens_values(cu_q, cu_k, T, S)
+    return cu_q.astype(np.int64), cu_k.astype(np.int64)
+
+
+def _positions(cu_q: np.ndarray, cu_k: np.ndarray):
+    """Per query token: sequence index b, key position p inside b, its key count."""
+    T = int(cu_q[-1])
+    tq = np.diff(cu_q)
+    tk = np.diff(cu_k)
+    seq = np.repeat(np.arange(len(tq)), tq)
+    i = np.arange(T) - cu_q[seq]
+    p = tk[seq] - tq[seq] + i
+    return seq, p, tk[seq]
+
+
+def _config(topk, block_size, init_blocks=1, local_blocks=2, q_budget=64) -> V.Config:
+    return V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+# --------------------------------------------------------------------------- 1-3 select
+def select_blocks(
+    q_idx,
+    k_idx,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    idx_scale: float | None = None,
+) -> np.ndarray:
+    """MSA.md steps 1-3. Returns block_ids [Hkv, T, topk] int32.
+
+    NaN index scores count as -inf (the block stays selectable and ranks last);
+    ids always lie in [0, jq] of the query's own sequence.
+    """
+    T, S, Hkv, Di = V.index_dims(np.shape(q_idx), np.shape(k_idx))
+    cfg = _config(topk, block_size, init_blocks, local_blocks)
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
+    qi = _f64("q_idx", q_idx)
+    ki = _f64("k_idx", k_idx)
+    scale = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    bs = cfg.block_size
+    out = np.full((Hkv, T, topk), -1, np.int32)
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        tq, tk = q1 - q0, k1 - k0
+        if tq == 0:
+            continue
+        nblk = -(-tk // bs)
+        kpad = np.zeros((nblk * bs, Di))
+        kpad[:tk] = ki[k0:k1]
+        blk = np.arange(nblk)
+        for c0, c1 in _chunks(tq, max(1, (1 << 22) // max(1, nblk * bs * Hkv))):
+            p = tk - tq + np.arange(c0, c1)  # key positions of these queries
+            jq = p // bs
+            s = scale * np.einsum("tgd,kd->tgk", qi[q0 + c0 : q0 + c1], kpad)
+            s = np.where(np.isnan(s), NEG_INF, s)
+            visible = np.arange(nblk * bs)[None, :] <= p[:, None]  # [t, key]
+            s = np.where(visible[:, None, :], s, NEG_INF)
+            block_score = s.reshape(c1 - c0, Hkv, nblk, bs).max(-1)  # [t, g, j]
+            selectable = blk[None, :] <= jq[:, None]  # [t, j]
+            sink = blk[None, :] < cfg.init_blocks
+            local = (blk[None, :] > jq[:, None] - cfg.local_blocks) & selectable
+            # rank: forced class first (sinks 2, local 1, others 0), then score, then lower id
+            cls = np.where(sink & selectable, 2, np.where(local, 1, 0))
+            cls = np.where(selectable, cls, -1)
+            cls = np.broadcast_to(cls[:, None, :], block_score.shape)
+            ids = np.broadcast_to(blk, block_score.shape)
+            order = np.lexsort((ids, -block_score, -cls), axis=-1)[..., :topk]
+            chosen = np.take_along_axis(ids, order, -1)
+            ok = np.take_along_axis(cls, order, -1) >= 0
+            chosen = np.where(ok, chosen, np.iinfo(np.int32).max)
+            chosen = np.sort(chosen, -1)
+            chosen = np.where(chosen == np.iinfo(np.int32).max, -1, chosen)
+            w = chosen.shape[-1]
+            out[:, q0 + c0 : q0 + c1, :w] = chosen.transpose(1, 0, 2)
+    return out
+
+
+# --------------------------------------------------------------------------- 4 invert
+class Inversion(NamedTuple):
+    """Block -> queries CSR and work list (MSA.md step 4).
+
+    row_offsets [B+1]: first row of each sequence (rows number the blocks of
+        all sequences in order; R = row_offsets[-1]).
+    row_ptr [Hkv, R+1]: CSR offsets into entries[g].
+    entries [Hkv, T*topk]: t*topk + slot, sorted by t within a row; -1 past
+        row_ptr[g, R].
+    work [W, 4]: (g, row, begin, count); begin indexes entries[g], count in
+        1..q_budget.
+    num_work [1]: W.
+    """
+
+    row_offsets: np.ndarray
+    row_ptr: np.ndarray
+    entries: np.ndarray
+    work: np.ndarray
+    num_work: np.ndarray
+
+
+def row_offsets_of(cu_seqlens_k: np.ndarray, block_size: int) -> np.ndarray:
+    tk = np.diff(np.asarray(cu_seqlens_k, np.int64))
+    return np.concatenate([[0], np.cumsum(-(-tk // block_size))]).astype(np.int32)
+
+
+def invert(
+    block_ids,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    block_size: int = 128,
+    q_budget: int = 64,
+) -> Inversion:
+    """Inverts block_ids [Hkv, T, topk] into per-(group, block) query lists."""
+    bid = np.asarray(block_ids)
+    if bid.dtype.kind not in "iu":
+        raise ValueError(f"block_ids must be an integer array, got dtype {bid.dtype}")
+    V.check_rank("block_ids", bid.shape, 3, "[Hkv, T, topk]")
+    Hkv, T, topk = bid.shape
+    cfg = _config(topk, block_size, q_budget=q_budget)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("invert needs cu_seqlens_q and cu_seqlens_k (the block of a query depends on its sequence)")
+    S = int(np.asarray(cu_seqlens_k)[-1])
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
+    seq, p, tk = _positions(cu_q, cu_k)
+    roff = row_offsets_of(cu_k, cfg.block_size)
+    R = int(roff[-1])
+    jq = p // cfg.block_size
+    valid = bid >= 0
+    if np.any(valid & (bid > jq[None, :, None])):
+        raise ValueError("block_ids holds a block after the query's own block (not causal)")
+    rows = np.where(valid, roff[seq][None, :, None] + bid, -1)
+    row_ptr = np.zeros((Hkv, R + 1), np.int32)
+    entries = np.full((Hkv, T * topk), -1, np.int32)
+    work = []
+    ent = np.arange(T * topk, dtype=np.int64).reshape(T, topk)
+    for g in range(Hkv):
+        r = rows[g].reshape(-1)
+        keep = r >= 0
+        r_k, e_k = r[keep], ent.reshape(-1)[keep]
+        order = np.lexsort((e_k, r_k))  # by row, then by t (entries grow with t)
+        counts = np.bincount(r_k, minlength=R)
+        row_ptr[g, 1:] = np.cumsum(counts)
+        entries[g, : len(order)] = e_k[order]
+        for row in np.nonzero(counts)[0]:
+            b0, n = int(row_ptr[g, row]), int(counts[row])
+            for c in range(0, n, cfg.q_budget):
+                work.append((g, int(row), b0 + c, min(cfg.q_budget, n - c)))
+    work = np.array(work, np.int32).reshape(-1, 4)
+    return Inversion(roff, row_ptr, entries, work, np.array([len(work)], np.int32))
+
+
+def block_ids_from_inversion(inv: Inversion, cu_seqlens_q, cu_seqlens_k, topk: int) -> np.ndarray:
+    """Rebuilds block_ids from the work list alone (the inverse of `invert`)."""
+    Hkv = inv.row_ptr.shape[0]
+    T = int(np.asarray(cu_seqlens_q)[-1])
+    out = np.full((Hkv, T, topk), -1, np.int32)
+    roff = inv.row_offsets.astype(np.int64)
+    for g, row, begin, count in inv.work[: int(inv.num_work[0])]:
+        e = inv.entries[g, begin : begin + count].astype(np.int64)
+        t, slot = e // topk, e % topk
+        b = np.searchsorted(roff, row, side="right") - 1
+        out[g, t, slot] = row - roff[b]
+    return out
+
+
+# --------------------------------------------------------------------------- 5 attention
+def _block_partials(q, k, v, block_ids, cu_q, cu_k, block_size, scale):
+    """Per (t, h, slot) softmax over the selected block's visible keys."""
+    T, Hq, D = q.shape
+    Hkv, _, topk = block_ids.shape
+    G = Hq // Hkv
+    seq, p, _ = _positions(cu_q, cu_k)
+    kend = cu_k[seq + 1]  # exclusive global end of the query's keys
+    o = np.zeros((T, Hq, topk, D))
+    lse = np.full((T, Hq, topk), NEG_INF)
+    ar = np.arange(block_size)
+    chunk = max(1, (1 << 21) // max(1, Hkv * topk * block_size * max(D, 1)))
+    for c0, c1 in _chunks(T, chunk):
+        bid = block_ids[:, c0:c1].transpose(1, 0, 2).astype(np.int64)  # [t, g, s]
+        used = bid >= 0
+        local = np.where(used, bid, 0)[..., None] * block_size + ar  # key positions [t,g,s,b]
+        gkey = cu_k[seq[c0:c1]][:, None, None, None] + local
+        vis = used[..., None] & (local <= p[c0:c1, None, None, None])
+        vis &= gkey < kend[c0:c1, None, None, None]
+        gkey = np.where(vis, gkey, 0)
+        g_idx = np.arange(Hkv)[None, :, None, None]
+        kk = k[gkey, g_idx]  # [t, g, s, b, D]
+        vv = v[gkey, g_idx]
+        qq = q[c0:c1].reshape(c1 - c0, Hkv, G, D)
+        n = c1 - c0
+        s = scale * np.matmul(qq, kk.reshape(n, Hkv, topk * block_size, D).transpose(0, 1, 3, 2))
+        s = s.reshape(n, Hkv, G, topk, block_size)
+        s = np.where(vis[:, :, None], s, NEG_INF)
+        m = s.max(-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.exp(s - m)
+        den = e.sum(-1, keepdims=True)
+        has = den[..., 0] > 0
+        pr = e / np.where(den > 0, den, 1.0)
+        oc = np.matmul(pr.transpose(0, 1, 3, 2, 4), vv).transpose(0, 1, 3, 2, 4)  # [t,g,q,s,D]
+        lc = np.where(has, m[..., 0] + np.log(np.where(has, den[..., 0], 1.0)), NEG_INF)
+        o[c0:c1] = oc.reshape(c1 - c0, Hq, topk, D)
+        lse[c0:c1] = lc.reshape(c1 - c0, Hq, topk)
+    return o, lse
+
+
+def _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    T, S, Hq, Hkv, D = V.attention_dims(np.shape(q), np.shape(k), np.shape(v))
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
+    return _f64("q", q), _f64("k", k), _f64("v", v), cu_q, cu_k, T, Hkv, D
+
+
+def block_attention(
+    q,
+    k,
+    v,
+    inversion: Inversion,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    scale: float | None = None,
+):
+    """MSA.md step 5 over the work list of `invert`.
+
+    Returns o_partial [T, Hq, topk, D] (normalized within the block) and
+    lse_partial [T, Hq, topk] (-inf for unused slots; o_partial is 0 there).
+    """
+    q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _config(topk, block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bid = block_ids_from_inversion(inversion, cu_q, cu_k, topk)
+    V.check_block_ids_shape(bid.shape, Hkv, T, topk)
+    return _block_partials(q, k, v, bid, cu_q, cu_k, block_size, scale)
+
+
+# --------------------------------------------------------------------------- 6 combine
+def combine(o_partial, lse_partial):
+    """Merges partials by log-sum-exp. Returns out [T, Hq, D], lse [T, Hq].
+
+    A (query, head) with no visible key gets out 0 and lse -inf.
+    """
+    o = _f64("o_partial", o_partial)
+    lp = _f64("lse_partial", lse_partial)
+    V.check_rank("o_partial", o.shape, 4, "[T, Hq, topk, D]")
+    V.check_rank("lse_partial", lp.shape, 3, "[T, Hq, topk]")
+    if o.shape[:3] != lp.shape:
+        raise ValueError(f"lse_partial must have shape {o.shape[:3]} (o_partial's first three dims), got {lp.shape}")
+    m = lp.max(-1)
+    finite = np.isfinite(m)
+    ms = np.where(finite, m, 0.0)
+    w = np.where(np.isneginf(lp), 0.0, np.exp(lp - ms[..., None]))
+    den = w.sum(-1)
+    lse = np.where(finite, ms + np.log(np.where(finite, den, 1.0)), NEG_INF)
+    safe_o = np.where(np.isneginf(lp)[..., None], 0.0, o)
+    out = np.einsum("ths,thsd->thd", w, safe_o) / np.where(finite, den, 1.0)[..., None]
+    return out, lse
+
+
+# --------------------------------------------------------------------------- pipelines
+def sparse_attention(
+    q,
+    k,
+    v,
+    block_ids,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+):
+    """Attention of each query over its selected blocks (and causality).
+
+    Returns out [T, Hq, D], lse [T, Hq] (natural log).
+    """
+    q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    bid = np.asarray(block_ids)
+    if bid.dtype.kind not in "iu":
+        raise ValueError(f"block_ids must be an integer array, got dtype {bid.dtype}")
+    V.check_block_ids_shape(bid.shape, Hkv, T)
+    _config(bid.shape[2], block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    _, p, _ = _positions(cu_q, cu_k)
+    if np.any(bid > (p // block_size)[None, :, None]):
+        raise ValueError("block_ids holds a block after the query's own block (not causal)")
+    o, lse = _block_partials(q, k, v, bid, cu_q, cu_k, block_size, scale)
+    return combine(o, lse)
+
+
+def msa_attention(
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: float | None = None,
+    idx_scale: float | None = None,
+):
+    """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq]."""
+    T, S, Hq, Hkv, D = V.attention_dims(np.shape(q), np.shape(k), np.shape(v))
+    Ti, Si, Hkv_i, _ = V.index_dims(np.shape(q_idx), np.shape(k_idx))
+    if (Ti, Si, Hkv_i) != (T, S, Hkv):
+        raise ValueError(
+            f"q_idx/k_idx must have T={T}, S={S}, Hkv={Hkv} like q/k, got q_idx {np.shape(q_idx)}, k_idx {np.shape(k_idx)}"
+        )
+    bid = select_blocks(
+        q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size,
+        init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale,
+    )
+    return sparse_attention(q, k, v, bid, cu_seqlens_q, cu_seqlens_k, block_size=block_size, scale=scale)
+
+
+def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, scale=None):
+    """Dense causal attention (bottom-right aligned), for comparisons."""
+    q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    Hq = q.shape[1]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = np.zeros((T, Hq, D))
+    lse = np.full((T, Hq), NEG_INF)
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]))
+        if q1 == q0:
+            continue
+        p = (k1 - k0) - (q1 - q0) + np.arange(q1 - q0)
+        mask = np.arange(k1 - k0)[None, :] <= p[:, None]
+        kk = np.repeat(k[k0:k1], G, axis=1)
+        vv = np.repeat(v[k0:k1], G, axis=1)
+        s = scale * np.einsum("thd,khd->thk", q[q0:q1], kk)
+        s = np.where(mask[:, None, :], s, NEG_INF)
+        m = s.max(-1, keepdims=True)
+        e = np.exp(s - m)
+        den = e.sum(-1, keepdims=True)
+        out[q0:q1] = np.einsum("thk,khd->thd", e / den, vv)
+        lse[q0:q1] = (m + np.log(den))[..., 0]
+    return out, lse

@@ -1,0 +1,74 @@
+"""Every bad input raises a ValueError naming the argument (reference layer)."""
+import numpy as np
+import pytest
+
+from msa_py import reference as R
+
+from cases import make_case
+
+C = make_case(0, [(20, 40), (10, 10)], 4, 2, 16, 8)
+
+
+def call_msa(**over):
+    a = dict(q=C.q, k=C.k, v=C.v, q_idx=C.q_idx, k_idx=C.k_idx, cu_seqlens_q=C.cu_q, cu_seqlens_k=C.cu_k)
+    kw = dict(topk=2, block_size=16)
+    for key, val in over.items():
+        (a if key in a else kw)[key] = val
+    return R.msa_attention(a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], a["cu_seqlens_q"], a["cu_seqlens_k"], **kw)
+
+
+BAD = [
+    ("q", dict(q=C.q[:, :, None])),
+    ("k", dict(k=C.k[:, :1])),
+    ("q heads", dict(q=C.q[:, :3])),
+    ("v", dict(v=C.v[:, :, :8])),
+    ("q_idx", dict(q_idx=C.q_idx[:, 0])),
+    ("k_idx", dict(k_idx=C.k_idx[:, :4])),
+    ("q", dict(q=C.q.astype(np.int32))),
+    ("cu_seqlens_q", dict(cu_seqlens_q=np.array([1, 20, 30], np.int32))),
+    ("cu_seqlens_q", dict(cu_seqlens_q=np.array([0, 25, 20, 30], np.int32), cu_seqlens_k=np.array([0, 40, 45, 50], np.int32))),
+    ("cu_seqlens_k", dict(cu_seqlens_k=np.array([0, 40, 49], np.int32))),
+    ("same length", dict(cu_seqlens_q=np.array([0, 30], np.int32))),
+    ("more queries", dict(cu_seqlens_q=np.array([0, 25, 30], np.int32), cu_seqlens_k=np.array([0, 20, 50], np.int32))),
+    ("cu_seqlens_q and cu_seqlens_k", dict(cu_seqlens_k=None)),
+    ("topk", dict(topk=0)),
+    ("block_size", dict(block_size=48)),
+    ("block_size", dict(block_size=8)),
+    ("init_blocks", dict(init_blocks=-1)),
+    ("local_blocks", dict(local_blocks=-2)),
+]
+
+
+@pytest.mark.parametrize("needle,over", BAD)
+def test_bad_input_raises(needle, over):
+    with pytest.raises(ValueError, match=needle):
+        call_msa(**over)
+
+
+def test_more_queries_than_keys_without_cu_seqlens():
+    with pytest.raises(ValueError, match="T="):
+        R.sparse_attention(C.q, C.k[:10], C.v[:10], np.zeros((2, 30, 1), np.int32))
+
+
+def test_block_ids_errors():
+    with pytest.raises(ValueError, match="block_ids"):
+        R.sparse_attention(C.q, C.k, C.v, np.zeros((3, 30, 2), np.int32), C.cu_q, C.cu_k, block_size=16)
+    with pytest.raises(ValueError, match="block_ids"):
+        R.sparse_attention(C.q, C.k, C.v, np.zeros((2, 30, 2), np.float32), C.cu_q, C.cu_k, block_size=16)
+    with pytest.raises(ValueError, match="not causal"):
+        R.sparse_attention(C.q, C.k, C.v, np.full((2, 30, 2), 5, np.int32), C.cu_q, C.cu_k, block_size=16)
+
+
+def test_combine_shape_errors():
+    with pytest.raises(ValueError, match="lse_partial"):
+        R.combine(np.zeros((2, 2, 3, 4)), np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="o_partial"):
+        R.combine(np.zeros((2, 2, 3)), np.zeros((2, 2, 3)))
+
+
+def test_invert_errors():
+    bid = R.select_blocks(C.q_idx, C.k_idx, C.cu_q, C.cu_k, topk=2, block_size=16)
+    with pytest.raises(ValueError, match="q_budget"):
+        R.invert(bid, C.cu_q, C.cu_k, block_size=16, q_budget=0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        R.invert(bid, None, None, block_size=16)

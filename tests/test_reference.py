@@ -1,0 +1,159 @@
+"""msa_py.reference against the brute-force oracle, plus selection/inversion properties."""
+import numpy as np
+import pytest
+
+from msa_py import reference as R
+
+from cases import make_case
+from oracle import mask_from_block_ids, masked_attention, select_oracle
+
+# (name, seqs, Hq, Hkv, D, Di, block_size, topk)
+CASES = [
+    ("one_seq_odd", [(77, 77)], 4, 4, 64, 32, 16, 3),
+    ("ragged", [(40, 40), (1, 1), (33, 50), (0, 9), (70, 70)], 8, 2, 64, 128, 16, 2),
+    ("chunked_prefill", [(20, 100), (16, 16)], 16, 1, 128, 32, 32, 2),
+    ("gqa16_d128", [(65, 65)], 16, 1, 128, 128, 16, 4),
+    ("gqa4", [(48, 120)], 8, 2, 64, 32, 16, 5),
+]
+
+
+@pytest.mark.parametrize("name,seqs,Hq,Hkv,D,Di,bs,topk", CASES)
+def test_select_matches_oracle(name, seqs, Hq, Hkv, D, Di, bs, topk):
+    c = make_case(1, seqs, Hq, Hkv, D, Di)
+    got = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=bs)
+    ref = select_oracle(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk, bs, 1, 2)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("name,seqs,Hq,Hkv,D,Di,bs,topk", CASES)
+def test_msa_attention_matches_oracle(name, seqs, Hq, Hkv, D, Di, bs, topk):
+    c = make_case(2, seqs, Hq, Hkv, D, Di)
+    out, lse = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=bs)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=bs)
+    ref_o, ref_l = masked_attention(c.q, c.k, c.v, mask_from_block_ids(bid, c.cu_q, c.cu_k, bs))
+    np.testing.assert_allclose(out, ref_o, atol=1e-12, rtol=1e-10)
+    np.testing.assert_allclose(lse, ref_l, atol=1e-12, rtol=1e-10)
+
+
+def test_stages_compose_to_sparse_attention():
+    c = make_case(3, [(50, 90), (64, 64)], 8, 2, 64, 32)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=3, block_size=16)
+    inv = R.invert(bid, c.cu_q, c.cu_k, block_size=16, q_budget=7)
+    o_p, lse_p = R.block_attention(c.q, c.k, c.v, inv, c.cu_q, c.cu_k, topk=3, block_size=16)
+    out, lse = R.combine(o_p, lse_p)
+    ref_o, ref_l = R.sparse_attention(c.q, c.k, c.v, bid, c.cu_q, c.cu_k, block_size=16)
+    np.testing.assert_allclose(out, ref_o, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_l, atol=1e-12)
+
+
+def test_no_cu_seqlens_is_one_bottom_right_sequence():
+    c = make_case(4, [(30, 70)], 4, 2, 64, 32)
+    a = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, topk=2, block_size=16)
+    b = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=2, block_size=16)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("seqs", [[(100, 100)], [(37, 120), (5, 5)]])
+def test_topk_covering_all_blocks_is_dense_causal(seqs):
+    c = make_case(5, seqs, 8, 2, 64, 32)
+    out, lse = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=8, block_size=16)
+    ref_o, ref_l = R.dense_attention(c.q, c.k, c.v, c.cu_q, c.cu_k)
+    np.testing.assert_allclose(out, ref_o, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_l, atol=1e-12)
+
+
+def test_selection_properties():
+    bs, topk, init, local = 16, 4, 2, 2
+    c = make_case(6, [(200, 260), (3, 3), (17, 40)], 4, 2, 64, 32)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=bs,
+                          init_blocks=init, local_blocks=local)
+    for b in range(len(c.cu_q) - 1):
+        tq, tk = c.cu_q[b + 1] - c.cu_q[b], c.cu_k[b + 1] - c.cu_k[b]
+        for i in range(tq):
+            t = c.cu_q[b] + i
+            jq = (tk - tq + i) // bs
+            nsel = min(topk, jq + 1)
+            for g in range(bid.shape[0]):
+                row = bid[g, t]
+                assert (row[nsel:] == -1).all(), "-1 padding exactly past the selectable count"
+                sel = row[:nsel]
+                assert (np.diff(sel) > 0).all(), "ascending ids"
+                assert sel.min() >= 0 and sel.max() <= jq
+                forced = sorted(set(range(min(init, jq + 1))) | set(range(max(0, jq - local + 1), jq + 1)))
+                if len(forced) <= topk:
+                    assert set(forced) <= set(sel.tolist()), "sinks and local blocks present"
+
+
+def test_ties_go_to_lower_block_id():
+    # constant index keys: every block scores the same, so the lowest free ids win
+    T = S = 160
+    q_idx = np.ones((T, 1, 8))
+    k_idx = np.ones((S, 8))
+    bid = R.select_blocks(q_idx, k_idx, topk=4, block_size=16, init_blocks=1, local_blocks=1)
+    # last query: own block 9 (local), sink 0, then ties -> 1, 2
+    assert bid[0, -1].tolist() == [0, 1, 2, 9]
+    # forcing beyond topk: sinks rank before local blocks
+    bid = R.select_blocks(q_idx, k_idx, topk=2, block_size=16, init_blocks=1, local_blocks=3)
+    assert bid[0, -1].tolist() == [0, 7]
+
+
+def test_nan_scores_stay_in_range():
+    c = make_case(7, [(64, 64)], 4, 2, 64, 16)
+    c.q_idx[5] = np.nan
+    c.k_idx[20] = np.inf
+    bid = R.select_blocks(c.q_idx, c.k_idx, topk=3, block_size=16)
+    p = np.arange(64)
+    for g in range(2):
+        n = np.minimum(3, p // 16 + 1)
+        for t in range(64):
+            assert ((bid[g, t, : n[t]] >= 0) & (bid[g, t, : n[t]] <= p[t] // 16)).all()
+            assert (bid[g, t, n[t]:] == -1).all()
+
+
+def test_inversion_round_trip_and_budget():
+    c = make_case(8, [(90, 130), (1, 1), (60, 60)], 4, 2, 64, 32)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=4, block_size=16)
+    for qb in (1, 5, 64):
+        inv = R.invert(bid, c.cu_q, c.cu_k, block_size=16, q_budget=qb)
+        assert inv.row_offsets.tolist()[-1] == 9 + 1 + 4
+        w = inv.work
+        assert int(inv.num_work[0]) == len(w)
+        assert (w[:, 3] >= 1).all() and (w[:, 3] <= qb).all()
+        np.testing.assert_array_equal(R.block_ids_from_inversion(inv, c.cu_q, c.cu_k, 4), bid)
+        for g in range(2):
+            nnz = int(inv.row_ptr[g, -1])
+            assert nnz == int((bid[g] >= 0).sum())
+            for r in range(inv.row_ptr.shape[1] - 1):
+                e = inv.entries[g, inv.row_ptr[g, r] : inv.row_ptr[g, r + 1]]
+                assert (np.diff(e // 4) > 0).all(), "sorted by query within a row"
+
+
+def test_combine_equals_one_softmax_over_union():
+    rng = np.random.default_rng(9)
+    T, H, K, D = 5, 3, 4, 8
+    # random logits/values per key split into K groups of 6 keys
+    s = rng.standard_normal((T, H, K, 6))
+    vals = rng.standard_normal((T, H, K, 6, D))
+    lse_p = np.log(np.exp(s).sum(-1))
+    o_p = np.einsum("thkn,thknd->thkd", np.exp(s - lse_p[..., None]), vals)
+    lse_p[0, 0, 1] = -np.inf  # an unused slot
+    o_p[0, 0, 1] = np.nan  # must not leak
+    out, lse = R.combine(o_p, lse_p)
+    keep = np.ones((T, H, K), bool)
+    keep[0, 0, 1] = False
+    flat_s = np.where(keep[..., None], s, -np.inf).reshape(T, H, -1)
+    ref_lse = np.log(np.exp(flat_s).sum(-1))
+    ref_out = np.einsum("thn,thnd->thd", np.exp(flat_s - ref_lse[..., None]), vals.reshape(T, H, -1, D))
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-12)
+    np.testing.assert_allclose(out, ref_out, atol=1e-12)
+    # a query with nothing visible: out 0, lse -inf, no NaN
+    out, lse = R.combine(np.ones((1, 1, 2, 3)), np.full((1, 1, 2), -np.inf))
+    assert lse[0, 0] == -np.inf and (out == 0).all()
+
+
+def test_reference_4k_is_fast_enough():
+    import time
+    c = make_case(10, [(4096, 4096)], 8, 2, 64, 64)
+    t0 = time.time()
+    R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, topk=16)
+    assert time.time() - t0 < 30
