@@ -19,6 +19,7 @@
 
 from std.math import ceildiv, exp, exp2, log
 from std.memory import unsafe_stack_allocation
+from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
@@ -414,7 +415,7 @@ def attention_mma_kernel[
 
 def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
     comptime elems = block_size * (head_dim + 8) + head_dim * (block_size + 8) + MMA_BM * (head_dim + 8)
-    return elems * dtype.size_of()
+    return elems * size_of[dtype]()
 
 
 def mma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:

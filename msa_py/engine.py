@@ -1,0 +1,302 @@
+"""Builds, compiles once and caches MAX models of the MSA graphs.
+
+One compiled model per (graph kind, static configuration, device): token
+counts T, S and the batch B are symbolic, so every sequence length and batch
+composition reuses it. Scales are graph inputs, so they never recompile.
+
+Graph kinds (inputs -> outputs):
+  msa     q, k, v, q_idx, k_idx, cu_q, cu_k, scale, idx_scale -> out, lse
+  sparse  q, k, v, block_ids, cu_q, cu_k, scale               -> out, lse
+  select  q_idx, k_idx, cu_q, cu_k, idx_scale                  -> block_ids
+  combine o_partial, lse_partial                               -> out, lse
+  invert  block_ids, cu_q, cu_k, keys[S] (a shape carrier)     -> Inversion
+  block_attention q, k, v, row_offsets, entries, work, num_work,
+          cu_q, cu_k, scale                                    -> o_partial, lse_partial
+  stages  the msa inputs -> block_ids, Inversion, o_partial, lse_partial, out, lse
+The first four write into caller-allocated buffers (destination-passing
+style, so torch allocates its outputs); the others return MAX buffers.
+
+`run_numpy` runs a kind on NumPy arrays (bf16 given as float32 values, rounded
+on the host) on "cpu" or "gpu" and returns NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from . import graph as G
+from .build import kernels_path
+
+KINDS = ("msa", "sparse", "select", "combine", "invert", "block_attention", "stages")
+DPS_KINDS = ("msa", "sparse", "select", "combine")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Static configuration: what a compiled model is specialised on."""
+
+    dtype: str = "bfloat16"  # of q, k, v, q_idx, k_idx
+    num_heads: int = 64  # Hq
+    num_kv_heads: int = 4  # Hkv
+    head_dim: int = 128  # D
+    idx_dim: int = 128  # Di
+    topk: int = 16
+    block_size: int = 128
+    init_blocks: int = 1
+    local_blocks: int = 2
+    q_budget: int = 64
+    use_mma: bool = True
+
+    def with_(self, **kw) -> "Spec":
+        return replace(self, **kw)
+
+
+def _dt(name: str):
+    from max.dtype import DType
+
+    return {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16, "int32": DType.int32}[name]
+
+
+# --------------------------------------------------------------------------- graphs
+def _types(spec: Spec, dev):
+    from max.dtype import DType
+    from max.graph import Dim, TensorType
+
+    T, S, B1 = Dim("T"), Dim("S"), Dim("B1")
+    x = _dt(spec.dtype)
+    i32 = DType.int32
+    Hq, Hkv, D, Di, K = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.idx_dim, spec.topk
+    t = {
+        "q": TensorType(x, [T, Hq, D], device=dev),
+        "k": TensorType(x, [S, Hkv, D], device=dev),
+        "v": TensorType(x, [S, Hkv, D], device=dev),
+        "q_idx": TensorType(x, [T, Hkv, Di], device=dev),
+        "k_idx": TensorType(x, [S, Di], device=dev),
+        "cu_q": TensorType(i32, [B1], device=dev),
+        "cu_k": TensorType(i32, [B1], device=dev),
+        "scale": TensorType(DType.float32, [1], device=dev),
+        "idx_scale": TensorType(DType.float32, [1], device=dev),
+        "block_ids": TensorType(i32, [Hkv, T, K], device=dev),
+        "o_partial": TensorType(G.partial_dtype_for(x), [T, Hq, K, D], device=dev),
+        "lse_partial": TensorType(DType.float32, [T, Hq, K], device=dev),
+        "out": TensorType(x, [T, Hq, D], device=dev),
+        "lse": TensorType(DType.float32, [T, Hq], device=dev),
+        "keys": TensorType(DType.int8, [S], device=dev),
+        "row_offsets": TensorType(i32, ["B1"], device=dev),
+        "entries": TensorType(i32, [Hkv, T * K], device=dev),
+        "work": TensorType(i32, ["W", 4], device=dev),
+        "num_work": TensorType(i32, [1], device=dev),
+    }
+    return t
+
+
+INPUTS = {
+    "msa": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
+    "stages": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
+    "sparse": ("q", "k", "v", "block_ids", "cu_q", "cu_k", "scale"),
+    "select": ("q_idx", "k_idx", "cu_q", "cu_k", "idx_scale"),
+    "combine": ("o_partial", "lse_partial"),
+    "invert": ("block_ids", "cu_q", "cu_k", "keys"),
+    "block_attention": ("q", "k", "v", "row_offsets", "entries", "work", "num_work", "cu_q", "cu_k", "scale"),
+}
+OUTPUTS = {
+    "msa": ("out", "lse"),
+    "sparse": ("out", "lse"),
+    "select": ("block_ids",),
+    "combine": ("out", "lse"),
+}
+
+
+def build_graph(kind: str, spec: Spec, device: str):
+    from max.graph import DeviceRef, Graph
+
+    dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
+    types = _types(spec, dev)
+    ins = INPUTS[kind]
+    dps = OUTPUTS.get(kind, ())
+    if kind == "combine":  # combine on its own emits the partials' dtype
+        types["out"] = type(types["out"])(types["o_partial"].dtype, types["out"].shape, device=dev)
+    in_types = [types[n].as_buffer() for n in dps] + [types[n] for n in ins]
+    kw = dict(topk=spec.topk, block_size=spec.block_size)
+    sel_kw = dict(kw, init_blocks=spec.init_blocks, local_blocks=spec.local_blocks)
+    name = f"msa_{kind}_{abs(hash(spec)) % 10**8}_{device}"
+    with Graph(name, input_types=in_types, custom_extensions=[kernels_path()]) as g:
+        bufs = [g.inputs[i].buffer for i in range(len(dps))]
+        a = {n: g.inputs[len(dps) + i].tensor for i, n in enumerate(ins)}
+        if kind == "msa":
+            res = G.msa_attention(
+                a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], scale=a["scale"],
+                idx_scale=a["idx_scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, **sel_kw,
+            )
+        elif kind == "sparse":
+            res = G.sparse_attention(
+                a["q"], a["k"], a["v"], a["block_ids"], a["cu_q"], a["cu_k"], block_size=spec.block_size,
+                scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma,
+            )
+        elif kind == "select":
+            res = [G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)]
+        elif kind == "combine":
+            res = G.combine(a["o_partial"], a["lse_partial"])
+        elif kind == "invert":
+            res = list(G.invert(a["block_ids"], a["cu_q"], a["cu_k"], num_keys=a["keys"].shape[0],
+                                block_size=spec.block_size, q_budget=spec.q_budget))
+        elif kind == "block_attention":
+            inv = G.Inversion(a["row_offsets"], None, a["entries"], a["work"], a["num_work"])
+            res = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                    use_mma=spec.use_mma, **kw)
+        elif kind == "stages":
+            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)
+            inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
+                           q_budget=spec.q_budget)
+            o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                           use_mma=spec.use_mma, **kw)
+            out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
+            res = [bid, *inv, o_p, lse_p, out, lse]
+        else:
+            raise ValueError(f"unknown graph kind {kind!r}; expected one of {KINDS}")
+        if dps:
+            for buf, r in zip(bufs, res):
+                buf[...] = r
+            g.output()
+        else:
+            g.output(*res)
+    return g
+
+
+# --------------------------------------------------------------------------- sessions and cache
+_lock = threading.Lock()
+_sessions: dict[str, object] = {}
+_models: dict[tuple, object] = {}
+compile_log: list[tuple[str, Spec, str, float]] = []  # (kind, spec, device, seconds)
+
+
+def session(device: str):
+    from max.driver import CPU, Accelerator
+    from max.engine import InferenceSession
+
+    with _lock:
+        if device not in _sessions:
+            devs = [CPU()] if device == "cpu" else [CPU(), Accelerator(0)]
+            _sessions[device] = InferenceSession(devices=devs)
+        return _sessions[device]
+
+
+def model(kind: str, spec: Spec, device: str = "cpu"):
+    """The compiled model for (kind, spec, device); compiles on first use."""
+    key = (kind, spec, device)
+    m = _models.get(key)
+    if m is not None:
+        return m
+    sess = session(device)
+    with _lock:
+        m = _models.get(key)
+        if m is None:
+            t0 = time.time()
+            m = sess.load(build_graph(kind, spec, device))
+            compile_log.append((kind, spec, device, time.time() - t0))
+            _models[key] = m
+    return m
+
+
+def cached_models() -> list[tuple]:
+    return list(_models)
+
+
+def clear_cache() -> None:
+    _models.clear()
+
+
+# --------------------------------------------------------------------------- NumPy runner
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Rounds float32 to bfloat16 (nearest even); returns uint16 bit patterns."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values that `dtype` can hold (what the kernels will see)."""
+    x = np.asarray(x, np.float32)
+    if dtype == "bfloat16":
+        return bf16_bits_to_f32(f32_to_bf16_bits(x))
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    return x
+
+
+def to_buffer(x: np.ndarray, dtype: str, device: str):
+    from max.driver import Accelerator, Buffer
+    from max.dtype import DType
+
+    if dtype == "bfloat16":
+        buf = Buffer.from_numpy(f32_to_bf16_bits(x)).view(DType.bfloat16)
+    else:
+        np_dt = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}[dtype]
+        buf = Buffer.from_numpy(np.ascontiguousarray(x, dtype=np_dt))
+    return buf if device == "cpu" else buf.to(Accelerator(0))
+
+
+def to_numpy(buf) -> np.ndarray:
+    from max.driver import CPU
+    from max.dtype import DType
+
+    if buf.dtype == DType.bfloat16:
+        return bf16_bits_to_f32(buf.to(CPU()).view(DType.uint16).to_numpy())
+    return buf.to(CPU()).to_numpy()
+
+
+def empty_buffer(dtype, shape, device: str):
+    from max.driver import CPU, Accelerator, Buffer
+
+    return Buffer(dtype, tuple(int(s) for s in shape), device=CPU() if device == "cpu" else Accelerator(0))
+
+
+def output_shapes(kind: str, spec: Spec, T: int, S: int, B: int):
+    """Shapes of a DPS kind's outputs."""
+    Hq, Hkv, D, K = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.topk
+    return {
+        "out": (T, Hq, D),
+        "lse": (T, Hq),
+        "block_ids": (Hkv, T, K),
+    }
+
+
+def run(kind: str, spec: Spec, device: str, inputs: dict, T: int, S: int, B: int, outputs=None):
+    """Runs a kind on device Buffers (dict by input name). DPS kinds write into
+    `outputs` (allocated here when None). Returns the list of output Buffers."""
+    from max.dtype import DType
+
+    m = model(kind, spec, device)
+    args = [inputs[n] for n in INPUTS[kind]]
+    if kind in OUTPUTS:
+        if outputs is None:
+            shapes = output_shapes(kind, spec, T, S, B)
+            x = _dt(spec.dtype)
+            dtypes = {"out": G.partial_dtype_for(x) if kind == "combine" else x,
+                      "lse": DType.float32, "block_ids": DType.int32}
+            outputs = [empty_buffer(dtypes[n], shapes[n], device) for n in OUTPUTS[kind]]
+        m.execute(*outputs, *args)
+        return list(outputs)
+    return list(m.execute(*args))
+
+
+def numpy_inputs(spec: Spec, device: str, **arrays) -> dict:
+    """NumPy arrays -> device Buffers for the named graph inputs."""
+    kinds = {"q": spec.dtype, "k": spec.dtype, "v": spec.dtype, "q_idx": spec.dtype, "k_idx": spec.dtype,
+             "scale": "float32", "idx_scale": "float32", "lse_partial": "float32", "keys": "int8"}
+    out = {}
+    for name, arr in arrays.items():
+        if name == "o_partial":
+            dt = "float32" if spec.dtype == "float32" else spec.dtype
+        else:
+            dt = kinds.get(name, "int32")
+        out[name] = to_buffer(np.asarray(arr), dt, device)
+    return out

@@ -1,0 +1,318 @@
+"""MSA stages as MAX graph values: drop-in functions for `max.graph` graphs.
+
+Same names, argument order and keywords as `msa_py.reference`; tensors are
+`TensorValue`s and each stage is one `ops.custom` call into the Mojo kernels::
+
+    from max.graph import Graph
+    import msa_py.graph as msa
+
+    with Graph("layer", input_types=..., custom_extensions=[msa.kernels_path()]) as g:
+        out, lse = msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk=16)
+
+Token counts (T, S, B) may be symbolic dims: one compiled graph serves every
+sequence length. Static parameters (topk, block_size, heads, head dims,
+dtype) specialise the kernels. `scale` / `idx_scale` may be Python floats
+(baked in as constants) or rank-1 float32 tensors of one element (graph
+inputs, so one compiled model serves any scale).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from max.dtype import DType
+from max.graph import DeviceRef, Dim, StaticDim, TensorType, TensorValue, ops
+
+from . import _validate as V
+from .build import kernels_path
+
+__all__ = [
+    "kernels_path",
+    "select_blocks",
+    "invert",
+    "Inversion",
+    "block_attention",
+    "combine",
+    "sparse_attention",
+    "msa_attention",
+    "partial_dtype_for",
+]
+
+_DTYPE_NAMES = {DType.float32: "float32", DType.float16: "float16", DType.bfloat16: "bfloat16"}
+
+
+class Inversion(NamedTuple):
+    """Graph values of the block -> queries CSR (see msa_py.reference.Inversion).
+
+    Sizes are upper bounds: row_ptr [Hkv, S // block_size + B + 1],
+    entries [Hkv, T*topk] (-1 past each group's nnz), work [W_max, 4] of which
+    the first num_work[0] items are valid.
+    """
+
+    row_offsets: TensorValue
+    row_ptr: TensorValue
+    entries: TensorValue
+    work: TensorValue
+    num_work: TensorValue
+
+
+def _shape(x: TensorValue) -> tuple:
+    return tuple(int(d) if isinstance(d, StaticDim) else d for d in x.shape)
+
+
+def _dtype_name(name: str, x: TensorValue) -> str:
+    n = _DTYPE_NAMES.get(x.dtype)
+    if n is None:
+        raise ValueError(f"{name} must have a floating dtype in {V.FLOAT_DTYPES}, got {x.dtype}")
+    return n
+
+
+def _check_int32(name: str, x: TensorValue) -> None:
+    if x.dtype != DType.int32:
+        raise ValueError(f"{name} must be int32, got {x.dtype}")
+
+
+def _static(name: str, d) -> int:
+    if not isinstance(d, (int, np.integer)):
+        raise ValueError(f"{name} must be a static dimension, got {d}")
+    return int(d)
+
+
+def partial_dtype_for(dtype: DType) -> DType:
+    """o_partial is stored in the inputs' 16-bit dtype (half the traffic), else fp32."""
+    return dtype if dtype in (DType.bfloat16, DType.float16) else DType.float32
+
+
+def _scale_value(scale, default: float, device: DeviceRef) -> TensorValue:
+    if isinstance(scale, TensorValue):
+        if scale.dtype != DType.float32 or len(scale.shape) != 1:
+            raise ValueError(f"a tensor scale must be float32 of shape [1], got {scale.type}")
+        return scale
+    value = default if scale is None else float(scale)
+    return ops.constant(np.array([value], np.float32), DType.float32, device=device)
+
+
+def _seqlens(cu_q, cu_k, T, S, device: DeviceRef):
+    V.check_cu_seqlens_shapes(None if cu_q is None else _shape(cu_q), None if cu_k is None else _shape(cu_k))
+    if cu_q is not None:
+        _check_int32("cu_seqlens_q", cu_q)
+        _check_int32("cu_seqlens_k", cu_k)
+        return cu_q, cu_k
+
+    def one(n):
+        zero = ops.constant(np.zeros(1, np.int64), DType.int64, device=DeviceRef.CPU())
+        cu = ops.concat([zero, ops.shape_to_tensor([n])]).cast(DType.int32)
+        return cu.to(device)
+
+    return one(T), one(S)
+
+
+def _num_seqs(cu_q: TensorValue):
+    return cu_q.shape[0] - 1
+
+
+# --------------------------------------------------------------------------- stages
+def select_blocks(
+    q_idx: TensorValue,
+    k_idx: TensorValue,
+    cu_seqlens_q: TensorValue | None = None,
+    cu_seqlens_k: TensorValue | None = None,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    idx_scale=None,
+) -> TensorValue:
+    """Steps 1-3. Returns block_ids [Hkv, T, topk] int32."""
+    T, S, Hkv, Di = V.index_dims(_shape(q_idx), _shape(k_idx))
+    V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
+    V.Config(topk, block_size, init_blocks, local_blocks).check()
+    dev = q_idx.device
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q_idx.shape[0], k_idx.shape[0], dev)
+    Di = _static("q_idx index dim Di", Di)
+    scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
+    return ops.custom(
+        "msa_select",
+        device=dev,
+        values=[q_idx, k_idx, cu_q, cu_k, scale],
+        out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
+        parameters={
+            "topk": topk,
+            "block_size": block_size,
+            "init_blocks": init_blocks,
+            "local_blocks": local_blocks,
+            "num_groups": _static("q_idx groups Hkv", Hkv),
+            "idx_dim": Di,
+        },
+    )[0].tensor
+
+
+def invert(
+    block_ids: TensorValue,
+    cu_seqlens_q: TensorValue,
+    cu_seqlens_k: TensorValue,
+    *,
+    num_keys,
+    block_size: int = 128,
+    q_budget: int = 64,
+) -> Inversion:
+    """Step 4. `num_keys` is S (a Dim): output sizes are bounded by it."""
+    _check_int32("block_ids", block_ids)
+    bshape = _shape(block_ids)
+    V.check_rank("block_ids", bshape, 3, "[Hkv, T, topk]")
+    topk = _static("block_ids topk", bshape[2])
+    V.Config(topk, block_size, q_budget=q_budget).check()
+    V.check_cu_seqlens_shapes(_shape(cu_seqlens_q), _shape(cu_seqlens_k))
+    _check_int32("cu_seqlens_q", cu_seqlens_q)
+    _check_int32("cu_seqlens_k", cu_seqlens_k)
+    dev = block_ids.device
+    Hkv, T = block_ids.shape[0], block_ids.shape[1]
+    B = _num_seqs(cu_seqlens_q)
+    r_max = Dim(num_keys) // block_size + B
+    nent = T * topk
+    w_max = Hkv * (r_max + nent // q_budget)
+    i32 = DType.int32
+    outs = ops.custom(
+        "msa_invert",
+        device=dev,
+        values=[block_ids, cu_seqlens_q, cu_seqlens_k],
+        out_types=[
+            TensorType(i32, [B + 1], device=dev),
+            TensorType(i32, [Hkv, r_max + 1], device=dev),
+            TensorType(i32, [Hkv, nent], device=dev),
+            TensorType(i32, [w_max, 4], device=dev),
+            TensorType(i32, [1], device=dev),
+            TensorType(i32, [Hkv * (3 * r_max + 1 + nent)], device=dev),  # scratch
+        ],
+        parameters={"topk": topk, "block_size": block_size, "q_budget": q_budget},
+    )
+    return Inversion(*(o.tensor for o in outs[:5]))
+
+
+def block_attention(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    inversion: Inversion,
+    cu_seqlens_q: TensorValue,
+    cu_seqlens_k: TensorValue,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    scale=None,
+    use_mma: bool = True,
+):
+    """Step 5. Returns o_partial [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    dn = _dtype_name("q", q)
+    V.check_same_dtype([("q", dn), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    V.Config(topk, block_size).check()
+    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
+    dev = q.device
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    o_p, lse_p = ops.custom(
+        "msa_block_attention",
+        device=dev,
+        values=[q, k, v, inversion.row_offsets, inversion.entries, inversion.work, inversion.num_work,
+                cu_seqlens_q, cu_seqlens_k, sc],
+        out_types=[
+            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
+            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
+        ],
+        parameters={
+            "topk": topk,
+            "block_size": block_size,
+            "group": Hq // Hkv,
+            "num_groups": Hkv,
+            "head_dim": D,
+            "use_mma": use_mma,
+        },
+    )
+    return o_p.tensor, lse_p.tensor
+
+
+def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DType | None = None):
+    """Step 6. Returns out [T, Hq, D] (out_dtype, default o_partial's) and lse [T, Hq] fp32."""
+    osh, lsh = _shape(o_partial), _shape(lse_partial)
+    V.check_rank("o_partial", osh, 4, "[T, Hq, topk, D]")
+    V.check_rank("lse_partial", lsh, 3, "[T, Hq, topk]")
+    if lse_partial.dtype != DType.float32:
+        raise ValueError(f"lse_partial must be float32, got {lse_partial.dtype}")
+    _dtype_name("o_partial", o_partial)
+    topk = _static("o_partial topk", osh[2])
+    D = _static("o_partial head dim", osh[3])
+    if not (V._eq(lsh[1], osh[1]) and V._eq(lsh[2], osh[2])):
+        raise ValueError(f"lse_partial must have shape [T, Hq, topk] matching o_partial {osh}, got {lsh}")
+    dev = o_partial.device
+    out_dtype = out_dtype or o_partial.dtype
+    out, lse = ops.custom(
+        "msa_combine",
+        device=dev,
+        values=[o_partial, lse_partial],
+        out_types=[
+            TensorType(out_dtype, [o_partial.shape[0], o_partial.shape[1], D], device=dev),
+            TensorType(DType.float32, [o_partial.shape[0], o_partial.shape[1]], device=dev),
+        ],
+        parameters={"topk": topk, "head_dim": D},
+    )
+    return out.tensor, lse.tensor
+
+
+# --------------------------------------------------------------------------- pipelines
+def sparse_attention(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    block_ids: TensorValue,
+    cu_seqlens_q: TensorValue | None = None,
+    cu_seqlens_k: TensorValue | None = None,
+    *,
+    block_size: int = 128,
+    scale=None,
+    q_budget: int = 64,
+    use_mma: bool = True,
+):
+    """Invert, block attention, combine. Returns out [T, Hq, D], lse [T, Hq]."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    _check_int32("block_ids", block_ids)
+    V.check_block_ids_shape(_shape(block_ids), Hkv, T)
+    topk = _static("block_ids topk", _shape(block_ids)[2])
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
+    inv = invert(block_ids, cu_q, cu_k, num_keys=k.shape[0], block_size=block_size, q_budget=q_budget)
+    o_p, lse_p = block_attention(
+        q, k, v, inv, cu_q, cu_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma
+    )
+    return combine(o_p, lse_p, out_dtype=q.dtype)
+
+
+def msa_attention(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    q_idx: TensorValue,
+    k_idx: TensorValue,
+    cu_seqlens_q: TensorValue | None = None,
+    cu_seqlens_k: TensorValue | None = None,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale=None,
+    idx_scale=None,
+    q_budget: int = 64,
+    use_mma: bool = True,
+):
+    """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq]."""
+    V.attention_dims(_shape(q), _shape(k), _shape(v))
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
+    bid = select_blocks(
+        q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=block_size,
+        init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale,
+    )
+    return sparse_attention(
+        q, k, v, bid, cu_q, cu_k, block_size=block_size, scale=scale, q_budget=q_budget, use_mma=use_mma
+    )
