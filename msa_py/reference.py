@@ -395,3 +395,9 @@ def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, scale=None
         out[q0:q1] = np.einsum("thk,khd->thd", e / den, vv)
         lse[q0:q1] = (m + np.log(den))[..., 0]
     return out, lse
+
+
+def forced_blocks(p: int, block_size: int, init_blocks: int, local_blocks: int) -> list[int]:
+    """Blocks forced in for a query at key position p: sinks and local blocks."""
+    jq = p // block_size
+    return sorted(set(range(min(init_blocks, jq + 1))) | set(range(max(0, jq - local_blocks + 1), jq + 1)))

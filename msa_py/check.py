@@ -1,0 +1,191 @@
+"""Runs every MSA op on a device and checks it against msa_py.reference.
+
+    python -m msa_py.check --device gpu          # the H100 check (small + 32K shapes)
+    python -m msa_py.check --device cpu --quick  # CPU paths, small shapes
+    python -m msa_py.check --device virtual      # compile the GPU path for sm_90 only
+
+For each case it runs the "stages" graph (every stage's output) and compares:
+selection (exact, or a near tie within tolerance), the inversion (exact,
+against the reference inversion of the kernel's block_ids), the partials,
+the combine, and the end-to-end output; then times the whole "msa" graph.
+Large cases check a random sample of queries. Exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+
+
+def _set_virtual():
+    from max import driver
+
+    driver.set_virtual_device_api("cuda")
+    driver.set_virtual_device_target_arch("sm_90")
+    driver.set_virtual_device_count(1)
+
+
+# (name, seqs [(Tq, Tk)], Hq, Hkv, D, Di, topk, block_size, dtype, use_mma, sample)
+SMALL = [
+    ("ragged_g4_f32", [(300, 300), (1, 1), (77, 200), (0, 5), (129, 129)], 8, 2, 64, 32, 3, 64, "float32", True, None),
+    ("ragged_g4_bf16_mma", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 3, 64, "bfloat16", True, None),
+    ("ragged_g4_bf16_simt", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 3, 64, "bfloat16", False, None),
+    ("g16_d128_bf16", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "bfloat16", True, None),
+    ("g1_d128_f16", [(513, 513)], 4, 4, 128, 128, 4, 128, "float16", True, None),
+    ("chunked_g16_f32", [(64, 1000), (3, 131)], 32, 2, 128, 64, 5, 128, "float32", True, None),
+]
+LARGE = [
+    ("32k_model_shape_bf16", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
+]
+QUICK = [SMALL[0], SMALL[1], SMALL[3]]
+
+
+def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
+    from .engine import round_to
+
+    rng = np.random.default_rng(seed)
+    tq = np.array([s[0] for s in seqs])
+    tk = np.array([s[1] for s in seqs])
+    cu_q = np.concatenate([[0], np.cumsum(tq)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(tk)]).astype(np.int32)
+    T, S = int(cu_q[-1]), int(cu_k[-1])
+
+    def r(*shape):
+        return round_to(rng.standard_normal(shape, dtype=np.float32), dtype)
+
+    return dict(q=r(T, Hq, D), k=r(S, Hkv, D), v=r(S, Hkv, D), q_idx=r(T, Hkv, Di), k_idx=r(S, Di),
+                cu_q=cu_q, cu_k=cu_k), T, S, len(seqs)
+
+
+def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print) -> bool:
+    from . import engine as E
+    from . import reference as R
+    from . import verify as Vf
+
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, sample = case
+    spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
+                  block_size=bs, use_mma=use_mma)
+    a, T, S, B = make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype)
+    scale, idx_scale = 1.0 / math.sqrt(D), 1.0 / math.sqrt(Di)
+    ins = E.numpy_inputs(spec, device, **a, scale=np.array([scale], np.float32),
+                         idx_scale=np.array([idx_scale], np.float32))
+    outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins, T, S, B)]
+    bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs
+    tol = Vf.tolerance(dtype)
+    ok = True
+    rows = None if sample is None else np.sort(np.random.default_rng(seed + 1).choice(T, sample, replace=False))
+    if rows is not None:  # always include the first and last query
+        rows = np.unique(np.concatenate([[0, T - 1], rows]))
+    # 1-3 selection
+    sel = Vf.selection_report(bid, a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], block_size=bs, init_blocks=1,
+                              local_blocks=2, idx_scale=idx_scale, rows=rows)
+    ok &= not sel["bad"]
+    # 4 inversion of the kernel's own block_ids
+    inv = R.invert(bid, a["cu_q"], a["cu_k"], block_size=bs, q_budget=spec.q_budget)
+    R_ = inv.row_ptr.shape[1]
+    nw = int(num_work[0])
+    inv_ok = (
+        np.array_equal(roff, inv.row_offsets)
+        and np.array_equal(row_ptr[:, :R_], inv.row_ptr)
+        and (row_ptr[:, R_:] == inv.row_ptr[:, -1:]).all()
+        and np.array_equal(entries, inv.entries)
+        and nw == int(inv.num_work[0])
+        and np.array_equal(work[:nw], inv.work)
+    )
+    ok &= inv_ok
+    # 5-6 attention over the kernel's selection
+    if rows is None:
+        ref_op, ref_lp = R.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], topk=topk,
+                                           block_size=bs, scale=scale)
+        used = np.isfinite(lse_p)[..., None]  # o_partial is unspecified in unused slots
+        e_part = Vf.rel_err(np.where(used, o_p, 0), ref_op)
+        e_lsep = Vf.rel_err(lse_p, ref_lp)
+        ref_out, ref_lse = R.combine(o_p, lse_p)  # combine alone, on the kernel's partials
+        e_comb = max(Vf.rel_err(out, ref_out), Vf.rel_err(lse, ref_lse))
+        ref_o, ref_l = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=bs,
+                                          scale=scale)
+    else:
+        e_part = e_lsep = e_comb = float("nan")
+        ref_o, ref_l = Vf.attention_rows_reference(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], rows,
+                                                   block_size=bs, scale=scale)
+        out, lse = out[rows], lse[rows]
+    e_out = Vf.rel_err(out, ref_o)
+    e_lse = Vf.rel_err(lse, ref_l)
+    errs = [e for e in (e_part, e_lsep, e_comb, e_out, e_lse) if not math.isnan(e)]
+    ok &= all(e <= tol for e in errs)
+    timing = ""
+    if time_it:
+        from .timing import time_max
+
+        m_ins = {n: ins[n] for n in E.INPUTS["msa"]}
+        bufs = E.run("msa", spec, device, m_ins, T, S, B)
+        tm = time_max(lambda: E.run("msa", spec, device, m_ins, T, S, B, outputs=bufs), device,
+                      iters=10 if T > 10000 else 5)
+        flops = 4.0 * Hq * D * sum(_selected_keys(seqs, topk, bs))
+        timing = f" | msa {tm['median']:.3f} ms (host {tm['host_median']:.3f}) {flops / tm['median'] / 1e9:.1f} TFLOP/s attn-eff"
+    log(
+        f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} "
+        f"bs={bs} {dtype}{' mma' if use_mma else ' simt'} | select exact {sel['exact']}/{sel['rows']} "
+        f"ties {sel['near_ties']} bad {len(sel['bad'])} | invert {'ok' if inv_ok else 'MISMATCH'} (work {nw}) | "
+        f"rel err partial {e_part:.1e} lse_p {e_lsep:.1e} combine {e_comb:.1e} out {e_out:.1e} lse {e_lse:.1e} "
+        f"(tol {tol:g}){timing}"
+    )
+    return bool(ok)
+
+
+def _selected_keys(seqs, topk, bs):
+    """Keys attended per query (causal, within the selected blocks), summed per sequence (upper bound)."""
+    for tq, tk in seqs:
+        p = np.arange(tk - tq, tk)
+        yield float(np.minimum((p // bs + 1) * bs, topk * bs).sum())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "gpu", "virtual"], default="gpu")
+    ap.add_argument("--quick", action="store_true", help="a few small cases only")
+    ap.add_argument("--no-large", action="store_true", help="skip the 32K case")
+    ap.add_argument("--no-time", action="store_true")
+    args = ap.parse_args(argv)
+    if args.device == "virtual":
+        _set_virtual()
+    cases = QUICK if args.quick else SMALL + ([] if args.no_large or args.device == "cpu" else LARGE)
+    dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
+    if args.device == "gpu":
+        from max.driver import Accelerator
+
+        acc = Accelerator(0)
+        print(f"device: {acc.model_name} ({acc.architecture_name})")
+    print(f"msa_py.check --device {args.device}: {len(cases)} cases, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    ok = True
+    for i, c in enumerate(cases):
+        try:
+            if args.device == "virtual":
+                ok &= _virtual(c)
+            else:
+                ok &= check_case(c, dev, seed=i, time_it=not args.no_time)
+        except Exception as e:  # report and go on with the next case
+            ok = False
+            print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
+    print("CHECK PASSED" if ok else "CHECK FAILED")
+    return 0 if ok else 1
+
+
+def _virtual(case) -> bool:
+    from . import engine as E
+
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _ = case
+    spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
+                  block_size=bs, use_mma=use_mma)
+    t0 = time.time()
+    E.model("stages", spec, "gpu")
+    print(f"{name:24s} stages graph compiled for sm_90 in {time.time() - t0:.1f} s")
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
