@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: build, check against the reference, time. Run on the GPU
+# machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
+#   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
+#   bash benchmarks/gpu_run.sh check [bench] [torch] [ARGS...]
+# Logs go to $OUT (the device tool's folder) or ./msa_out.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-$PWD/msa_out}"; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(date -u +%FT%TZ)" | tee -a "$OUT/gpu.txt"
+python3 -m msa_py.build || exit 1
+rc=0
+for step in "$@"; do
+  case "$step" in
+    check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    bench) python3 -m msa_py bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    torch) python3 -m pytest -q -x tests/test_torch_ops.py --device cuda 2>&1 | tee "$OUT/torch.log" || rc=1 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+exit $rc
