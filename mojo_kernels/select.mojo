@@ -219,7 +219,7 @@ def select_kernel[
         var qi = r // num_groups
         var v = Float32(0)
         if qi < nq:
-            v = q_idx[unsafe_offset=((q0 + i0 + qi) * num_groups) * idx_dim + i].cast[DType.float32]() * scale
+            v = q_idx[unsafe_offset=(q0 + i0) * num_groups * idx_dim + i].cast[DType.float32]() * scale
         q_s[unsafe_offset=r * DP + d] = v
     var r = tid // SEL_SUB
     var l = tid % SEL_SUB

@@ -126,7 +126,15 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         tm = time_max(lambda: E.run("msa", spec, device, m_ins, T, S, B, outputs=bufs), device,
                       iters=10 if T > 10000 else 5)
         flops = 4.0 * Hq * D * sum(_selected_keys(seqs, topk, bs))
-        timing = f" | msa {tm['median']:.3f} ms (host {tm['host_median']:.3f}) {flops / tm['median'] / 1e9:.1f} TFLOP/s attn-eff"
+        stages = ""
+        if T > 10000:  # where the time goes
+            s_ins = {n: ins[n] for n in E.INPUTS["select"]}
+            ts = time_max(lambda: E.run("select", spec, device, s_ins, T, S, B), device, iters=5)
+            p_ins = dict(m_ins, block_ids=E.to_buffer(bid.astype(np.int32), "int32", device))
+            p_ins = {n: p_ins[n] for n in E.INPUTS["sparse"]}
+            tp = time_max(lambda: E.run("sparse", spec, device, p_ins, T, S, B), device, iters=5)
+            stages = f" [select {ts['median']:.3f} ms, invert+attention+combine {tp['median']:.3f} ms]"
+        timing = stages + f" | msa {tm['median']:.3f} ms (host {tm['host_median']:.3f}) {flops / tm['median'] / 1e9:.1f} TFLOP/s attn-eff"
     log(
         f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} "
         f"bs={bs} {dtype}{' mma' if use_mma else ' simt'} | select exact {sel['exact']}/{sel['rows']} "
