@@ -114,7 +114,7 @@ OUTPUTS = {
 def build_graph(kind: str, spec: Spec, device: str):
     from max.graph import DeviceRef, Graph
 
-    dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
+    dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(gpu_index(device))
     types = _types(spec, dev)
     ins = INPUTS[kind]
     dps = OUTPUTS.get(kind, ())
@@ -167,6 +167,17 @@ def build_graph(kind: str, spec: Spec, device: str):
     return g
 
 
+def gpu_index(device: str) -> int:
+    """"gpu" or "gpu:N" -> N (0 by default)."""
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def _accelerator(device: str):
+    from max.driver import Accelerator
+
+    return Accelerator(gpu_index(device))
+
+
 # --------------------------------------------------------------------------- sessions and cache
 _lock = threading.Lock()
 _sessions: dict[str, object] = {}
@@ -175,12 +186,12 @@ compile_log: list[tuple[str, Spec, str, float]] = []  # (kind, spec, device, sec
 
 
 def session(device: str):
-    from max.driver import CPU, Accelerator
+    from max.driver import CPU
     from max.engine import InferenceSession
 
     with _lock:
         if device not in _sessions:
-            devs = [CPU()] if device == "cpu" else [CPU(), Accelerator(0)]
+            devs = [CPU()] if device == "cpu" else [CPU(), _accelerator(device)]
             _sessions[device] = InferenceSession(devices=devs)
         return _sessions[device]
 
@@ -233,7 +244,7 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def to_buffer(x: np.ndarray, dtype: str, device: str):
-    from max.driver import Accelerator, Buffer
+    from max.driver import Buffer
     from max.dtype import DType
 
     if dtype == "bfloat16":
@@ -241,7 +252,7 @@ def to_buffer(x: np.ndarray, dtype: str, device: str):
     else:
         np_dt = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}[dtype]
         buf = Buffer.from_numpy(np.ascontiguousarray(x, dtype=np_dt))
-    return buf if device == "cpu" else buf.to(Accelerator(0))
+    return buf if device == "cpu" else buf.to(_accelerator(device))
 
 
 def to_numpy(buf) -> np.ndarray:
@@ -254,9 +265,9 @@ def to_numpy(buf) -> np.ndarray:
 
 
 def empty_buffer(dtype, shape, device: str):
-    from max.driver import CPU, Accelerator, Buffer
+    from max.driver import CPU, Buffer
 
-    return Buffer(dtype, tuple(int(s) for s in shape), device=CPU() if device == "cpu" else Accelerator(0))
+    return Buffer(dtype, tuple(int(s) for s in shape), device=CPU() if device == "cpu" else _accelerator(device))
 
 
 def output_shapes(kind: str, spec: Spec, T: int, S: int, B: int):

@@ -1,0 +1,467 @@
+"""PyTorch front door: the MSA ops as torch custom ops (namespace `msa`).
+
+    import msa_py
+    out, lse = msa_py.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk=16)
+
+Same names, arguments and defaults as `msa_py.reference`. CPU and CUDA
+tensors; bfloat16, float16 and float32. Every op is a `torch.library`
+custom op (`torch.ops.msa.msa_attention`, ...) with a fake implementation, so
+`torch.compile(fullgraph=True)` traces through it. The first call of a static
+configuration (dtype, heads, head dims, topk, block_size, ...) compiles one
+MAX model; every later call with other sequence lengths or batch layouts
+reuses it (token counts are symbolic in the graph).
+
+Outputs of msa_attention, sparse_attention, select_blocks and combine are
+allocated by torch on the inputs' device and written in place by MAX; invert
+and block_attention return MAX-allocated device buffers shared with torch
+through DLPack. No host copies on the GPU path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _validate as V
+from . import engine as E
+
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# --------------------------------------------------------------------------- helpers
+def _dtype_name(name: str, x: torch.Tensor) -> str:
+    n = _DTYPES.get(x.dtype)
+    if n is None:
+        raise ValueError(f"{name} must have a floating dtype in {V.FLOAT_DTYPES}, got {x.dtype}")
+    return n
+
+
+def _device_key(x: torch.Tensor) -> str:
+    if x.device.type == "cpu":
+        return "cpu"
+    if x.device.type == "cuda":
+        return f"gpu:{x.device.index or 0}"
+    raise ValueError(f"tensors must be on CPU or CUDA, got {x.device}")
+
+
+def _check_tensors(**tensors) -> str:
+    """One device for all; contiguous; no autograd (no backward pass yet)."""
+    dev = None
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but MSA has no backward pass yet: call under torch.no_grad() "
+                f"or pass detached tensors"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {t.stride()}")
+        if dev is None:
+            dev, first = t.device, name
+        elif t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {dev}: all inputs must share a device")
+    return _device_key(tensors[first])
+
+
+def _check_cu(name: str, cu: Optional[torch.Tensor]) -> None:
+    if cu is not None and cu.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {cu.dtype}")
+
+
+def _check_cu_values(cu_q, cu_k, T: int, S: int) -> None:
+    """Value checks need the numbers on the host: skipped while a CUDA graph is
+    being captured (the shapes were checked already)."""
+    if cu_q is None or os.environ.get("MSA_SKIP_VALUE_CHECKS"):
+        return
+    if cu_q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    V.check_cu_seqlens_values(cu_q.cpu().numpy(), cu_k.cpu().numpy(), T, S)
+
+
+def _spec(dtype: str, Hq: int, Hkv: int, D: int, Di: int, **kw) -> E.Spec:
+    return E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, **kw)
+
+
+_consts: dict = {}
+
+
+def _scale_tensor(value: float, like: torch.Tensor) -> torch.Tensor:
+    """[1] float32 on the device, cached (no host-to-device copy per call)."""
+    key = ("scale", float(value), like.device)
+    t = _consts.get(key)
+    if t is None:
+        t = torch.tensor([value], dtype=torch.float32, device=like.device)
+        _consts[key] = t
+    return t
+
+
+def _default_cu(T: int, S: int, like: torch.Tensor):
+    key = ("cu", T, S, like.device)
+    t = _consts.get(key)
+    if t is None:
+        if T > S:
+            raise ValueError(f"q has more tokens (T={T}) than k (S={S}) without cu_seqlens")
+        t = (torch.tensor([0, T], dtype=torch.int32, device=like.device),
+             torch.tensor([0, S], dtype=torch.int32, device=like.device))
+        if len(_consts) > 4096:
+            _consts.clear()
+        _consts[key] = t
+    return t
+
+
+def _buf(t: torch.Tensor):
+    """A MAX Buffer viewing a torch tensor (no copy), on torch's current stream."""
+    from max.driver import Accelerator, Buffer
+
+    if t.is_cuda:
+        stream = torch.cuda.current_stream(t.device).cuda_stream
+        try:
+            return Buffer._from_dlpack(t.__dlpack__(), Accelerator(t.device.index or 0), stream)
+        except Exception:
+            return Buffer.from_dlpack(t)
+    return Buffer.from_dlpack(t)
+
+
+def _run(kind: str, spec: E.Spec, device: str, inputs: dict, outputs=None):
+    ins = {n: _buf(t) for n, t in inputs.items()}
+    outs = None if outputs is None else [_buf(o) for o in outputs]
+    res = E.run(kind, spec, device, ins, 0, 0, 0, outputs=outs)
+    if outputs is None:
+        return [torch.from_dlpack(r) for r in res]
+    return outputs
+
+
+def _num_seqs(cu_q) -> int:
+    return 1 if cu_q is None else cu_q.shape[0] - 1
+
+
+# --------------------------------------------------------------------------- select_blocks
+@torch.library.custom_op("msa::select_blocks", mutates_args=())
+def _select_op(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor], topk: int, block_size: int, init_blocks: int,
+    local_blocks: int, idx_scale: float,
+) -> torch.Tensor:
+    T, S, Hkv, Di = q_idx.shape[0], k_idx.shape[0], q_idx.shape[1], q_idx.shape[2]
+    _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
+    if cu_seqlens_q is None:
+        cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q_idx)
+    out = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q_idx.device)
+    if T == 0:
+        return out
+    spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
+                 init_blocks=init_blocks, local_blocks=local_blocks)
+    _run("select", spec, _device_key(q_idx),
+         dict(q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+              idx_scale=_scale_tensor(idx_scale, q_idx)), [out])
+    return out
+
+
+@_select_op.register_fake
+def _(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size, init_blocks, local_blocks, idx_scale):
+    return q_idx.new_empty((q_idx.shape[1], q_idx.shape[0], topk), dtype=torch.int32)
+
+
+def select_blocks(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    idx_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Steps 1-3: block_ids [Hkv, T, topk] int32, ascending, -1 padded.
+
+    q_idx [T, Hkv, Di], k_idx [S, Di]; cu_seqlens [B+1] int32 (None: one
+    sequence whose queries are the last T of its S keys).
+    """
+    _check_tensors(q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    T, S, Hkv, Di = V.index_dims(tuple(q_idx.shape), tuple(k_idx.shape))
+    V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
+    V.Config(topk, block_size, init_blocks, local_blocks).check()
+    V.check_cu_seqlens_shapes(None if cu_seqlens_q is None else tuple(cu_seqlens_q.shape),
+                              None if cu_seqlens_k is None else tuple(cu_seqlens_k.shape))
+    _check_cu("cu_seqlens_q", cu_seqlens_q)
+    _check_cu("cu_seqlens_k", cu_seqlens_k)
+    V.check_int32_range(T, S, topk)
+    sc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    return torch.ops.msa.select_blocks(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
+                                       init_blocks, local_blocks, sc)
+
+
+# --------------------------------------------------------------------------- sparse / msa attention
+def _attention_checks(q, k, v, cu_q, cu_k):
+    T, S, Hq, Hkv, D = V.attention_dims(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    dn = _dtype_name("q", q)
+    V.check_same_dtype([("q", dn), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    V.check_cu_seqlens_shapes(None if cu_q is None else tuple(cu_q.shape), None if cu_k is None else tuple(cu_k.shape))
+    _check_cu("cu_seqlens_q", cu_q)
+    _check_cu("cu_seqlens_k", cu_k)
+    return T, S, Hq, Hkv, D, dn
+
+
+@torch.library.custom_op("msa::sparse_attention", mutates_args=())
+def _sparse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    block_size: int, scale: float, q_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, Hq, D = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
+    if cu_seqlens_q is None:
+        cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
+    out = torch.empty_like(q)
+    lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget)
+    _run("sparse", spec, _device_key(q),
+         dict(q=q, k=k, v=v, block_ids=block_ids, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+              scale=_scale_tensor(scale, q)), [out, lse])
+    return out, lse
+
+
+@_sparse_op.register_fake
+def _(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, scale, q_budget):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_ids: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    block_size: int = 128,
+    scale: Optional[float] = None,
+    q_budget: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over selected blocks: out [T, Hq, D] (q's dtype), lse [T, Hq] fp32.
+
+    q [T, Hq, D], k/v [S, Hkv, D], block_ids [Hkv, T, topk] int32 (from
+    select_blocks or your own selector: ascending per row, -1 padded, each id
+    at most the query's own block).
+    """
+    _check_tensors(q=q, k=k, v=v, block_ids=block_ids, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    T, S, Hq, Hkv, D, _ = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if block_ids.dtype != torch.int32:
+        raise ValueError(f"block_ids must be int32, got {block_ids.dtype}")
+    V.check_block_ids_shape(tuple(block_ids.shape), Hkv, T)
+    V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
+    V.check_int32_range(T, S, block_ids.shape[2])
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return torch.ops.msa.sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, sc, q_budget)
+
+
+@torch.library.custom_op("msa::msa_attention", mutates_args=())
+def _msa_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], topk: int,
+    block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, q_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, Hq, D = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
+    if cu_seqlens_q is None:
+        cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
+    out = torch.empty_like(q)
+    lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
+                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget)
+    _run("msa", spec, _device_key(q),
+         dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+              scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse])
+    return out, lse
+
+
+@_msa_op.register_fake
+def _(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size, init_blocks, local_blocks,
+      scale, idx_scale, q_budget):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def msa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+    idx_scale: Optional[float] = None,
+    q_budget: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSA: select blocks with the indexer, then attend over them.
+
+    q [T, Hq, D], k/v [S, Hkv, D], q_idx [T, Hkv, Di], k_idx [S, Di], one dtype
+    (bf16, fp16 or fp32); cu_seqlens_q/k [B+1] int32 prefix sums (None: one
+    sequence whose queries are the last T of its S keys). Returns
+    out [T, Hq, D] (q's dtype) and lse [T, Hq] (fp32, natural log).
+    """
+    _check_tensors(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    T, S, Hq, Hkv, D, dn = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    Ti, Si, Hkv_i, Di = V.index_dims(tuple(q_idx.shape), tuple(k_idx.shape))
+    if (Ti, Si, Hkv_i) != (T, S, Hkv):
+        raise ValueError(f"q_idx/k_idx must have T={T}, S={S}, Hkv={Hkv} like q/k, got q_idx "
+                         f"{tuple(q_idx.shape)}, k_idx {tuple(k_idx.shape)}")
+    V.check_same_dtype([("q", dn), ("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
+    V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
+    V.check_int32_range(T, S, topk)
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    return torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
+                                       init_blocks, local_blocks, sc, isc, q_budget)
+
+
+# --------------------------------------------------------------------------- stage ops
+@torch.library.custom_op("msa::combine", mutates_args=())
+def _combine_op(o_partial: torch.Tensor, lse_partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    T, Hq, K, D = o_partial.shape
+    out = o_partial.new_empty((T, Hq, D))
+    lse = o_partial.new_empty((T, Hq), dtype=torch.float32)
+    if T == 0:
+        return out, lse
+    spec = _spec(_DTYPES[o_partial.dtype], Hq, 1, D, 16, topk=K)
+    _run("combine", spec, _device_key(o_partial), dict(o_partial=o_partial, lse_partial=lse_partial), [out, lse])
+    return out, lse
+
+
+@_combine_op.register_fake
+def _(o_partial, lse_partial):
+    T, Hq, K, D = o_partial.shape
+    return o_partial.new_empty((T, Hq, D)), o_partial.new_empty((T, Hq), dtype=torch.float32)
+
+
+def combine(o_partial: torch.Tensor, lse_partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 6: merge partials [T, Hq, topk, D] / [T, Hq, topk] by LSE into out [T, Hq, D], lse [T, Hq]."""
+    _check_tensors(o_partial=o_partial, lse_partial=lse_partial)
+    V.check_rank("o_partial", tuple(o_partial.shape), 4, "[T, Hq, topk, D]")
+    V.check_rank("lse_partial", tuple(lse_partial.shape), 3, "[T, Hq, topk]")
+    _dtype_name("o_partial", o_partial)
+    if lse_partial.dtype != torch.float32:
+        raise ValueError(f"lse_partial must be float32, got {lse_partial.dtype}")
+    if tuple(lse_partial.shape) != tuple(o_partial.shape[:3]):
+        raise ValueError(f"lse_partial must have shape {tuple(o_partial.shape[:3])}, got {tuple(lse_partial.shape)}")
+    return torch.ops.msa.combine(o_partial, lse_partial)
+
+
+@torch.library.custom_op("msa::invert", mutates_args=())
+def _invert_op(
+    block_ids: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, num_keys: int,
+    block_size: int, q_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    Hkv, T, K = block_ids.shape
+    _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, num_keys)
+    spec = _spec("float32", Hkv, Hkv, 16, 16, topk=K, block_size=block_size, q_budget=q_budget)
+    keys = torch.empty((num_keys,), dtype=torch.int8, device=block_ids.device)  # carries S into the graph
+    res = _run("invert", spec, _device_key(block_ids),
+               dict(block_ids=block_ids, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, keys=keys))
+    return tuple(res[:5])
+
+
+@_invert_op.register_fake
+def _(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget):
+    Hkv, T, K = block_ids.shape
+    B = cu_seqlens_q.shape[0] - 1
+    r_max = num_keys // block_size + B
+    i = dict(dtype=torch.int32)
+    return (block_ids.new_empty((B + 1,), **i), block_ids.new_empty((Hkv, r_max + 1), **i),
+            block_ids.new_empty((Hkv, T * K), **i), block_ids.new_empty((Hkv * (r_max + T * K // q_budget), 4), **i),
+            block_ids.new_empty((1,), **i))
+
+
+def invert(
+    block_ids: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    num_keys: Optional[int] = None,
+    block_size: int = 128,
+    q_budget: int = 64,
+):
+    """Step 4: block -> queries CSR and work list (see msa_py.reference.Inversion).
+
+    Sizes are upper bounds fixed by num_keys (S; read from cu_seqlens_k[-1]
+    when None, a device sync): row_ptr [Hkv, S//block_size + B + 1], work
+    [W_max, 4] of which num_work[0] are valid, entries -1 past each nnz.
+    """
+    from .reference import Inversion
+
+    _check_tensors(block_ids=block_ids, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if block_ids.dtype != torch.int32:
+        raise ValueError(f"block_ids must be int32, got {block_ids.dtype}")
+    V.check_rank("block_ids", tuple(block_ids.shape), 3, "[Hkv, T, topk]")
+    V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
+    V.check_cu_seqlens_shapes(tuple(cu_seqlens_q.shape), tuple(cu_seqlens_k.shape))
+    _check_cu("cu_seqlens_q", cu_seqlens_q)
+    _check_cu("cu_seqlens_k", cu_seqlens_k)
+    if num_keys is None:
+        num_keys = int(cu_seqlens_k[-1])
+    return Inversion(*torch.ops.msa.invert(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget))
+
+
+@torch.library.custom_op("msa::block_attention", mutates_args=())
+def _block_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_offsets: torch.Tensor, entries: torch.Tensor,
+    work: torch.Tensor, num_work: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    topk: int, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, Hq, D = q.shape
+    spec = _spec(_DTYPES[q.dtype], Hq, k.shape[1], D, 16, topk=topk, block_size=block_size)
+    res = _run("block_attention", spec, _device_key(q),
+               dict(q=q, k=k, v=v, row_offsets=row_offsets, entries=entries, work=work, num_work=num_work,
+                    cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, scale=_scale_tensor(scale, q)))
+    return res[0], res[1]
+
+
+@_block_attention_op.register_fake
+def _(q, k, v, row_offsets, entries, work, num_work, cu_seqlens_q, cu_seqlens_k, topk, block_size, scale):
+    T, Hq, D = q.shape
+    pd = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return q.new_empty((T, Hq, topk, D), dtype=pd), q.new_empty((T, Hq, topk), dtype=torch.float32)
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inversion,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5: o_partial [T, Hq, topk, D] (q's dtype if 16-bit, else fp32; unspecified
+    where lse_partial is -inf) and lse_partial [T, Hq, topk] fp32."""
+    _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    T, S, Hq, Hkv, D, _ = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    V.Config(topk, block_size).check()
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    inv = inversion
+    return torch.ops.msa.block_attention(q, k, v, inv.row_offsets, inv.entries, inv.work, inv.num_work,
+                                         cu_seqlens_q, cu_seqlens_k, topk, block_size, sc)
