@@ -118,7 +118,8 @@ def select_blocks(
             cls = np.where(selectable, cls, -1)
             cls = np.broadcast_to(cls[:, None, :], block_score.shape)
             ids = np.broadcast_to(blk, block_score.shape)
-            order = np.lexsort((ids, -block_score, -cls), axis=-1)[..., :topk]
+            rank_score = np.where(cls > 0, np.inf, block_score)  # forced blocks score +inf
+            order = np.lexsort((ids, -rank_score, -cls), axis=-1)[..., :topk]
             chosen = np.take_along_axis(ids, order, -1)
             ok = np.take_along_axis(cls, order, -1) >= 0
             chosen = np.where(ok, chosen, np.iinfo(np.int32).max)

@@ -69,7 +69,7 @@ def select_oracle(q_idx, k_idx, cu_q, cu_k, topk, block_size, init_blocks, local
                     keys = range(j * block_size, min((j + 1) * block_size, p + 1))
                     sc = max(scale * float(q_idx[t, g] @ k_idx[cu_k[b] + key]) for key in keys)
                     forced = 2 if j < init_blocks else (1 if j > jq - local_blocks else 0)
-                    cands.append((-forced, -sc, j))
+                    cands.append((-forced, -math.inf if forced else -sc, j))  # forced: score +inf
                 cands.sort()
                 ids = sorted(c[2] for c in cands[:topk])
                 out[g, t, : len(ids)] = ids

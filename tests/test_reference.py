@@ -63,7 +63,7 @@ def test_topk_covering_all_blocks_is_dense_causal(seqs):
 
 
 def test_selection_properties():
-    bs, topk, init, local = 16, 4, 2, 2
+    bs, topk, init, local = 16, 4, 2, 3
     c = make_case(6, [(200, 260), (3, 3), (17, 40)], 4, 2, 64, 32)
     bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=bs,
                           init_blocks=init, local_blocks=local)
@@ -82,6 +82,8 @@ def test_selection_properties():
                 forced = sorted(set(range(min(init, jq + 1))) | set(range(max(0, jq - local + 1), jq + 1)))
                 if len(forced) <= topk:
                     assert set(forced) <= set(sel.tolist()), "sinks and local blocks present"
+                else:  # forced blocks score +inf: sinks first, then locals by lower id
+                    assert sel.tolist() == forced[:topk]
 
 
 def test_ties_go_to_lower_block_id():
