@@ -87,7 +87,7 @@ def _types(spec: Spec, dev):
         "lse": TensorType(DType.float32, [T, Hq], device=dev),
         "keys": TensorType(DType.int8, [S], device=dev),
         "row_offsets": TensorType(i32, ["B1"], device=dev),
-        "entries": TensorType(i32, [Hkv, T * K], device=dev),
+        "entries": TensorType(i32, [Hkv, "NE"], device=dev),  # NE = T * topk
         "work": TensorType(i32, ["W", 4], device=dev),
         "num_work": TensorType(i32, [1], device=dev),
     }

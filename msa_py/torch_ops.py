@@ -121,6 +121,7 @@ def _buf(t: torch.Tensor):
     """A MAX Buffer viewing a torch tensor (no copy), on torch's current stream."""
     from max.driver import Accelerator, Buffer
 
+    t = t.detach()  # no autograd here (checked up front); dlpack refuses grad tensors
     if t.is_cuda:
         stream = torch.cuda.current_stream(t.device).cuda_stream
         try:

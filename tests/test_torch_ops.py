@@ -1,0 +1,164 @@
+"""The torch front door (msa_py.*) against msa_py.reference.
+
+    pytest tests/test_torch_ops.py                  # CPU tensors (CI)
+    pytest tests/test_torch_ops.py --device cuda    # CUDA tensors (GPU machine)
+"""
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import msa_py  # noqa: E402
+from msa_py import engine as E  # noqa: E402
+from msa_py import reference as R  # noqa: E402
+from msa_py import verify as Vf  # noqa: E402
+
+from cases import make_case  # noqa: E402
+
+HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 3, 16
+SHAPES = [[(77, 77)], [(40, 40), (1, 1), (33, 50), (70, 70)], [(20, 100), (16, 16)]]
+TDT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tensors(c, device, dtype="float32"):
+    f = lambda x: torch.from_numpy(E.round_to(x, dtype)).to(TDT[dtype]).to(device)  # noqa: E731
+    i = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+    return f(c.q), f(c.k), f(c.v), f(c.q_idx), f(c.k_idx), i(c.cu_q), i(c.cu_k)
+
+
+def np64(t):
+    return t.detach().float().cpu().numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("seqs", SHAPES)
+def test_msa_attention_and_friends(seqs, torch_device):
+    c = make_case(20, seqs, HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device)
+    out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    assert out.device == q.device and out.dtype == q.dtype and lse.dtype == torch.float32
+    ro, rl = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=TOPK, block_size=BS)
+    assert Vf.rel_err(np64(out), ro) < 1e-5 and Vf.rel_err(np64(lse), rl) < 1e-5
+    # the stages one by one
+    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    np.testing.assert_array_equal(bid.cpu().numpy(), R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=TOPK,
+                                                                      block_size=BS))
+    inv = msa_py.invert(bid, cq, ck, block_size=BS, q_budget=5)
+    ref_inv = R.invert(bid.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS, q_budget=5)
+    nw = int(inv.num_work[0])
+    assert nw == int(ref_inv.num_work[0])
+    np.testing.assert_array_equal(inv.work[:nw].cpu().numpy(), ref_inv.work)
+    np.testing.assert_array_equal(inv.entries.cpu().numpy(), ref_inv.entries)
+    o_p, lse_p = msa_py.block_attention(q, k, v, inv, cq, ck, topk=TOPK, block_size=BS)
+    r_op, r_lp = R.block_attention(c.q, c.k, c.v, ref_inv, c.cu_q, c.cu_k, topk=TOPK, block_size=BS)
+    used = np.isfinite(r_lp)
+    assert np.array_equal(np.isfinite(np64(lse_p)), used)
+    assert Vf.rel_err(np.where(used[..., None], np64(o_p), 0), r_op) < 1e-5
+    o2, l2 = msa_py.combine(o_p, lse_p)
+    assert Vf.rel_err(np64(o2), ro) < 1e-5
+    o3, l3 = msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS)
+    assert Vf.rel_err(np64(o3), ro) < 1e-5 and Vf.rel_err(np64(l3), rl) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_inputs(dtype, torch_device):
+    c = make_case(21, [(60, 90), (45, 45)], HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device, dtype)
+    out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, scale=0.11)
+    assert out.dtype == TDT[dtype]
+    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    r = [np64(x) for x in (q, k, v)]
+    ro, rl = R.sparse_attention(*r, bid.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS, scale=0.11)
+    assert Vf.rel_err(np64(out), ro) < Vf.tolerance(dtype)
+    assert Vf.rel_err(np64(lse), rl) < 1e-4
+
+
+def test_no_recompile_for_new_lengths(torch_device):
+    outs = []
+    for seqs in ([(33, 33)], [(100, 140), (7, 7)], [(5, 300)]):
+        c = make_case(22, seqs, HQ, HKV, D, DI)
+        outs.append(msa_py.msa_attention(*tensors(c, torch_device), topk=TOPK, block_size=BS))
+    dev = "cpu" if torch_device == "cpu" else "gpu:0"
+    keys = [key for key in E.cached_models() if key[0] == "msa" and key[2] == dev and key[1].num_heads == HQ
+            and key[1].dtype == "float32" and key[1].topk == TOPK]
+    assert len(keys) == 1, keys
+    assert sum(1 for log in E.compile_log if log[0] == "msa" and log[1] == keys[0][1] and log[2] == dev) == 1
+
+
+def test_torch_compile_fullgraph(torch_device):
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, qi, ki, cq, ck):
+            out, _ = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+            return out * 2
+
+    c = make_case(23, [(50, 64), (30, 30)], HQ, HKV, D, DI)
+    args = tensors(c, torch_device)
+    eager = Layer()(*args)
+    compiled = torch.compile(Layer(), fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_opcheck(torch_device):
+    c = make_case(24, [(40, 40)], HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device)
+    torch.library.opcheck(torch.ops.msa.msa_attention.default,
+                          (q, k, v, qi, ki, cq, ck, TOPK, BS, 1, 2, 0.125, 1 / math.sqrt(DI), 64),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cuda_graph_capture(torch_device):
+    if torch_device != "cuda":
+        pytest.skip("CUDA graphs need --device cuda")
+    c = make_case(25, [(300, 300)], HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, "cuda")
+    ref, _ = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)  # compile + warm up
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    q.copy_(q * 0.5)
+    g.replay()
+    torch.cuda.synchronize()
+    ro, _ = R.msa_attention(np64(q), c.k, c.v, c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=TOPK, block_size=BS)
+    assert Vf.rel_err(np64(out), ro) < 1e-5
+
+
+# --------------------------------------------------------------------------- errors before any kernel
+def test_errors(torch_device):
+    c = make_case(26, [(20, 40), (10, 10)], HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device)
+    call = lambda **o: msa_py.msa_attention(  # noqa: E731
+        o.get("q", q), o.get("k", k), o.get("v", v), o.get("qi", qi), o.get("ki", ki), o.get("cq", cq),
+        o.get("ck", ck), topk=o.get("topk", TOPK), block_size=o.get("bs", BS))
+    cases = [
+        ("q must have rank 3", dict(q=q[None])),
+        ("multiple of KV heads", dict(q=q[:, :3].contiguous())),
+        ("k must have", dict(k=k[:, :, :32].contiguous())),
+        ("same dtype", dict(k=k.half())),
+        ("floating dtype", dict(q=q.int())),
+        ("int32", dict(cq=cq.long())),
+        ("must start at 0", dict(cq=cq + 1)),
+        ("more queries", dict(cq=torch.tensor([0, 5, 30], dtype=torch.int32, device=cq.device))),
+        ("end at", dict(ck=torch.tensor([0, 40, 49], dtype=torch.int32, device=ck.device))),
+        ("given together", dict(ck=None)),
+        ("topk", dict(topk=0)),
+        ("block_size", dict(bs=24)),
+        ("contiguous", dict(q=q.transpose(0, 1).contiguous().transpose(0, 1))),
+        ("q_idx", dict(qi=qi[:10])),
+    ]
+    for needle, over in cases:
+        with pytest.raises(ValueError, match=needle):
+            call(**over)
+            print("no error for", needle)
+    with pytest.raises(ValueError, match="requires grad"):
+        call(q=q.clone().requires_grad_(True))
+    with torch.no_grad():
+        call(q=q.clone().requires_grad_(True))  # fine without autograd
+    if torch_device == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            call(k=k.cpu())
