@@ -1,0 +1,346 @@
+"""`msa bench`: MSA stage by stage against dense causal attention (torch SDPA)
+and a query-major gather baseline, over sequence lengths.
+
+Times are medians of device-event timings after warm-up (MAX events for the
+MSA stages, CUDA events for torch), with several input sets rotated so the
+L2 cache does not flatter. FLOPs follow MSA.md:
+  indexer     2 * causal pairs * Hkv * Di
+  attention   4 * (keys attended, summed over queries) * Hq * D
+  dense       4 * causal pairs * Hq * D
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import engine as E
+
+STAGES = ("select", "invert", "block_attention", "combine")
+
+
+def _progress(i: int, n: int, label: str) -> None:
+    w = 30
+    done = int(w * i / max(n, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (w - done)}] {i}/{n} {label:40s}")
+    sys.stderr.flush()
+    if i == n:
+        sys.stderr.write("\n")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- inputs
+def make_inputs(torch, spec: E.Spec, T: int, S: int, device, scenario: str, seed: int):
+    """Random q, k, v, q_idx, k_idx (torch, on device) for one sequence of T
+    queries over S keys. scenario "hot": a few key blocks that most queries
+    prefer (index keys biased along the queries' common direction)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec.dtype]
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dt)
+
+    q, k, v = r(T, spec.num_heads, spec.head_dim), r(S, spec.num_kv_heads, spec.head_dim), r(S, spec.num_kv_heads, spec.head_dim)
+    qi = torch.randn(T, spec.num_kv_heads, spec.idx_dim, generator=g)
+    ki = torch.randn(S, spec.idx_dim, generator=g)
+    if scenario == "hot":
+        u = torch.randn(spec.idx_dim, generator=g)
+        u = u / u.norm()
+        qi = qi + 2.0 * u
+        nblk = (S + spec.block_size - 1) // spec.block_size
+        hot = torch.randperm(nblk, generator=g)[: max(1, min(8, nblk // 4))]
+        for j in hot.tolist():
+            ki[j * spec.block_size : (j + 1) * spec.block_size] += 3.0 * u
+    return q, k, v, qi.to(device=device, dtype=dt), ki.to(device=device, dtype=dt)
+
+
+def causal_pairs(T: int, S: int) -> int:
+    off = S - T
+    return T * (off + 1) + T * (T - 1) // 2
+
+
+def attended_keys(torch, block_ids, T: int, S: int, block_size: int) -> int:
+    """Keys each query attends (visible keys of its selected blocks), summed."""
+    p = torch.arange(S - T, S, device=block_ids.device)
+    j = block_ids.long()
+    vis = (p[None, :, None] - j * block_size + 1).clamp(0, block_size)
+    vis = torch.where(j >= 0, vis, torch.zeros_like(vis))
+    return int(vis.sum().item() // block_ids.shape[0])
+
+
+# --------------------------------------------------------------------------- timing
+def _timer(device: str):
+    from .timing import time_max
+
+    return lambda fn, iters: time_max(fn, device, warmup=2, iters=iters)["median"]
+
+
+def _torch_timer(torch, device: str):
+    from .timing import time_torch
+
+    if device == "cpu":
+        return _timer("cpu")
+    return lambda fn, iters: time_torch(fn, warmup=2, iters=iters)["median"]
+
+
+class MSARunner:
+    """Runs the MSA stages on torch tensors through the engine (MAX buffers
+    viewing torch memory), so each stage can be timed on its own."""
+
+    def __init__(self, spec: E.Spec, device: str):
+        self.spec, self.device = spec, device
+
+    def buffers(self, torch, q, k, v, qi, ki, T, S):
+        from .torch_ops import _buf
+
+        cu_q = torch.tensor([0, T], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, S], dtype=torch.int32, device=q.device)
+        sc = torch.tensor([1 / math.sqrt(self.spec.head_dim)], dtype=torch.float32, device=q.device)
+        isc = torch.tensor([1 / math.sqrt(self.spec.idx_dim)], dtype=torch.float32, device=q.device)
+        keys = torch.empty(S, dtype=torch.int8, device=q.device)
+        self._keep = (cu_q, cu_k, sc, isc, keys)
+        return {n: _buf(t) for n, t in dict(q=q, k=k, v=v, q_idx=qi, k_idx=ki, cu_q=cu_q, cu_k=cu_k, scale=sc,
+                                            idx_scale=isc, keys=keys).items()}
+
+    def run(self, kind, ins, T, S, outputs=None):
+        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.INPUTS[kind]}, T, S, 1, outputs=outputs)
+
+
+def dense_sdpa(torch, q, k, v, S: int):
+    """Dense causal attention (bottom-right aligned) with torch SDPA, GQA."""
+    import torch.nn.functional as F
+
+    T = q.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if T == S:
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+
+
+def gather_attention(torch, q, k, v, block_ids, S: int, block_size: int, chunk: int = 2048):
+    """Query-major baseline: gather each query's selected K/V rows, attend (torch ops)."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    topk = block_ids.shape[2]
+    out = torch.empty_like(q)
+    ar = torch.arange(block_size, device=q.device)
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        n = c1 - c0
+        p = torch.arange(S - T + c0, S - T + c1, device=q.device)
+        j = block_ids[:, c0:c1].long().permute(1, 0, 2)  # [n, Hkv, topk]
+        keys = (j.clamp(min=0)[..., None] * block_size + ar).reshape(n, Hkv, topk * block_size)
+        valid = ((j >= 0)[..., None].expand(n, Hkv, topk, block_size).reshape(n, Hkv, -1)) & (keys <= p[:, None, None])
+        keys = keys.clamp(max=S - 1)
+        gi = torch.arange(Hkv, device=q.device)[None, :, None]
+        ks, vs = k[keys, gi], v[keys, gi]  # [n, Hkv, L, D]
+        qq = q[c0:c1].view(n, Hkv, G, D)
+        s = torch.matmul(qq, ks.transpose(-1, -2)) / math.sqrt(D)
+        s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+        out[c0:c1] = torch.matmul(torch.softmax(s.float(), -1).to(q.dtype), vs).reshape(n, Hq, D)
+    return out
+
+
+def matmul_peak(torch, device: str, dtype) -> float:
+    """Measured bf16 matmul TFLOP/s (8192^3), the ceiling for percentages."""
+    if device == "cpu":
+        return float("nan")
+    from .timing import time_torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_torch(lambda: a @ b, warmup=3, iters=10)["median"]
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------- the sweep
+def run_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, rotate_sets: int = 2, scenario: str = "uniform",
+              chunk: int | None = None, gather_max: int = 32768, dense_max: int = 1 << 30, log=print) -> dict:
+    import torch
+
+    tdev = "cpu" if device == "cpu" else "cuda"
+    tm = _timer(device)
+    ttm = _torch_timer(torch, device)
+    peak = matmul_peak(torch, device, torch.bfloat16)
+    runner = MSARunner(spec, device)
+    rows = []
+    steps = len(lengths)
+    for li, L in enumerate(lengths):
+        _progress(li, steps, f"T={L}: compiling / warming up")
+        T = S = L
+        rotate = rotate_sets
+        part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (4 if spec.dtype == "float32" else 2)
+        if part_bytes > (8 << 30):  # partials of several sets would not fit; far past L2 anyway
+            rotate = 1
+        sets = [make_inputs(torch, spec, T, S, tdev, scenario, seed=s) for s in range(rotate)]
+        bufs = [runner.buffers(torch, *x, T, S) for x in sets]
+        keep = [runner._keep]  # noqa: F841  (keep the torch tensors behind the buffers alive)
+        it = iter(range(10**9))
+        row = dict(T=T, S=S)
+        # selection, once per set (also feeds the later stages)
+        bids = [runner.run("select", b, T, S)[0] for b in bufs]
+        for b, bid in zip(bufs, bids):
+            b["block_ids"] = bid
+        invs = [runner.run("invert", dict(b, block_ids=bid), T, S) for b, bid in zip(bufs, bids)]
+        for b, inv in zip(bufs, invs):
+            b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
+        parts = [runner.run("block_attention", b, T, S) for b in bufs]
+        for b, pr in zip(bufs, parts):
+            b.update(o_partial=pr[0], lse_partial=pr[1])
+        _progress(li, steps, f"T={L}: timing MSA stages")
+        for kind in ("select", "invert", "block_attention", "combine", "msa"):
+            if kind == "msa":  # free the stage partials: the whole-layer graph makes its own
+                for b in bufs:
+                    b.pop("o_partial", None), b.pop("lse_partial", None)
+                parts = None
+            # destination buffers allocated once per input set, outside the timed region
+            outs = [runner.run(kind, b, T, S) if kind in E.DPS_KINDS else None for b in bufs]
+            k_it = iter(range(10**9))
+
+            def call(kind=kind, outs=outs, k_it=k_it):
+                i = next(k_it) % rotate
+                return runner.run(kind, bufs[i], T, S, outputs=outs[i])
+
+            row[f"{kind}_ms"] = tm(call, repeats)
+        if chunk:
+            row["msa_chunked_ms"] = tm(lambda: _chunked(runner, torch, sets[0], T, chunk), max(1, repeats // 2))
+        pairs = causal_pairs(T, S)
+        bid_t = torch.from_dlpack(bids[0])
+        keys = attended_keys(torch, bid_t, T, S, spec.block_size)
+        row["keys_per_query"] = keys / T
+        row["select_tflops"] = 2 * pairs * spec.num_kv_heads * spec.idx_dim / (row["select_ms"] * 1e-3) / 1e12
+        row["attention_tflops"] = 4 * keys * spec.num_heads * spec.head_dim / (row["block_attention_ms"] * 1e-3) / 1e12
+        row["attention_pct_peak"] = 100 * row["attention_tflops"] / peak
+        row["select_pct_peak"] = 100 * row["select_tflops"] / peak
+        dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
+        row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
+        if L <= dense_max:
+            _progress(li, steps, f"T={L}: dense SDPA")
+            row["dense_ms"] = ttm(lambda: dense_sdpa(torch, *sets[next(it) % rotate][:3], S), repeats)
+            row["dense_tflops"] = dense_flops / (row["dense_ms"] * 1e-3) / 1e12
+            row["speedup_vs_dense"] = row["dense_ms"] / min(row["msa_ms"], row.get("msa_chunked_ms", math.inf))
+        if L <= gather_max:
+            _progress(li, steps, f"T={L}: gather baseline")
+            bt = [torch.from_dlpack(b) for b in bids]
+            row["gather_ms"] = ttm(lambda: gather_attention(torch, *sets[0][:3], bt[0], S, spec.block_size),
+                                   max(1, repeats // 2))
+            row["speedup_vs_gather"] = row["gather_ms"] / row["msa_ms"]
+        rows.append(row)
+        del bufs, sets, invs, parts, bids
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    _progress(steps, steps, "done")
+    return dict(config=asdict(spec), device=device, scenario=scenario, chunk=chunk, repeats=repeats,
+                matmul_peak_tflops=peak, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _chunked(runner, torch, inputs, T: int, chunk: int):
+    """Chunked prefill: queries [c0, c1) over keys [0, c1), one msa call each."""
+    q, k, v, qi, ki = inputs
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        b = runner.buffers(torch, q[c0:c1], k[:c1], v[:c1], qi[c0:c1], ki[:c1], c1 - c0, c1)
+        runner.run("msa", b, c1 - c0, c1)
+
+
+# --------------------------------------------------------------------------- output
+COLUMNS = [
+    ("T", "T", "{:>7d}"),
+    ("select_ms", "select", "{:8.3f}"),
+    ("invert_ms", "invert", "{:8.3f}"),
+    ("block_attention_ms", "attn", "{:8.3f}"),
+    ("combine_ms", "combine", "{:8.3f}"),
+    ("msa_ms", "MSA", "{:8.3f}"),
+    ("msa_chunked_ms", "chunked", "{:8.3f}"),
+    ("dense_ms", "dense", "{:8.3f}"),
+    ("gather_ms", "gather", "{:8.3f}"),
+    ("select_tflops", "sel TF/s", "{:8.1f}"),
+    ("attention_tflops", "attn TF/s", "{:9.1f}"),
+    ("attention_pct_peak", "attn %pk", "{:8.1f}"),
+    ("speedup_vs_dense", "x dense", "{:7.2f}"),
+    ("speedup_vs_gather", "x gather", "{:8.2f}"),
+]
+
+
+def table(result: dict) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in result["rows"])]
+    head = " ".join(f"{name:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}" for _, name, fmt in cols)
+    lines = [head]
+    for r in result["rows"]:
+        cells = []
+        for key, name, fmt in cols:
+            w = len(fmt.format(0) if "d" in fmt else fmt.format(0.0))
+            cells.append(fmt.format(r[key]) if key in r else " " * (w - 1) + "-")
+        lines.append(" ".join(cells))
+    c = result["config"]
+    lines.append(f"(ms, median of {result['repeats']}; {c['dtype']} Hq {c['num_heads']} Hkv {c['num_kv_heads']} "
+                 f"D {c['head_dim']} Di {c['idx_dim']} topk {c['topk']} block {c['block_size']}; scenario "
+                 f"{result['scenario']}; matmul peak {result['matmul_peak_tflops']:.0f} TF/s)")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    T = [r["T"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label in (("msa_ms", "MSA (whole layer)"), ("msa_chunked_ms", "MSA chunked prefill"),
+                       ("dense_ms", "dense SDPA (causal)"), ("gather_ms", "query-major gather"),
+                       ("select_ms", "MSA select"), ("block_attention_ms", "MSA block attention")):
+        pts = [(r["T"], r[key]) for r in rows if key in r]
+        if pts:
+            a.plot(*zip(*pts), marker="o", label=label)
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("tokens")
+    a.set_ylabel("ms")
+    a.set_title("time")
+    a.legend(fontsize=8)
+    for key, label in (("speedup_vs_dense", "vs dense SDPA"), ("speedup_vs_gather", "vs gather")):
+        pts = [(r["T"], r[key]) for r in rows if key in r]
+        if pts:
+            b.plot(*zip(*pts), marker="o", label=label)
+    b.axhline(1.0, color="gray", lw=0.8)
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("tokens")
+    b.set_ylabel("speedup of MSA")
+    b.set_title("speedup")
+    b.legend(fontsize=8)
+    c = result["config"]
+    fig.suptitle(f"MSA on {result.get('device_name', result['device'])}: {c['dtype']}, Hq {c['num_heads']}, "
+                 f"Hkv {c['num_kv_heads']}, D {c['head_dim']}, topk {c['topk']}, scenario {result['scenario']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(result: dict, out: Path) -> tuple[Path, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js = out.with_suffix(".json")
+    png = out.with_suffix(".png")
+    js.write_text(json.dumps(result, indent=1))
+    plot(result, png)
+    return js, png

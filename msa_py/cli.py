@@ -1,0 +1,185 @@
+"""The `msa` command (also `python -m msa_py`): `msa demo` and `msa bench`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import engine as E
+
+
+def _has_gpu() -> bool:
+    try:
+        from max.driver import accelerator_count
+
+        return accelerator_count() > 0
+    except Exception:
+        return False
+
+
+def _device(arg: str) -> str:
+    if arg == "auto":
+        return "gpu" if _has_gpu() else "cpu"
+    if arg == "gpu" and not _has_gpu():
+        raise SystemExit("msa: --device gpu asked for, but MAX sees no accelerator")
+    return arg
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        import platform
+
+        return f"CPU ({platform.processor() or platform.machine()})"
+    from max.driver import Accelerator
+
+    return Accelerator(0).model_name
+
+
+def _spec_args(ap: argparse.ArgumentParser, gpu_defaults: bool = True) -> None:
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    ap.add_argument("--heads", type=int, help="query heads Hq (GPU default 64)")
+    ap.add_argument("--kv-heads", type=int, help="KV heads Hkv (GPU default 4)")
+    ap.add_argument("--head-dim", type=int, help="D (GPU default 128)")
+    ap.add_argument("--idx-dim", type=int, help="index head dim Di (GPU default 128)")
+    ap.add_argument("--topk", type=int, help="blocks per query (GPU default 16)")
+    ap.add_argument("--block-size", type=int, help="keys per block (default 128)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--q-budget", type=int, default=64, help="queries per work item")
+
+
+GPU_SPEC = dict(dtype="bfloat16", num_heads=64, num_kv_heads=4, head_dim=128, idx_dim=128, topk=16, block_size=128)
+CPU_SPEC = dict(dtype="float32", num_heads=8, num_kv_heads=2, head_dim=64, idx_dim=64, topk=8, block_size=64)
+
+
+def _spec(args, device: str) -> E.Spec:
+    kw = dict(GPU_SPEC if device != "cpu" else CPU_SPEC)
+    for a, k in (("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("head_dim", "head_dim"),
+                 ("idx_dim", "idx_dim"), ("topk", "topk"), ("block_size", "block_size"), ("dtype", "dtype"),
+                 ("q_budget", "q_budget")):
+        if getattr(args, a, None) is not None:
+            kw[k] = getattr(args, a)
+    from ._validate import Config
+
+    Config(kw["topk"], kw["block_size"], q_budget=kw["q_budget"]).check()
+    return E.Spec(**kw)
+
+
+# --------------------------------------------------------------------------- demo
+def demo(args) -> int:
+    import torch
+
+    from . import bench as Bn
+    from . import verify as Vf
+
+    device = _device(args.device)
+    spec = _spec(args, device)
+    T = args.tokens or (32768 if device != "cpu" else 2048)
+    S = T
+    tdev = "cpu" if device == "cpu" else "cuda"
+    print(f"MSA demo on {_device_name(device)}")
+    print(f"  one sequence of {T} tokens, {spec.dtype}, Hq {spec.num_heads}, Hkv {spec.num_kv_heads}, "
+          f"D {spec.head_dim}, Di {spec.idx_dim}, topk {spec.topk} blocks of {spec.block_size} keys, "
+          f"1 sink + 2 local blocks")
+    t0 = time.time()
+    runner = Bn.MSARunner(spec, device)
+    inputs = Bn.make_inputs(torch, spec, T, S, tdev, "uniform", seed=0)
+    bufs = runner.buffers(torch, *inputs, T, S)
+    print("  compiling the kernels (first run only; cached afterwards) ...", flush=True)
+    for kind in Bn.STAGES:
+        E.model(kind, spec, device)
+    print(f"  ready in {time.time() - t0:.1f} s")
+    bid = runner.run("select", bufs, T, S)[0]
+    bufs["block_ids"] = bid
+    inv = runner.run("invert", bufs, T, S)
+    bufs.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
+    o_p, lse_p = runner.run("block_attention", bufs, T, S)
+    bufs.update(o_partial=o_p, lse_partial=lse_p)
+    out, lse = runner.run("combine", bufs, T, S)
+    tm = Bn._timer(device)
+    reps = 3 if device == "cpu" else 10
+    stage_ms = {}
+    for kind in Bn.STAGES:
+        outs = runner.run(kind, bufs, T, S) if kind in E.DPS_KINDS else None
+        stage_ms[kind] = tm(lambda kind=kind, outs=outs: runner.run(kind, bufs, T, S, outputs=outs), reps)
+    total = sum(stage_ms.values())
+    # check against the float64 reference on a slice of queries
+    q, k, v, qi, ki = (x.float().cpu().numpy() for x in inputs)
+    bid_np = E.to_numpy(bid)
+    cu_q, cu_k = np.array([0, T], np.int32), np.array([0, S], np.int32)
+    rows = np.unique(np.concatenate([[0, T - 1], np.random.default_rng(1).choice(T, 14, replace=False)]))
+    sel = Vf.selection_report(bid_np, qi, ki, cu_q, cu_k, block_size=spec.block_size, init_blocks=1,
+                              local_blocks=2, rows=rows)
+    ro, rl = Vf.attention_rows_reference(q, k, v, bid_np, cu_q, cu_k, rows, block_size=spec.block_size)
+    got = E.to_numpy(out)[rows]
+    err = float(np.abs(got - ro).max())
+    rel = Vf.rel_err(got, ro)
+    ok = not sel["bad"] and rel < Vf.tolerance(spec.dtype)
+    keys = Bn.attended_keys(torch, torch.from_dlpack(bid), T, S, spec.block_size) / T
+    dense_keys = (S + 1) / 2
+    print("\n  stage                  ms")
+    for kind, label in (("select", "select (indexer, top-k)"), ("invert", "invert (block -> queries)"),
+                        ("block_attention", "block attention"), ("combine", "combine")):
+        print(f"  {label:24s} {stage_ms[kind]:9.3f}")
+    print(f"  {'MSA total':24s} {total:9.3f}")
+    print(f"\n  keys attended per query: {keys:.0f} on average (dense causal: {dense_keys:.0f}, "
+          f"{dense_keys / keys:.1f}x more)")
+    print(f"  check vs float64 reference on {len(rows)} queries: selection {sel['exact']}/{sel['rows']} exact"
+          f"{' (+%d near ties)' % sel['near_ties'] if sel['near_ties'] else ''}, output max abs err {err:.2e}, "
+          f"rel err {rel:.2e} -> {'OK' if ok else 'FAILED'}")
+    try:
+        dense_ms = Bn._torch_timer(torch, device)(lambda: Bn.dense_sdpa(torch, *inputs[:3], S), reps)
+        ratio = dense_ms / total if dense_ms > total else total / dense_ms
+        print(f"  dense causal attention (torch SDPA) on the same inputs: {dense_ms:.3f} ms -> MSA is "
+              f"{ratio:.2f}x {'faster' if dense_ms > total else 'slower'}")
+    except Exception as e:  # the comparison is informative, not essential
+        print(f"  (dense SDPA comparison unavailable: {e})")
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------- bench
+def bench(args) -> int:
+    from . import bench as Bn
+
+    device = _device(args.device)
+    spec = _spec(args, device)
+    if args.lengths:
+        lengths = [int(x.lower().replace("k", "")) * (1024 if "k" in x.lower() else 1) for x in args.lengths.split(",")]
+    else:
+        lengths = [4096, 16384, 32768, 65536, 131072] if device != "cpu" else [256, 512]
+    res = Bn.run_bench(spec, lengths, device=device, repeats=args.repeats, rotate_sets=args.rotate,
+                       scenario=args.scenario, chunk=args.chunk, gather_max=args.gather_max)
+    res["device_name"] = _device_name(device)
+    res["command"] = "msa " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("msa") else " ".join(sys.argv)
+    print(f"msa bench on {res['device_name']}, commit {res['commit']}, {res['date']}")
+    print(Bn.table(res))
+    js, png = Bn.save(res, Path(args.out))
+    print(f"wrote {js} and {png}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="msa", description="MSA block-sparse attention: demo and benchmarks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="run a built-in example, check it, compare with dense attention")
+    _spec_args(d)
+    d.add_argument("--tokens", type=int, help="sequence length (GPU default 32768, CPU 2048)")
+    b = sub.add_parser("bench", help="sweep sequence lengths against dense SDPA and a gather baseline")
+    _spec_args(b)
+    b.add_argument("--lengths", help="comma list, e.g. 4k,16k,32k (GPU default 4k..128k)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--rotate", type=int, default=2, help="input sets rotated between timed runs")
+    b.add_argument("--scenario", choices=["uniform", "hot"], default="uniform")
+    b.add_argument("--chunk", type=int, help="also time chunked prefill with this many queries per call")
+    b.add_argument("--gather-max", type=int, default=32768, help="longest length for the gather baseline")
+    b.add_argument("--out", default="msa_out/bench", help="output path stem (.json and .png)")
+    args = ap.parse_args(argv)
+    return demo(args) if args.cmd == "demo" else bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

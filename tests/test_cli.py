@@ -1,0 +1,36 @@
+"""`msa demo` and `msa bench` run on CPU at tiny sizes (they must work, not be fast)."""
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from msa_py import cli  # noqa: E402
+
+TINY = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--idx-dim", "16", "--topk", "3",
+        "--block-size", "32", "--dtype", "float32"]
+
+
+def test_demo_tiny(capsys):
+    assert cli.main(["demo", "--tokens", "300", *TINY]) == 0
+    out = capsys.readouterr().out
+    for needle in ("MSA demo on CPU", "select (indexer, top-k)", "block attention", "MSA total",
+                   "keys attended per query", "check vs float64 reference", "-> OK", "dense causal attention"):
+        assert needle in out, needle
+
+
+def test_bench_tiny(tmp_path, capsys):
+    stem = tmp_path / "bench"
+    assert cli.main(["bench", "--lengths", "128,200", "--repeats", "2", "--chunk", "64", "--scenario", "hot",
+                     "--out", str(stem), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "x dense" in out and "wrote" in out
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert res["scenario"] == "hot" and res["config"]["topk"] == 3 and res["device"] == "cpu"
+    assert [r["T"] for r in res["rows"]] == [128, 200]
+    for r in res["rows"]:
+        for key in ("select_ms", "invert_ms", "block_attention_ms", "combine_ms", "msa_ms", "msa_chunked_ms",
+                    "dense_ms", "gather_ms", "select_tflops", "attention_tflops", "speedup_vs_dense",
+                    "speedup_vs_gather", "keys_per_query"):
+            assert key in r and r[key] > 0, key
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
