@@ -15,7 +15,8 @@ for step in "$@"; do
   case "$step" in
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
-    bench) python3 -m msa_py bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    bench) python3 -m msa_py bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    demo) python3 -m msa_py demo 2>&1 | tee "$OUT/demo.log" || rc=1 ;;
     torch) python3 -m pytest -q -x tests/test_torch_ops.py --device cuda 2>&1 | tee "$OUT/torch.log" || rc=1 ;;
     *) echo "unknown step $step" ;;
   esac
