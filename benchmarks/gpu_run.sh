@@ -8,7 +8,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/msa_out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(date -u +%FT%TZ)" | tee -a "$OUT/gpu.txt"
+echo "commit ${MSA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} $(date -u +%FT%TZ)" | tee -a "$OUT/gpu.txt"
 python3 -m msa_py.build > "$OUT/build.log" 2>&1 || echo "(mojo precompile unavailable here: MAX compiles the kernel sources itself)"
 rc=0
 for step in "$@"; do

@@ -36,6 +36,10 @@ def _progress(i: int, n: int, label: str) -> None:
 
 
 def commit() -> str:
+    import os
+
+    if os.environ.get("MSA_COMMIT"):  # the GPU machine gets the tree without .git
+        return os.environ["MSA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
