@@ -117,24 +117,49 @@ def _default_cu(T: int, S: int, like: torch.Tensor):
     return t
 
 
+_streams: dict = {}
+
+
+def _max_stream(device: torch.device):
+    """MAX's queue on this GPU as a torch ExternalStream (MAX launches there)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    st = _streams.get(idx)
+    if st is None:
+        from max.driver import Accelerator
+
+        acc = Accelerator(idx)
+        st = (acc, torch.cuda.ExternalStream(acc.default_queue.native_stream_handle, device=torch.device("cuda", idx)))
+        _streams[idx] = st
+    return st
+
+
 def _buf(t: torch.Tensor):
-    """A MAX Buffer viewing a torch tensor (no copy), on torch's current stream."""
-    from max.driver import Accelerator, Buffer
+    """A MAX Buffer viewing a torch tensor (no copy)."""
+    from max.driver import Buffer
 
     t = t.detach()  # no autograd here (checked up front); dlpack refuses grad tensors
     if t.is_cuda:
-        stream = torch.cuda.current_stream(t.device).cuda_stream
-        try:
-            return Buffer._from_dlpack(t.__dlpack__(), Accelerator(t.device.index or 0), stream)
-        except Exception:
-            return Buffer.from_dlpack(t)
+        acc, ext = _max_stream(t.device)
+        # ordering with torch's stream is done once per call in _run (stream=-1: no sync here)
+        return Buffer._from_dlpack(t.__dlpack__(stream=-1), acc, ext.cuda_stream)
     return Buffer.from_dlpack(t)
 
 
 def _run(kind: str, spec: E.Spec, device: str, inputs: dict, outputs=None):
+    """Runs a graph kind on torch tensors. On CUDA, MAX's queue first waits for
+    torch's current stream and torch's stream then waits for MAX's queue, so
+    the call is ordered like any torch op (and joins a CUDA-graph capture)."""
+    cuda = device != "cpu"
+    if cuda:
+        first = next(iter(inputs.values()))
+        _, ext = _max_stream(first.device)
+        cur = torch.cuda.current_stream(first.device)
+        ext.wait_stream(cur)
     ins = {n: _buf(t) for n, t in inputs.items()}
     outs = None if outputs is None else [_buf(o) for o in outputs]
     res = E.run(kind, spec, device, ins, 0, 0, 0, outputs=outs)
+    if cuda:
+        cur.wait_stream(ext)
     if outputs is None:
         return [torch.from_dlpack(r) for r in res]
     return outputs
