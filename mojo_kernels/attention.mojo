@@ -23,13 +23,13 @@ from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
-from max.gpu.compute.mma import ld_matrix, mma
+from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, seq_of
+from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, seq_of
 
 comptime LOG2E = Float32(1.4426950408889634)
 comptime LN2 = Float32(0.6931471805599453)
@@ -230,22 +230,6 @@ def simt_smem_bytes[head_dim: Int, block_size: Int]() -> Int:
 
 
 # ----------------------------------------------------------------------------- GPU, tensor cores
-@always_inline
-def _frag_a[dtype: DType, stride: Int](
-    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
-) -> SIMD[dtype, 8]:
-    """A operand (16 x 16, row-major at base): ldmatrix.x4 over rows 0-15, k 0/8."""
-    return ld_matrix[8](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))
-
-
-@always_inline
-def _frag_b2[dtype: DType, stride: Int](
-    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
-) -> SIMD[dtype, 8]:
-    """B operands of two n8 tiles from a [n][k] block (16 n x 16 k) at base."""
-    return ld_matrix[8](base.unsafe_offset(((lane % 8) + (lane // 16) * 8) * stride + ((lane // 8) % 2) * 8))
-
-
 def attention_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int
 ](
@@ -275,8 +259,8 @@ def attention_mma_kernel[
     var k_s = smem
     var vt_s = smem.unsafe_offset(BS * KS)
     var q_s = vt_s.unsafe_offset(D * VS)
-    # per tile row: q offset, partial offset (-1: padding), visible keys
-    var meta = unsafe_stack_allocation[MMA_BM * 3, Int32, address_space=AddressSpace.SHARED]()
+    # per tile row, two buffers: partial offset (-1: padding), visible keys
+    var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
     var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     # K rows by cp.async; V transposed through registers; zeros past the sequence
@@ -299,41 +283,57 @@ def attention_mma_kernel[
     var rows_total = it.count * group
     var g_lane = lane // 4
     var t2 = (lane % 4) * 2
-    for m0 in range(0, rows_total, MMA_BM):
+    var q_s1 = q_s.unsafe_offset(MMA_BM * KS)
+    var meta1 = meta.unsafe_offset(MMA_BM * 2)
+
+    @always_inline
+    def stage(m0: Int, qbuf: type_of(q_s), mbuf: type_of(meta)) {
+        var tid, var it, var entries, var qg, var nent, var rows_total
+    }:
+        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata."""
         if tid < MMA_BM:
             var mr = m0 + tid
-            var qoff = -1
             var poff = -1
             var nvis = 0
             if mr < rows_total:
                 var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + mr // group])
-                var h = it.g * group + mr % group
                 var t = ent // topk
-                qoff = (t * Hq + h) * D
-                poff = _part_offset(t, h, ent % topk, Hq, topk)
+                poff = _part_offset(t, it.g * group + mr % group, ent % topk, Hq, topk)
                 nvis = it.visible(t, BS)
-            meta[unsafe_offset=tid * 3] = Int32(qoff)
-            meta[unsafe_offset=tid * 3 + 1] = Int32(poff)
-            meta[unsafe_offset=tid * 3 + 2] = Int32(nvis)
-        barrier()
+            mbuf[unsafe_offset=tid * 2] = Int32(poff)
+            mbuf[unsafe_offset=tid * 2 + 1] = Int32(nvis)
         for i in range(tid, MMA_BM * CPR, NT):
             var r = i // CPR
             var c = (i % CPR) * 8
-            var qoff = Int(meta[unsafe_offset=r * 3])
-            if qoff >= 0:
-                async_copy[16](qg.unsafe_offset(qoff + c), q_s.unsafe_offset(r * KS + c))
+            var mr = m0 + r
+            if mr < rows_total:
+                var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + mr // group])
+                var qoff = ((ent // topk) * Hq + it.g * group + mr % group) * D
+                async_copy[16](qg.unsafe_offset(qoff + c), qbuf.unsafe_offset(r * KS + c))
             else:
-                q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
-        async_copy_commit_group()
-        async_copy_wait_group(0)
+                qbuf.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+
+    # Q tiles double-buffered: the gather of tile i+1 overlaps the MMAs of tile i
+    stage(0, q_s, meta)
+    async_copy_commit_group()
+    for m0 in range(0, rows_total, MMA_BM):
+        var odd = (m0 // MMA_BM) % 2 == 1
+        var q_cur = q_s1 if odd else q_s
+        var m_cur = meta1 if odd else meta
+        if m0 + MMA_BM < rows_total:
+            stage(m0 + MMA_BM, q_s if odd else q_s1, meta if odd else meta1)
+            async_copy_commit_group()
+            async_copy_wait_group(1)
+        else:
+            async_copy_wait_group(0)
         barrier()
         # S = Q K^T for this warp's 16 rows
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        var q_w = q_s.unsafe_offset(wid * 16 * KS)
+        var q_w = q_cur.unsafe_offset(wid * 16 * KS)
         comptime for kk in range(D // 16):
-            var a = _frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
+            var a = frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
             comptime for nj2 in range(BS // 16):
-                var bv = _frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
+                var bv = frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
                 var bh = bv.split()
                 var d0 = SIMD[DType.float32, 4](0)
                 mma(d0, a, bh[0], s_acc[2 * nj2])
@@ -343,8 +343,8 @@ def attention_mma_kernel[
                 s_acc[2 * nj2 + 1] = d1
         # mask and softmax (log2 domain); this thread holds rows r0 and r0 + 8
         var r0 = wid * 16 + g_lane
-        var nv0 = Int(meta[unsafe_offset=r0 * 3 + 2])
-        var nv1 = Int(meta[unsafe_offset=(r0 + 8) * 3 + 2])
+        var nv0 = Int(m_cur[unsafe_offset=r0 * 2 + 1])
+        var nv1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2 + 1])
         var m_0 = f32_neg_inf()
         var m_1 = f32_neg_inf()
         comptime for nj in range(BS // 8):
@@ -384,7 +384,7 @@ def attention_mma_kernel[
         comptime for kk2 in range(BS // 16):
             var a = s_acc[2 * kk2].join(s_acc[2 * kk2 + 1]).cast[dtype]()
             comptime for dn2 in range(D // 16):
-                var bv = _frag_b2[dtype, VS](vt_s.unsafe_offset(dn2 * 16 * VS + kk2 * 16), lane)
+                var bv = frag_b2[dtype, VS](vt_s.unsafe_offset(dn2 * 16 * VS + kk2 * 16), lane)
                 var bh = bv.split()
                 var d0 = SIMD[DType.float32, 4](0)
                 mma(d0, a, bh[0], o_acc[2 * dn2])
@@ -392,29 +392,32 @@ def attention_mma_kernel[
                 var d1 = SIMD[DType.float32, 4](0)
                 mma(d1, a, bh[1], o_acc[2 * dn2 + 1])
                 o_acc[2 * dn2 + 1] = d1
-        var p0 = Int(meta[unsafe_offset=r0 * 3 + 1])
-        var p1 = Int(meta[unsafe_offset=(r0 + 8) * 3 + 1])
+        var p0 = Int(m_cur[unsafe_offset=r0 * 2])
+        var p1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2])
         var inv0 = Float32(1) / l_0 if l_0 > 0 else Float32(0)
         var inv1 = Float32(1) / l_1 if l_1 > 0 else Float32(0)
+        comptime PAIR_ALIGN = 2 * size_of[part_dtype]()
         comptime for dn in range(D // 8):
             var d = dn * 8 + t2
             var o = o_acc[dn]
             if p0 >= 0:
-                o_p[unsafe_offset=p0 * D + d] = (o[0] * inv0).cast[part_dtype]()
-                o_p[unsafe_offset=p0 * D + d + 1] = (o[1] * inv0).cast[part_dtype]()
+                o_p.unsafe_store[alignment=PAIR_ALIGN](
+                    p0 * D + d, SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[part_dtype]()
+                )
             if p1 >= 0:
-                o_p[unsafe_offset=p1 * D + d] = (o[2] * inv1).cast[part_dtype]()
-                o_p[unsafe_offset=p1 * D + d + 1] = (o[3] * inv1).cast[part_dtype]()
+                o_p.unsafe_store[alignment=PAIR_ALIGN](
+                    p1 * D + d, SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[part_dtype]()
+                )
         if lane % 4 == 0:
             if p0 >= 0:
                 lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
             if p1 >= 0:
                 lse_p[unsafe_offset=p1] = m_1 * LN2 + log(l_1) if l_1 > 0 else f32_neg_inf()
-        barrier()  # q_s and meta are refilled by the next tile
+        barrier()  # this tile's q and meta buffers are refilled two tiles on
 
 
 def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    comptime elems = block_size * (head_dim + 8) + head_dim * (block_size + 8) + MMA_BM * (head_dim + 8)
+    comptime elems = block_size * (head_dim + 8) + head_dim * (block_size + 8) + 2 * MMA_BM * (head_dim + 8)
     return elems * size_of[dtype]()
 
 

@@ -2,6 +2,9 @@
 
 from std.utils.numerics import neg_inf
 
+from max.gpu.compute.mma import ld_matrix
+from max.gpu.memory import AddressSpace
+
 comptime I32Ptr = Pointer[Int32, ImmutAnyOrigin]
 comptime I32MutPtr = Pointer[Int32, MutAnyOrigin]
 comptime F32Ptr = Pointer[Float32, ImmutAnyOrigin]
@@ -30,3 +33,22 @@ def seq_of(cu: I32Ptr, num_seqs: Int, t: Int) -> Int:
 @always_inline
 def blocks_of(num_keys: Int, block_size: Int) -> Int:
     return (num_keys + block_size - 1) // block_size
+
+
+# mma.sync m16n8k16 operand fragments from shared memory (ldmatrix.x4)
+@always_inline
+def frag_a[dtype: DType, stride: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
+) -> SIMD[dtype, 8]:
+    """A operand (16 x 16, row-major at base): ldmatrix.x4 over rows 0-15, k 0/8."""
+    return ld_matrix[8](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))
+
+
+@always_inline
+def frag_b2[dtype: DType, stride: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
+) -> SIMD[dtype, 8]:
+    """B operands of two n8 tiles from a [n][k] block (16 n x 16 k) at base."""
+    return ld_matrix[8](base.unsafe_offset(((lane % 8) + (lane // 16) * 8) * stride + ((lane // 8) % 2) * 8))
+
+

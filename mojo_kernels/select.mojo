@@ -13,23 +13,31 @@
 # the highest id): that is the tie rule. NaN scores never win a comparison,
 # so they act as -inf; every written id lies in [0, jq].
 #
-# GPU: one thread block per tile of queries of one sequence (all KV groups
-# together, so each index-key chunk is loaded once for all of them); scores
-# are formed chunk by chunk in shared memory and reduced to block maxima in
-# registers; each (query, group) row keeps its running top-k in shared
-# memory. No [T, blocks] score matrix exists anywhere.
+# GPU: one thread block per tile of queries of one sequence, all KV groups
+# together (64 (query, group) rows), so each index-key block is loaded once
+# for all of them; heaviest tiles (latest queries) first. Each row keeps its
+# running top-k in shared memory, owned by one thread. No [T, blocks] score
+# matrix exists anywhere.
+#   mma  (bf16/fp16): the 64 x block_size score tile of each key block is one
+#        set of mma.sync m16n8k16 products (Q fragments stay in registers for
+#        the whole sweep, K blocks double-buffered through cp.async); the
+#        block max-pool happens in registers (a quad shuffle per row).
+#   simt (fp32): scores chunk by chunk from shared memory.
 
 from std.math import ceildiv
 from std.memory import unsafe_stack_allocation
 
 from extensibility import InputTensor, OutputTensor, register
-from max.gpu import barrier, block_idx, thread_idx
+from std.sys import size_of
+
+from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, thread_idx
+from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import AddressSpace, external_memory
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .common import F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, seq_of
+from .common import F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
 comptime SEL_SUB = 4  # threads per row
@@ -164,6 +172,25 @@ def _select_cpu[
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
 
 
+@always_inline
+def _tile_of(
+    hdr: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    cu_q: I32Ptr, num_seqs: Int, tile: Int, qpt: Int,
+):
+    """hdr = (sequence, first query index) of a tile of qpt queries; (-1, 0) past
+    the last tile. B is small next to T: one thread walks it."""
+    var acc = 0
+    hdr[unsafe_offset=0] = -1
+    hdr[unsafe_offset=1] = 0
+    for b in range(num_seqs):
+        var n = ceildiv(Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b]), qpt)
+        if tile < acc + n:
+            hdr[unsafe_offset=0] = Int32(b)
+            hdr[unsafe_offset=1] = Int32((tile - acc) * qpt)
+            return
+        acc += n
+
+
 def select_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
 ](
@@ -188,19 +215,8 @@ def select_kernel[
     var sc_s = smem.unsafe_offset(ROWS * DP + KC * DP)
     var id_s = sc_s.unsafe_offset(ROWS * topk).unsafe_bitcast[Int32]()
     var hdr = unsafe_stack_allocation[2, Int32, address_space=AddressSpace.SHARED]()
-    # which sequence and query offset this tile covers (B is small: walk it)
     if tid == 0:
-        var tile = Int(block_idx.x)
-        var acc = 0
-        var found = -1
-        for b in range(Int(num_seqs)):
-            var n = ceildiv(Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b]), QPT)
-            if tile < acc + n:
-                found = b
-                hdr[unsafe_offset=1] = Int32((tile - acc) * QPT)
-                break
-            acc += n
-        hdr[unsafe_offset=0] = Int32(found)
+        _tile_of(hdr, cu_q, Int(num_seqs), Int(block_idx.x), QPT)
     barrier()
     var b = Int(hdr[unsafe_offset=0])
     if b < 0:
@@ -269,6 +285,164 @@ def select_kernel[
         _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
 
 
+comptime SEL_MMA_ROWS = 64  # (query, group) rows per tile, 16 per warp
+comptime SEL_MMA_THREADS = 128
+
+
+def select_mma_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
+    return (
+        (dtype == DType.bfloat16 or dtype == DType.float16)
+        and idx_dim % 16 == 0
+        and idx_dim <= 256
+        and block_size % 16 == 0
+        and block_size <= 128
+    )
+
+
+def select_mma_kernel[
+    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
+](
+    block_ids: I32MutPtr,
+    q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    cu_q: I32Ptr,
+    cu_k: I32Ptr,
+    scale_p: F32Ptr,
+    num_seqs: Int32,
+    T: Int32,
+    num_tiles: Int32,
+):
+    comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
+    comptime ROWS = QPT * num_groups  # valid rows of the 64 (padding past)
+    comptime DI = idx_dim
+    comptime BS = block_size
+    comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
+    comptime CPR = DI // 8  # 16-byte chunks per row
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var q_s = smem
+    var k_buf0 = smem.unsafe_offset(SEL_MMA_ROWS * KS)
+    var k_buf1 = k_buf0.unsafe_offset(BS * KS)
+    var sc_s = k_buf1.unsafe_offset(BS * KS).unsafe_bitcast[Float32]()
+    var id_s = sc_s.unsafe_offset(SEL_MMA_ROWS * topk).unsafe_bitcast[Int32]()
+    var hdr = unsafe_stack_allocation[2, Int32, address_space=AddressSpace.SHARED]()
+    if tid == 0:  # heaviest tiles (latest queries) first
+        _tile_of(hdr, cu_q, Int(num_seqs), Int(num_tiles) - 1 - Int(block_idx.x), QPT)
+    barrier()
+    var b = Int(hdr[unsafe_offset=0])
+    if b < 0:
+        return
+    var i0 = Int(hdr[unsafe_offset=1])
+    var q0 = Int(cu_q[unsafe_offset=b])
+    var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+    var k0 = Int(cu_k[unsafe_offset=b])
+    var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+    var scale = scale_p[unsafe_offset=0]
+    var nq = min(QPT, tq - i0)
+    var nrows = nq * num_groups
+    var qg = q_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var kg = k_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    # query tile: row r = qi * num_groups + g is q_idx row (q0 + i0) * num_groups + r
+    for i in range(tid, SEL_MMA_ROWS * CPR, SEL_MMA_THREADS):
+        var r = i // CPR
+        var c = (i % CPR) * 8
+        if r < nrows:
+            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(r * KS + c))
+        else:
+            q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+    async_copy_commit_group()
+    var p_max = tk - tq + i0 + nq - 1
+    var jmax = p_max // BS
+    var j_lo = init_blocks
+    var j_hi = jmax - local_blocks if local_blocks > 0 else jmax  # last block free for some row
+
+    @always_inline
+    def load_k(j: Int, dst: type_of(k_buf0)) {var tid, var kg, var k0, var tk}:
+        for i in range(tid, BS * CPR, SEL_MMA_THREADS):
+            var key = i // CPR
+            var c = (i % CPR) * 8
+            if j * BS + key < tk:
+                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(key * KS + c))
+            else:
+                dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+
+    if j_lo <= j_hi:
+        load_k(j_lo, k_buf0)
+        async_copy_commit_group()
+    async_copy_wait_group(0)
+    barrier()
+    # Q fragments stay in registers for the whole sweep
+    var qa = Array[SIMD[dtype, 8], DI // 16](fill=SIMD[dtype, 8](0))
+    comptime for kk in range(DI // 16):
+        qa[kk] = frag_a[dtype, KS](q_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
+    # rows of this thread's accumulators: r0 and r0 + 8; the row owner keeps its top-k
+    var r0 = wid * 16 + lane // 4
+    var pos0 = tk - tq + i0 + min(r0 // num_groups, nq - 1)
+    var pos1 = tk - tq + i0 + min((r0 + 8) // num_groups, nq - 1)
+    var t2 = (lane % 4) * 2
+    var owner = lane % 4 < 2
+    var my_r = r0 + 8 * (lane % 4)
+    var my_valid = owner and my_r < nrows
+    var f = _Forced(pos1 if lane % 4 == 1 else pos0, BS, init_blocks, local_blocks)
+    var kfree = topk - f.num_forced()
+    var cnt = 0
+    var worst = 0
+    var my_sc = sc_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
+    var my_id = id_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
+    for j in range(j_lo, j_hi + 1):
+        var k_cur = k_buf0 if (j - j_lo) % 2 == 0 else k_buf1
+        if j + 1 <= j_hi:
+            load_k(j + 1, k_buf1 if (j - j_lo) % 2 == 0 else k_buf0)
+            async_copy_commit_group()
+            async_copy_wait_group(1)
+        else:
+            async_copy_wait_group(0)
+        barrier()
+        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
+        comptime for kk in range(DI // 16):
+            comptime for nj2 in range(BS // 16):
+                var bv = frag_b2[dtype, KS](k_cur.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
+                var bh = bv.split()
+                var d0 = SIMD[DType.float32, 4](0)
+                mma(d0, qa[kk], bh[0], s_acc[2 * nj2])
+                s_acc[2 * nj2] = d0
+                var d1 = SIMD[DType.float32, 4](0)
+                mma(d1, qa[kk], bh[1], s_acc[2 * nj2 + 1])
+                s_acc[2 * nj2 + 1] = d1
+        # block max over visible keys (NaN never wins a comparison)
+        var m0 = f32_neg_inf()
+        var m1 = f32_neg_inf()
+        comptime for nj in range(BS // 8):
+            var key = j * BS + nj * 8 + t2
+            var x = s_acc[nj] * scale
+            if key <= pos0 and x[0] > m0:
+                m0 = x[0]
+            if key + 1 <= pos0 and x[1] > m0:
+                m0 = x[1]
+            if key <= pos1 and x[2] > m1:
+                m1 = x[2]
+            if key + 1 <= pos1 and x[3] > m1:
+                m1 = x[3]
+        m0 = max(m0, warp.shuffle_xor(m0, 1))
+        m0 = max(m0, warp.shuffle_xor(m0, 2))
+        m1 = max(m1, warp.shuffle_xor(m1, 1))
+        m1 = max(m1, warp.shuffle_xor(m1, 2))
+        if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
+            _topk_insert(my_sc, my_id, cnt, worst, kfree, m1 if lane % 4 == 1 else m0, j)
+        barrier()  # every warp is done with k_cur before it is refilled
+    if my_valid:
+        var qi = my_r // num_groups
+        var g = my_r % num_groups
+        var t = q0 + i0 + qi
+        _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
+
+
+def select_mma_smem_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Int:
+    return (SEL_MMA_ROWS + 2 * block_size) * (idx_dim + 8) * size_of[dtype]() + 8 * SEL_MMA_ROWS * topk
+
+
 def select_smem_bytes[idx_dim: Int, num_groups: Int, topk: Int, block_size: Int]() -> Int:
     comptime QPT = max(1, SEL_ROWS // num_groups)
     comptime ROWS = QPT * num_groups
@@ -307,6 +481,19 @@ struct MSASelect:
             _select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks](
                 block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
                 cu_seqlens_k.unsafe_ptr(), idx_scale[0], B, num_groups, T,
+            )
+        elif select_mma_supported[dtype, idx_dim, block_size]():
+            comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
+            comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size]()
+            comptime kernel = select_mma_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks]
+            var num_tiles = T // QPT + B
+            ctx.enqueue_function[kernel](
+                block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), Int32(B), Int32(T), Int32(num_tiles),
+                grid_dim=num_tiles,
+                block_dim=SEL_MMA_THREADS,
+                shared_mem_bytes=smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
         else:
             comptime QPT = max(1, SEL_ROWS // num_groups)

@@ -209,8 +209,8 @@ def run_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, rotate_se
         for b, pr in zip(bufs, parts):
             b.update(o_partial=pr[0], lse_partial=pr[1])
         _progress(li, steps, f"T={L}: timing MSA stages")
-        for kind in ("select", "invert", "block_attention", "combine", "msa"):
-            if kind == "msa":  # free the stage partials: the whole-layer graph makes its own
+        for kind in ("select", "invert", "combine", "block_attention", "msa"):
+            if kind == "block_attention":  # free the stored partials: each timed call makes its own
                 for b in bufs:
                     b.pop("o_partial", None), b.pop("lse_partial", None)
                 parts = None
