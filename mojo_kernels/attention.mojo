@@ -10,9 +10,10 @@
 #   mma  (bf16/fp16, D <= 128, block_size <= 128): rows = (entry, head) pairs
 #        packed into the M dimension, 64 per tile (16 per warp);
 #        S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, fp32
-#        accumulate), K and V^T resident in shared memory, Q rows gathered
-#        with cp.async, P kept in registers (its accumulator layout is the A
-#        operand layout of the second product).
+#        accumulate), K and V resident in shared memory (V read transposed by
+#        ldmatrix.trans), Q rows gathered with cp.async into two buffers (the
+#        gather of tile i+1 overlaps the MMAs of tile i), P kept in registers
+#        (its accumulator layout is the A operand layout of the second product).
 #   simt (any float dtype): one warp per (entry, head) row.
 # lse_partial is filled with -inf first, so slots no work item touches read
 # as unused in the combine.
@@ -29,7 +30,7 @@ from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, seq_of
+from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
 
 comptime LOG2E = Float32(1.4426950408889634)
 comptime LN2 = Float32(0.6931471805599453)
@@ -244,7 +245,6 @@ def attention_mma_kernel[
     comptime D = head_dim
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride (elements) of K_s and Q_s: conflict-free ldmatrix
-    comptime VS = BS + 8  # row stride of V^T
     comptime Hq = num_groups * group
     comptime NT = MMA_WARPS * WARP_SIZE
     comptime CPR = D // 8  # 16-byte chunks per row
@@ -257,26 +257,24 @@ def attention_mma_kernel[
     var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var k_s = smem
-    var vt_s = smem.unsafe_offset(BS * KS)
-    var q_s = vt_s.unsafe_offset(D * VS)
+    var v_s = smem.unsafe_offset(BS * KS)
+    var q_s = v_s.unsafe_offset(BS * KS)
     # per tile row, two buffers: partial offset (-1: padding), visible keys
     var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
     var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    # K rows by cp.async; V transposed through registers; zeros past the sequence
+    # K and V rows by cp.async (V is read transposed by ldmatrix.trans); zeros past the sequence
     for i in range(tid, BS * CPR, NT):
         var key = i // CPR
         var c = (i % CPR) * 8
         var goff = ((it.kstart + key) * num_groups + it.g) * D + c
         if key < it.nk:
             async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
-            var vv = v.unsafe_load[width=8, alignment=16](goff)
-            comptime for u in range(8):
-                vt_s[unsafe_offset=(c + u) * VS + key] = vv[u]
+            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
         else:
             k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-            comptime for u in range(8):
-                vt_s[unsafe_offset=(c + u) * VS + key] = 0
+            v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
     async_copy_commit_group()
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var nent = Int(T) * topk
@@ -384,7 +382,7 @@ def attention_mma_kernel[
         comptime for kk2 in range(BS // 16):
             var a = s_acc[2 * kk2].join(s_acc[2 * kk2 + 1]).cast[dtype]()
             comptime for dn2 in range(D // 16):
-                var bv = frag_b2[dtype, VS](vt_s.unsafe_offset(dn2 * 16 * VS + kk2 * 16), lane)
+                var bv = frag_b2_trans[dtype, KS](v_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane)
                 var bh = bv.split()
                 var d0 = SIMD[DType.float32, 4](0)
                 mma(d0, a, bh[0], o_acc[2 * dn2])
@@ -417,7 +415,7 @@ def attention_mma_kernel[
 
 
 def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    comptime elems = block_size * (head_dim + 8) + head_dim * (block_size + 8) + 2 * MMA_BM * (head_dim + 8)
+    comptime elems = (2 * block_size + 2 * MMA_BM) * (head_dim + 8)
     return elems * size_of[dtype]()
 
 

@@ -52,3 +52,12 @@ def frag_b2[dtype: DType, stride: Int](
     return ld_matrix[8](base.unsafe_offset(((lane % 8) + (lane // 16) * 8) * stride + ((lane // 8) % 2) * 8))
 
 
+
+
+@always_inline
+def frag_b2_trans[dtype: DType, stride: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
+) -> SIMD[dtype, 8]:
+    """B operands of two n8 tiles from a [k][n] block (16 k x 16 n, row-major at
+    base), e.g. V stored [key][d]: ldmatrix.x4.trans over k rows 0-15, n 0/8."""
+    return ld_matrix[8, transpose=True](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))

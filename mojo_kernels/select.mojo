@@ -14,7 +14,7 @@
 # so they act as -inf; every written id lies in [0, jq].
 #
 # GPU: one thread block per tile of queries of one sequence, all KV groups
-# together (64 (query, group) rows), so each index-key block is loaded once
+# together (128 (query, group) rows), so each index-key block is loaded once
 # for all of them; heaviest tiles (latest queries) first. Each row keeps its
 # running top-k in shared memory, owned by one thread. No [T, blocks] score
 # matrix exists anywhere.
@@ -285,8 +285,8 @@ def select_kernel[
         _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
 
 
-comptime SEL_MMA_ROWS = 64  # (query, group) rows per tile, 16 per warp
-comptime SEL_MMA_THREADS = 128
+comptime SEL_MMA_ROWS = 128  # (query, group) rows per tile, 16 per warp: each K block serves 128 rows
+comptime SEL_MMA_THREADS = 8 * WARP_SIZE
 
 
 def select_mma_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
@@ -313,7 +313,7 @@ def select_mma_kernel[
     num_tiles: Int32,
 ):
     comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
-    comptime ROWS = QPT * num_groups  # valid rows of the 64 (padding past)
+    comptime ROWS = QPT * num_groups  # valid rows of the tile (padding past)
     comptime DI = idx_dim
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix

@@ -116,7 +116,6 @@ class MSARunner:
         sc = torch.tensor([1 / math.sqrt(self.spec.head_dim)], dtype=torch.float32, device=q.device)
         isc = torch.tensor([1 / math.sqrt(self.spec.idx_dim)], dtype=torch.float32, device=q.device)
         keys = torch.empty(S, dtype=torch.int8, device=q.device)
-        self._keep = (cu_q, cu_k, sc, isc, keys)
         return {n: _buf(t) for n, t in dict(q=q, k=k, v=v, q_idx=qi, k_idx=ki, cu_q=cu_q, cu_k=cu_k, scale=sc,
                                             idx_scale=isc, keys=keys).items()}
 
@@ -186,73 +185,82 @@ def run_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, rotate_se
     runner = MSARunner(spec, device)
     rows = []
     steps = len(lengths)
+    tdev = "cpu" if device == "cpu" else "cuda"
     for li, L in enumerate(lengths):
-        _progress(li, steps, f"T={L}: compiling / warming up")
-        T = S = L
-        rotate = rotate_sets
-        part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (4 if spec.dtype == "float32" else 2)
-        if part_bytes > (8 << 30):  # partials of several sets would not fit; far past L2 anyway
-            rotate = 1
-        sets = [make_inputs(torch, spec, T, S, tdev, scenario, seed=s) for s in range(rotate)]
-        bufs = [runner.buffers(torch, *x, T, S) for x in sets]
-        keep = [runner._keep]  # noqa: F841  (keep the torch tensors behind the buffers alive)
-        it = iter(range(10**9))
-        row = dict(T=T, S=S)
-        # selection, once per set (also feeds the later stages)
-        bids = [runner.run("select", b, T, S)[0] for b in bufs]
-        for b, bid in zip(bufs, bids):
-            b["block_ids"] = bid
-        invs = [runner.run("invert", dict(b, block_ids=bid), T, S) for b, bid in zip(bufs, bids)]
-        for b, inv in zip(bufs, invs):
-            b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
-        parts = [runner.run("block_attention", b, T, S) for b in bufs]
-        for b, pr in zip(bufs, parts):
-            b.update(o_partial=pr[0], lse_partial=pr[1])
-        _progress(li, steps, f"T={L}: timing MSA stages")
-        for kind in ("select", "invert", "combine", "block_attention", "msa"):
-            if kind == "block_attention":  # free the stored partials: each timed call makes its own
-                for b in bufs:
-                    b.pop("o_partial", None), b.pop("lse_partial", None)
-                parts = None
-            # destination buffers allocated once per input set, outside the timed region
-            outs = [runner.run(kind, b, T, S) if kind in E.DPS_KINDS else None for b in bufs]
-            k_it = iter(range(10**9))
-
-            def call(kind=kind, outs=outs, k_it=k_it):
-                i = next(k_it) % rotate
-                return runner.run(kind, bufs[i], T, S, outputs=outs[i])
-
-            row[f"{kind}_ms"] = tm(call, repeats)
-        if chunk:
-            row["msa_chunked_ms"] = tm(lambda: _chunked(runner, torch, sets[0], T, chunk), max(1, repeats // 2))
-        pairs = causal_pairs(T, S)
-        bid_t = torch.from_dlpack(bids[0])
-        keys = attended_keys(torch, bid_t, T, S, spec.block_size)
-        row["keys_per_query"] = keys / T
-        row["select_tflops"] = 2 * pairs * spec.num_kv_heads * spec.idx_dim / (row["select_ms"] * 1e-3) / 1e12
-        row["attention_tflops"] = 4 * keys * spec.num_heads * spec.head_dim / (row["block_attention_ms"] * 1e-3) / 1e12
-        row["attention_pct_peak"] = 100 * row["attention_tflops"] / peak
-        row["select_pct_peak"] = 100 * row["select_tflops"] / peak
-        dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
-        row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
-        if L <= dense_max:
-            _progress(li, steps, f"T={L}: dense SDPA")
-            row["dense_ms"] = ttm(lambda: dense_sdpa(torch, *sets[next(it) % rotate][:3], S), repeats)
-            row["dense_tflops"] = dense_flops / (row["dense_ms"] * 1e-3) / 1e12
-            row["speedup_vs_dense"] = row["dense_ms"] / min(row["msa_ms"], row.get("msa_chunked_ms", math.inf))
-        if L <= gather_max:
-            _progress(li, steps, f"T={L}: gather baseline")
-            bt = [torch.from_dlpack(b) for b in bids]
-            row["gather_ms"] = ttm(lambda: gather_attention(torch, *sets[0][:3], bt[0], S, spec.block_size),
-                                   max(1, repeats // 2))
-            row["speedup_vs_gather"] = row["gather_ms"] / row["msa_ms"]
-        rows.append(row)
-        del bufs, sets, invs, parts, bids
+        try:
+            rows.append(_bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev, repeats,
+                                      rotate_sets, scenario, chunk, gather_max, dense_max))
+        except Exception as e:  # e.g. out of device memory at the longest length: keep the others
+            rows.append(dict(T=L, S=L, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            log(f"\nT={L}: {rows[-1]['error']}")
         if device != "cpu":
             torch.cuda.empty_cache()
     _progress(steps, steps, "done")
     return dict(config=asdict(spec), device=device, scenario=scenario, chunk=chunk, repeats=repeats,
                 matmul_peak_tflops=peak, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev, repeats, rotate_sets, scenario,
+              chunk, gather_max, dense_max) -> dict:
+    _progress(li, steps, f"T={L}: compiling / warming up")
+    T = S = L
+    rotate = rotate_sets
+    part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (4 if spec.dtype == "float32" else 2)
+    if part_bytes > (8 << 30):  # partials of several sets would not fit; far past L2 anyway
+        rotate = 1
+    sets = [make_inputs(torch, spec, T, S, tdev, scenario, seed=s) for s in range(rotate)]
+    bufs = [runner.buffers(torch, *x, T, S) for x in sets]
+    it = iter(range(10**9))
+    row = dict(T=T, S=S)
+    # selection, once per set (also feeds the later stages)
+    bids = [runner.run("select", b, T, S)[0] for b in bufs]
+    for b, bid in zip(bufs, bids):
+        b["block_ids"] = bid
+    invs = [runner.run("invert", dict(b, block_ids=bid), T, S) for b, bid in zip(bufs, bids)]
+    for b, inv in zip(bufs, invs):
+        b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
+    parts = [runner.run("block_attention", b, T, S) for b in bufs]
+    for b, pr in zip(bufs, parts):
+        b.update(o_partial=pr[0], lse_partial=pr[1])
+    _progress(li, steps, f"T={L}: timing MSA stages")
+    for kind in ("select", "invert", "combine", "block_attention", "msa"):
+        if kind == "block_attention":  # free the stored partials: each timed call makes its own
+            for b in bufs:
+                b.pop("o_partial", None), b.pop("lse_partial", None)
+            parts = None
+        # destination buffers allocated once per input set, outside the timed region
+        outs = [runner.run(kind, b, T, S) if kind in E.DPS_KINDS else None for b in bufs]
+        k_it = iter(range(10**9))
+
+        def call(kind=kind, outs=outs, k_it=k_it):
+            i = next(k_it) % rotate
+            return runner.run(kind, bufs[i], T, S, outputs=outs[i])
+
+        row[f"{kind}_ms"] = tm(call, repeats)
+    if chunk:
+        row["msa_chunked_ms"] = tm(lambda: _chunked(runner, torch, sets[0], T, chunk), max(1, repeats // 2))
+    pairs = causal_pairs(T, S)
+    bid_t = torch.from_dlpack(bids[0])
+    keys = attended_keys(torch, bid_t, T, S, spec.block_size)
+    row["keys_per_query"] = keys / T
+    row["select_tflops"] = 2 * pairs * spec.num_kv_heads * spec.idx_dim / (row["select_ms"] * 1e-3) / 1e12
+    row["attention_tflops"] = 4 * keys * spec.num_heads * spec.head_dim / (row["block_attention_ms"] * 1e-3) / 1e12
+    row["attention_pct_peak"] = 100 * row["attention_tflops"] / peak
+    row["select_pct_peak"] = 100 * row["select_tflops"] / peak
+    dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
+    row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
+    if L <= dense_max:
+        _progress(li, steps, f"T={L}: dense SDPA")
+        row["dense_ms"] = ttm(lambda: dense_sdpa(torch, *sets[next(it) % rotate][:3], S), repeats)
+        row["dense_tflops"] = dense_flops / (row["dense_ms"] * 1e-3) / 1e12
+        row["speedup_vs_dense"] = row["dense_ms"] / min(row["msa_ms"], row.get("msa_chunked_ms", math.inf))
+    if L <= gather_max:
+        _progress(li, steps, f"T={L}: gather baseline")
+        bt = [torch.from_dlpack(b) for b in bids]
+        row["gather_ms"] = ttm(lambda: gather_attention(torch, *sets[0][:3], bt[0], S, spec.block_size),
+                               max(1, repeats // 2))
+        row["speedup_vs_gather"] = row["gather_ms"] / row["msa_ms"]
+    return row
 
 
 def _chunked(runner, torch, inputs, T: int, chunk: int):

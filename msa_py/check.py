@@ -158,10 +158,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few small cases only")
     ap.add_argument("--no-large", action="store_true", help="skip the 32K case")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--only", help="comma list of case names to run")
     args = ap.parse_args(argv)
     if args.device == "virtual":
         _set_virtual()
     cases = QUICK if args.quick else SMALL + ([] if args.no_large or args.device == "cpu" else LARGE)
+    if args.only:
+        names = args.only.split(",")
+        cases = [c for c in SMALL + LARGE if c[0] in names]
+        if len(cases) != len(names):
+            ap.error(f"--only: unknown case in {names}; known: {[c[0] for c in SMALL + LARGE]}")
     dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
     if args.device == "gpu":
         from max.driver import Accelerator
