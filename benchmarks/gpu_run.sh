@@ -18,6 +18,7 @@ for step in "$@"; do
     bench) python3 -m msa_py bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     demo) python3 -m msa_py demo 2>&1 | tee "$OUT/demo.log" || rc=1 ;;
     torch) python3 -m pytest -q -x tests/test_torch_ops.py --device cuda 2>&1 | tee "$OUT/torch.log" || rc=1 ;;
+    overhead) python3 benchmarks/torch_overhead.py 2>&1 | tee "$OUT/overhead.log" || rc=1 ;;
     sanitize) bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
     *) echo "unknown step $step" ;;
   esac

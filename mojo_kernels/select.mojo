@@ -411,26 +411,34 @@ def select_mma_kernel[
                 var d1 = SIMD[DType.float32, 4](0)
                 mma(d1, qa[kk], bh[1], s_acc[2 * nj2 + 1])
                 s_acc[2 * nj2 + 1] = d1
-        # block max over visible keys (NaN never wins a comparison)
+        # block max over visible keys, unscaled (idx_scale > 0 commutes with
+        # max); NaN never wins: maxNum drops it, comparisons are false
         var m0 = f32_neg_inf()
         var m1 = f32_neg_inf()
-        comptime for nj in range(BS // 8):
-            var key = j * BS + nj * 8 + t2
-            var x = s_acc[nj] * scale
-            if key <= pos0 and x[0] > m0:
-                m0 = x[0]
-            if key + 1 <= pos0 and x[1] > m0:
-                m0 = x[1]
-            if key <= pos1 and x[2] > m1:
-                m1 = x[2]
-            if key + 1 <= pos1 and x[3] > m1:
-                m1 = x[3]
+        if (j + 1) * BS <= min(pos0, pos1) + 1:  # the whole block is visible to both rows
+            var a = SIMD[DType.float32, 4](f32_neg_inf())
+            comptime for nj in range(BS // 8):
+                a = max(a, s_acc[nj])
+            m0 = max(a[0], a[1])
+            m1 = max(a[2], a[3])
+        else:
+            comptime for nj in range(BS // 8):
+                var key = j * BS + nj * 8 + t2
+                var x = s_acc[nj]
+                if key <= pos0 and x[0] > m0:
+                    m0 = x[0]
+                if key + 1 <= pos0 and x[1] > m0:
+                    m0 = x[1]
+                if key <= pos1 and x[2] > m1:
+                    m1 = x[2]
+                if key + 1 <= pos1 and x[3] > m1:
+                    m1 = x[3]
         m0 = max(m0, warp.shuffle_xor(m0, 1))
         m0 = max(m0, warp.shuffle_xor(m0, 2))
         m1 = max(m1, warp.shuffle_xor(m1, 1))
         m1 = max(m1, warp.shuffle_xor(m1, 2))
         if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
-            _topk_insert(my_sc, my_id, cnt, worst, kfree, m1 if lane % 4 == 1 else m0, j)
+            _topk_insert(my_sc, my_id, cnt, worst, kfree, (m1 if lane % 4 == 1 else m0) * scale, j)
         barrier()  # every warp is done with k_cur before it is refilled
     if my_valid:
         var qi = my_r // num_groups

@@ -172,3 +172,15 @@ def check_int32_range(T: int, S: int, topk: int) -> None:
         raise ValueError(f"T * topk = {T * topk} overflows the int32 entry index (T={T}, topk={topk})")
     if S > limit:
         raise ValueError(f"S = {S} keys overflow int32 key indices")
+
+
+def check_scale(name: str, value) -> None:
+    """Softmax and index scales must be finite and > 0 (the kernels rely on
+    max(scale * s) == scale * max(s))."""
+    import math
+
+    if value is None:
+        return
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -202,4 +203,12 @@ def _virtual(case) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "virtual" in sys.argv:
+        # MAX 26.7 aborts in interpreter teardown after loading compile-only
+        # models from its cache ("terminate called without an active
+        # exception"); the check itself is done, so leave without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -90,6 +90,7 @@ def _scale_value(scale, default: float, device: DeviceRef) -> TensorValue:
         if scale.dtype != DType.float32 or len(scale.shape) != 1:
             raise ValueError(f"a tensor scale must be float32 of shape [1], got {scale.type}")
         return scale
+    V.check_scale("scale", scale)
     value = default if scale is None else float(scale)
     return ops.constant(np.array([value], np.float32), DType.float32, device=device)
 

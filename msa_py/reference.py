@@ -90,6 +90,7 @@ def select_blocks(
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
     qi = _f64("q_idx", q_idx)
     ki = _f64("k_idx", k_idx)
+    V.check_scale("idx_scale", idx_scale)
     scale = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
     bs = cfg.block_size
     out = np.full((Hkv, T, topk), -1, np.int32)
@@ -283,6 +284,7 @@ def block_attention(
     """
     q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _config(topk, block_size)
+    V.check_scale("scale", scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bid = block_ids_from_inversion(inversion, cu_q, cu_k, topk)
     V.check_block_ids_shape(bid.shape, Hkv, T, topk)
@@ -334,6 +336,7 @@ def sparse_attention(
         raise ValueError(f"block_ids must be an integer array, got dtype {bid.dtype}")
     V.check_block_ids_shape(bid.shape, Hkv, T)
     _config(bid.shape[2], block_size)
+    V.check_scale("scale", scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     _, p, _ = _positions(cu_q, cu_k)
     if np.any(bid > (p // block_size)[None, :, None]):

@@ -222,6 +222,7 @@ def select_blocks(
     _check_cu("cu_seqlens_q", cu_seqlens_q)
     _check_cu("cu_seqlens_k", cu_seqlens_k)
     V.check_int32_range(T, S, topk)
+    V.check_scale("idx_scale", idx_scale)
     sc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
     return torch.ops.msa.select_blocks(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
                                        init_blocks, local_blocks, sc)
@@ -290,6 +291,7 @@ def sparse_attention(
     V.check_block_ids_shape(tuple(block_ids.shape), Hkv, T)
     V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
     V.check_int32_range(T, S, block_ids.shape[2])
+    V.check_scale("scale", scale)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return torch.ops.msa.sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, sc, q_budget)
 
@@ -356,6 +358,8 @@ def msa_attention(
     V.check_same_dtype([("q", dn), ("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
     V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
     V.check_int32_range(T, S, topk)
+    V.check_scale("scale", scale)
+    V.check_scale("idx_scale", idx_scale)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
     return torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
@@ -487,6 +491,7 @@ def block_attention(
     _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     T, S, Hq, Hkv, D, _ = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
     V.Config(topk, block_size).check()
+    V.check_scale("scale", scale)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     inv = inversion
     return torch.ops.msa.block_attention(q, k, v, inv.row_offsets, inv.entries, inv.work, inv.num_work,

@@ -12,7 +12,7 @@ C = make_case(0, [(20, 40), (10, 10)], 4, 2, 16, 8)
 def call_msa(**over):
     a = dict(q=C.q, k=C.k, v=C.v, q_idx=C.q_idx, k_idx=C.k_idx, cu_seqlens_q=C.cu_q, cu_seqlens_k=C.cu_k)
     kw = dict(topk=2, block_size=16)
-    for key, val in over.items():
+    for key, val in over.items():  # anything not an array argument is a keyword
         (a if key in a else kw)[key] = val
     return R.msa_attention(a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], a["cu_seqlens_q"], a["cu_seqlens_k"], **kw)
 
@@ -36,6 +36,8 @@ BAD = [
     ("block_size", dict(block_size=8)),
     ("init_blocks", dict(init_blocks=-1)),
     ("local_blocks", dict(local_blocks=-2)),
+    ("idx_scale", dict(idx_scale=-1.0)),
+    ("scale", dict(scale=0.0)),
 ]
 
 
