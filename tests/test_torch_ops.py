@@ -162,3 +162,13 @@ def test_errors(torch_device):
     if torch_device == "cuda":
         with pytest.raises(ValueError, match="device"):
             call(k=k.cpu())
+
+
+def test_bitwise_deterministic(torch_device):
+    """Same inputs, same bits, run after run (the combine order is fixed by slot)."""
+    c = make_case(27, [(200, 260), (64, 64)], HQ, HKV, D, DI)
+    args = tensors(c, torch_device, "bfloat16")
+    first = msa_py.msa_attention(*args, topk=TOPK, block_size=BS)
+    for _ in range(3):
+        again = msa_py.msa_attention(*args, topk=TOPK, block_size=BS)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
