@@ -315,31 +315,25 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    T = [r["T"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label in (("msa_ms", "MSA (whole layer)"), ("msa_chunked_ms", "MSA chunked prefill"),
-                       ("dense_ms", "dense SDPA (causal)"), ("gather_ms", "query-major gather"),
-                       ("select_ms", "MSA select"), ("block_attention_ms", "MSA block attention")):
-        pts = [(r["T"], r[key]) for r in rows if key in r]
-        if pts:
-            a.plot(*zip(*pts), marker="o", label=label)
-    a.set_xscale("log", base=2)
-    a.set_yscale("log")
-    a.set_xlabel("tokens")
-    a.set_ylabel("ms")
-    a.set_title("time")
-    a.legend(fontsize=8)
-    for key, label in (("speedup_vs_dense", "vs dense SDPA"), ("speedup_vs_gather", "vs gather")):
-        pts = [(r["T"], r[key]) for r in rows if key in r]
-        if pts:
-            b.plot(*zip(*pts), marker="o", label=label)
+
+    def lines(ax, series, ylabel, title):
+        for key, label in series:
+            pts = [(r["T"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+
+    lines(a, (("msa_ms", "MSA (whole layer)"), ("msa_chunked_ms", "MSA chunked prefill"),
+              ("dense_ms", "dense SDPA (causal)"), ("gather_ms", "query-major gather"),
+              ("select_ms", "MSA select"), ("block_attention_ms", "MSA block attention")), "ms", "time")
     b.axhline(1.0, color="gray", lw=0.8)
-    b.set_xscale("log", base=2)
-    b.set_yscale("log")
-    b.set_xlabel("tokens")
-    b.set_ylabel("speedup of MSA")
-    b.set_title("speedup")
-    b.legend(fontsize=8)
+    lines(b, (("speedup_vs_dense", "vs dense SDPA"), ("speedup_vs_gather", "vs gather")), "speedup of MSA", "speedup")
     c = result["config"]
     fig.suptitle(f"MSA on {result.get('device_name', result['device'])}: {c['dtype']}, Hq {c['num_heads']}, "
                  f"Hkv {c['num_kv_heads']}, D {c['head_dim']}, topk {c['topk']}, scenario {result['scenario']}",
