@@ -110,6 +110,35 @@ def _seqlens(cu_q, cu_k, T, S, device: DeviceRef):
     return one(T), one(S)
 
 
+_SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
+_BYTES = {DType.float32: 4, DType.float16: 2, DType.bfloat16: 2}
+
+
+def _check_gpu_fit(kind: str, device: DeviceRef, dtype: DType, *, topk: int, block_size: int, dim: int,
+                   num_groups: int = 1) -> None:
+    """Shared memory the GPU kernels will ask for, checked before any compile:
+    a configuration that cannot fit gets a ValueError naming what to change."""
+    if str(device.device_type) == "cpu":
+        return
+    sixteen = dtype in (DType.bfloat16, DType.float16)
+    if kind == "select":
+        if sixteen and dim % 16 == 0 and dim <= 256 and block_size % 16 == 0 and block_size <= 128:
+            need = (128 + 2 * block_size) * (dim + 8) * 2 + 8 * 128 * topk
+        else:
+            rows = max(1, 64 // num_groups) * num_groups
+            need = 4 * (rows * (dim + 1) + min(32, block_size) * (dim + 1) + 2 * rows * topk)
+        what = f"topk={topk}, Di={dim}, block_size={block_size}"
+    else:
+        if sixteen and dim % 16 == 0 and dim <= 128 and block_size % 16 == 0 and block_size <= 128:
+            need = (2 * block_size + 128) * (dim + 8) * 2
+        else:
+            need = 4 * (block_size * (dim + 1) + block_size * dim + 8 * (dim + block_size))
+        what = f"D={dim}, block_size={block_size}, dtype={dtype}"
+    if need > _SMEM_LIMIT:
+        raise ValueError(f"{kind} on the GPU needs {need} bytes of shared memory for {what} "
+                         f"(limit {_SMEM_LIMIT}): use a smaller block_size/topk or a 16-bit dtype")
+
+
 def _num_seqs(cu_q: TensorValue):
     return cu_q.shape[0] - 1
 
@@ -134,6 +163,8 @@ def select_blocks(
     dev = q_idx.device
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q_idx.shape[0], k_idx.shape[0], dev)
     Di = _static("q_idx index dim Di", Di)
+    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di,
+                   num_groups=_static("q_idx groups Hkv", Hkv))
     scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
     return ops.custom(
         "msa_select",
@@ -213,6 +244,7 @@ def block_attention(
     V.Config(topk, block_size).check()
     Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
     dev = q.device
+    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
     o_p, lse_p = ops.custom(
         "msa_block_attention",

@@ -50,3 +50,16 @@ def test_graph_time_errors():
             msa.select_blocks(qi, ki, topk=0)
         with pytest.raises(ValueError, match="block_size"):
             msa.select_blocks(qi, ki, block_size=100)
+
+
+def test_gpu_shared_memory_limits_are_checked_before_compiling():
+    gpu = DeviceRef.GPU(0)
+    f = DType.float32
+    with Graph("too_big", input_types=[TensorType(f, ["T", 4, 256], device=gpu), TensorType(f, ["S", 4, 256], device=gpu),
+                                       TensorType(f, ["T", 4, 64], device=gpu), TensorType(f, ["S", 64], device=gpu)],
+               custom_extensions=[msa.kernels_path()]) as g:
+        q, k, qi, ki = (x.tensor for x in g.inputs)
+        with pytest.raises(ValueError, match="shared memory"):
+            msa.msa_attention(q, k, k, qi, ki, block_size=256)
+        with pytest.raises(ValueError, match="shared memory"):
+            msa.select_blocks(qi, ki, topk=1000)
