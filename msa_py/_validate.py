@@ -165,13 +165,16 @@ def check_cu_seqlens_values(cu_q: np.ndarray, cu_k: np.ndarray, T: int, S: int) 
         )
 
 
-def check_int32_range(T: int, S: int, topk: int) -> None:
-    """Entries are stored as t * topk + slot in int32: refuse before overflow."""
+def check_int32_range(T: int, S: int, topk: int, Hq: int = 1, Hkv: int = 1) -> None:
+    """The kernels keep int32 indices: entries t * topk + slot, flat (group,
+    query, slot) indices Hkv * T * topk, partial offsets (t * Hq + h) * topk +
+    slot, key indices < S. Refuse before any of them could overflow."""
     limit = 2**31 - 1
-    if T * topk > limit:
-        raise ValueError(f"T * topk = {T * topk} overflows the int32 entry index (T={T}, topk={topk})")
-    if S > limit:
-        raise ValueError(f"S = {S} keys overflow int32 key indices")
+    for what, n in (("T * topk", T * topk), ("Hkv * T * topk", Hkv * T * topk), ("T * Hq * topk", T * Hq * topk),
+                    ("S", S)):
+        if n > limit:
+            raise ValueError(f"{what} = {n} overflows the kernels' int32 indices (T={T}, S={S}, topk={topk}, "
+                             f"Hq={Hq}, Hkv={Hkv}): split the batch")
 
 
 def check_scale(name: str, value) -> None:

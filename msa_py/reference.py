@@ -176,6 +176,7 @@ def invert(
         raise ValueError("invert needs cu_seqlens_q and cu_seqlens_k (the block of a query depends on its sequence)")
     S = int(np.asarray(cu_seqlens_k)[-1])
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
+    V.check_int32_range(T, S, topk, 1, Hkv)  # entries are int32
     seq, p, tk = _positions(cu_q, cu_k)
     roff = row_offsets_of(cu_k, cfg.block_size)
     R = int(roff[-1])

@@ -74,3 +74,13 @@ def test_invert_errors():
         R.invert(bid, C.cu_q, C.cu_k, block_size=16, q_budget=0)
     with pytest.raises(ValueError, match="cu_seqlens"):
         R.invert(bid, None, None, block_size=16)
+
+
+def test_int32_limits_refused_before_overflow():
+    from msa_py import _validate as V
+
+    V.check_int32_range(131072, 131072, 16, 64, 4)  # the model shape at 128K fits
+    with pytest.raises(ValueError, match=r"T \* Hq \* topk"):
+        V.check_int32_range(3_000_000, 3_000_000, 16, 64, 4)
+    with pytest.raises(ValueError, match=r"^T \* topk"):
+        V.check_int32_range(2**28, 2**28, 16)
