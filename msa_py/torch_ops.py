@@ -23,7 +23,6 @@ import math
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import _validate as V

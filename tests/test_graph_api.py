@@ -1,6 +1,5 @@
 """msa_py.graph inside a user's own MAX graph: default cu_seqlens, float scales,
 symbolic lengths served by one compiled model, and graph-time errors."""
-import numpy as np
 import pytest
 from max.driver import CPU, Buffer
 from max.dtype import DType

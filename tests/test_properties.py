@@ -7,10 +7,8 @@
    block multiples, sequences shorter than topk blocks, chunked prefill.
 A failure prints the falsifying example (hypothesis does), which reproduces it.
 """
-import math
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
