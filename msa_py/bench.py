@@ -349,3 +349,109 @@ def save(result: dict, out: Path) -> tuple[Path, Path]:
     js.write_text(json.dumps(result, indent=1))
     plot(result, png)
     return js, png
+
+
+# --------------------------------------------------------------------------- decode
+def copy_bandwidth(torch, device: str) -> float:
+    """Measured device copy bandwidth in GB/s (bytes read + written)."""
+    if device == "cpu":
+        return float("nan")
+    from .timing import time_torch
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = time_torch(lambda: y.copy_(x), warmup=3, iters=10)["median"]
+    return 2 * x.numel() / (ms * 1e-3) / 1e9
+
+
+def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int = 1, repeats: int = 5,
+                     log=print) -> dict:
+    """Decode shapes: each of B sequences has n_new new queries (the last
+    n_new of its Tk keys) over a cache of Tk keys. MSA (whole layer, general
+    path) against dense decode (SDPA over the same cache, GQA). Bandwidth
+    counts index keys + selected K/V rows read + q/out, over the MSA time."""
+    import torch
+    import torch.nn.functional as F
+
+    tdev = "cpu" if device == "cpu" else "cuda"
+    tm = _timer(device)
+    ttm = _torch_timer(torch, device)
+    bw = copy_bandwidth(torch, device)
+    runner = MSARunner(spec, device)
+    esize = 4 if spec.dtype == "float32" else 2
+    rows = []
+    steps = len(batches) * len(contexts)
+    i = 0
+    for B in batches:
+        for Tk in contexts:
+            _progress(i, steps, f"decode B={B} Tk={Tk}")
+            i += 1
+            try:
+                q, k, v, qi, ki = make_inputs(torch, spec, B * n_new, B * Tk, tdev, "uniform", seed=i)
+                bufs = runner.buffers(torch, q, k, v, qi, ki, B * n_new, B * Tk)
+                cu_q = torch.arange(0, B + 1, dtype=torch.int32, device=tdev) * n_new
+                cu_k = torch.arange(0, B + 1, dtype=torch.int32, device=tdev) * Tk
+                from .torch_ops import _buf
+
+                bufs.update(cu_q=_buf(cu_q), cu_k=_buf(cu_k))
+                outs = runner.run("msa", bufs, B * n_new, B * Tk)
+                msa_ms = tm(lambda: runner.run("msa", bufs, B * n_new, B * Tk, outputs=outs), repeats)
+                # dense decode over the same cache: q [B, Hq, n_new, D], k/v [B, Hkv, Tk, D]
+                qd = q.view(B, n_new, spec.num_heads, spec.head_dim).transpose(1, 2)
+                kd = k.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+                vd = v.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+                mask = torch.ones(n_new, Tk, dtype=torch.bool, device=tdev).tril(Tk - n_new)
+                dense_ms = ttm(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True),
+                               repeats)
+                sel_rows = min(spec.topk * spec.block_size, Tk)
+                moved = (B * Tk * spec.idx_dim * esize  # index keys
+                         + B * n_new * spec.num_kv_heads * sel_rows * spec.head_dim * esize * 2  # selected K and V
+                         + 2 * B * n_new * spec.num_heads * spec.head_dim * esize)  # q and out
+                gbps = moved / (msa_ms * 1e-3) / 1e9
+                rows.append(dict(B=B, Tk=Tk, n_new=n_new, msa_ms=msa_ms, dense_ms=dense_ms,
+                                 speedup_vs_dense=dense_ms / msa_ms, gbytes_moved=moved / 1e9, gbps=gbps,
+                                 pct_copy_bw=100 * gbps / bw))
+            except Exception as e:  # keep the other shapes
+                rows.append(dict(B=B, Tk=Tk, n_new=n_new, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+                log(f"\nB={B} Tk={Tk}: {rows[-1]['error']}")
+            if device != "cpu":
+                torch.cuda.empty_cache()
+    _progress(steps, steps, "done")
+    return dict(config=asdict(spec), device=device, mode="decode", n_new=n_new, repeats=repeats,
+                copy_bandwidth_gbps=bw, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def decode_table(result: dict) -> str:
+    lines = [f"{'B':>4} {'Tk':>8} {'MSA ms':>9} {'dense ms':>9} {'x dense':>8} {'GB/s':>8} {'% copy':>7}"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['error']}")
+            continue
+        lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['msa_ms']:9.3f} {r['dense_ms']:9.3f} {r['speedup_vs_dense']:8.2f} "
+                     f"{r['gbps']:8.1f} {r['pct_copy_bw']:7.1f}")
+    c = result["config"]
+    lines.append(f"(decode, {result['n_new']} new token(s) per sequence; {c['dtype']} Hq {c['num_heads']} Hkv "
+                 f"{c['num_kv_heads']} D {c['head_dim']} Di {c['idx_dim']} topk {c['topk']}; copy bandwidth "
+                 f"{result['copy_bandwidth_gbps']:.0f} GB/s)")
+    return "\n".join(lines)
+
+
+def decode_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for B in sorted({r["B"] for r in result["rows"]}):
+        pts = [(r["Tk"], r["speedup_vs_dense"]) for r in result["rows"] if r["B"] == B and "error" not in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"batch {B}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (keys per sequence)")
+    ax.set_ylabel("MSA speedup over dense decode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

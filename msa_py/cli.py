@@ -146,8 +146,10 @@ def bench(args) -> int:
 
     device = _device(args.device)
     spec = _spec(args, device)
+    if args.decode:
+        return _bench_decode(args, device, spec)
     if args.lengths:
-        lengths = [int(x.lower().replace("k", "")) * (1024 if "k" in x.lower() else 1) for x in args.lengths.split(",")]
+        lengths = _lengths(args.lengths)
     else:
         lengths = [4096, 16384, 32768, 65536, 131072] if device != "cpu" else [256, 512]
     res = Bn.run_bench(spec, lengths, device=device, repeats=args.repeats, rotate_sets=args.rotate,
@@ -158,6 +160,27 @@ def bench(args) -> int:
     print(Bn.table(res))
     js, png = Bn.save(res, Path(args.out))
     print(f"wrote {js} and {png}")
+    return 0
+
+
+def _lengths(text: str) -> list[int]:
+    return [int(x.lower().replace("k", "")) * (1024 if "k" in x.lower() else 1) for x in text.split(",")]
+
+
+def _bench_decode(args, device: str, spec) -> int:
+    from . import bench as Bn
+
+    batches = [int(x) for x in args.batches.split(",")] if args.batches else ([1, 8, 32, 64] if device != "cpu" else [2])
+    contexts = _lengths(args.contexts) if args.contexts else ([16384, 32768, 65536, 131072] if device != "cpu" else [256])
+    res = Bn.run_decode_bench(spec, batches, contexts, device=device, n_new=args.n_new, repeats=args.repeats)
+    res["device_name"] = _device_name(device)
+    print(f"msa bench --decode on {res['device_name']}, commit {res['commit']}, {res['date']}")
+    print(Bn.decode_table(res))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(__import__("json").dumps(res, indent=1))
+    Bn.decode_plot(res, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 
 
@@ -176,6 +199,10 @@ def main(argv=None) -> int:
     b.add_argument("--chunk", type=int, help="also time chunked prefill with this many queries per call")
     b.add_argument("--gather-max", type=int, default=32768, help="longest length for the gather baseline")
     b.add_argument("--out", default="msa_out/bench", help="output path stem (.json and .png)")
+    b.add_argument("--decode", action="store_true", help="decode shapes: few new tokens per sequence over a KV cache")
+    b.add_argument("--batches", help="decode: comma list of batch sizes (GPU default 1,8,32,64)")
+    b.add_argument("--contexts", help="decode: comma list of cache lengths (GPU default 16k,32k,64k,128k)")
+    b.add_argument("--n-new", type=int, default=1, help="decode: new tokens per sequence (speculative: up to 8)")
     args = ap.parse_args(argv)
     return demo(args) if args.cmd == "demo" else bench(args)
 

@@ -34,3 +34,16 @@ def test_bench_tiny(tmp_path, capsys):
                     "speedup_vs_gather", "keys_per_query"):
             assert key in r and r[key] > 0, key
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_decode_tiny(tmp_path, capsys):
+    stem = tmp_path / "decode"
+    assert cli.main(["bench", "--decode", "--batches", "2", "--contexts", "96,160", "--n-new", "2", "--repeats", "2",
+                     "--out", str(stem), *TINY]) == 0
+    assert "x dense" in capsys.readouterr().out
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert res["mode"] == "decode" and res["n_new"] == 2
+    for r in res["rows"]:
+        for key in ("msa_ms", "dense_ms", "speedup_vs_dense", "gbps", "gbytes_moved"):
+            assert key in r and r[key] > 0, key
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ A failure prints the falsifying example (hypothesis does), which reproduces it.
 """
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +113,22 @@ def test_kernels_are_deterministic():
     a[6], b[6] = np.where(used, a[6], 0), np.where(used, b[6], 0)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("n_new", [1, 3, 8])
+def test_kernels_decode_shapes(n_new):
+    """Decode / speculative decoding: n_new new queries per sequence over ragged
+    caches, including caches shorter than topk blocks."""
+    contexts = [9, 16, 40, 130, 300]
+    seqs = [(min(n_new, tk), tk) for tk in contexts]
+    c = make_case(40 + n_new, seqs, SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim, SPEC.idx_dim)
+    T, S = int(c.cu_q[-1]), int(c.cu_k[-1])
+    ins = E.numpy_inputs(SPEC, "cpu", q=c.q, k=c.k, v=c.v, q_idx=c.q_idx, k_idx=c.k_idx, cu_q=c.cu_q, cu_k=c.cu_k,
+                         scale=np.array([0.2], np.float32), idx_scale=np.array([0.25], np.float32))
+    outs = [E.to_numpy(o) for o in E.run("stages", SPEC, "cpu", ins, T, S, len(seqs))]
+    bid, out, lse = outs[0], outs[-2], outs[-1]
+    ref_bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=3, block_size=16, init_blocks=1,
+                              local_blocks=1, idx_scale=0.25)
+    np.testing.assert_array_equal(bid, ref_bid)
+    ro, rl = R.sparse_attention(c.q, c.k, c.v, bid, c.cu_q, c.cu_k, block_size=16, scale=0.2)
+    assert Vf.rel_err(out, ro) < 1e-5 and Vf.rel_err(lse, rl) < 1e-5
