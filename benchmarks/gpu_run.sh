@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh check [bench] [torch] [ARGS...]
+#   bash benchmarks/gpu_run.sh check [check-small] [bench] [decode] [demo] [torch] [overhead] [sanitize]
 # Logs go to $OUT (the device tool's folder) or ./msa_out.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -16,6 +16,7 @@ for step in "$@"; do
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     bench) python3 -m msa_py bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    decode) python3 -m msa_py bench --decode --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     demo) python3 -m msa_py demo 2>&1 | tee "$OUT/demo.log" || rc=1 ;;
     torch) python3 -m pytest -q -x tests/test_torch_ops.py --device cuda 2>&1 | tee "$OUT/torch.log" || rc=1 ;;
     overhead) python3 benchmarks/torch_overhead.py 2>&1 | tee "$OUT/overhead.log" || rc=1 ;;
