@@ -290,6 +290,11 @@ COLUMNS = [
 ]
 
 
+def _config_text(c: dict) -> str:
+    return (f"{c['dtype']} Hq {c['num_heads']} Hkv {c['num_kv_heads']} D {c['head_dim']} Di {c['idx_dim']} "
+            f"topk {c['topk']} block {c['block_size']}")
+
+
 def table(result: dict) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in result["rows"])]
     head = " ".join(f"{name:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}" for _, name, fmt in cols)
@@ -300,9 +305,7 @@ def table(result: dict) -> str:
             w = len(fmt.format(0) if "d" in fmt else fmt.format(0.0))
             cells.append(fmt.format(r[key]) if key in r else " " * (w - 1) + "-")
         lines.append(" ".join(cells))
-    c = result["config"]
-    lines.append(f"(ms, median of {result['repeats']}; {c['dtype']} Hq {c['num_heads']} Hkv {c['num_kv_heads']} "
-                 f"D {c['head_dim']} Di {c['idx_dim']} topk {c['topk']} block {c['block_size']}; scenario "
+    lines.append(f"(ms, median of {result['repeats']}; {_config_text(result['config'])}; scenario "
                  f"{result['scenario']}; matmul peak {result['matmul_peak_tflops']:.0f} TF/s)")
     return "\n".join(lines)
 
@@ -429,10 +432,8 @@ def decode_table(result: dict) -> str:
             continue
         lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['msa_ms']:9.3f} {r['dense_ms']:9.3f} {r['speedup_vs_dense']:8.2f} "
                      f"{r['gbps']:8.1f} {r['pct_copy_bw']:7.1f}")
-    c = result["config"]
-    lines.append(f"(decode, {result['n_new']} new token(s) per sequence; {c['dtype']} Hq {c['num_heads']} Hkv "
-                 f"{c['num_kv_heads']} D {c['head_dim']} Di {c['idx_dim']} topk {c['topk']}; copy bandwidth "
-                 f"{result['copy_bandwidth_gbps']:.0f} GB/s)")
+    lines.append(f"(decode, {result['n_new']} new token(s) per sequence; {_config_text(result['config'])}; "
+                 f"copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s)")
     return "\n".join(lines)
 
 
