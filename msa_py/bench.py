@@ -118,8 +118,8 @@ class MSARunner:
         return {n: _buf(t) for n, t in dict(q=q, k=k, v=v, q_idx=qi, k_idx=ki, cu_q=cu_q, cu_k=cu_k, scale=sc,
                                             idx_scale=isc, keys=keys).items()}
 
-    def run(self, kind, ins, T, S, outputs=None):
-        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.INPUTS[kind]}, T, S, 1, outputs=outputs)
+    def run(self, kind, ins, outputs=None):
+        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.INPUTS[kind]}, outputs=outputs)
 
 
 def dense_sdpa(torch, q, k, v, S: int):
@@ -212,13 +212,13 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
     it = iter(range(10**9))
     row = dict(T=T, S=S)
     # selection, once per set (also feeds the later stages)
-    bids = [runner.run("select", b, T, S)[0] for b in bufs]
+    bids = [runner.run("select", b)[0] for b in bufs]
     for b, bid in zip(bufs, bids):
         b["block_ids"] = bid
-    invs = [runner.run("invert", dict(b, block_ids=bid), T, S) for b, bid in zip(bufs, bids)]
+    invs = [runner.run("invert", dict(b, block_ids=bid)) for b, bid in zip(bufs, bids)]
     for b, inv in zip(bufs, invs):
         b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
-    parts = [runner.run("block_attention", b, T, S) for b in bufs]
+    parts = [runner.run("block_attention", b) for b in bufs]
     for b, pr in zip(bufs, parts):
         b.update(o_partial=pr[0], lse_partial=pr[1])
     _progress(li, steps, f"T={L}: timing MSA stages")
@@ -228,12 +228,12 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
                 b.pop("o_partial", None), b.pop("lse_partial", None)
             parts = None
         # destination buffers allocated once per input set, outside the timed region
-        outs = [runner.run(kind, b, T, S) if kind in E.DPS_KINDS else None for b in bufs]
+        outs = [runner.run(kind, b) if kind in E.DPS_KINDS else None for b in bufs]
         k_it = iter(range(10**9))
 
         def call(kind=kind, outs=outs, k_it=k_it):
             i = next(k_it) % rotate
-            return runner.run(kind, bufs[i], T, S, outputs=outs[i])
+            return runner.run(kind, bufs[i], outputs=outs[i])
 
         row[f"{kind}_ms"] = tm(call, repeats)
     if chunk:
@@ -268,7 +268,7 @@ def _chunked(runner, torch, inputs, T: int, chunk: int):
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         b = runner.buffers(torch, q[c0:c1], k[:c1], v[:c1], qi[c0:c1], ki[:c1], c1 - c0, c1)
-        runner.run("msa", b, c1 - c0, c1)
+        runner.run("msa", b)
 
 
 # --------------------------------------------------------------------------- output
@@ -345,12 +345,13 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def save(result: dict, out: Path) -> tuple[Path, Path]:
+def save(result: dict, out: Path, plotter=None) -> tuple[Path, Path]:
+    """Writes out.json and out.png (plotter: plot, or decode_plot for decode results)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     js = out.with_suffix(".json")
     png = out.with_suffix(".png")
     js.write_text(json.dumps(result, indent=1))
-    plot(result, png)
+    (plotter or plot)(result, png)
     return js, png
 
 
@@ -397,8 +398,8 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                 from .torch_ops import _buf
 
                 bufs.update(cu_q=_buf(cu_q), cu_k=_buf(cu_k))
-                outs = runner.run("msa", bufs, B * n_new, B * Tk)
-                msa_ms = tm(lambda: runner.run("msa", bufs, B * n_new, B * Tk, outputs=outs), repeats)
+                outs = runner.run("msa", bufs)
+                msa_ms = tm(lambda: runner.run("msa", bufs, outputs=outs), repeats)
                 # dense decode over the same cache: q [B, Hq, n_new, D], k/v [B, Hkv, Tk, D]
                 qd = q.view(B, n_new, spec.num_heads, spec.head_dim).transpose(1, 2)
                 kd = k.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)

@@ -74,7 +74,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     scale, idx_scale = 1.0 / math.sqrt(D), 1.0 / math.sqrt(Di)
     ins = E.numpy_inputs(spec, device, **a, scale=np.array([scale], np.float32),
                          idx_scale=np.array([idx_scale], np.float32))
-    outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins, T, S, B)]
+    outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins)]
     bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs
     tol = Vf.tolerance(dtype)
     ok = True
@@ -123,17 +123,17 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         from .timing import time_max
 
         m_ins = {n: ins[n] for n in E.INPUTS["msa"]}
-        bufs = E.run("msa", spec, device, m_ins, T, S, B)
-        tm = time_max(lambda: E.run("msa", spec, device, m_ins, T, S, B, outputs=bufs), device,
+        bufs = E.run("msa", spec, device, m_ins)
+        tm = time_max(lambda: E.run("msa", spec, device, m_ins, outputs=bufs), device,
                       iters=10 if T > 10000 else 5)
         flops = 4.0 * Hq * D * sum(_selected_keys(seqs, topk, bs))
         stages = ""
         if T > 10000:  # where the time goes
             s_ins = {n: ins[n] for n in E.INPUTS["select"]}
-            ts = time_max(lambda: E.run("select", spec, device, s_ins, T, S, B), device, iters=5)
+            ts = time_max(lambda: E.run("select", spec, device, s_ins), device, iters=5)
             p_ins = dict(m_ins, block_ids=E.to_buffer(bid.astype(np.int32), "int32", device))
             p_ins = {n: p_ins[n] for n in E.INPUTS["sparse"]}
-            tp = time_max(lambda: E.run("sparse", spec, device, p_ins, T, S, B), device, iters=5)
+            tp = time_max(lambda: E.run("sparse", spec, device, p_ins), device, iters=5)
             stages = f" [select {ts['median']:.3f} ms, invert+attention+combine {tp['median']:.3f} ms]"
         timing = stages + f" | msa {tm['median']:.3f} ms (host {tm['host_median']:.3f}) {flops / tm['median'] / 1e9:.1f} TFLOP/s attn-eff"
     log(

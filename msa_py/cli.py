@@ -92,19 +92,19 @@ def demo(args) -> int:
     for kind in Bn.STAGES:
         E.model(kind, spec, device)
     print(f"  ready in {time.time() - t0:.1f} s")
-    bid = runner.run("select", bufs, T, S)[0]
+    bid = runner.run("select", bufs)[0]
     bufs["block_ids"] = bid
-    inv = runner.run("invert", bufs, T, S)
+    inv = runner.run("invert", bufs)
     bufs.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
-    o_p, lse_p = runner.run("block_attention", bufs, T, S)
+    o_p, lse_p = runner.run("block_attention", bufs)
     bufs.update(o_partial=o_p, lse_partial=lse_p)
-    out, lse = runner.run("combine", bufs, T, S)
+    out, lse = runner.run("combine", bufs)
     tm = Bn._timer(device)
     reps = 3 if device == "cpu" else 10
     stage_ms = {}
     for kind in Bn.STAGES:
-        outs = runner.run(kind, bufs, T, S) if kind in E.DPS_KINDS else None
-        stage_ms[kind] = tm(lambda kind=kind, outs=outs: runner.run(kind, bufs, T, S, outputs=outs), reps)
+        outs = runner.run(kind, bufs) if kind in E.DPS_KINDS else None
+        stage_ms[kind] = tm(lambda kind=kind, outs=outs: runner.run(kind, bufs, outputs=outs), reps)
     total = sum(stage_ms.values())
     # check against the float64 reference on a slice of queries
     q, k, v, qi, ki = (x.float().cpu().numpy() for x in inputs)
@@ -176,11 +176,8 @@ def _bench_decode(args, device: str, spec) -> int:
     res["device_name"] = _device_name(device)
     print(f"msa bench --decode on {res['device_name']}, commit {res['commit']}, {res['date']}")
     print(Bn.decode_table(res))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(__import__("json").dumps(res, indent=1))
-    Bn.decode_plot(res, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    js, png = Bn.save(res, Path(args.out), Bn.decode_plot)
+    print(f"wrote {js} and {png}")
     return 0
 
 

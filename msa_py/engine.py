@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,9 +50,6 @@ class Spec:
     local_blocks: int = 2
     q_budget: int = 64
     use_mma: bool = True
-
-    def with_(self, **kw) -> "Spec":
-        return replace(self, **kw)
 
 
 def _dt(name: str):
@@ -217,10 +214,6 @@ def cached_models() -> list[tuple]:
     return list(_models)
 
 
-def clear_cache() -> None:
-    _models.clear()
-
-
 # --------------------------------------------------------------------------- NumPy runner
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """Rounds float32 to bfloat16 (nearest even); returns uint16 bit patterns."""
@@ -270,17 +263,7 @@ def empty_buffer(dtype, shape, device: str):
     return Buffer(dtype, tuple(int(s) for s in shape), device=CPU() if device == "cpu" else _accelerator(device))
 
 
-def output_shapes(kind: str, spec: Spec, T: int, S: int, B: int):
-    """Shapes of a DPS kind's outputs."""
-    Hq, Hkv, D, K = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.topk
-    return {
-        "out": (T, Hq, D),
-        "lse": (T, Hq),
-        "block_ids": (Hkv, T, K),
-    }
-
-
-def run(kind: str, spec: Spec, device: str, inputs: dict, T: int, S: int, B: int, outputs=None):
+def run(kind: str, spec: Spec, device: str, inputs: dict, outputs=None):
     """Runs a kind on device Buffers (dict by input name). DPS kinds write into
     `outputs` (allocated here when None). Returns the list of output Buffers."""
     from max.dtype import DType
@@ -289,11 +272,12 @@ def run(kind: str, spec: Spec, device: str, inputs: dict, T: int, S: int, B: int
     args = [inputs[n] for n in INPUTS[kind]]
     if kind in OUTPUTS:
         if outputs is None:
-            shapes = output_shapes(kind, spec, T, S, B)
+            T = args[0].shape[0]  # every DPS kind's first input is token-major
             x = _dt(spec.dtype)
-            dtypes = {"out": G.partial_dtype_for(x) if kind == "combine" else x,
-                      "lse": DType.float32, "block_ids": DType.int32}
-            outputs = [empty_buffer(dtypes[n], shapes[n], device) for n in OUTPUTS[kind]]
+            shapes = {"out": ((T, spec.num_heads, spec.head_dim), G.partial_dtype_for(x) if kind == "combine" else x),
+                      "lse": ((T, spec.num_heads), DType.float32),
+                      "block_ids": ((spec.num_kv_heads, T, spec.topk), DType.int32)}
+            outputs = [empty_buffer(shapes[n][1], shapes[n][0], device) for n in OUTPUTS[kind]]
         m.execute(*outputs, *args)
         return list(outputs)
     return list(m.execute(*args))

@@ -156,7 +156,7 @@ def _run(kind: str, spec: E.Spec, device: str, inputs: dict, outputs=None):
         ext.wait_stream(cur)
     ins = {n: _buf(t) for n, t in inputs.items()}
     outs = None if outputs is None else [_buf(o) for o in outputs]
-    res = E.run(kind, spec, device, ins, 0, 0, 0, outputs=outs)
+    res = E.run(kind, spec, device, ins, outputs=outs)
     if cuda:
         cur.wait_stream(ext)
     if outputs is None:
