@@ -17,6 +17,11 @@
 #   simt (any float dtype): one warp per (entry, head) row.
 # lse_partial is filled with -inf first, so slots no work item touches read
 # as unused in the combine.
+#
+# Decode (op msa_decode_attention) runs the same kernels query-major: one
+# thread block per (g, t, slot) of block_ids, each selected block one split
+# of flash-decoding's split-K, merged by the same combine. Inversion buys
+# nothing when each query is alone with its blocks, so it is skipped.
 
 from std.math import ceildiv, exp, exp2, log
 from std.memory import unsafe_stack_allocation
@@ -54,16 +59,29 @@ struct _Item(TrivialRegisterPassable):
 
     @always_inline
     def __init__(
-        out self, work: I32Ptr, w: Int, row_offsets: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
-        num_seqs: Int, block_size: Int,
+        out self, query_major: Bool, table: I32Ptr, w: Int, row_offsets: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
+        num_seqs: Int, block_size: Int, T: Int, topk: Int,
     ):
-        var wp = work.unsafe_offset(w * 4)
-        self.g = Int(wp[unsafe_offset=0])
-        var row = Int(wp[unsafe_offset=1])
-        self.begin = Int(wp[unsafe_offset=2])
-        self.count = Int(wp[unsafe_offset=3])
-        self.b = seq_of(row_offsets, num_seqs + 1, row)
-        self.j = row - Int(row_offsets[unsafe_offset=self.b])
+        """Block-major: table is the work list, w a work item.
+        Query-major (decode): table is block_ids [Hkv, T, topk] and w a flat
+        (g, t, slot) index: one entry (count 1, begin = t * topk + slot), or
+        count 0 for an unused slot."""
+        if query_major:
+            var nent = T * topk
+            self.g = w // nent
+            self.begin = w % nent
+            var j = Int(table[unsafe_offset=w])
+            self.count = 1 if j >= 0 else 0
+            self.b = seq_of(cu_q, num_seqs, self.begin // topk)
+            self.j = max(j, 0)
+        else:
+            var wp = table.unsafe_offset(w * 4)
+            self.g = Int(wp[unsafe_offset=0])
+            var row = Int(wp[unsafe_offset=1])
+            self.begin = Int(wp[unsafe_offset=2])
+            self.count = Int(wp[unsafe_offset=3])
+            self.b = seq_of(row_offsets, num_seqs + 1, row)
+            self.j = row - Int(row_offsets[unsafe_offset=self.b])
         self.q0 = Int(cu_q[unsafe_offset=self.b])
         var k0 = Int(cu_k[unsafe_offset=self.b])
         var tk = Int(cu_k[unsafe_offset=self.b + 1]) - k0
@@ -71,6 +89,14 @@ struct _Item(TrivialRegisterPassable):
         self.kstart = k0 + self.j * block_size
         self.nk = min(block_size, tk - self.j * block_size)
         self.pos0 = tk - tq
+
+    @always_inline
+    def entry[query_major: Bool](self, entries: I32Ptr, nent: Int, e: Int) -> Int:
+        """The e-th entry (t * topk + slot) of this item."""
+        comptime if query_major:
+            return self.begin
+        else:
+            return Int(entries[unsafe_offset=self.g * nent + self.begin + e])
 
     @always_inline
     def visible(self, t: Int, block_size: Int) -> Int:
@@ -91,7 +117,7 @@ def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
 
 # ----------------------------------------------------------------------------- CPU
 def _attention_cpu[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int, query_major: Bool
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -105,9 +131,9 @@ def _attention_cpu[
     var s = unsafe_stack_allocation[block_size, Float32]()
     var acc = unsafe_stack_allocation[head_dim, Float32]()
     for w in range(num_work):
-        var it = _Item(work, w, row_offsets, cu_q, cu_k, num_seqs, block_size)
+        var it = _Item(query_major, work, w, row_offsets, cu_q, cu_k, num_seqs, block_size, T, topk)
         for e in range(it.count):
-            var ent = Int(entries[unsafe_offset=it.g * T * topk + it.begin + e])
+            var ent = it.entry[query_major](entries, T * topk, e)
             var t = ent // topk
             var slot = ent % topk
             var nvis = it.visible(t, block_size)
@@ -140,7 +166,8 @@ def _attention_cpu[
 
 # ----------------------------------------------------------------------------- GPU, SIMT
 def attention_simt_kernel[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    query_major: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -155,12 +182,15 @@ def attention_simt_kernel[
     comptime KPL = ceildiv(block_size, WARP_SIZE)  # keys per lane
     comptime DPL = ceildiv(head_dim, WARP_SIZE)  # dims per lane
     var w = Int(block_idx.x)
-    if w >= Int(num_work[unsafe_offset=0]):
-        return
+    comptime if not query_major:
+        if w >= Int(num_work[unsafe_offset=0]):
+            return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), block_size)
+    var it = _Item(query_major, work, w, row_offsets, cu_q, cu_k, Int(num_seqs), block_size, Int(T), topk)
+    if it.count == 0:
+        return
     var smem = external_memory[Float32, address_space=AddressSpace.SHARED, alignment=16]()
     var k_s = smem
     var v_s = smem.unsafe_offset(block_size * KP)
@@ -181,7 +211,7 @@ def attention_simt_kernel[
     var scale = scale_p[unsafe_offset=0]
     var nent = Int(T) * topk
     for r in range(wid, it.count * group, SIMT_WARPS):
-        var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + r // group])
+        var ent = it.entry[query_major](entries, nent, r // group)
         var h = it.g * group + r % group
         var t = ent // topk
         var off = _part_offset(t, h, ent % topk, Hq, topk)
@@ -232,7 +262,8 @@ def simt_smem_bytes[head_dim: Int, block_size: Int]() -> Int:
 
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def attention_mma_kernel[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    query_major: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -249,12 +280,15 @@ def attention_mma_kernel[
     comptime NT = MMA_WARPS * WARP_SIZE
     comptime CPR = D // 8  # 16-byte chunks per row
     var w = Int(block_idx.x)
-    if w >= Int(num_work[unsafe_offset=0]):
-        return
+    comptime if not query_major:
+        if w >= Int(num_work[unsafe_offset=0]):
+            return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
+    var it = _Item(query_major, work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS, Int(T), topk)
+    if it.count == 0:
+        return
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var k_s = smem
     var v_s = smem.unsafe_offset(BS * KS)
@@ -294,7 +328,7 @@ def attention_mma_kernel[
             var poff = -1
             var nvis = 0
             if mr < rows_total:
-                var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + mr // group])
+                var ent = it.entry[query_major](entries, nent, mr // group)
                 var t = ent // topk
                 poff = _part_offset(t, it.g * group + mr % group, ent % topk, Hq, topk)
                 nvis = it.visible(t, BS)
@@ -305,7 +339,7 @@ def attention_mma_kernel[
             var c = (i % CPR) * 8
             var mr = m0 + r
             if mr < rows_total:
-                var ent = Int(entries[unsafe_offset=it.g * nent + it.begin + mr // group])
+                var ent = it.entry[query_major](entries, nent, mr // group)
                 var qoff = ((ent // topk) * Hq + it.g * group + mr % group) * D
                 async_copy[16](qg.unsafe_offset(qoff + c), qbuf.unsafe_offset(r * KS + c))
             else:
@@ -429,6 +463,68 @@ def mma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
     )
 
 
+def _launch[
+    dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, block_size: Int, group: Int,
+    num_groups: Int, head_dim: Int, use_mma: Bool, query_major: Bool,
+](
+    o_partial: Pointer[Scalar[part_dtype], MutAnyOrigin],
+    lse_partial: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, B: Int, T: Int, grid: Int, ctx: DeviceContext,
+) raises:
+    """Fills lse_partial with -inf, then one thread block per work item (block-major)
+    or per (g, t, slot) (query-major; `work` is then block_ids)."""
+    var n_part = T * group * num_groups * topk
+    comptime if is_cpu[target]():
+        for i in range(n_part):
+            lse_partial[unsafe_offset=i] = f32_neg_inf()
+        var n_items = grid if query_major else Int(num_work[unsafe_offset=0])
+        _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk, query_major](
+            o_partial, lse_partial, q, k, v, row_offsets, entries, work, n_items,
+            cu_q, cu_k, scale[unsafe_offset=0], B, num_groups, T,
+        )
+    else:
+        ctx.enqueue_function[_fill_kernel](
+            lse_partial, f32_neg_inf(), Int32(n_part), grid_dim=ceildiv(n_part, 256), block_dim=256,
+        )
+        if grid == 0:
+            return
+        comptime if use_mma and mma_supported[dtype, head_dim, block_size]():
+            comptime smem = mma_smem_bytes[dtype, head_dim, block_size]()
+            comptime kernel = attention_mma_kernel[
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, query_major
+            ]
+            ctx.enqueue_function[kernel](
+                o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
+                cu_q, cu_k, scale, Int32(B), Int32(T),
+                grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+            )
+        else:
+            comptime smem = simt_smem_bytes[head_dim, block_size]()
+            comptime assert smem <= 227 * 1024, "msa_block_attention: block_size * head_dim too large for the SIMT path"
+            comptime kernel = attention_simt_kernel[
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, query_major
+            ]
+            ctx.enqueue_function[kernel](
+                o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
+                cu_q, cu_k, scale, Int32(B), Int32(T),
+                grid_dim=grid, block_dim=SIMT_WARPS * WARP_SIZE, shared_mem_bytes=smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+            )
+
+
+def _check_shapes[group: Int, num_groups: Int, head_dim: Int](name: StaticString, q_heads: Int, q_dim: Int,
+                                                             k_heads: Int, k_dim: Int) raises:
+    if q_heads != group * num_groups or q_dim != head_dim:
+        raise Error(String(name, ": q must be [T, Hq, D] with the op's Hq and D"))
+    if k_heads != num_groups or k_dim != head_dim:
+        raise Error(String(name, ": k must be [S, Hkv, D] with the op's Hkv and D"))
+
+
 @register("msa_block_attention")
 struct MSABlockAttention:
     @staticmethod
@@ -458,50 +554,60 @@ struct MSABlockAttention:
         scale: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
+        _check_shapes[group, num_groups, head_dim](
+            "msa_block_attention", q.dim_size(1), q.dim_size(2), k.dim_size(1), k.dim_size(2)
+        )
         var T = q.dim_size(0)
-        var B = cu_seqlens_q.dim_size(0) - 1
-        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
-            raise Error("msa_block_attention: q must be [T, Hq, D] with the op's Hq and D")
-        if k.dim_size(1) != num_groups or k.dim_size(2) != head_dim:
-            raise Error("msa_block_attention: k must be [S, Hkv, D] with the op's Hkv and D")
-        var n_part = T * group * num_groups * topk
-        if n_part == 0:
+        if T == 0:
             return
-        comptime if is_cpu[target]():
-            var lp = lse_partial.unsafe_ptr()
-            for i in range(n_part):
-                lp[unsafe_offset=i] = f32_neg_inf()
-            _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk](
-                o_partial.unsafe_ptr(), lp, q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), Int(num_work[0]),
-                cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale[0], B, num_groups, T,
-            )
-        else:
-            ctx.enqueue_function[_fill_kernel](
-                lse_partial.unsafe_ptr(), f32_neg_inf(), Int32(n_part),
-                grid_dim=ceildiv(n_part, 256), block_dim=256,
-            )
-            var grid = work.dim_size(0)
-            if grid == 0:
-                return
-            comptime if use_mma and mma_supported[dtype, head_dim, block_size]():
-                comptime smem = mma_smem_bytes[dtype, head_dim, block_size]()
-                comptime kernel = attention_mma_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk]
-                ctx.enqueue_function[kernel](
-                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                    row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
-                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
-                    grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
-                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-                )
-            else:
-                comptime smem = simt_smem_bytes[head_dim, block_size]()
-                comptime assert smem <= 227 * 1024, "msa_block_attention: block_size * head_dim too large for the SIMT path"
-                comptime kernel = attention_simt_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk]
-                ctx.enqueue_function[kernel](
-                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                    row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
-                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
-                    grid_dim=grid, block_dim=SIMT_WARPS * WARP_SIZE, shared_mem_bytes=smem,
-                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-                )
+        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma, False](
+            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
+            cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
+            cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), ctx,
+        )
+
+
+@register("msa_decode_attention")
+struct MSADecodeAttention:
+    """Query-major split-K (decode): one thread block per (g, t, slot) of
+    block_ids, each selected block one split; same partials as block-major."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        part_dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        group: Int,
+        num_groups: Int,
+        head_dim: Int,
+        use_mma: Bool = True,
+    ](
+        o_partial: OutputTensor[dtype=part_dtype, rank=4, ...],
+        lse_partial: OutputTensor[dtype=DType.float32, rank=3, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        k: InputTensor[dtype=dtype, rank=3, ...],
+        v: InputTensor[dtype=dtype, rank=3, ...],
+        block_ids: InputTensor[dtype=DType.int32, rank=3, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        _check_shapes[group, num_groups, head_dim](
+            "msa_decode_attention", q.dim_size(1), q.dim_size(2), k.dim_size(1), k.dim_size(2)
+        )
+        var T = q.dim_size(0)
+        if block_ids.dim_size(0) != num_groups or block_ids.dim_size(1) != T or block_ids.dim_size(2) != topk:
+            raise Error("msa_decode_attention: block_ids must be [Hkv, T, topk]")
+        if T == 0:
+            return
+        var ids = block_ids.unsafe_ptr()
+        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma, True](
+            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            ids, ids, ids, ids, cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
+            cu_seqlens_q.dim_size(0) - 1, T, num_groups * T * topk, ctx,
+        )

@@ -16,7 +16,7 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 
@@ -371,9 +371,11 @@ def copy_bandwidth(torch, device: str) -> float:
 def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int = 1, repeats: int = 5,
                      log=print) -> dict:
     """Decode shapes: each of B sequences has n_new new queries (the last
-    n_new of its Tk keys) over a cache of Tk keys. MSA (whole layer, general
-    path) against dense decode (SDPA over the same cache, GQA). Bandwidth
-    counts index keys + selected K/V rows read + q/out, over the MSA time."""
+    n_new of its Tk keys) over a cache of Tk keys. MSA (whole layer) on the
+    decode kernels (indexer split over keys, query-major attention) and on
+    the general prefill path, against dense decode (SDPA over the same
+    cache, GQA). Bandwidth counts the index keys + selected K/V rows read +
+    q/out over the decode path's time: the bytes any exact MSA must move."""
     import torch
     import torch.nn.functional as F
 
@@ -381,7 +383,8 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
     tm = _timer(device)
     ttm = _torch_timer(torch, device)
     bw = copy_bandwidth(torch, device)
-    runner = MSARunner(spec, device)
+    dec = MSARunner(replace(spec, decode=True), device)
+    gen = MSARunner(replace(spec, decode=False), device)
     esize = 4 if spec.dtype == "float32" else 2
     rows = []
     steps = len(batches) * len(contexts)
@@ -392,29 +395,37 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
             i += 1
             try:
                 q, k, v, qi, ki = make_inputs(torch, spec, B * n_new, B * Tk, tdev, "uniform", seed=i)
-                bufs = runner.buffers(torch, q, k, v, qi, ki, B * n_new, B * Tk)
+                bufs = dec.buffers(torch, q, k, v, qi, ki, B * n_new, B * Tk)
                 cu_q = torch.arange(0, B + 1, dtype=torch.int32, device=tdev) * n_new
                 cu_k = torch.arange(0, B + 1, dtype=torch.int32, device=tdev) * Tk
                 from .torch_ops import _buf
 
                 bufs.update(cu_q=_buf(cu_q), cu_k=_buf(cu_k))
-                outs = runner.run("msa", bufs)
-                msa_ms = tm(lambda: runner.run("msa", bufs, outputs=outs), repeats)
+                row = dict(B=B, Tk=Tk, n_new=n_new)
+                outs = dec.run("msa", bufs)
+                row["msa_ms"] = tm(lambda: dec.run("msa", bufs, outputs=outs), repeats)
+                sel = dec.run("select", bufs)
+                row["select_ms"] = tm(lambda: dec.run("select", bufs, outputs=sel), repeats)
+                sp_ins = dict(bufs, block_ids=sel[0])
+                sp = dec.run("sparse", sp_ins)
+                row["attention_ms"] = tm(lambda: dec.run("sparse", sp_ins, outputs=sp), repeats)
+                g_outs = gen.run("msa", bufs)
+                row["msa_general_ms"] = tm(lambda: gen.run("msa", bufs, outputs=g_outs), repeats)
                 # dense decode over the same cache: q [B, Hq, n_new, D], k/v [B, Hkv, Tk, D]
                 qd = q.view(B, n_new, spec.num_heads, spec.head_dim).transpose(1, 2)
                 kd = k.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
                 vd = v.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-                mask = torch.ones(n_new, Tk, dtype=torch.bool, device=tdev).tril(Tk - n_new)
-                dense_ms = ttm(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True),
-                               repeats)
+                mask = None if n_new == 1 else torch.ones(n_new, Tk, dtype=torch.bool, device=tdev).tril(Tk - n_new)
+                row["dense_ms"] = ttm(
+                    lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True), repeats)
                 sel_rows = min(spec.topk * spec.block_size, Tk)
                 moved = (B * Tk * spec.idx_dim * esize  # index keys
                          + B * n_new * spec.num_kv_heads * sel_rows * spec.head_dim * esize * 2  # selected K and V
                          + 2 * B * n_new * spec.num_heads * spec.head_dim * esize)  # q and out
-                gbps = moved / (msa_ms * 1e-3) / 1e9
-                rows.append(dict(B=B, Tk=Tk, n_new=n_new, msa_ms=msa_ms, dense_ms=dense_ms,
-                                 speedup_vs_dense=dense_ms / msa_ms, gbytes_moved=moved / 1e9, gbps=gbps,
-                                 pct_copy_bw=100 * gbps / bw))
+                gbps = moved / (row["msa_ms"] * 1e-3) / 1e9
+                row.update(speedup_vs_dense=row["dense_ms"] / row["msa_ms"], gbytes_moved=moved / 1e9, gbps=gbps,
+                           pct_copy_bw=100 * gbps / bw)
+                rows.append(row)
             except Exception as e:  # keep the other shapes
                 rows.append(dict(B=B, Tk=Tk, n_new=n_new, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                 log(f"\nB={B} Tk={Tk}: {rows[-1]['error']}")
@@ -426,13 +437,17 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
 
 
 def decode_table(result: dict) -> str:
-    lines = [f"{'B':>4} {'Tk':>8} {'MSA ms':>9} {'dense ms':>9} {'x dense':>8} {'GB/s':>8} {'% copy':>7}"]
+    lines = [f"{'B':>4} {'Tk':>8} {'MSA ms':>9} {'select':>8} {'attn':>8} {'general':>8} {'dense ms':>9} "
+             f"{'x dense':>8} {'GB/s':>8} {'% copy':>7}"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['error']}")
             continue
-        lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['msa_ms']:9.3f} {r['dense_ms']:9.3f} {r['speedup_vs_dense']:8.2f} "
-                     f"{r['gbps']:8.1f} {r['pct_copy_bw']:7.1f}")
+        lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['msa_ms']:9.3f} {r.get('select_ms', float('nan')):8.3f} "
+                     f"{r.get('attention_ms', float('nan')):8.3f} {r.get('msa_general_ms', float('nan')):8.3f} "
+                     f"{r['dense_ms']:9.3f} {r['speedup_vs_dense']:8.2f} {r['gbps']:8.1f} {r['pct_copy_bw']:7.1f}")
+    lines.append("(MSA: decode kernels, whole layer; select / attn: its indexer and attention+combine; general: "
+                 "the prefill path on the same inputs)")
     lines.append(f"(decode, {result['n_new']} new token(s) per sequence; {_config_text(result['config'])}; "
                  f"copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s)")
     return "\n".join(lines)

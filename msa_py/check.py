@@ -4,7 +4,8 @@
     python -m msa_py.check --device cpu --quick  # CPU paths, small shapes
     python -m msa_py.check --device virtual      # compile the GPU path for sm_90 only
 
-For each case it runs the "stages" graph (every stage's output) and compares:
+For each case it runs the "stages" graph (every stage's output; the
+"decode_stages" graph for decode cases) and compares:
 selection (exact, or a near tie within tolerance), the inversion (exact,
 against the reference inversion of the kernel's block_ids), the partials,
 the combine, and the end-to-end output; then times the whole "msa" graph.
@@ -30,7 +31,7 @@ def _set_virtual():
     driver.set_virtual_device_count(1)
 
 
-# (name, seqs [(Tq, Tk)], Hq, Hkv, D, Di, topk, block_size, dtype, use_mma, sample)
+# (name, seqs [(Tq, Tk)], Hq, Hkv, D, Di, topk, block_size, dtype, use_mma, sample[, decode])
 SMALL = [
     ("ragged_g4_f32", [(300, 300), (1, 1), (77, 200), (0, 5), (129, 129)], 8, 2, 64, 32, 4, 64, "float32", True, None),
     ("ragged_g4_bf16_mma", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 4, 64, "bfloat16", True, None),
@@ -41,8 +42,21 @@ SMALL = [
 ]
 LARGE = [
     ("32k_model_shape_bf16", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
+    ("128k_model_shape_bf16", [(131072, 131072)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
 ]
-QUICK = [SMALL[0], SMALL[1], SMALL[3]]
+LEAN_T = 65536  # from here on only final outputs are fetched (o_partial alone is 34 GB at 128K)
+# decode kernels: a few new queries per sequence over caches from 1 token to
+# 128K; sequences past the indexer's max_q queries (the slow path) included
+DECODE = [
+    ("decode_ragged_bf16", [(1, 9), (1, 16), (1, 40), (1, 130), (1, 3000), (1, 20000), (1, 1)],
+     64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
+    ("decode_spec8_bf16", [(8, 5000), (8, 8), (3, 700), (8, 2100), (5, 129)],
+     64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
+    ("decode_overflow_f16", [(20, 3000), (1, 100), (1, 1), (2, 300)], 16, 2, 64, 64, 4, 64, "float16", True, None,
+     True),
+    ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
+]
+QUICK = [SMALL[0], SMALL[1], SMALL[3], DECODE[1]]
 
 
 def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
@@ -62,20 +76,31 @@ def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
                 cu_q=cu_q, cu_k=cu_k), T, S, len(seqs)
 
 
-def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print) -> bool:
+def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print, lean: bool = False) -> bool:
+    """lean (or T >= LEAN_T): run the select and whole-layer graphs only and check
+    their outputs (every buffer fetched is fully specified: initcheck-clean)."""
     from . import engine as E
     from . import reference as R
     from . import verify as Vf
 
-    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, sample = case
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, sample, *rest = case
+    decode = bool(rest and rest[0])
     spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma)
+                  block_size=bs, use_mma=use_mma, decode=decode)
     a, T, S, B = make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype)
     scale, idx_scale = 1.0 / math.sqrt(D), 1.0 / math.sqrt(Di)
     ins = E.numpy_inputs(spec, device, **a, scale=np.array([scale], np.float32),
                          idx_scale=np.array([idx_scale], np.float32))
-    outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins)]
-    bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs
+    lean = lean or T >= LEAN_T
+    if lean:
+        bid = E.to_numpy(E.run("select", spec, device, {n: ins[n] for n in E.INPUTS["select"]})[0])
+        out, lse = (E.to_numpy(o) for o in E.run("msa", spec, device, {n: ins[n] for n in E.INPUTS["msa"]}))
+    elif decode:
+        outs = [E.to_numpy(o) for o in E.run("decode_stages", spec, device, ins)]
+        bid, o_p, lse_p, out, lse = outs
+    else:
+        outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins)]
+        bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs
     tol = Vf.tolerance(dtype)
     ok = True
     rows = None if sample is None else np.sort(np.random.default_rng(seed + 1).choice(T, sample, replace=False))
@@ -88,18 +113,22 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     # 4 inversion of the kernel's own block_ids
     inv = R.invert(bid, a["cu_q"], a["cu_k"], block_size=bs, q_budget=spec.q_budget)
     R_ = inv.row_ptr.shape[1]
-    nw = int(num_work[0])
-    inv_ok = (
+    nw = int(inv.num_work[0])
+    inv_ok = decode or lean or (  # decode has no inversion (query-major); lean fetches none
         np.array_equal(roff, inv.row_offsets)
         and np.array_equal(row_ptr[:, :R_], inv.row_ptr)
         and (row_ptr[:, R_:] == inv.row_ptr[:, -1:]).all()
         and np.array_equal(entries, inv.entries)
-        and nw == int(inv.num_work[0])
+        and nw == int(num_work[0])
         and np.array_equal(work[:nw], inv.work)
     )
     ok &= inv_ok
     # 5-6 attention over the kernel's selection
-    if rows is None:
+    if rows is None and lean:
+        e_part = e_lsep = e_comb = float("nan")
+        ref_o, ref_l = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=bs,
+                                          scale=scale)
+    elif rows is None:
         ref_op, ref_lp = R.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], topk=topk,
                                            block_size=bs, scale=scale)
         used = np.isfinite(lse_p)[..., None]  # o_partial is unspecified in unused slots
@@ -138,8 +167,8 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         timing = stages + f" | msa {tm['median']:.3f} ms (host {tm['host_median']:.3f}) {flops / tm['median'] / 1e9:.1f} TFLOP/s attn-eff"
     log(
         f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} "
-        f"bs={bs} {dtype}{' mma' if use_mma else ' simt'} | select exact {sel['exact']}/{sel['rows']} "
-        f"ties {sel['near_ties']} bad {len(sel['bad'])} | invert {'ok' if inv_ok else 'MISMATCH'} (work {nw}) | "
+        f"bs={bs} {dtype}{' mma' if use_mma else ' simt'}{' decode' if decode else ''} | select exact {sel['exact']}/{sel['rows']} "
+        f"ties {sel['near_ties']} bad {len(sel['bad'])} | invert {'-' if decode or lean else ('ok' if inv_ok else 'MISMATCH')} (work {nw}) | "
         f"rel err partial {e_part:.1e} lse_p {e_lsep:.1e} combine {e_comb:.1e} out {e_out:.1e} lse {e_lse:.1e} "
         f"(tol {tol:g}){timing}"
     )
@@ -160,15 +189,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-large", action="store_true", help="skip the 32K case")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--only", help="comma list of case names to run")
+    ap.add_argument("--lean", action="store_true",
+                    help="fetch only fully specified outputs (select, whole layer): for compute-sanitizer initcheck")
     args = ap.parse_args(argv)
     if args.device == "virtual":
         _set_virtual()
-    cases = QUICK if args.quick else SMALL + ([] if args.no_large or args.device == "cpu" else LARGE)
+    every = SMALL + DECODE + LARGE
+    large = {"decode_128k_b8_bf16"} | {c[0] for c in LARGE}
+    cases = QUICK if args.quick else [c for c in every if not (c[0] in large and (args.no_large or args.device == "cpu"))]
     if args.only:
         names = args.only.split(",")
-        cases = [c for c in SMALL + LARGE if c[0] in names]
+        cases = [c for c in every if c[0] in names]
         if len(cases) != len(names):
-            ap.error(f"--only: unknown case in {names}; known: {[c[0] for c in SMALL + LARGE]}")
+            ap.error(f"--only: unknown case in {names}; known: {[c[0] for c in every]}")
     dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
     if args.device == "gpu":
         from max.driver import Accelerator
@@ -182,7 +215,7 @@ def main(argv=None) -> int:
             if args.device == "virtual":
                 ok &= _virtual(c)
             else:
-                ok &= check_case(c, dev, seed=i, time_it=not args.no_time)
+                ok &= check_case(c, dev, seed=i, time_it=not args.no_time, lean=args.lean)
         except Exception as e:  # report and go on with the next case
             ok = False
             print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
@@ -193,12 +226,14 @@ def main(argv=None) -> int:
 def _virtual(case) -> bool:
     from . import engine as E
 
-    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _ = case
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
+    decode = bool(rest and rest[0])
     spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma)
+                  block_size=bs, use_mma=use_mma, decode=decode)
+    kind = "decode_stages" if decode else "stages"
     t0 = time.time()
-    E.model("stages", spec, "gpu")
-    print(f"{name:24s} stages graph compiled for sm_90 in {time.time() - t0:.1f} s")
+    E.model(kind, spec, "gpu")
+    print(f"{name:24s} {kind} graph compiled for sm_90 in {time.time() - t0:.1f} s")
     return True
 
 

@@ -13,6 +13,10 @@ Graph kinds (inputs -> outputs):
   block_attention q, k, v, row_offsets, entries, work, num_work,
           cu_q, cu_k, scale                                    -> o_partial, lse_partial
   stages  the msa inputs -> block_ids, Inversion, o_partial, lse_partial, out, lse
+  decode_stages the msa inputs -> block_ids, o_partial, lse_partial, out, lse
+          (decode kernels: indexer split over keys, query-major attention)
+Spec.decode picks the decode kernels for msa / sparse / select (the torch
+layer sets it when a batch has at most DECODE_MAX_Q queries per sequence).
 The first four write into caller-allocated buffers (destination-passing
 style, so torch allocates its outputs); the others return MAX buffers.
 
@@ -31,7 +35,7 @@ import numpy as np
 from . import graph as G
 from .build import kernels_path
 
-KINDS = ("msa", "sparse", "select", "combine", "invert", "block_attention", "stages")
+KINDS = ("msa", "sparse", "select", "combine", "invert", "block_attention", "stages", "decode_stages")
 DPS_KINDS = ("msa", "sparse", "select", "combine")
 
 
@@ -50,6 +54,7 @@ class Spec:
     local_blocks: int = 2
     q_budget: int = 64
     use_mma: bool = True
+    decode: bool = False  # decode kernels (few queries per sequence)
 
 
 def _dt(name: str):
@@ -94,6 +99,7 @@ def _types(spec: Spec, dev):
 INPUTS = {
     "msa": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
     "stages": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
+    "decode_stages": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
     "sparse": ("q", "k", "v", "block_ids", "cu_q", "cu_k", "scale"),
     "select": ("q_idx", "k_idx", "cu_q", "cu_k", "idx_scale"),
     "combine": ("o_partial", "lse_partial"),
@@ -119,7 +125,7 @@ def build_graph(kind: str, spec: Spec, device: str):
         types["out"] = type(types["out"])(types["o_partial"].dtype, types["out"].shape, device=dev)
     in_types = [types[n].as_buffer() for n in dps] + [types[n] for n in ins]
     kw = dict(topk=spec.topk, block_size=spec.block_size)
-    sel_kw = dict(kw, init_blocks=spec.init_blocks, local_blocks=spec.local_blocks)
+    sel_kw = dict(kw, init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, decode=spec.decode)
     name = f"msa_{kind}_{abs(hash(spec)) % 10**8}_{device}"
     with Graph(name, input_types=in_types, custom_extensions=[kernels_path()]) as g:
         bufs = [g.inputs[i].buffer for i in range(len(dps))]
@@ -132,7 +138,7 @@ def build_graph(kind: str, spec: Spec, device: str):
         elif kind == "sparse":
             res = G.sparse_attention(
                 a["q"], a["k"], a["v"], a["block_ids"], a["cu_q"], a["cu_k"], block_size=spec.block_size,
-                scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma,
+                scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, decode=spec.decode,
             )
         elif kind == "select":
             res = [G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)]
@@ -146,13 +152,21 @@ def build_graph(kind: str, spec: Spec, device: str):
             res = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
                                     use_mma=spec.use_mma, **kw)
         elif kind == "stages":
-            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)
+            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
+                                  **dict(sel_kw, decode=False))
             inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
                            q_budget=spec.q_budget)
             o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
                                            use_mma=spec.use_mma, **kw)
             out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
             res = [bid, *inv, o_p, lse_p, out, lse]
+        elif kind == "decode_stages":
+            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
+                                  **dict(sel_kw, decode=True))
+            o_p, lse_p = G.decode_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                            block_size=spec.block_size, use_mma=spec.use_mma)
+            out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
+            res = [bid, o_p, lse_p, out, lse]
         else:
             raise ValueError(f"unknown graph kind {kind!r}; expected one of {KINDS}")
         if dps:

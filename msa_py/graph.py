@@ -37,8 +37,15 @@ __all__ = [
     "combine",
     "sparse_attention",
     "msa_attention",
+    "decode_attention",
     "partial_dtype_for",
+    "use_decode",
+    "DECODE_MAX_Q",
 ]
+
+# Decode path (query-major): taken when a batch has at most DECODE_MAX_Q
+# queries per sequence on average (plain decode 1, speculative drafts up to 8).
+DECODE_MAX_Q = 8
 
 _DTYPE_NAMES = {DType.float32: "float32", DType.float16: "float16", DType.bfloat16: "bfloat16"}
 
@@ -143,6 +150,27 @@ def _num_seqs(cu_q: TensorValue):
     return cu_q.shape[0] - 1
 
 
+def use_decode(decode, T, B1, dtype: DType, device: DeviceRef) -> bool:
+    """The decode path for `decode=None` (auto): static T and B with at most
+    DECODE_MAX_Q queries per sequence on average. Symbolic shapes take the
+    general path unless the caller says decode=True. The decode indexer runs
+    on tensor cores: on the GPU it needs a 16-bit dtype."""
+    on_gpu = str(device.device_type) != "cpu"
+    gpu_ok = dtype in (DType.bfloat16, DType.float16) or not on_gpu
+    if decode is None:
+        static = isinstance(T, (int, np.integer)) and isinstance(B1, (int, np.integer))
+        return bool(static and gpu_ok and T <= DECODE_MAX_Q * max(int(B1) - 1, 1))
+    if decode and not gpu_ok:
+        raise ValueError(f"decode=True on the GPU needs bfloat16 or float16 inputs, got {dtype}")
+    return bool(decode)
+
+
+def _decode_max_q(num_groups: int) -> int:
+    """Queries per sequence scored in the decode indexer's tile ((query, group)
+    rows <= 64); later queries of a sequence are still right, only slower."""
+    return max(1, min(DECODE_MAX_Q, 64 // num_groups))
+
+
 # --------------------------------------------------------------------------- stages
 def select_blocks(
     q_idx: TensorValue,
@@ -155,8 +183,13 @@ def select_blocks(
     init_blocks: int = 1,
     local_blocks: int = 2,
     idx_scale=None,
+    decode: bool | None = None,
 ) -> TensorValue:
-    """Steps 1-3. Returns block_ids [Hkv, T, topk] int32."""
+    """Steps 1-3. Returns block_ids [Hkv, T, topk] int32.
+
+    decode: None picks the decode indexer (split over keys, for a few queries
+    per sequence) when T <= DECODE_MAX_Q * B with static T and B; True/False force it.
+    """
     T, S, Hkv, Di = V.index_dims(_shape(q_idx), _shape(k_idx))
     V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
     V.Config(topk, block_size, init_blocks, local_blocks).check()
@@ -166,19 +199,30 @@ def select_blocks(
     _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di,
                    num_groups=_static("q_idx groups Hkv", Hkv))
     scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
+    Hkv = _static("q_idx groups Hkv", Hkv)
+    params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks,
+              "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
+    if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev):
+        B = _num_seqs(cu_q)
+        max_q = _decode_max_q(Hkv)
+        r_max = Dim(k_idx.shape[0]) // block_size + B
+        return ops.custom(
+            "msa_select_decode",
+            device=dev,
+            values=[q_idx, k_idx, cu_q, cu_k, scale],
+            out_types=[
+                TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev),
+                TensorType(DType.float32, [Hkv * max_q * r_max], device=dev),  # block scores
+                TensorType(DType.int32, [B + 1], device=dev),  # row offsets
+            ],
+            parameters=dict(params, max_q=max_q),
+        )[0].tensor
     return ops.custom(
         "msa_select",
         device=dev,
         values=[q_idx, k_idx, cu_q, cu_k, scale],
         out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
-        parameters={
-            "topk": topk,
-            "block_size": block_size,
-            "init_blocks": init_blocks,
-            "local_blocks": local_blocks,
-            "num_groups": _static("q_idx groups Hkv", Hkv),
-            "idx_dim": Di,
-        },
+        parameters=params,
     )[0].tensor
 
 
@@ -267,6 +311,46 @@ def block_attention(
     return o_p.tensor, lse_p.tensor
 
 
+def decode_attention(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    block_ids: TensorValue,
+    cu_seqlens_q: TensorValue,
+    cu_seqlens_k: TensorValue,
+    *,
+    block_size: int = 128,
+    scale=None,
+    use_mma: bool = True,
+):
+    """Step 5 query-major (split-K over each query's selected blocks, no
+    inversion): the partials of block_attention. Returns o_partial
+    [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    dn = _dtype_name("q", q)
+    V.check_same_dtype([("q", dn), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    _check_int32("block_ids", block_ids)
+    V.check_block_ids_shape(_shape(block_ids), Hkv, T)
+    topk = _static("block_ids topk", _shape(block_ids)[2])
+    V.Config(topk, block_size).check()
+    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
+    dev = q.device
+    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    o_p, lse_p = ops.custom(
+        "msa_decode_attention",
+        device=dev,
+        values=[q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, sc],
+        out_types=[
+            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
+            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
+        ],
+        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
+                    "head_dim": D, "use_mma": use_mma},
+    )
+    return o_p.tensor, lse_p.tensor
+
+
 def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DType | None = None):
     """Step 6. Returns out [T, Hq, D] (out_dtype, default o_partial's) and lse [T, Hq] fp32."""
     osh, lsh = _shape(o_partial), _shape(lse_partial)
@@ -307,13 +391,22 @@ def sparse_attention(
     scale=None,
     q_budget: int = 64,
     use_mma: bool = True,
+    decode: bool | None = None,
 ):
-    """Invert, block attention, combine. Returns out [T, Hq, D], lse [T, Hq]."""
+    """Invert, block attention, combine. Returns out [T, Hq, D], lse [T, Hq].
+
+    decode: None takes the query-major path (no inversion) when T <=
+    DECODE_MAX_Q * B with static T and B; True/False force it.
+    """
     T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     _check_int32("block_ids", block_ids)
     V.check_block_ids_shape(_shape(block_ids), Hkv, T)
     topk = _static("block_ids topk", _shape(block_ids)[2])
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
+    if use_decode(decode, T, _shape(cu_q)[0], q.dtype, q.device):
+        o_p, lse_p = decode_attention(q, k, v, block_ids, cu_q, cu_k, block_size=block_size, scale=scale,
+                                      use_mma=use_mma)
+        return combine(o_p, lse_p, out_dtype=q.dtype)
     inv = invert(block_ids, cu_q, cu_k, num_keys=k.shape[0], block_size=block_size, q_budget=q_budget)
     o_p, lse_p = block_attention(
         q, k, v, inv, cu_q, cu_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma
@@ -338,14 +431,21 @@ def msa_attention(
     idx_scale=None,
     q_budget: int = 64,
     use_mma: bool = True,
+    decode: bool | None = None,
 ):
-    """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq]."""
-    V.attention_dims(_shape(q), _shape(k), _shape(v))
+    """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq].
+
+    decode: None takes the decode kernels (indexer split over keys,
+    query-major attention) when T <= DECODE_MAX_Q * B with static T and B.
+    """
+    T = V.attention_dims(_shape(q), _shape(k), _shape(v))[0]
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
+    decode = use_decode(decode, T, _shape(cu_q)[0], q.dtype, q.device)
     bid = select_blocks(
         q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=block_size,
-        init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale,
+        init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale, decode=decode,
     )
     return sparse_attention(
-        q, k, v, bid, cu_q, cu_k, block_size=block_size, scale=scale, q_budget=q_budget, use_mma=use_mma
+        q, k, v, bid, cu_q, cu_k, block_size=block_size, scale=scale, q_budget=q_budget, use_mma=use_mma,
+        decode=decode,
     )

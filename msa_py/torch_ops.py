@@ -168,6 +168,15 @@ def _num_seqs(cu_q) -> int:
     return 1 if cu_q is None else cu_q.shape[0] - 1
 
 
+def _decode(T: int, cu_q, x: torch.Tensor) -> bool:
+    """Decode kernels when the batch has at most DECODE_MAX_Q queries per
+    sequence on average (shapes only: no device sync, capture-safe)."""
+    from .graph import DECODE_MAX_Q
+
+    sixteen = x.dtype in (torch.bfloat16, torch.float16)
+    return (sixteen or not x.is_cuda) and T <= DECODE_MAX_Q * max(_num_seqs(cu_q), 1)
+
+
 # --------------------------------------------------------------------------- select_blocks
 @torch.library.custom_op("msa::select_blocks", mutates_args=())
 def _select_op(
@@ -183,7 +192,7 @@ def _select_op(
     if T == 0:
         return out
     spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks)
+                 init_blocks=init_blocks, local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx))
     _run("select", spec, _device_key(q_idx),
          dict(q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               idx_scale=_scale_tensor(idx_scale, q_idx)), [out])
@@ -253,7 +262,8 @@ def _sparse_op(
     lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget)
+    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget,
+                 decode=_decode(T, cu_seqlens_q, q))
     _run("sparse", spec, _device_key(q),
          dict(q=q, k=k, v=v, block_ids=block_ids, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q)), [out, lse])
@@ -311,7 +321,8 @@ def _msa_op(
     if T == 0:
         return out, lse
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget)
+                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
+                 decode=_decode(T, cu_seqlens_q, q))
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse])

@@ -65,11 +65,28 @@ SPEC = E.Spec(dtype="float32", num_heads=4, num_kv_heads=2, head_dim=32, idx_dim
               init_blocks=1, local_blocks=1, q_budget=4)
 
 
-def run_stages(c):
-    """Every stage's output for a Case through the compiled SPEC model (CPU)."""
+def run_stages(c, kind="stages"):
+    """Every stage's output for a Case through the compiled SPEC model (CPU);
+    kind "decode_stages": block_ids, o_partial, lse_partial, out, lse of the decode kernels."""
     ins = E.numpy_inputs(SPEC, "cpu", q=c.q, k=c.k, v=c.v, q_idx=c.q_idx, k_idx=c.k_idx, cu_q=c.cu_q, cu_k=c.cu_k,
                          scale=np.array([0.2], np.float32), idx_scale=np.array([0.25], np.float32))
-    return [E.to_numpy(o) for o in E.run("stages", SPEC, "cpu", ins)]
+    return [E.to_numpy(o) for o in E.run(kind, SPEC, "cpu", ins)]
+
+
+def check_decode_against_general(c):
+    """The decode kernels (indexer split over keys, query-major attention)
+    give the reference's selection and the same partials as the general path."""
+    g = run_stages(c)
+    d = run_stages(c, "decode_stages")
+    ref_bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=3, block_size=16, init_blocks=1,
+                              local_blocks=1, idx_scale=0.25)
+    np.testing.assert_array_equal(d[0], ref_bid)
+    np.testing.assert_array_equal(d[0], g[0])
+    used = np.isfinite(g[7])
+    np.testing.assert_array_equal(d[2], g[7])
+    np.testing.assert_array_equal(np.where(used[..., None], d[1], 0), np.where(used[..., None], g[6], 0))
+    ro, rl = R.sparse_attention(c.q, c.k, c.v, d[0], c.cu_q, c.cu_k, block_size=16, scale=0.2)
+    assert Vf.rel_err(d[3], ro) < 1e-5 and Vf.rel_err(d[4], rl) < 1e-5
 
 
 
@@ -112,6 +129,23 @@ def test_kernels_are_deterministic():
     a[6], b[6] = np.where(used, a[6], 0), np.where(used, b[6], 0)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs=batches(max_seqs=5, max_len=70), seed=st.integers(0, 2**16))
+def test_decode_kernels_match_reference_on_random_batches(seqs, seed):
+    """Random batches, including sequences with more queries than the decode
+    indexer scores in its tile (max_q): those take its direct path."""
+    check_decode_against_general(make_case(seed, seqs, SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim,
+                                           SPEC.idx_dim))
+
+
+@pytest.mark.parametrize("n_new", [1, 3, 8, 12])
+def test_decode_kernels_decode_shapes(n_new):
+    contexts = [1, 9, 16, 40, 130, 300]
+    seqs = [(min(n_new, tk), tk) for tk in contexts]
+    check_decode_against_general(make_case(60 + n_new, seqs, SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim,
+                                           SPEC.idx_dim))
 
 
 @pytest.mark.parametrize("n_new", [1, 3, 8])

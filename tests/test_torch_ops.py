@@ -172,3 +172,52 @@ def test_bitwise_deterministic(torch_device):
     for _ in range(3):
         again = msa_py.msa_attention(*args, topk=TOPK, block_size=BS)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+# --------------------------------------------------------------------------- decode
+def test_decode_path(torch_device):
+    """A few new tokens per sequence take the decode kernels (indexer split
+    over keys, query-major attention): same answers as the reference, no
+    host sync (CUDA-graph capture on a GPU)."""
+    seqs = [(1, 9), (3, 300), (1, 1), (2, 130), (1, 77)]  # T = 8 <= 8 * B
+    c = make_case(28, seqs, HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device, "bfloat16")
+    out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    dev = "cpu" if torch_device == "cpu" else "gpu:0"
+    assert any(key[0] == "msa" and key[1].decode and key[2] == dev for key in E.cached_models())
+    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    r = [np64(x) for x in (q, k, v, qi, ki)]
+    rep = Vf.selection_report(bid.cpu().numpy(), r[3], r[4], c.cu_q, c.cu_k, block_size=BS, init_blocks=1,
+                              local_blocks=2, idx_scale=1 / math.sqrt(DI))
+    assert not rep["bad"], rep
+    ro, rl = R.sparse_attention(*r[:3], bid.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS)
+    assert Vf.rel_err(np64(out), ro) < Vf.tolerance("bfloat16") and Vf.rel_err(np64(lse), rl) < 1e-4
+    o2, l2 = msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS)
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+    if torch_device == "cuda":
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            o3, l3 = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(o3, out) and torch.equal(l3, lse)
+
+
+def test_int32_limit_refused_on_real_tensors(torch_device):
+    """T * Hq * topk past 2**31 - 1 (the lse_partial index) is refused before
+    any kernel; the partials of such a call would not fit on an 80 GB card."""
+    if torch_device != "cuda":
+        pytest.skip("allocates 4 GB: GPU only (the CPU check is in test_errors)")
+    Hq, topk = 64, 16
+    T = (2**31) // (Hq * topk) + 1
+    q = torch.empty((T, Hq, 16), dtype=torch.bfloat16, device="cuda")
+    kv = torch.empty((T, 1, 16), dtype=torch.bfloat16, device="cuda")
+    qi = torch.empty((T, 1, 16), dtype=torch.bfloat16, device="cuda")
+    ki = torch.empty((T, 16), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="int32"):
+        msa_py.msa_attention(q, kv, kv, qi, ki, topk=topk)

@@ -1,0 +1,485 @@
+# MSA.md steps 1-3 for decode: a few new queries per sequence (1 for plain
+# decode, up to max_q for speculative drafts) against long caches of index keys.
+#
+# The prefill indexer tiles QUERIES (128 rows per thread block, each sweeping
+# its sequence's keys); with one query per sequence its tiles sit nearly empty
+# and one thread block would sweep a whole 128K cache alone. Here the work is
+# split along the KEYS, so the pass is bound by reading k_idx once:
+#   1. row offsets: the inversion's numbering of the blocks of all sequences;
+#   2. scores: one thread block per DEC_BLOCKS consecutive block rows. Each
+#      free block is scored for the first max_q queries x Hkv groups of its
+#      sequence at once on tensor cores (keys in M, (query, group) rows in N;
+#      the same fp32 products as the prefill indexer), max-pooled per block,
+#      and written to block_scores [Hkv, max_q, R_max]: one float per
+#      (row, block), a few MB, never T x blocks for prefill-sized T;
+#   3. top-k: one warp per (query, group). Each lane keeps the running top-k
+#      of a strided share of the free blocks (same insertion rule as prefill),
+#      then kfree rounds of a warp arg-max merge the lanes' sorted lists.
+#      Queries past max_q in their sequence (allowed, only slower) score their
+#      blocks in this kernel directly, a warp per block.
+# The ids equal the reference's (forcing, tie rule, NaN as -inf).
+
+from std.math import ceildiv
+from std.memory import unsafe_stack_allocation
+
+from extensibility import InputTensor, OutputTensor, register
+from std.sys import size_of
+
+from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
+from max.gpu.compute.mma import mma
+from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.primitives import warp
+
+from .common import F32MutPtr, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
+from .invert import _row_offsets_kernel
+from .select import _Forced, _topk_insert, _write_selection
+
+comptime DEC_WARPS = 4
+comptime DEC_THREADS = DEC_WARPS * WARP_SIZE
+comptime DEC_BLOCKS = 16  # block rows per thread block of the score pass
+comptime TOPK_WARPS = 4  # (query, group) rows per thread block of the top-k pass
+comptime NO_ID = Int32(2147483647)
+
+
+@always_inline
+def _score_offset(g: Int, i: Int, row: Int, max_q: Int, r_max: Int) -> Int:
+    return (g * max_q + i) * r_max + row
+
+
+@always_inline
+def _free_range(tq: Int, tk: Int, block_size: Int, init_blocks: Int, local_blocks: Int) -> Tuple[Int, Int]:
+    """[lo, hi] of the blocks some query of the sequence ranks by score."""
+    var jmax = (tk - 1) // block_size  # the last query's own block
+    return (init_blocks, jmax - local_blocks if local_blocks > 0 else jmax)
+
+
+# ----------------------------------------------------------------------------- CPU
+def _decode_select_cpu[
+    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int
+](
+    block_ids: I32MutPtr,
+    scores: F32MutPtr,
+    roff: I32MutPtr,
+    q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int, r_max: Int,
+):
+    """The GPU's two passes, sequentially: block scores of the first max_q
+    queries per sequence into `scores`, then the top-k of each row."""
+
+    @always_inline
+    def block_max(qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], k0: Int, j: Int, p: Int) {var k_idx} -> Float32:
+        var m = f32_neg_inf()
+        for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
+            var krow = k_idx.unsafe_offset((k0 + key) * idx_dim)
+            var s = Float32(0)
+            for d in range(idx_dim):
+                s += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
+            if s > m:
+                m = s
+        return m
+
+    roff[unsafe_offset=0] = 0
+    for b in range(num_seqs):
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+        roff[unsafe_offset=b + 1] = roff[unsafe_offset=b] + Int32(blocks_of(tk, block_size))
+    for b in range(num_seqs):
+        var q0 = Int(cu_q[unsafe_offset=b])
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+        if tq == 0:
+            continue
+        var fr = _free_range(tq, tk, block_size, init_blocks, local_blocks)
+        for j in range(fr[0], fr[1] + 1):
+            for i in range(min(tq, max_q)):
+                for g in range(num_groups):
+                    var qrow = q_idx.unsafe_offset(((q0 + i) * num_groups + g) * idx_dim)
+                    var off = _score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)
+                    scores[unsafe_offset=off] = block_max(qrow, k0, j, tk - tq + i)
+    var sc = unsafe_stack_allocation[topk, Float32]()
+    var ids = unsafe_stack_allocation[topk, Int32]()
+    for t in range(T):
+        var b = seq_of(cu_q, num_seqs, t)
+        var q0 = Int(cu_q[unsafe_offset=b])
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+        var i = t - q0
+        var p = tk - tq + i
+        var f = _Forced(p, block_size, init_blocks, local_blocks)
+        var kfree = topk - f.num_forced()
+        for g in range(num_groups):
+            var cnt = 0
+            var worst = 0
+            if kfree > 0:
+                for j in range(f.nsink, f.local_lo):
+                    var m: Float32
+                    if i < max_q:
+                        m = scores[unsafe_offset=_score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)]
+                    else:
+                        m = block_max(q_idx.unsafe_offset((t * num_groups + g) * idx_dim), k0, j, p)
+                    _topk_insert(sc, ids, cnt, worst, kfree, m * scale, j)
+            _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
+
+
+# ----------------------------------------------------------------------------- GPU, pass 2: scores
+def decode_scores_kernel[
+    dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int
+](
+    scores: F32MutPtr,
+    q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int32, r_max: Int32,
+):
+    comptime DI = idx_dim
+    comptime BS = block_size
+    comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
+    comptime CPR = DI // 8  # 16-byte chunks per row
+    comptime NRP = ceildiv(max_q * num_groups, 16) * 16  # (query, group) rows, padded to the MMA's N pairs
+    comptime NT = NRP // 8
+    comptime MT = BS // 16  # 16-key m tiles per block
+    comptime MTW = ceildiv(MT, DEC_WARPS)
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var q_s = smem
+    var k_buf0 = smem.unsafe_offset(NRP * KS)
+    var k_buf1 = k_buf0.unsafe_offset(BS * KS)
+    var red = k_buf1.unsafe_offset(BS * KS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
+    # this thread block's free blocks: (row, sequence, block) of up to DEC_BLOCKS rows
+    var todo = unsafe_stack_allocation[DEC_BLOCKS * 3 + 1, Int32, address_space=AddressSpace.SHARED]()
+    var B = Int(num_seqs)
+    var r0 = Int(block_idx.x) * DEC_BLOCKS
+    if tid == 0:
+        var n = 0
+        var r_end = min(r0 + DEC_BLOCKS, Int(roff[unsafe_offset=B]))
+        if r0 < r_end:
+            var b = seq_of(roff, B, r0)
+            for r in range(r0, r_end):
+                while r >= Int(roff[unsafe_offset=b + 1]):
+                    b += 1
+                var j = r - Int(roff[unsafe_offset=b])
+                var tq = Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b])
+                var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+                var fr = _free_range(tq, tk, BS, init_blocks, local_blocks)
+                if tq > 0 and j >= fr[0] and j <= fr[1]:
+                    todo[unsafe_offset=3 * n] = Int32(r)
+                    todo[unsafe_offset=3 * n + 1] = Int32(b)
+                    todo[unsafe_offset=3 * n + 2] = Int32(j)
+                    n += 1
+        todo[unsafe_offset=DEC_BLOCKS * 3] = Int32(n)
+    barrier()
+    var n = Int(todo[unsafe_offset=DEC_BLOCKS * 3])
+    if n == 0:
+        return
+    var qg = q_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var kg = k_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+
+    @always_inline
+    def load_k(e: Int, dst: type_of(k_buf0)) {var tid, var kg, var todo, var cu_k}:
+        var b = Int(todo[unsafe_offset=3 * e + 1])
+        var j = Int(todo[unsafe_offset=3 * e + 2])
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+        for i in range(tid, BS * CPR, DEC_THREADS):
+            var key = i // CPR
+            var c = (i % CPR) * 8
+            if j * BS + key < tk:
+                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(key * KS + c))
+            else:
+                dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+
+    load_k(0, k_buf0)
+    async_copy_commit_group()
+    var cur_b = -1
+    var q0 = 0
+    var tq = 0
+    var tk = 0
+    var nrows = 0
+    var t2 = (lane % 4) * 2
+    for e in range(n):
+        var r = Int(todo[unsafe_offset=3 * e])
+        var b = Int(todo[unsafe_offset=3 * e + 1])
+        var j = Int(todo[unsafe_offset=3 * e + 2])
+        if b != cur_b:  # uniform: a new sequence's query rows (rows past nrows are zero)
+            cur_b = b
+            q0 = Int(cu_q[unsafe_offset=b])
+            tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+            tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+            nrows = min(tq, max_q) * num_groups
+            for i in range(tid, NRP * CPR, DEC_THREADS):
+                var rr = i // CPR
+                var c = (i % CPR) * 8
+                var val = SIMD[dtype, 8](0)
+                if rr < nrows:
+                    val = qg.unsafe_load[width=8, alignment=16]((q0 * num_groups + rr) * DI + c)
+                q_s.unsafe_store[alignment=16](rr * KS + c, val)
+        var k_cur = k_buf0 if e % 2 == 0 else k_buf1
+        if e + 1 < n:
+            load_k(e + 1, k_buf1 if e % 2 == 0 else k_buf0)
+            async_copy_commit_group()
+            async_copy_wait_group(1)
+        else:
+            async_copy_wait_group(0)
+        barrier()
+        # S^T = K_blk Q^T: this warp's 16-key tiles against every (query, group) row
+        var acc = Array[SIMD[DType.float32, 4], MTW * NT](fill=SIMD[DType.float32, 4](0))
+        comptime for kk in range(DI // 16):
+            comptime for u in range(MTW):
+                var mt = wid + DEC_WARPS * u
+                if mt < MT:
+                    var a = frag_a[dtype, KS](k_cur.unsafe_offset(mt * 16 * KS + kk * 16), lane)
+                    comptime for n2 in range(NRP // 16):
+                        var bv = frag_b2[dtype, KS](q_s.unsafe_offset(n2 * 16 * KS + kk * 16), lane)
+                        var bh = bv.split()
+                        var d0 = SIMD[DType.float32, 4](0)
+                        mma(d0, a, bh[0], acc[u * NT + 2 * n2])
+                        acc[u * NT + 2 * n2] = d0
+                        var d1 = SIMD[DType.float32, 4](0)
+                        mma(d1, a, bh[1], acc[u * NT + 2 * n2 + 1])
+                        acc[u * NT + 2 * n2 + 1] = d1
+        # block max per row (column of the accumulators), unscaled; NaN never wins
+        var full = (j + 1) * BS <= tk - tq + 1  # every key visible to every query
+        comptime for nt in range(NT):
+            var m_a = f32_neg_inf()
+            var m_b = f32_neg_inf()
+            var pos_a = tk - tq + (nt * 8 + t2) // num_groups
+            var pos_b = tk - tq + (nt * 8 + t2 + 1) // num_groups
+            comptime for u in range(MTW):
+                var mt = wid + DEC_WARPS * u
+                if mt < MT:
+                    var x = acc[u * NT + nt]
+                    var key = j * BS + mt * 16 + lane // 4
+                    if full or key <= pos_a:
+                        if x[0] > m_a:
+                            m_a = x[0]
+                    if full or key + 8 <= pos_a:
+                        if x[2] > m_a:
+                            m_a = x[2]
+                    if full or key <= pos_b:
+                        if x[1] > m_b:
+                            m_b = x[1]
+                    if full or key + 8 <= pos_b:
+                        if x[3] > m_b:
+                            m_b = x[3]
+            m_a = max(m_a, warp.shuffle_xor(m_a, 4))
+            m_a = max(m_a, warp.shuffle_xor(m_a, 8))
+            m_a = max(m_a, warp.shuffle_xor(m_a, 16))
+            m_b = max(m_b, warp.shuffle_xor(m_b, 4))
+            m_b = max(m_b, warp.shuffle_xor(m_b, 8))
+            m_b = max(m_b, warp.shuffle_xor(m_b, 16))
+            if lane < 4:
+                red[unsafe_offset=wid * NRP + nt * 8 + t2] = m_a
+                red[unsafe_offset=wid * NRP + nt * 8 + t2 + 1] = m_b
+        barrier()
+        if tid < nrows:
+            var m = red[unsafe_offset=tid]
+            comptime for w in range(1, DEC_WARPS):
+                m = max(m, red[unsafe_offset=w * NRP + tid])
+            var i = tid // num_groups
+            var g = tid % num_groups
+            scores[unsafe_offset=_score_offset(g, i, r, max_q, Int(r_max))] = m
+        barrier()  # k_cur, red and q_s are rewritten next
+
+
+def decode_scores_smem_bytes[dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, max_q: Int]() -> Int:
+    comptime NRP = ceildiv(max_q * num_groups, 16) * 16
+    return (NRP + 2 * block_size) * (idx_dim + 8) * size_of[dtype]() + 4 * DEC_WARPS * NRP
+
+
+# ----------------------------------------------------------------------------- GPU, pass 3: top-k
+@always_inline
+def _better(s_a: Float32, id_a: Int32, s_b: Float32, id_b: Int32) -> Bool:
+    """Rank order: higher score, then lower block id."""
+    return s_a > s_b or (s_a == s_b and id_a < id_b)
+
+
+def decode_topk_kernel[
+    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int,
+    local_blocks: Int, max_q: Int,
+](
+    block_ids: I32MutPtr,
+    scores: F32Ptr,
+    q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, r_max: Int32,
+):
+    comptime BS = block_size
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var sc_s = unsafe_stack_allocation[TOPK_WARPS * WARP_SIZE * topk, Float32, address_space=AddressSpace.SHARED]()
+    var id_s = unsafe_stack_allocation[TOPK_WARPS * WARP_SIZE * topk, Int32, address_space=AddressSpace.SHARED]()
+    var sel_s = unsafe_stack_allocation[TOPK_WARPS * topk, Int32, address_space=AddressSpace.SHARED]()
+    var q_s = unsafe_stack_allocation[TOPK_WARPS * idx_dim, Float32, address_space=AddressSpace.SHARED]()
+    var row = Int(block_idx.x) * TOPK_WARPS + wid  # = t * num_groups + g
+    if row >= Int(T) * num_groups:
+        return  # the whole warp; only warp-level synchronisation below
+    var t = row // num_groups
+    var g = row % num_groups
+    var b = seq_of(cu_q, Int(num_seqs), t)
+    var q0 = Int(cu_q[unsafe_offset=b])
+    var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+    var k0 = Int(cu_k[unsafe_offset=b])
+    var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+    var i = t - q0
+    var p = tk - tq + i
+    var f = _Forced(p, BS, init_blocks, local_blocks)
+    var kfree = topk - f.num_forced()
+    var scale = scale_p[unsafe_offset=0]
+    var my_sc = sc_s.unsafe_offset((wid * WARP_SIZE + lane) * topk)
+    var my_id = id_s.unsafe_offset((wid * WARP_SIZE + lane) * topk)
+    var sel = sel_s.unsafe_offset(wid * topk)
+    var cnt = 0
+    var worst = 0
+    var nsel = 0
+    if kfree > 0:
+        var scored = i < max_q
+        var base = _score_offset(g, min(i, max_q - 1), Int(roff[unsafe_offset=b]), max_q, Int(r_max))
+        var q_w = q_s.unsafe_offset(wid * idx_dim)
+        if not scored:  # this query's row, for scoring its blocks here
+            for d in range(lane, idx_dim, WARP_SIZE):
+                q_w[unsafe_offset=d] = q_idx[unsafe_offset=(t * num_groups + g) * idx_dim + d].cast[DType.float32]()
+            syncwarp()
+        # each lane ranks blocks nsink + lane, + 32, ... (ascending, as the tie rule needs)
+        for j0 in range(f.nsink, f.local_lo, WARP_SIZE):
+            var j = j0 + lane
+            var s = f32_neg_inf()
+            if scored:
+                if j < f.local_lo:
+                    s = scores[unsafe_offset=base + j]
+            else:
+                for u in range(min(WARP_SIZE, f.local_lo - j0)):
+                    var m = f32_neg_inf()
+                    for key in range((j0 + u) * BS + lane, min((j0 + u + 1) * BS, p + 1), WARP_SIZE):
+                        var dot = Float32(0)
+                        for d in range(idx_dim):
+                            dot += q_w[unsafe_offset=d] * k_idx[unsafe_offset=(k0 + key) * idx_dim + d].cast[DType.float32]()
+                        if dot > m:
+                            m = dot
+                    m = warp.max(m)
+                    if lane == u:
+                        s = m
+            if j < f.local_lo:
+                s *= scale
+                if not (s == s):
+                    s = f32_neg_inf()
+                _topk_insert(my_sc, my_id, cnt, worst, kfree, s, j)
+        # this lane's list, best first
+        for a in range(1, cnt):
+            var xs = my_sc[unsafe_offset=a]
+            var xi = my_id[unsafe_offset=a]
+            var k = a - 1
+            while k >= 0 and _better(xs, xi, my_sc[unsafe_offset=k], my_id[unsafe_offset=k]):
+                my_sc[unsafe_offset=k + 1] = my_sc[unsafe_offset=k]
+                my_id[unsafe_offset=k + 1] = my_id[unsafe_offset=k]
+                k -= 1
+            my_sc[unsafe_offset=k + 1] = xs
+            my_id[unsafe_offset=k + 1] = xi
+        # merge: kfree rounds of a warp arg-max over the lanes' heads
+        var head = 0
+        for _ in range(kfree):
+            var cs = f32_neg_inf()
+            var ci = NO_ID
+            if head < cnt:
+                cs = my_sc[unsafe_offset=head]
+                ci = my_id[unsafe_offset=head]
+            var bs = cs
+            var bi = ci
+            comptime for sh in range(5):
+                comptime off = 1 << (4 - sh)
+                var os = warp.shuffle_xor(bs, UInt32(off))
+                var oi = warp.shuffle_xor(bi, UInt32(off))
+                if _better(os, oi, bs, bi):
+                    bs = os
+                    bi = oi
+            if bi == NO_ID:
+                break
+            if head < cnt and ci == bi:
+                head += 1
+            if lane == 0:
+                sel[unsafe_offset=nsel] = bi
+            nsel += 1
+    syncwarp()
+    if lane == 0:
+        _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, sel, nsel)
+
+
+# ----------------------------------------------------------------------------- op
+@register("msa_select_decode")
+struct MSASelectDecode:
+    @staticmethod
+    def execute[
+        dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        init_blocks: Int,
+        local_blocks: Int,
+        num_groups: Int,
+        idx_dim: Int,
+        max_q: Int,
+    ](
+        block_ids: OutputTensor[dtype=DType.int32, rank=3, ...],
+        block_scores: OutputTensor[dtype=DType.float32, rank=1, ...],  # scratch [Hkv * max_q * R_max]
+        row_offsets: OutputTensor[dtype=DType.int32, rank=1, ...],  # scratch [B + 1]
+        q_idx: InputTensor[dtype=dtype, rank=3, ...],
+        k_idx: InputTensor[dtype=dtype, rank=2, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        idx_scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q_idx.dim_size(0)
+        var S = k_idx.dim_size(0)
+        var B = cu_seqlens_q.dim_size(0) - 1
+        var r_max = S // block_size + B
+        if q_idx.dim_size(1) != num_groups or q_idx.dim_size(2) != idx_dim or k_idx.dim_size(1) != idx_dim:
+            raise Error("msa_select_decode: q_idx must be [T, Hkv, Di] and k_idx [S, Di] with the op's Hkv and Di")
+        if block_scores.dim_size(0) < num_groups * max_q * r_max or row_offsets.dim_size(0) != B + 1:
+            raise Error("msa_select_decode: scratch too small")
+        if T == 0:
+            return
+        comptime if is_cpu[target]():
+            _decode_select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks, max_q](
+                block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
+                k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale[0], B,
+                num_groups, T, r_max,
+            )
+        else:
+            comptime assert select_decode_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
+            ctx.enqueue_function[_row_offsets_kernel](
+                row_offsets.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(block_size),
+                grid_dim=1, block_dim=32,
+            )
+            comptime smem = decode_scores_smem_bytes[dtype, idx_dim, num_groups, block_size, max_q]()
+            comptime scores_k = decode_scores_kernel[dtype, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q]
+            if r_max > 0:
+                ctx.enqueue_function[scores_k](
+                    block_scores.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), row_offsets.unsafe_ptr(),
+                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(r_max),
+                    grid_dim=ceildiv(r_max, DEC_BLOCKS), block_dim=DEC_THREADS, shared_mem_bytes=smem,
+                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                )
+            comptime topk_k = decode_topk_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, max_q]
+            ctx.enqueue_function[topk_k](
+                block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(),
+                row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
+                Int32(B), Int32(T), Int32(r_max),
+                grid_dim=ceildiv(T * num_groups, TOPK_WARPS), block_dim=TOPK_WARPS * WARP_SIZE,
+            )
+
+
+def select_decode_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
+    return (
+        (dtype == DType.bfloat16 or dtype == DType.float16)
+        and idx_dim % 16 == 0
+        and idx_dim <= 256
+        and block_size % 16 == 0
+        and block_size <= 128
+    )
