@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh check [check-small] [check-large] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory]
+#   bash benchmarks/gpu_run.sh check [check-small] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory]
 # Logs go to $OUT (the device tool's folder) or ./msa_out.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -16,9 +16,10 @@ for step in "$@"; do
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-large) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16,128k_model_shape_bf16,decode_128k_b8_bf16 2>&1 | tee "$OUT/check_large.log" || rc=1 ;;
+    check-decode) python3 -m msa_py.check --device gpu --only decode_ragged_bf16,decode_spec8_bf16,decode_overflow_f16,decode_128k_b8_bf16 2>&1 | tee "$OUT/check_decode.log" || rc=1 ;;
     memory) python3 benchmarks/memory.py --out "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log" || rc=1 ;;
     bench) python3 -m msa_py bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
-    decode) python3 -m msa_py bench --decode --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
+    decode) python3 -m msa_py bench --decode --out "$OUT/decode" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     decode-spec) python3 -m msa_py bench --decode --n-new 8 --batches 8,32 --contexts 32k,128k --out "$OUT/decode_spec8" 2>&1 | tee "$OUT/decode_spec8.log" || rc=1 ;;
     demo) python3 -m msa_py demo 2>&1 | tee "$OUT/demo.log" || rc=1 ;;
     torch) python3 -m pytest -q -x tests/test_torch_ops.py --device cuda 2>&1 | tee "$OUT/torch.log" || rc=1 ;;

@@ -152,25 +152,34 @@ def decode_scores_kernel[
     var red = k_buf1.unsafe_offset(BS * KS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
     # this thread block's free blocks: (row, sequence, block) of up to DEC_BLOCKS rows
     var todo = unsafe_stack_allocation[DEC_BLOCKS * 3 + 1, Int32, address_space=AddressSpace.SHARED]()
+    var cand = unsafe_stack_allocation[DEC_BLOCKS * 2, Int32, address_space=AddressSpace.SHARED]()
     var B = Int(num_seqs)
     var r0 = Int(block_idx.x) * DEC_BLOCKS
-    if tid == 0:
+    if tid < DEC_BLOCKS:  # one thread per row: its sequence and block, -1 when not scored
+        var r = r0 + tid
+        var bb = -1
+        var j = 0
+        if r < Int(roff[unsafe_offset=B]):
+            var b = seq_of(roff, B, r)
+            while r >= Int(roff[unsafe_offset=b + 1]):  # past empty sequences
+                b += 1
+            j = r - Int(roff[unsafe_offset=b])
+            var tq = Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b])
+            var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+            var fr = _free_range(tq, tk, BS, init_blocks, local_blocks)
+            if tq > 0 and j >= fr[0] and j <= fr[1]:
+                bb = b
+        cand[unsafe_offset=2 * tid] = Int32(bb)
+        cand[unsafe_offset=2 * tid + 1] = Int32(j)
+    barrier()
+    if tid == 0:  # compact (shared memory only)
         var n = 0
-        var r_end = min(r0 + DEC_BLOCKS, Int(roff[unsafe_offset=B]))
-        if r0 < r_end:
-            var b = seq_of(roff, B, r0)
-            for r in range(r0, r_end):
-                while r >= Int(roff[unsafe_offset=b + 1]):
-                    b += 1
-                var j = r - Int(roff[unsafe_offset=b])
-                var tq = Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b])
-                var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
-                var fr = _free_range(tq, tk, BS, init_blocks, local_blocks)
-                if tq > 0 and j >= fr[0] and j <= fr[1]:
-                    todo[unsafe_offset=3 * n] = Int32(r)
-                    todo[unsafe_offset=3 * n + 1] = Int32(b)
-                    todo[unsafe_offset=3 * n + 2] = Int32(j)
-                    n += 1
+        for i in range(DEC_BLOCKS):
+            if cand[unsafe_offset=2 * i] >= 0:
+                todo[unsafe_offset=3 * n] = Int32(r0 + i)
+                todo[unsafe_offset=3 * n + 1] = cand[unsafe_offset=2 * i]
+                todo[unsafe_offset=3 * n + 2] = cand[unsafe_offset=2 * i + 1]
+                n += 1
         todo[unsafe_offset=DEC_BLOCKS * 3] = Int32(n)
     barrier()
     var n = Int(todo[unsafe_offset=DEC_BLOCKS * 3])
