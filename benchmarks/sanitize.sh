@@ -8,6 +8,6 @@ set -o pipefail
 for tool in memcheck racecheck initcheck; do
   echo "=== compute-sanitizer --tool $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
-    python3 -m msa_py.check --device gpu --quick --no-time --lean 2>&1 | grep -v "^=========     " | tail -15
+    python3 -m msa_py.check --device gpu --quick --no-time --lean ${SAN_ONLY:+--only $SAN_ONLY} 2>&1 | grep -v "^=========     " | tail -15
   echo "exit ${PIPESTATUS[0]}"
 done
