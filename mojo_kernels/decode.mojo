@@ -8,7 +8,8 @@
 #   1. row offsets: the inversion's numbering of the blocks of all sequences;
 #   2. scores: one thread block per DEC_BLOCKS consecutive block rows. Each
 #      free block is scored for the first max_q queries x Hkv groups of its
-#      sequence at once on tensor cores (keys in M, (query, group) rows in N;
+#      sequence at once on tensor cores (keys in M from double-buffered
+#      shared memory, (query, group) rows in N held in registers;
 #      the same fp32 products as the prefill indexer), max-pooled per block,
 #      and written to block_scores [Hkv, max_q, R_max]: one float per
 #      (row, block), a few MB, never T x blocks for prefill-sized T;
@@ -138,7 +139,7 @@ def decode_scores_kernel[
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
     comptime CPR = DI // 8  # 16-byte chunks per row
-    comptime NRP = ceildiv(max_q * num_groups, 16) * 16  # (query, group) rows, padded to the MMA's N pairs
+    comptime NRP = ceildiv(max_q * num_groups, 8) * 8  # (query, group) rows, padded to the MMA N tile
     comptime NT = NRP // 8
     comptime MT = BS // 16  # 16-key m tiles per block
     comptime MTW = ceildiv(MT, DEC_WARPS)
@@ -146,8 +147,7 @@ def decode_scores_kernel[
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
-    var q_s = smem
-    var k_buf0 = smem.unsafe_offset(NRP * KS)
+    var k_buf0 = smem
     var k_buf1 = k_buf0.unsafe_offset(BS * KS)
     var red = k_buf1.unsafe_offset(BS * KS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
     # this thread block's free blocks: (row, sequence, block) of up to DEC_BLOCKS rows
@@ -204,6 +204,9 @@ def decode_scores_kernel[
 
     load_k(0, k_buf0)
     async_copy_commit_group()
+    # Q stays in registers (B operands, 16 k x 8 rows per fragment): shared
+    # memory holds only the two K buffers, so three thread blocks fit per SM
+    var qf = Array[SIMD[dtype, 4], NT * (DI // 16)](fill=SIMD[dtype, 4](0))
     var cur_b = -1
     var q0 = 0
     var tq = 0
@@ -214,19 +217,22 @@ def decode_scores_kernel[
         var r = Int(todo[unsafe_offset=3 * e])
         var b = Int(todo[unsafe_offset=3 * e + 1])
         var j = Int(todo[unsafe_offset=3 * e + 2])
-        if b != cur_b:  # uniform: a new sequence's query rows (rows past nrows are zero)
+        if b != cur_b:  # uniform: a new sequence's (query, group) rows as MMA B fragments
             cur_b = b
             q0 = Int(cu_q[unsafe_offset=b])
             tq = Int(cu_q[unsafe_offset=b + 1]) - q0
             tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
             nrows = min(tq, max_q) * num_groups
-            for i in range(tid, NRP * CPR, DEC_THREADS):
-                var rr = i // CPR
-                var c = (i % CPR) * 8
-                var val = SIMD[dtype, 8](0)
-                if rr < nrows:
-                    val = qg.unsafe_load[width=8, alignment=16]((q0 * num_groups + rr) * DI + c)
-                q_s.unsafe_store[alignment=16](rr * KS + c, val)
+            comptime for nt in range(NT):
+                var rr = nt * 8 + lane // 4
+                comptime for kk in range(DI // 16):
+                    var f = SIMD[dtype, 4](0)
+                    if rr < nrows:
+                        var base = (q0 * num_groups + rr) * DI + kk * 16 + t2
+                        var lo = qg.unsafe_load[width=2, alignment=4](base)
+                        var hi = qg.unsafe_load[width=2, alignment=4](base + 8)
+                        f = lo.join(hi)
+                    qf[nt * (DI // 16) + kk] = f
         var k_cur = k_buf0 if e % 2 == 0 else k_buf1
         if e + 1 < n:
             load_k(e + 1, k_buf1 if e % 2 == 0 else k_buf0)
@@ -242,15 +248,10 @@ def decode_scores_kernel[
                 var mt = wid + DEC_WARPS * u
                 if mt < MT:
                     var a = frag_a[dtype, KS](k_cur.unsafe_offset(mt * 16 * KS + kk * 16), lane)
-                    comptime for n2 in range(NRP // 16):
-                        var bv = frag_b2[dtype, KS](q_s.unsafe_offset(n2 * 16 * KS + kk * 16), lane)
-                        var bh = bv.split()
+                    comptime for nt in range(NT):
                         var d0 = SIMD[DType.float32, 4](0)
-                        mma(d0, a, bh[0], acc[u * NT + 2 * n2])
-                        acc[u * NT + 2 * n2] = d0
-                        var d1 = SIMD[DType.float32, 4](0)
-                        mma(d1, a, bh[1], acc[u * NT + 2 * n2 + 1])
-                        acc[u * NT + 2 * n2 + 1] = d1
+                        mma(d0, a, qf[nt * (DI // 16) + kk], acc[u * NT + nt])
+                        acc[u * NT + nt] = d0
         # block max per row (column of the accumulators), unscaled; NaN never wins
         var full = (j + 1) * BS <= tk - tq + 1  # every key visible to every query
         comptime for nt in range(NT):
@@ -292,12 +293,12 @@ def decode_scores_kernel[
             var i = tid // num_groups
             var g = tid % num_groups
             scores[unsafe_offset=_score_offset(g, i, r, max_q, Int(r_max))] = m
-        barrier()  # k_cur, red and q_s are rewritten next
+        barrier()  # k_cur and red are rewritten next
 
 
 def decode_scores_smem_bytes[dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, max_q: Int]() -> Int:
-    comptime NRP = ceildiv(max_q * num_groups, 16) * 16
-    return (NRP + 2 * block_size) * (idx_dim + 8) * size_of[dtype]() + 4 * DEC_WARPS * NRP
+    comptime NRP = ceildiv(max_q * num_groups, 8) * 8
+    return 2 * block_size * (idx_dim + 8) * size_of[dtype]() + 4 * DEC_WARPS * NRP
 
 
 # ----------------------------------------------------------------------------- GPU, pass 3: top-k

@@ -167,8 +167,9 @@ def use_decode(decode, T, B1, dtype: DType, device: DeviceRef) -> bool:
 
 def _decode_max_q(num_groups: int) -> int:
     """Queries per sequence scored in the decode indexer's tile ((query, group)
-    rows <= 64); later queries of a sequence are still right, only slower."""
-    return max(1, min(DECODE_MAX_Q, 64 // num_groups))
+    rows <= 32, kept in registers); later queries of a sequence are still
+    right, only slower."""
+    return max(1, min(DECODE_MAX_Q, 32 // num_groups))
 
 
 # --------------------------------------------------------------------------- stages
