@@ -35,7 +35,7 @@ from max.gpu.primitives import warp
 
 from .common import F32MutPtr, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
 from .invert import _row_offsets_kernel
-from .select import _Forced, _topk_insert, _write_selection
+from .select import _Forced, _topk_insert, _write_selection, block_max_cpu, select_mma_supported
 
 comptime DEC_WARPS = 4
 comptime DEC_THREADS = DEC_WARPS * WARP_SIZE
@@ -69,19 +69,6 @@ def _decode_select_cpu[
 ):
     """The GPU's two passes, sequentially: block scores of the first max_q
     queries per sequence into `scores`, then the top-k of each row."""
-
-    @always_inline
-    def block_max(qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], k0: Int, j: Int, p: Int) {var k_idx} -> Float32:
-        var m = f32_neg_inf()
-        for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
-            var krow = k_idx.unsafe_offset((k0 + key) * idx_dim)
-            var s = Float32(0)
-            for d in range(idx_dim):
-                s += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
-            if s > m:
-                m = s
-        return m
-
     roff[unsafe_offset=0] = 0
     for b in range(num_seqs):
         var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
@@ -93,13 +80,14 @@ def _decode_select_cpu[
         var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
         if tq == 0:
             continue
+        var k_seq = k_idx.unsafe_offset(k0 * idx_dim)
         var fr = _free_range(tq, tk, block_size, init_blocks, local_blocks)
         for j in range(fr[0], fr[1] + 1):
             for i in range(min(tq, max_q)):
                 for g in range(num_groups):
                     var qrow = q_idx.unsafe_offset(((q0 + i) * num_groups + g) * idx_dim)
                     var off = _score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)
-                    scores[unsafe_offset=off] = block_max(qrow, k0, j, tk - tq + i)
+                    scores[unsafe_offset=off] = block_max_cpu[dtype, idx_dim, block_size](qrow, k_seq, j, tk - tq + i)
     var sc = unsafe_stack_allocation[topk, Float32]()
     var ids = unsafe_stack_allocation[topk, Int32]()
     for t in range(T):
@@ -121,7 +109,9 @@ def _decode_select_cpu[
                     if i < max_q:
                         m = scores[unsafe_offset=_score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)]
                     else:
-                        m = block_max(q_idx.unsafe_offset((t * num_groups + g) * idx_dim), k0, j, p)
+                        m = block_max_cpu[dtype, idx_dim, block_size](
+                            q_idx.unsafe_offset((t * num_groups + g) * idx_dim), k_idx.unsafe_offset(k0 * idx_dim), j, p
+                        )
                     _topk_insert(sc, ids, cnt, worst, kfree, m * scale, j)
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
 
@@ -462,7 +452,7 @@ struct MSASelectDecode:
                 num_groups, T, r_max,
             )
         else:
-            comptime assert select_decode_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
+            comptime assert select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
             ctx.enqueue_function[_row_offsets_kernel](
                 row_offsets.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(block_size),
                 grid_dim=1, block_dim=32,
@@ -484,12 +474,3 @@ struct MSASelectDecode:
                 grid_dim=ceildiv(T * num_groups, TOPK_WARPS), block_dim=TOPK_WARPS * WARP_SIZE,
             )
 
-
-def select_decode_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
-    return (
-        (dtype == DType.bfloat16 or dtype == DType.float16)
-        and idx_dim % 16 == 0
-        and idx_dim <= 256
-        and block_size % 16 == 0
-        and block_size <= 128
-    )

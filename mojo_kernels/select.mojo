@@ -130,6 +130,24 @@ def _write_selection[
         out_row[unsafe_offset=i] = -1
 
 
+@always_inline
+def block_max_cpu[dtype: DType, idx_dim: Int, block_size: Int](
+    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], k_seq: Pointer[Scalar[dtype], ImmutAnyOrigin], j: Int, p: Int
+) -> Float32:
+    """Unscaled max over block j's keys at positions <= p of <qrow, k_seq[key]>
+    (k_seq: the sequence's first index key); -inf when none is visible, and
+    NaN never wins (idx_scale > 0 is applied after the max)."""
+    var m = f32_neg_inf()
+    for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
+        var krow = k_seq.unsafe_offset(key * idx_dim)
+        var s = Float32(0)
+        for d in range(idx_dim):
+            s += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
+        if s > m:
+            m = s
+    return m
+
+
 def _select_cpu[
     dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
 ](
@@ -159,16 +177,8 @@ def _select_cpu[
             var worst = 0
             if kfree > 0:
                 for j in range(f.nsink, f.local_lo):
-                    var m = f32_neg_inf()
-                    for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
-                        var krow = k_idx.unsafe_offset((k0 + key) * idx_dim)
-                        var s = Float32(0)
-                        for d in range(idx_dim):
-                            s += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
-                        s *= scale
-                        if s > m:
-                            m = s
-                    _topk_insert(sc, ids, cnt, worst, kfree, m, j)
+                    var m = block_max_cpu[dtype, idx_dim, block_size](qrow, k_idx.unsafe_offset(k0 * idx_dim), j, p)
+                    _topk_insert(sc, ids, cnt, worst, kfree, m * scale, j)
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
 
 

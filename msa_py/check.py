@@ -83,10 +83,9 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     from . import reference as R
     from . import verify as Vf
 
-    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, sample, *rest = case
-    decode = bool(rest and rest[0])
-    spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma, decode=decode)
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, sample = case[:11]
+    spec = _spec(case)
+    decode = spec.decode
     a, T, S, B = make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype)
     scale, idx_scale = 1.0 / math.sqrt(D), 1.0 / math.sqrt(Di)
     ins = E.numpy_inputs(spec, device, **a, scale=np.array([scale], np.float32),
@@ -175,6 +174,15 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     return bool(ok)
 
 
+def _spec(case):
+    """The compiled configuration of a case (decode cases carry a 12th field True)."""
+    from . import engine as E
+
+    _, _, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
+    return E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
+                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]))
+
+
 def _selected_keys(seqs, topk, bs):
     """Keys attended per query (causal, within the selected blocks), summed per sequence (upper bound)."""
     for tq, tk in seqs:
@@ -226,14 +234,11 @@ def main(argv=None) -> int:
 def _virtual(case) -> bool:
     from . import engine as E
 
-    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
-    decode = bool(rest and rest[0])
-    spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma, decode=decode)
-    kind = "decode_stages" if decode else "stages"
+    spec = _spec(case)
+    kind = "decode_stages" if spec.decode else "stages"
     t0 = time.time()
     E.model(kind, spec, "gpu")
-    print(f"{name:24s} {kind} graph compiled for sm_90 in {time.time() - t0:.1f} s")
+    print(f"{case[0]:24s} {kind} graph compiled for sm_90 in {time.time() - t0:.1f} s")
     return True
 
 

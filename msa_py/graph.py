@@ -118,7 +118,6 @@ def _seqlens(cu_q, cu_k, T, S, device: DeviceRef):
 
 
 _SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
-_BYTES = {DType.float32: 4, DType.float16: 2, DType.bfloat16: 2}
 
 
 def _check_gpu_fit(kind: str, device: DeviceRef, dtype: DType, *, topk: int, block_size: int, dim: int,
@@ -150,16 +149,23 @@ def _num_seqs(cu_q: TensorValue):
     return cu_q.shape[0] - 1
 
 
+def decode_fits(T: int, B: int, sixteen_bit: bool, on_gpu: bool) -> bool:
+    """The automatic choice (this layer and the torch layer): at most
+    DECODE_MAX_Q queries per sequence on average, and on the GPU a 16-bit
+    dtype (the decode indexer runs on tensor cores)."""
+    return (sixteen_bit or not on_gpu) and T <= DECODE_MAX_Q * max(B, 1)
+
+
 def use_decode(decode, T, B1, dtype: DType, device: DeviceRef) -> bool:
-    """The decode path for `decode=None` (auto): static T and B with at most
-    DECODE_MAX_Q queries per sequence on average. Symbolic shapes take the
-    general path unless the caller says decode=True. The decode indexer runs
-    on tensor cores: on the GPU it needs a 16-bit dtype."""
+    """The decode path for `decode=None` (auto, decode_fits on static T and
+    B = B1 - 1). Symbolic shapes take the general path unless the caller says
+    decode=True."""
     on_gpu = str(device.device_type) != "cpu"
-    gpu_ok = dtype in (DType.bfloat16, DType.float16) or not on_gpu
+    sixteen = dtype in (DType.bfloat16, DType.float16)
+    gpu_ok = sixteen or not on_gpu
     if decode is None:
         static = isinstance(T, (int, np.integer)) and isinstance(B1, (int, np.integer))
-        return bool(static and gpu_ok and T <= DECODE_MAX_Q * max(int(B1) - 1, 1))
+        return bool(static and decode_fits(int(T), int(B1) - 1, sixteen, on_gpu))
     if decode and not gpu_ok:
         raise ValueError(f"decode=True on the GPU needs bfloat16 or float16 inputs, got {dtype}")
     return bool(decode)
@@ -197,10 +203,9 @@ def select_blocks(
     dev = q_idx.device
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q_idx.shape[0], k_idx.shape[0], dev)
     Di = _static("q_idx index dim Di", Di)
-    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di,
-                   num_groups=_static("q_idx groups Hkv", Hkv))
-    scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
     Hkv = _static("q_idx groups Hkv", Hkv)
+    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
+    scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks,
               "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
     if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev):
@@ -269,6 +274,32 @@ def invert(
     return Inversion(*(o.tensor for o in outs[:5]))
 
 
+def _partials(op: str, q, k, v, index_values: list, cu_q, cu_k, *, topk: int, block_size: int, scale,
+              use_mma: bool):
+    """Step 5 through `op` (block-major or query-major): the checks, the scale
+    and the two partial outputs both share. index_values: what says which
+    entries each thread block attends (the inversion, or block_ids)."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    V.Config(topk, block_size).check()
+    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
+    dev = q.device
+    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    o_p, lse_p = ops.custom(
+        op,
+        device=dev,
+        values=[q, k, v, *index_values, cu_q, cu_k, sc],
+        out_types=[
+            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
+            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
+        ],
+        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
+                    "head_dim": D, "use_mma": use_mma},
+    )
+    return o_p.tensor, lse_p.tensor
+
+
 def block_attention(
     q: TensorValue,
     k: TensorValue,
@@ -283,33 +314,9 @@ def block_attention(
     use_mma: bool = True,
 ):
     """Step 5. Returns o_partial [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
-    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
-    dn = _dtype_name("q", q)
-    V.check_same_dtype([("q", dn), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
-    V.Config(topk, block_size).check()
-    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
-    dev = q.device
-    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
-    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
-    o_p, lse_p = ops.custom(
-        "msa_block_attention",
-        device=dev,
-        values=[q, k, v, inversion.row_offsets, inversion.entries, inversion.work, inversion.num_work,
-                cu_seqlens_q, cu_seqlens_k, sc],
-        out_types=[
-            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
-            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
-        ],
-        parameters={
-            "topk": topk,
-            "block_size": block_size,
-            "group": Hq // Hkv,
-            "num_groups": Hkv,
-            "head_dim": D,
-            "use_mma": use_mma,
-        },
-    )
-    return o_p.tensor, lse_p.tensor
+    inv = inversion
+    return _partials("msa_block_attention", q, k, v, [inv.row_offsets, inv.entries, inv.work, inv.num_work],
+                     cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma)
 
 
 def decode_attention(
@@ -328,28 +335,11 @@ def decode_attention(
     inversion): the partials of block_attention. Returns o_partial
     [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
     T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
-    dn = _dtype_name("q", q)
-    V.check_same_dtype([("q", dn), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
     _check_int32("block_ids", block_ids)
     V.check_block_ids_shape(_shape(block_ids), Hkv, T)
     topk = _static("block_ids topk", _shape(block_ids)[2])
-    V.Config(topk, block_size).check()
-    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
-    dev = q.device
-    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
-    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
-    o_p, lse_p = ops.custom(
-        "msa_decode_attention",
-        device=dev,
-        values=[q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, sc],
-        out_types=[
-            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
-            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
-        ],
-        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
-                    "head_dim": D, "use_mma": use_mma},
-    )
-    return o_p.tensor, lse_p.tensor
+    return _partials("msa_decode_attention", q, k, v, [block_ids], cu_seqlens_q, cu_seqlens_k, topk=topk,
+                     block_size=block_size, scale=scale, use_mma=use_mma)
 
 
 def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DType | None = None):

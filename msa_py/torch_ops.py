@@ -171,10 +171,9 @@ def _num_seqs(cu_q) -> int:
 def _decode(T: int, cu_q, x: torch.Tensor) -> bool:
     """Decode kernels when the batch has at most DECODE_MAX_Q queries per
     sequence on average (shapes only: no device sync, capture-safe)."""
-    from .graph import DECODE_MAX_Q
+    from .graph import decode_fits
 
-    sixteen = x.dtype in (torch.bfloat16, torch.float16)
-    return (sixteen or not x.is_cuda) and T <= DECODE_MAX_Q * max(_num_seqs(cu_q), 1)
+    return decode_fits(T, _num_seqs(cu_q), x.dtype in (torch.bfloat16, torch.float16), x.is_cuda)
 
 
 # --------------------------------------------------------------------------- select_blocks
