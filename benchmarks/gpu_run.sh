@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh check [check-small] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory]
+#   bash benchmarks/gpu_run.sh check [check-small] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
 # Logs go to $OUT (the device tool's folder) or ./msa_out.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -25,6 +25,8 @@ for step in "$@"; do
     torch) python3 -m pytest -q -x tests/test_torch_ops.py --device cuda 2>&1 | tee "$OUT/torch.log" || rc=1 ;;
     overhead) python3 benchmarks/torch_overhead.py 2>&1 | tee "$OUT/overhead.log" || rc=1 ;;
     sanitize) bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
+    profile) bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
+    profile-decode) PROFILE_ARGS="--decode 32 131072" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_decode.log" || rc=1 ;;
     *) echo "unknown step $step" ;;
   esac
 done

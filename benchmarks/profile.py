@@ -1,0 +1,55 @@
+"""One run of each MSA stage at one shape, for Nsight Compute (benchmarks/profile.sh).
+
+  python benchmarks/profile.py --prefill 32768        # select, invert, block attention, combine
+  python benchmarks/profile.py --decode 32 131072     # decode layer: B sequences, one new token each
+
+Each stage runs once to compile and warm up, then once more for the profiler
+(profile.sh skips the first launches of each kernel)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from msa_py import engine as E  # noqa: E402
+from msa_py.bench import MSARunner, make_inputs  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prefill", type=int, default=0, help="T tokens, one sequence")
+    ap.add_argument("--decode", type=int, nargs=2, default=None, metavar=("B", "TK"))
+    a = ap.parse_args()
+    import torch
+
+    spec = E.Spec()
+    if a.prefill:
+        T = a.prefill
+        run = MSARunner(spec, "gpu")
+        b = run.buffers(torch, *make_inputs(torch, spec, T, T, "cuda", "uniform", 0), T, T)
+        for _ in range(2):
+            b["block_ids"] = run.run("select", b)[0]
+            inv = run.run("invert", b)
+            b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
+            b["o_partial"], b["lse_partial"] = run.run("block_attention", b)
+            run.run("combine", b)
+            torch.cuda.synchronize()
+    if a.decode:
+        from msa_py.torch_ops import _buf
+
+        B, Tk = a.decode
+        run = MSARunner(replace(spec, decode=True), "gpu")
+        b = run.buffers(torch, *make_inputs(torch, spec, B, B * Tk, "cuda", "uniform", 0), B, B * Tk)
+        b["cu_q"] = _buf(torch.arange(0, B + 1, dtype=torch.int32, device="cuda"))
+        b["cu_k"] = _buf(torch.arange(0, B + 1, dtype=torch.int32, device="cuda") * Tk)
+        for _ in range(2):
+            run.run("msa", b)
+            torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

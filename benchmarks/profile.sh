@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Nsight Compute over the MSA kernels at the model shape (second launch of
+# each, after compile and warm-up): speed of light, warp stall reasons,
+# occupancy, memory. Clocks left alone (--clock-control none, METHOD.md).
+#   PROFILE_ARGS="--prefill 32768" bash benchmarks/profile.sh > log
+set -o pipefail
+ARGS=${PROFILE_ARGS:---prefill 32768}
+ncu --clock-control none --target-processes all \
+  -k "regex:${PROFILE_KERNELS:-select|attention|combine|invert|decode|fill|row}" \
+  --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+  python3 benchmarks/profile.py $ARGS 2>&1 | grep -v "^==PROF==" \
+  | grep -E -v "^\s+(-+|Section:.*)$" | cut -c1-160
