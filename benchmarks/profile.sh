@@ -10,5 +10,5 @@ ncu --clock-control none --target-processes all \
   --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-  python3 benchmarks/profile.py $ARGS 2>&1 | grep -v "^==PROF==" \
+  python3 benchmarks/ncu_driver.py $ARGS 2>&1 | grep -v "^==PROF==" \
   | grep -E -v "^\s+(-+|Section:.*)$" | cut -c1-160

@@ -1,7 +1,7 @@
 """One run of each MSA stage at one shape, for Nsight Compute (benchmarks/profile.sh).
 
-  python benchmarks/profile.py --prefill 32768        # select, invert, block attention, combine
-  python benchmarks/profile.py --decode 32 131072     # decode layer: B sequences, one new token each
+  python benchmarks/ncu_driver.py --prefill 32768        # select, invert, block attention, combine
+  python benchmarks/ncu_driver.py --decode 32 131072     # decode layer: B sequences, one new token each
 
 Each stage runs once to compile and warm up, then once more for the profiler
 (profile.sh skips the first launches of each kernel)."""
