@@ -18,10 +18,7 @@
 # lse_partial is filled with -inf first, so slots no work item touches read
 # as unused in the combine.
 #
-# Decode (op msa_decode_attention) runs the same kernels query-major: one
-# thread block per (g, t, slot) of block_ids, each selected block one split
-# of flash-decoding's split-K, merged by the same combine. Inversion buys
-# nothing when each query is alone with its blocks, so it is skipped.
+# Decode runs query-major with the merge fused instead (decode_attention.mojo).
 
 from std.math import ceildiv, exp, exp2, log
 from std.memory import unsafe_stack_allocation
@@ -59,29 +56,17 @@ struct _Item(TrivialRegisterPassable):
 
     @always_inline
     def __init__(
-        out self, query_major: Bool, table: I32Ptr, w: Int, row_offsets: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
-        num_seqs: Int, block_size: Int, T: Int, topk: Int,
+        out self, work: I32Ptr, w: Int, row_offsets: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int,
+        block_size: Int,
     ):
-        """Block-major: table is the work list, w a work item.
-        Query-major (decode): table is block_ids [Hkv, T, topk] and w a flat
-        (g, t, slot) index: one entry (count 1, begin = t * topk + slot), or
-        count 0 for an unused slot."""
-        if query_major:
-            var nent = T * topk
-            self.g = w // nent
-            self.begin = w % nent
-            var j = Int(table[unsafe_offset=w])
-            self.count = 1 if j >= 0 else 0
-            self.b = seq_of(cu_q, num_seqs, self.begin // topk)
-            self.j = max(j, 0)
-        else:
-            var wp = table.unsafe_offset(w * 4)
-            self.g = Int(wp[unsafe_offset=0])
-            var row = Int(wp[unsafe_offset=1])
-            self.begin = Int(wp[unsafe_offset=2])
-            self.count = Int(wp[unsafe_offset=3])
-            self.b = seq_of(row_offsets, num_seqs + 1, row)
-            self.j = row - Int(row_offsets[unsafe_offset=self.b])
+        """Work item w of the work list."""
+        var wp = work.unsafe_offset(w * 4)
+        self.g = Int(wp[unsafe_offset=0])
+        var row = Int(wp[unsafe_offset=1])
+        self.begin = Int(wp[unsafe_offset=2])
+        self.count = Int(wp[unsafe_offset=3])
+        self.b = seq_of(row_offsets, num_seqs + 1, row)
+        self.j = row - Int(row_offsets[unsafe_offset=self.b])
         self.q0 = Int(cu_q[unsafe_offset=self.b])
         var k0 = Int(cu_k[unsafe_offset=self.b])
         var tk = Int(cu_k[unsafe_offset=self.b + 1]) - k0
@@ -91,12 +76,9 @@ struct _Item(TrivialRegisterPassable):
         self.pos0 = tk - tq
 
     @always_inline
-    def entry[query_major: Bool](self, entries: I32Ptr, nent: Int, e: Int) -> Int:
+    def entry(self, entries: I32Ptr, nent: Int, e: Int) -> Int:
         """The e-th entry (t * topk + slot) of this item."""
-        comptime if query_major:
-            return self.begin
-        else:
-            return Int(entries[unsafe_offset=self.g * nent + self.begin + e])
+        return Int(entries[unsafe_offset=self.g * nent + self.begin + e])
 
     @always_inline
     def visible(self, t: Int, block_size: Int) -> Int:
@@ -117,7 +99,7 @@ def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
 
 # ----------------------------------------------------------------------------- CPU
 def _attention_cpu[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int, query_major: Bool
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -131,9 +113,9 @@ def _attention_cpu[
     var s = unsafe_stack_allocation[block_size, Float32]()
     var acc = unsafe_stack_allocation[head_dim, Float32]()
     for w in range(num_work):
-        var it = _Item(query_major, work, w, row_offsets, cu_q, cu_k, num_seqs, block_size, T, topk)
+        var it = _Item(work, w, row_offsets, cu_q, cu_k, num_seqs, block_size)
         for e in range(it.count):
-            var ent = it.entry[query_major](entries, T * topk, e)
+            var ent = it.entry(entries, T * topk, e)
             var t = ent // topk
             var slot = ent % topk
             var nvis = it.visible(t, block_size)
@@ -167,7 +149,6 @@ def _attention_cpu[
 # ----------------------------------------------------------------------------- GPU, SIMT
 def attention_simt_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
-    query_major: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -182,13 +163,12 @@ def attention_simt_kernel[
     comptime KPL = ceildiv(block_size, WARP_SIZE)  # keys per lane
     comptime DPL = ceildiv(head_dim, WARP_SIZE)  # dims per lane
     var w = Int(block_idx.x)
-    comptime if not query_major:
-        if w >= Int(num_work[unsafe_offset=0]):
-            return
+    if w >= Int(num_work[unsafe_offset=0]):
+        return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    var it = _Item(query_major, work, w, row_offsets, cu_q, cu_k, Int(num_seqs), block_size, Int(T), topk)
+    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), block_size)
     if it.count == 0:
         return
     var smem = external_memory[Float32, address_space=AddressSpace.SHARED, alignment=16]()
@@ -211,7 +191,7 @@ def attention_simt_kernel[
     var scale = scale_p[unsafe_offset=0]
     var nent = Int(T) * topk
     for r in range(wid, it.count * group, SIMT_WARPS):
-        var ent = it.entry[query_major](entries, nent, r // group)
+        var ent = it.entry(entries, nent, r // group)
         var h = it.g * group + r % group
         var t = ent // topk
         var off = _part_offset(t, h, ent % topk, Hq, topk)
@@ -263,7 +243,6 @@ def simt_smem_bytes[head_dim: Int, block_size: Int]() -> Int:
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def attention_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
-    query_major: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -280,13 +259,12 @@ def attention_mma_kernel[
     comptime NT = MMA_WARPS * WARP_SIZE
     comptime CPR = D // 8  # 16-byte chunks per row
     var w = Int(block_idx.x)
-    comptime if not query_major:
-        if w >= Int(num_work[unsafe_offset=0]):
-            return
+    if w >= Int(num_work[unsafe_offset=0]):
+        return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    var it = _Item(query_major, work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS, Int(T), topk)
+    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
     if it.count == 0:
         return
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
@@ -328,7 +306,7 @@ def attention_mma_kernel[
             var poff = -1
             var nvis = 0
             if mr < rows_total:
-                var ent = it.entry[query_major](entries, nent, mr // group)
+                var ent = it.entry(entries, nent, mr // group)
                 var t = ent // topk
                 poff = _part_offset(t, it.g * group + mr % group, ent % topk, Hq, topk)
                 nvis = it.visible(t, BS)
@@ -339,7 +317,7 @@ def attention_mma_kernel[
             var c = (i % CPR) * 8
             var mr = m0 + r
             if mr < rows_total:
-                var ent = it.entry[query_major](entries, nent, mr // group)
+                var ent = it.entry(entries, nent, mr // group)
                 var qoff = ((ent // topk) * Hq + it.g * group + mr % group) * D
                 async_copy[16](qg.unsafe_offset(qoff + c), qbuf.unsafe_offset(r * KS + c))
             else:
@@ -465,7 +443,7 @@ def mma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
 
 def _launch[
     dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, block_size: Int, group: Int,
-    num_groups: Int, head_dim: Int, use_mma: Bool, query_major: Bool,
+    num_groups: Int, head_dim: Int, use_mma: Bool,
 ](
     o_partial: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_partial: F32MutPtr,
@@ -475,15 +453,14 @@ def _launch[
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
     cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, B: Int, T: Int, grid: Int, ctx: DeviceContext,
 ) raises:
-    """Fills lse_partial with -inf, then one thread block per work item (block-major)
-    or per (g, t, slot) (query-major; `work` is then block_ids)."""
+    """Fills lse_partial with -inf, then one thread block per work item (`grid`
+    is the work list's capacity; blocks past num_work exit)."""
     var n_part = T * group * num_groups * topk
     comptime if is_cpu[target]():
         for i in range(n_part):
             lse_partial[unsafe_offset=i] = f32_neg_inf()
-        var n_items = grid if query_major else Int(num_work[unsafe_offset=0])
-        _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk, query_major](
-            o_partial, lse_partial, q, k, v, row_offsets, entries, work, n_items,
+        _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk](
+            o_partial, lse_partial, q, k, v, row_offsets, entries, work, Int(num_work[unsafe_offset=0]),
             cu_q, cu_k, scale[unsafe_offset=0], B, num_groups, T,
         )
     else:
@@ -495,7 +472,7 @@ def _launch[
         comptime if use_mma and mma_supported[dtype, head_dim, block_size]():
             comptime smem = mma_smem_bytes[dtype, head_dim, block_size]()
             comptime kernel = attention_mma_kernel[
-                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, query_major
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
             ctx.enqueue_function[kernel](
                 o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
@@ -507,7 +484,7 @@ def _launch[
             comptime smem = simt_smem_bytes[head_dim, block_size]()
             comptime assert smem <= 227 * 1024, "msa_block_attention: block_size * head_dim too large for the SIMT path"
             comptime kernel = attention_simt_kernel[
-                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, query_major
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
             ctx.enqueue_function[kernel](
                 o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
@@ -560,54 +537,9 @@ struct MSABlockAttention:
         var T = q.dim_size(0)
         if T == 0:
             return
-        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma, False](
+        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma](
             o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
             row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
             cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
             cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), ctx,
-        )
-
-
-@register("msa_decode_attention")
-struct MSADecodeAttention:
-    """Query-major split-K (decode): one thread block per (g, t, slot) of
-    block_ids, each selected block one split; same partials as block-major."""
-
-    @staticmethod
-    def execute[
-        dtype: DType,
-        part_dtype: DType,
-        //,
-        target: StaticString,
-        topk: Int,
-        block_size: Int,
-        group: Int,
-        num_groups: Int,
-        head_dim: Int,
-        use_mma: Bool = True,
-    ](
-        o_partial: OutputTensor[dtype=part_dtype, rank=4, ...],
-        lse_partial: OutputTensor[dtype=DType.float32, rank=3, ...],
-        q: InputTensor[dtype=dtype, rank=3, ...],
-        k: InputTensor[dtype=dtype, rank=3, ...],
-        v: InputTensor[dtype=dtype, rank=3, ...],
-        block_ids: InputTensor[dtype=DType.int32, rank=3, ...],
-        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
-        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
-        scale: InputTensor[dtype=DType.float32, rank=1, ...],
-        ctx: DeviceContext,
-    ) raises:
-        _check_shapes[group, num_groups, head_dim](
-            "msa_decode_attention", q.dim_size(1), q.dim_size(2), k.dim_size(1), k.dim_size(2)
-        )
-        var T = q.dim_size(0)
-        if block_ids.dim_size(0) != num_groups or block_ids.dim_size(1) != T or block_ids.dim_size(2) != topk:
-            raise Error("msa_decode_attention: block_ids must be [Hkv, T, topk]")
-        if T == 0:
-            return
-        var ids = block_ids.unsafe_ptr()
-        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma, True](
-            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-            ids, ids, ids, ids, cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
-            cu_seqlens_q.dim_size(0) - 1, T, num_groups * T * topk, ctx,
         )

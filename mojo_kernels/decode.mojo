@@ -13,9 +13,10 @@
 #      the same fp32 products as the prefill indexer), max-pooled per block,
 #      and written to block_scores [Hkv, max_q, R_max]: one float per
 #      (row, block), a few MB, never T x blocks for prefill-sized T;
-#   3. top-k: one warp per (query, group). Each lane keeps the running top-k
-#      of a strided share of the free blocks (same insertion rule as prefill),
-#      then kfree rounds of a warp arg-max merge the lanes' sorted lists.
+#   3. top-k: one thread block per (query, group). Each thread keeps the
+#      running top-k of a strided share of the free blocks (same insertion
+#      rule as prefill, several score loads in flight), then kfree rounds of a
+#      warp arg-max merge the lanes' sorted lists, and once more the warps'.
 #      Queries past max_q in their sequence (allowed, only slower) score their
 #      blocks in this kernel directly, a warp per block.
 # The ids equal the reference's (forcing, tie rule, NaN as -inf).
@@ -40,7 +41,7 @@ from .select import _Forced, _topk_insert, _write_selection, block_max_cpu, sele
 comptime DEC_WARPS = 4
 comptime DEC_THREADS = DEC_WARPS * WARP_SIZE
 comptime DEC_BLOCKS = 16  # block rows per thread block of the score pass
-comptime TOPK_WARPS = 4  # (query, group) rows per thread block of the top-k pass
+comptime TOPK_WARPS = 4  # warps per (query, group) row in the top-k pass
 comptime NO_ID = Int32(2147483647)
 
 
@@ -298,6 +299,46 @@ def _better(s_a: Float32, id_a: Int32, s_b: Float32, id_b: Int32) -> Bool:
     return s_a > s_b or (s_a == s_b and id_a < id_b)
 
 
+@always_inline
+def _merge_lists(
+    my_sc: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    my_id: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    cnt: Int,
+    kfree: Int,
+    out_sc: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    out_id: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lane: Int,
+) -> Int:
+    """The warp's best kfree of its lanes' sorted lists (best first), by kfree
+    rounds of a warp arg-max over the lists' heads; lane 0 writes them."""
+    var head = 0
+    var nsel = 0
+    for _ in range(kfree):
+        var cs = f32_neg_inf()
+        var ci = NO_ID
+        if head < cnt:
+            cs = my_sc[unsafe_offset=head]
+            ci = my_id[unsafe_offset=head]
+        var bs = cs
+        var bi = ci
+        comptime for sh in range(5):
+            comptime off = 1 << (4 - sh)
+            var os = warp.shuffle_xor(bs, UInt32(off))
+            var oi = warp.shuffle_xor(bi, UInt32(off))
+            if _better(os, oi, bs, bi):
+                bs = os
+                bi = oi
+        if bi == NO_ID:
+            break
+        if head < cnt and ci == bi:
+            head += 1
+        if lane == 0:
+            out_sc[unsafe_offset=nsel] = bs
+            out_id[unsafe_offset=nsel] = bi
+        nsel += 1
+    return nsel
+
+
 def decode_topk_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int,
     local_blocks: Int, max_q: Int,
@@ -308,17 +349,24 @@ def decode_topk_kernel[
     k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, r_max: Int32,
 ):
+    """One thread block per (query, group) row: each thread keeps the running
+    top-k of a strided share of the free blocks, each warp merges its lanes'
+    lists, then warp 0 merges the warps' lists."""
     comptime BS = block_size
+    comptime NTH = TOPK_WARPS * WARP_SIZE
+    comptime UNROLL = 4  # score loads in flight per thread
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    var sc_s = unsafe_stack_allocation[TOPK_WARPS * WARP_SIZE * topk, Float32, address_space=AddressSpace.SHARED]()
-    var id_s = unsafe_stack_allocation[TOPK_WARPS * WARP_SIZE * topk, Int32, address_space=AddressSpace.SHARED]()
-    var sel_s = unsafe_stack_allocation[TOPK_WARPS * topk, Int32, address_space=AddressSpace.SHARED]()
-    var q_s = unsafe_stack_allocation[TOPK_WARPS * idx_dim, Float32, address_space=AddressSpace.SHARED]()
-    var row = Int(block_idx.x) * TOPK_WARPS + wid  # = t * num_groups + g
-    if row >= Int(T) * num_groups:
-        return  # the whole warp; only warp-level synchronisation below
+    var sc_s = unsafe_stack_allocation[NTH * topk, Float32, address_space=AddressSpace.SHARED]()
+    var id_s = unsafe_stack_allocation[NTH * topk, Int32, address_space=AddressSpace.SHARED]()
+    var wsc_s = unsafe_stack_allocation[TOPK_WARPS * topk, Float32, address_space=AddressSpace.SHARED]()
+    var wid_s = unsafe_stack_allocation[TOPK_WARPS * topk, Int32, address_space=AddressSpace.SHARED]()
+    var wn_s = unsafe_stack_allocation[TOPK_WARPS, Int32, address_space=AddressSpace.SHARED]()
+    var sel_sc = unsafe_stack_allocation[topk, Float32, address_space=AddressSpace.SHARED]()
+    var sel = unsafe_stack_allocation[topk, Int32, address_space=AddressSpace.SHARED]()
+    var q_s = unsafe_stack_allocation[idx_dim, Float32, address_space=AddressSpace.SHARED]()
+    var row = Int(block_idx.x)  # = t * num_groups + g
     var t = row // num_groups
     var g = row % num_groups
     var b = seq_of(cu_q, Int(num_seqs), t)
@@ -329,47 +377,53 @@ def decode_topk_kernel[
     var i = t - q0
     var p = tk - tq + i
     var f = _Forced(p, BS, init_blocks, local_blocks)
-    var kfree = topk - f.num_forced()
+    var kfree = topk - f.num_forced()  # uniform over the thread block
     var scale = scale_p[unsafe_offset=0]
-    var my_sc = sc_s.unsafe_offset((wid * WARP_SIZE + lane) * topk)
-    var my_id = id_s.unsafe_offset((wid * WARP_SIZE + lane) * topk)
-    var sel = sel_s.unsafe_offset(wid * topk)
+    var my_sc = sc_s.unsafe_offset(tid * topk)
+    var my_id = id_s.unsafe_offset(tid * topk)
     var cnt = 0
     var worst = 0
     var nsel = 0
     if kfree > 0:
-        var scored = i < max_q
-        var base = _score_offset(g, min(i, max_q - 1), Int(roff[unsafe_offset=b]), max_q, Int(r_max))
-        var q_w = q_s.unsafe_offset(wid * idx_dim)
-        if not scored:  # this query's row, for scoring its blocks here
-            for d in range(lane, idx_dim, WARP_SIZE):
-                q_w[unsafe_offset=d] = q_idx[unsafe_offset=(t * num_groups + g) * idx_dim + d].cast[DType.float32]()
-            syncwarp()
-        # each lane ranks blocks nsink + lane, + 32, ... (ascending, as the tie rule needs)
-        for j0 in range(f.nsink, f.local_lo, WARP_SIZE):
-            var j = j0 + lane
-            var s = f32_neg_inf()
-            if scored:
-                if j < f.local_lo:
-                    s = scores[unsafe_offset=base + j]
-            else:
+        if i < max_q:  # scored by the score pass: UNROLL loads in flight, each thread's ids ascending
+            var base = _score_offset(g, i, Int(roff[unsafe_offset=b]), max_q, Int(r_max))
+            for j0 in range(f.nsink, f.local_lo, NTH * UNROLL):
+                var sv = SIMD[DType.float32, UNROLL](f32_neg_inf())
+                comptime for u in range(UNROLL):
+                    var j = j0 + u * NTH + tid
+                    if j < f.local_lo:
+                        sv[u] = scores[unsafe_offset=base + j]
+                comptime for u in range(UNROLL):
+                    var j = j0 + u * NTH + tid
+                    if j < f.local_lo:
+                        var s = sv[u] * scale
+                        if not (s == s):
+                            s = f32_neg_inf()
+                        _topk_insert(my_sc, my_id, cnt, worst, kfree, s, j)
+        else:  # past the score pass's tile: a warp scores 32 blocks at a time here
+            for d in range(tid, idx_dim, NTH):
+                q_s[unsafe_offset=d] = q_idx[unsafe_offset=(t * num_groups + g) * idx_dim + d].cast[DType.float32]()
+            barrier()
+            for j0 in range(f.nsink + wid * WARP_SIZE, f.local_lo, NTH):
+                var s = f32_neg_inf()
                 for u in range(min(WARP_SIZE, f.local_lo - j0)):
                     var m = f32_neg_inf()
                     for key in range((j0 + u) * BS + lane, min((j0 + u + 1) * BS, p + 1), WARP_SIZE):
                         var dot = Float32(0)
                         for d in range(idx_dim):
-                            dot += q_w[unsafe_offset=d] * k_idx[unsafe_offset=(k0 + key) * idx_dim + d].cast[DType.float32]()
+                            dot += q_s[unsafe_offset=d] * k_idx[unsafe_offset=(k0 + key) * idx_dim + d].cast[DType.float32]()
                         if dot > m:
                             m = dot
                     m = warp.max(m)
                     if lane == u:
                         s = m
-            if j < f.local_lo:
-                s *= scale
-                if not (s == s):
-                    s = f32_neg_inf()
-                _topk_insert(my_sc, my_id, cnt, worst, kfree, s, j)
-        # this lane's list, best first
+                var j = j0 + lane
+                if j < f.local_lo:
+                    s *= scale
+                    if not (s == s):
+                        s = f32_neg_inf()
+                    _topk_insert(my_sc, my_id, cnt, worst, kfree, s, j)
+        # this thread's list, best first
         for a in range(1, cnt):
             var xs = my_sc[unsafe_offset=a]
             var xi = my_id[unsafe_offset=a]
@@ -380,32 +434,16 @@ def decode_topk_kernel[
                 k -= 1
             my_sc[unsafe_offset=k + 1] = xs
             my_id[unsafe_offset=k + 1] = xi
-        # merge: kfree rounds of a warp arg-max over the lanes' heads
-        var head = 0
-        for _ in range(kfree):
-            var cs = f32_neg_inf()
-            var ci = NO_ID
-            if head < cnt:
-                cs = my_sc[unsafe_offset=head]
-                ci = my_id[unsafe_offset=head]
-            var bs = cs
-            var bi = ci
-            comptime for sh in range(5):
-                comptime off = 1 << (4 - sh)
-                var os = warp.shuffle_xor(bs, UInt32(off))
-                var oi = warp.shuffle_xor(bi, UInt32(off))
-                if _better(os, oi, bs, bi):
-                    bs = os
-                    bi = oi
-            if bi == NO_ID:
-                break
-            if head < cnt and ci == bi:
-                head += 1
-            if lane == 0:
-                sel[unsafe_offset=nsel] = bi
-            nsel += 1
-    syncwarp()
-    if lane == 0:
+        var wn = _merge_lists(my_sc, my_id, cnt, kfree, wsc_s.unsafe_offset(wid * topk),
+                              wid_s.unsafe_offset(wid * topk), lane)
+        if lane == 0:
+            wn_s[unsafe_offset=wid] = Int32(wn)
+        barrier()
+        if wid == 0:  # lane l < TOPK_WARPS holds warp l's list
+            var n_l = Int(wn_s[unsafe_offset=lane]) if lane < TOPK_WARPS else 0
+            var l_off = min(lane, TOPK_WARPS - 1) * topk
+            nsel = _merge_lists(wsc_s.unsafe_offset(l_off), wid_s.unsafe_offset(l_off), n_l, kfree, sel_sc, sel, lane)
+    if tid == 0:
         _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, sel, nsel)
 
 
@@ -471,6 +509,6 @@ struct MSASelectDecode:
                 block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(),
                 row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
                 Int32(B), Int32(T), Int32(r_max),
-                grid_dim=ceildiv(T * num_groups, TOPK_WARPS), block_dim=TOPK_WARPS * WARP_SIZE,
+                grid_dim=T * num_groups, block_dim=TOPK_WARPS * WARP_SIZE,
             )
 

@@ -95,8 +95,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         bid = E.to_numpy(E.run("select", spec, device, {n: ins[n] for n in E.INPUTS["select"]})[0])
         out, lse = (E.to_numpy(o) for o in E.run("msa", spec, device, {n: ins[n] for n in E.INPUTS["msa"]}))
     elif decode:
-        outs = [E.to_numpy(o) for o in E.run("decode_stages", spec, device, ins)]
-        bid, o_p, lse_p, out, lse = outs
+        bid, out, lse = (E.to_numpy(o) for o in E.run("decode_stages", spec, device, ins))
     else:
         outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins)]
         bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs
@@ -123,7 +122,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     )
     ok &= inv_ok
     # 5-6 attention over the kernel's selection
-    if rows is None and lean:
+    if rows is None and (lean or decode):  # decode: merge fused, no partials
         e_part = e_lsep = e_comb = float("nan")
         ref_o, ref_l = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=bs,
                                           scale=scale)

@@ -13,8 +13,8 @@ Graph kinds (inputs -> outputs):
   block_attention q, k, v, row_offsets, entries, work, num_work,
           cu_q, cu_k, scale                                    -> o_partial, lse_partial
   stages  the msa inputs -> block_ids, Inversion, o_partial, lse_partial, out, lse
-  decode_stages the msa inputs -> block_ids, o_partial, lse_partial, out, lse
-          (decode kernels: indexer split over keys, query-major attention)
+  decode_stages the msa inputs -> block_ids, out, lse
+          (decode kernels: indexer split over keys, query-major attention, merge fused)
 Spec.decode picks the decode kernels for msa / sparse / select (the torch
 layer sets it when a batch has at most DECODE_MAX_Q queries per sequence).
 The first four write into caller-allocated buffers (destination-passing
@@ -163,10 +163,9 @@ def build_graph(kind: str, spec: Spec, device: str):
         elif kind == "decode_stages":
             bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
                                   **dict(sel_kw, decode=True))
-            o_p, lse_p = G.decode_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
-                                            block_size=spec.block_size, use_mma=spec.use_mma)
-            out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
-            res = [bid, o_p, lse_p, out, lse]
+            out, lse = G.decode_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                          block_size=spec.block_size)
+            res = [bid, out, lse]
         else:
             raise ValueError(f"unknown graph kind {kind!r}; expected one of {KINDS}")
         if dps:

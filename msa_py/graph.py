@@ -149,25 +149,41 @@ def _num_seqs(cu_q: TensorValue):
     return cu_q.shape[0] - 1
 
 
-def decode_fits(T: int, B: int, sixteen_bit: bool, on_gpu: bool) -> bool:
+def _tensor_core_shapes(dim: int, block_size: int, max_dim: int) -> bool:
+    return dim % 16 == 0 and dim <= max_dim and block_size % 16 == 0 and block_size <= 128
+
+
+# largest feature dim of each decode kernel on the GPU: index keys (Di), heads (D)
+DECODE_MAX_DIM = {"select": 256, "attention": 128}
+
+
+def decode_fits(T: int, B: int, sixteen_bit: bool, on_gpu: bool, *, stage: str = "attention", dim: int = 128,
+                block_size: int = 128) -> bool:
     """The automatic choice (this layer and the torch layer): at most
     DECODE_MAX_Q queries per sequence on average, and on the GPU a 16-bit
-    dtype (the decode indexer runs on tensor cores)."""
-    return (sixteen_bit or not on_gpu) and T <= DECODE_MAX_Q * max(B, 1)
+    dtype and tensor-core shapes for `stage` ("select": dim is Di,
+    "attention": dim is D; multiples of 16, block_size <= 128)."""
+    if on_gpu and not (sixteen_bit and _tensor_core_shapes(dim, block_size, DECODE_MAX_DIM[stage])):
+        return False
+    return T <= DECODE_MAX_Q * max(B, 1)
 
 
-def use_decode(decode, T, B1, dtype: DType, device: DeviceRef) -> bool:
+def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, dim: int, block_size: int) -> bool:
     """The decode path for `decode=None` (auto, decode_fits on static T and
     B = B1 - 1). Symbolic shapes take the general path unless the caller says
     decode=True."""
     on_gpu = str(device.device_type) != "cpu"
     sixteen = dtype in (DType.bfloat16, DType.float16)
-    gpu_ok = sixteen or not on_gpu
     if decode is None:
         static = isinstance(T, (int, np.integer)) and isinstance(B1, (int, np.integer))
-        return bool(static and decode_fits(int(T), int(B1) - 1, sixteen, on_gpu))
-    if decode and not gpu_ok:
-        raise ValueError(f"decode=True on the GPU needs bfloat16 or float16 inputs, got {dtype}")
+        return bool(static and decode_fits(int(T), int(B1) - 1, sixteen, on_gpu, stage=stage, dim=dim,
+                                           block_size=block_size))
+    mx = DECODE_MAX_DIM[stage]
+    if decode and on_gpu and not (sixteen and _tensor_core_shapes(dim, block_size, mx)):
+        what = "Di" if stage == "select" else "D"
+        raise ValueError(f"decode=True on the GPU needs bfloat16 or float16 inputs with {what} a multiple of 16 "
+                         f"<= {mx} and block_size a multiple of 16 <= 128; got {dtype}, {what}={dim}, "
+                         f"block_size={block_size}")
     return bool(decode)
 
 
@@ -208,7 +224,8 @@ def select_blocks(
     scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks,
               "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
-    if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev):
+    if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
+                  block_size=block_size):
         B = _num_seqs(cu_q)
         max_q = _decode_max_q(Hkv)
         r_max = Dim(k_idx.shape[0]) // block_size + B
@@ -274,32 +291,6 @@ def invert(
     return Inversion(*(o.tensor for o in outs[:5]))
 
 
-def _partials(op: str, q, k, v, index_values: list, cu_q, cu_k, *, topk: int, block_size: int, scale,
-              use_mma: bool):
-    """Step 5 through `op` (block-major or query-major): the checks, the scale
-    and the two partial outputs both share. index_values: what says which
-    entries each thread block attends (the inversion, or block_ids)."""
-    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
-    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
-    V.Config(topk, block_size).check()
-    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
-    dev = q.device
-    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
-    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
-    o_p, lse_p = ops.custom(
-        op,
-        device=dev,
-        values=[q, k, v, *index_values, cu_q, cu_k, sc],
-        out_types=[
-            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
-            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
-        ],
-        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
-                    "head_dim": D, "use_mma": use_mma},
-    )
-    return o_p.tensor, lse_p.tensor
-
-
 def block_attention(
     q: TensorValue,
     k: TensorValue,
@@ -314,9 +305,26 @@ def block_attention(
     use_mma: bool = True,
 ):
     """Step 5. Returns o_partial [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    V.Config(topk, block_size).check()
+    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
+    dev = q.device
+    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
     inv = inversion
-    return _partials("msa_block_attention", q, k, v, [inv.row_offsets, inv.entries, inv.work, inv.num_work],
-                     cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma)
+    o_p, lse_p = ops.custom(
+        "msa_block_attention",
+        device=dev,
+        values=[q, k, v, inv.row_offsets, inv.entries, inv.work, inv.num_work, cu_seqlens_q, cu_seqlens_k, sc],
+        out_types=[
+            TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
+            TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
+        ],
+        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
+                    "head_dim": D, "use_mma": use_mma},
+    )
+    return o_p.tensor, lse_p.tensor
 
 
 def decode_attention(
@@ -329,17 +337,33 @@ def decode_attention(
     *,
     block_size: int = 128,
     scale=None,
-    use_mma: bool = True,
 ):
-    """Step 5 query-major (split-K over each query's selected blocks, no
-    inversion): the partials of block_attention. Returns o_partial
-    [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
+    """Steps 5-6 query-major with the merge fused (decode): each query's
+    selected blocks are the splits of a split-K, merged in the same kernel;
+    no inversion, no partials. Returns out [T, Hq, D] (q's dtype) and
+    lse [T, Hq] fp32, as sparse_attention. On the GPU: 16-bit inputs,
+    D a multiple of 16 <= 128, block_size a multiple of 16 <= 128."""
     T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
     _check_int32("block_ids", block_ids)
     V.check_block_ids_shape(_shape(block_ids), Hkv, T)
     topk = _static("block_ids topk", _shape(block_ids)[2])
-    return _partials("msa_decode_attention", q, k, v, [block_ids], cu_seqlens_q, cu_seqlens_k, topk=topk,
-                     block_size=block_size, scale=scale, use_mma=use_mma)
+    V.Config(topk, block_size).check()
+    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
+    dev = q.device
+    use_decode(True, T, None, q.dtype, dev, stage="attention", dim=D, block_size=block_size)  # GPU shape check
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    out, lse = ops.custom(
+        "msa_decode_attention",
+        device=dev,
+        values=[q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, sc],
+        out_types=[
+            TensorType(q.dtype, [q.shape[0], Hq, D], device=dev),
+            TensorType(DType.float32, [q.shape[0], Hq], device=dev),
+        ],
+        parameters={"block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv, "head_dim": D, "topk": topk},
+    )
+    return out.tensor, lse.tensor
 
 
 def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DType | None = None):
@@ -386,18 +410,19 @@ def sparse_attention(
 ):
     """Invert, block attention, combine. Returns out [T, Hq, D], lse [T, Hq].
 
-    decode: None takes the query-major path (no inversion) when T <=
-    DECODE_MAX_Q * B with static T and B; True/False force it.
+    decode: None takes the decode path (query-major, merge fused, no
+    inversion: decode_attention) when T <= DECODE_MAX_Q * B with static T
+    and B (on the GPU: 16-bit inputs, D and block_size multiples of 16 <= 128);
+    True/False force it.
     """
     T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     _check_int32("block_ids", block_ids)
     V.check_block_ids_shape(_shape(block_ids), Hkv, T)
     topk = _static("block_ids topk", _shape(block_ids)[2])
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
-    if use_decode(decode, T, _shape(cu_q)[0], q.dtype, q.device):
-        o_p, lse_p = decode_attention(q, k, v, block_ids, cu_q, cu_k, block_size=block_size, scale=scale,
-                                      use_mma=use_mma)
-        return combine(o_p, lse_p, out_dtype=q.dtype)
+    if use_decode(decode, T, _shape(cu_q)[0], q.dtype, q.device, stage="attention", dim=_static("q head dim D", D),
+                  block_size=block_size):
+        return decode_attention(q, k, v, block_ids, cu_q, cu_k, block_size=block_size, scale=scale)
     inv = invert(block_ids, cu_q, cu_k, num_keys=k.shape[0], block_size=block_size, q_budget=q_budget)
     o_p, lse_p = block_attention(
         q, k, v, inv, cu_q, cu_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma
@@ -427,11 +452,11 @@ def msa_attention(
     """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq].
 
     decode: None takes the decode kernels (indexer split over keys,
-    query-major attention) when T <= DECODE_MAX_Q * B with static T and B.
+    query-major attention with the merge fused) when T <= DECODE_MAX_Q * B
+    with static T and B, each stage where its shapes fit on the GPU.
     """
-    T = V.attention_dims(_shape(q), _shape(k), _shape(v))[0]
+    V.attention_dims(_shape(q), _shape(k), _shape(v))
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
-    decode = use_decode(decode, T, _shape(cu_q)[0], q.dtype, q.device)
     bid = select_blocks(
         q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=block_size,
         init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale, decode=decode,

@@ -168,12 +168,16 @@ def _num_seqs(cu_q) -> int:
     return 1 if cu_q is None else cu_q.shape[0] - 1
 
 
-def _decode(T: int, cu_q, x: torch.Tensor) -> bool:
+def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = None, Di: int | None = None) -> bool:
     """Decode kernels when the batch has at most DECODE_MAX_Q queries per
-    sequence on average (shapes only: no device sync, capture-safe)."""
+    sequence on average and, on CUDA, the stages' shapes fit their tensor
+    cores (shapes only: no device sync, capture-safe)."""
     from .graph import decode_fits
 
-    return decode_fits(T, _num_seqs(cu_q), x.dtype in (torch.bfloat16, torch.float16), x.is_cuda)
+    B, sixteen = _num_seqs(cu_q), x.dtype in (torch.bfloat16, torch.float16)
+    dims = [("select", Di), ("attention", D)]
+    return all(decode_fits(T, B, sixteen, x.is_cuda, stage=st, dim=d, block_size=block_size)
+               for st, d in dims if d is not None)
 
 
 # --------------------------------------------------------------------------- select_blocks
@@ -191,7 +195,7 @@ def _select_op(
     if T == 0:
         return out
     spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx))
+                 init_blocks=init_blocks, local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di))
     _run("select", spec, _device_key(q_idx),
          dict(q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               idx_scale=_scale_tensor(idx_scale, q_idx)), [out])
@@ -262,7 +266,7 @@ def _sparse_op(
     if T == 0:
         return out, lse
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q))
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D))
     _run("sparse", spec, _device_key(q),
          dict(q=q, k=k, v=v, block_ids=block_ids, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q)), [out, lse])
@@ -321,7 +325,7 @@ def _msa_op(
         return out, lse
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
                  init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q))
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2]))
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse])

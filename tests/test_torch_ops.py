@@ -199,6 +199,13 @@ def test_decode_path(torch_device):
     assert Vf.rel_err(np64(out), ro) < Vf.tolerance("bfloat16") and Vf.rel_err(np64(lse), rl) < 1e-4
     o2, l2 = msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS)
     assert torch.equal(o2, out) and torch.equal(l2, lse)
+    # the fused decode attention skips unused slots (-1) wherever they are, as the reference does
+    holes = bid.clone()
+    holes[:, 1, 0] = -1
+    holes[:, 3, 1] = -1
+    o4, l4 = msa_py.sparse_attention(q, k, v, holes, cq, ck, block_size=BS)
+    ro4, rl4 = R.sparse_attention(*r[:3], holes.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS)
+    assert Vf.rel_err(np64(o4), ro4) < Vf.tolerance("bfloat16") and Vf.rel_err(np64(l4), rl4) < 1e-4
     if torch_device == "cuda":
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
