@@ -2,7 +2,7 @@
 
 from std.utils.numerics import neg_inf
 
-from max.gpu.compute.mma import ld_matrix
+from max.gpu.compute.mma import WGMMADescriptor, ld_matrix
 from max.gpu.memory import AddressSpace
 
 comptime I32Ptr = Pointer[Int32, ImmutAnyOrigin]
@@ -61,3 +61,26 @@ def frag_b2_trans[dtype: DType, stride: Int](
     """B operands of two n8 tiles from a [k][n] block (16 k x 16 n, row-major at
     base), e.g. V stored [key][d]: ldmatrix.x4.trans over k rows 0-15, n 0/8."""
     return ld_matrix[8, transpose=True](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))
+
+
+# wgmma operands in shared memory (Hopper)
+@always_inline
+def tile_offset[core: Bool, cols: Int, stride: Int](r: Int, c: Int) -> Int:
+    """Element offset of (row r, column c), c a multiple of 8, in a tile of
+    `cols` columns. core: wgmma's no-swizzle K-major canonical layout, 8 x 8
+    core matrices of 128 bytes with the ones adjacent along K contiguous
+    (LBO 128 bytes) and row groups cols * 16 bytes apart (SBO); else padded
+    rows of `stride` elements (conflict-free ldmatrix)."""
+    comptime if core:
+        return ((r // 8) * (cols // 8) + c // 8) * 64 + (r % 8) * 8 + c % 8
+    else:
+        return r * stride + c
+
+
+@always_inline
+def kmajor_desc[dtype: DType, cols: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED]
+) -> WGMMADescriptor[dtype]:
+    """wgmma descriptor of a K-major operand stored by tile_offset[core=True]
+    (SBO and LBO in 16-byte units); base: its first row, first K column."""
+    return WGMMADescriptor[dtype].create[(cols // 8) * 128 // 16, 128 // 16](base)

@@ -18,10 +18,13 @@
 # for all of them; heaviest tiles (latest queries) first. Each row keeps its
 # running top-k in shared memory, owned by one thread. No [T, blocks] score
 # matrix exists anywhere.
-#   mma  (bf16/fp16): the 64 x block_size score tile of each key block is one
-#        set of mma.sync m16n8k16 products (Q fragments stay in registers for
-#        the whole sweep, K blocks double-buffered through cp.async); the
-#        block max-pool happens in registers (a quad shuffle per row).
+#   mma  (bf16/fp16): the 128 x block_size score tile of each key block is
+#        computed on tensor cores, K blocks double-buffered through cp.async;
+#        the block max-pool happens in registers (a quad shuffle per row).
+#        Hopper (sm_9x): two warpgroups, each one chain of wgmma.mma_async
+#        m64 x block_size x 16 reading Q and K straight from shared memory
+#        (no-swizzle canonical layout: 8 x 8 core matrices of 128 bytes).
+#        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers.
 #   simt (fp32): scores chunk by chunk from shared memory.
 
 from std.math import ceildiv
@@ -31,13 +34,16 @@ from extensibility import InputTensor, OutputTensor, register
 from std.sys import size_of
 
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, thread_idx
-from max.gpu.compute.mma import mma
+from max.gpu.compute.mma import mma, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned, wgmma_wait_group_sync
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.memory import (
+    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory, fence_async_view_proxy,
+)
 from max.gpu.primitives import warp
+from std.sys.info import _is_sm_9x
 
-from .common import F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
+from .common import F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
 comptime SEL_SUB = 4  # threads per row
@@ -328,6 +334,8 @@ def select_mma_kernel[
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
     comptime CPR = DI // 8  # 16-byte chunks per row
+    comptime WG = _is_sm_9x()  # wgmma from shared memory (Hopper), else mma.sync
+
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
@@ -359,9 +367,9 @@ def select_mma_kernel[
         var r = i // CPR
         var c = (i % CPR) * 8
         if r < nrows:
-            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(r * KS + c))
+            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(tile_offset[WG, DI, KS](r, c)))
         else:
-            q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+            q_s.unsafe_store[alignment=16](tile_offset[WG, DI, KS](r, c), SIMD[dtype, 8](0))
     async_copy_commit_group()
     var p_max = tk - tq + i0 + nq - 1
     var jmax = p_max // BS
@@ -374,19 +382,22 @@ def select_mma_kernel[
             var key = i // CPR
             var c = (i % CPR) * 8
             if j * BS + key < tk:
-                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(key * KS + c))
+                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(tile_offset[WG, DI, KS](key, c)))
             else:
-                dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+                dst.unsafe_store[alignment=16](tile_offset[WG, DI, KS](key, c), SIMD[dtype, 8](0))
 
     if j_lo <= j_hi:
         load_k(j_lo, k_buf0)
         async_copy_commit_group()
     async_copy_wait_group(0)
+    comptime if WG:
+        fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
     barrier()
-    # Q fragments stay in registers for the whole sweep
+    # mma.sync: Q fragments stay in registers for the whole sweep
     var qa = Array[SIMD[dtype, 8], DI // 16](fill=SIMD[dtype, 8](0))
-    comptime for kk in range(DI // 16):
-        qa[kk] = frag_a[dtype, KS](q_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
+    comptime if not WG:
+        comptime for kk in range(DI // 16):
+            qa[kk] = frag_a[dtype, KS](q_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
     # rows of this thread's accumulators: r0 and r0 + 8; the row owner keeps its top-k
     var r0 = wid * 16 + lane // 4
     var pos0 = tk - tq + i0 + min(r0 // num_groups, nq - 1)
@@ -409,18 +420,37 @@ def select_mma_kernel[
             async_copy_wait_group(1)
         else:
             async_copy_wait_group(0)
+        comptime if WG:
+            fence_async_view_proxy()
         barrier()
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        comptime for kk in range(DI // 16):
-            comptime for nj2 in range(BS // 16):
-                var bv = frag_b2[dtype, KS](k_cur.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
-                var bh = bv.split()
-                var d0 = SIMD[DType.float32, 4](0)
-                mma(d0, qa[kk], bh[0], s_acc[2 * nj2])
-                s_acc[2 * nj2] = d0
-                var d1 = SIMD[DType.float32, 4](0)
-                mma(d1, qa[kk], bh[1], s_acc[2 * nj2 + 1])
-                s_acc[2 * nj2 + 1] = d1
+        comptime if WG:
+            # warpgroup wid // 4 computes rows 64 * (wid // 4) ..: its accumulator
+            # fragment per warp is the mma.sync m16n8 layout, one n8 tile per 4 floats
+            var acc = SIMD[DType.float32, BS // 2](0)
+            var q_wg = q_s.unsafe_offset((wid // 4) * 64 * DI)
+            wgmma_fence_aligned()
+            comptime for kk in range(DI // 16):
+                acc = wgmma_async[64, BS, 16, DType.float32, BS // 2, a_type=dtype, b_type=dtype, layout_b="col"](
+                    kmajor_desc[dtype, DI](q_wg.unsafe_offset(kk * 128)),
+                    kmajor_desc[dtype, DI](k_cur.unsafe_offset(kk * 128)),
+                    acc,
+                )
+            wgmma_commit_group_sync()
+            wgmma_wait_group_sync[0]()
+            comptime for nj in range(BS // 8):
+                s_acc[nj] = acc.slice[4, offset=4 * nj]()
+        else:
+            comptime for kk in range(DI // 16):
+                comptime for nj2 in range(BS // 16):
+                    var bv = frag_b2[dtype, KS](k_cur.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
+                    var bh = bv.split()
+                    var d0 = SIMD[DType.float32, 4](0)
+                    mma(d0, qa[kk], bh[0], s_acc[2 * nj2])
+                    s_acc[2 * nj2] = d0
+                    var d1 = SIMD[DType.float32, 4](0)
+                    mma(d1, qa[kk], bh[1], s_acc[2 * nj2 + 1])
+                    s_acc[2 * nj2 + 1] = d1
         # block max over visible keys, unscaled (idx_scale > 0 commutes with
         # max); NaN never wins: maxNum drops it, comparisons are false
         var m0 = f32_neg_inf()
