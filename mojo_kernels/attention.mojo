@@ -9,13 +9,11 @@
 # Two GPU paths:
 #   mma  (bf16/fp16, D <= 128, block_size <= 128): rows = (entry, head) pairs
 #        packed into the M dimension, 64 per tile (16 per warp);
-#        S = Q K^T and O = P V on tensor cores, fp32 accumulate: on Hopper S
-#        is one wgmma chain of the 4 warps (a warpgroup) reading Q and K from
-#        shared memory, elsewhere mma.sync m16n8k16; O = P V by mma.sync with
-#        V read transposed by ldmatrix.trans; K and V resident in shared
-#        memory, Q rows gathered with cp.async into two buffers (the gather of
-#        tile i+1 overlaps the MMAs of tile i), P kept in registers (its
-#        accumulator layout is the A operand layout of the second product).
+#        S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, fp32
+#        accumulate), K and V resident in shared memory (V read transposed by
+#        ldmatrix.trans), Q rows gathered with cp.async into two buffers (the
+#        gather of tile i+1 overlaps the MMAs of tile i), P kept in registers
+#        (its accumulator layout is the A operand layout of the second product).
 #   simt (any float dtype): one warp per (entry, head) row.
 # lse_partial is filled with -inf first, so slots no work item touches read
 # as unused in the combine.
@@ -28,17 +26,13 @@ from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
-from max.gpu.compute.mma import mma, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned, wgmma_wait_group_sync
+from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import (
-    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory, fence_async_view_proxy,
-)
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from std.sys.info import _is_sm_9x
-
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, kmajor_desc, seq_of, tile_offset
+from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
 
 comptime LOG2E = Float32(1.4426950408889634)
 comptime LN2 = Float32(0.6931471805599453)
@@ -264,7 +258,6 @@ def attention_mma_kernel[
     comptime Hq = num_groups * group
     comptime NT = MMA_WARPS * WARP_SIZE
     comptime CPR = D // 8  # 16-byte chunks per row
-    comptime WG = _is_sm_9x()  # S = Q K^T by wgmma from shared memory (Hopper), else mma.sync
     var w = Int(block_idx.x)
     if w >= Int(num_work[unsafe_offset=0]):
         return
@@ -289,10 +282,10 @@ def attention_mma_kernel[
         var c = (i % CPR) * 8
         var goff = ((it.kstart + key) * num_groups + it.g) * D + c
         if key < it.nk:
-            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(tile_offset[WG, D, KS](key, c)))
+            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
             async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
         else:
-            k_s.unsafe_store[alignment=16](tile_offset[WG, D, KS](key, c), SIMD[dtype, 8](0))
+            k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
             v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
     async_copy_commit_group()
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
@@ -326,9 +319,9 @@ def attention_mma_kernel[
             if mr < rows_total:
                 var ent = it.entry(entries, nent, mr // group)
                 var qoff = ((ent // topk) * Hq + it.g * group + mr % group) * D
-                async_copy[16](qg.unsafe_offset(qoff + c), qbuf.unsafe_offset(tile_offset[WG, D, KS](r, c)))
+                async_copy[16](qg.unsafe_offset(qoff + c), qbuf.unsafe_offset(r * KS + c))
             else:
-                qbuf.unsafe_store[alignment=16](tile_offset[WG, D, KS](r, c), SIMD[dtype, 8](0))
+                qbuf.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
 
     # Q tiles double-buffered: the gather of tile i+1 overlaps the MMAs of tile i
     stage(0, q_s, meta)
@@ -343,39 +336,21 @@ def attention_mma_kernel[
             async_copy_wait_group(1)
         else:
             async_copy_wait_group(0)
-        comptime if WG:
-            fence_async_view_proxy()  # cp.async and zero-fill writes -> visible to wgmma
         barrier()
         # S = Q K^T for this warp's 16 rows
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        comptime if WG:
-            # the 4 warps are one warpgroup: one wgmma chain m64 x BS x 16 over D;
-            # each warp's accumulator fragment is the mma.sync m16n8 layout
-            var acc = SIMD[DType.float32, BS // 2](0)
-            wgmma_fence_aligned()
-            comptime for kk in range(D // 16):
-                acc = wgmma_async[64, BS, 16, DType.float32, BS // 2, a_type=dtype, b_type=dtype, layout_b="col"](
-                    kmajor_desc[dtype, D](q_cur.unsafe_offset(kk * 128)),
-                    kmajor_desc[dtype, D](k_s.unsafe_offset(kk * 128)),
-                    acc,
-                )
-            wgmma_commit_group_sync()
-            wgmma_wait_group_sync[0]()
-            comptime for nj in range(BS // 8):
-                s_acc[nj] = acc.slice[4, offset=4 * nj]()
-        else:
-            var q_w = q_cur.unsafe_offset(wid * 16 * KS)
-            comptime for kk in range(D // 16):
-                var a = frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
-                comptime for nj2 in range(BS // 16):
-                    var bv = frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
-                    var bh = bv.split()
-                    var d0 = SIMD[DType.float32, 4](0)
-                    mma(d0, a, bh[0], s_acc[2 * nj2])
-                    s_acc[2 * nj2] = d0
-                    var d1 = SIMD[DType.float32, 4](0)
-                    mma(d1, a, bh[1], s_acc[2 * nj2 + 1])
-                    s_acc[2 * nj2 + 1] = d1
+        var q_w = q_cur.unsafe_offset(wid * 16 * KS)
+        comptime for kk in range(D // 16):
+            var a = frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
+            comptime for nj2 in range(BS // 16):
+                var bv = frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
+                var bh = bv.split()
+                var d0 = SIMD[DType.float32, 4](0)
+                mma(d0, a, bh[0], s_acc[2 * nj2])
+                s_acc[2 * nj2] = d0
+                var d1 = SIMD[DType.float32, 4](0)
+                mma(d1, a, bh[1], s_acc[2 * nj2 + 1])
+                s_acc[2 * nj2 + 1] = d1
         # mask and softmax (log2 domain); this thread holds rows r0 and r0 + 8
         var r0 = wid * 16 + g_lane
         var nv0 = Int(m_cur[unsafe_offset=r0 * 2 + 1])

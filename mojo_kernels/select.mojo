@@ -315,6 +315,65 @@ def select_mma_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
     )
 
 
+@always_inline
+def _score_tile_wgmma[dtype: DType, DI: Int, BS: Int](
+    q_wg: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    k_blk: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+) -> SIMD[DType.float32, BS // 2]:
+    """Issues (and commits, without waiting) this warpgroup's 64 x BS score
+    tile: one wgmma chain over DI. Each warp's share is the mma.sync m16n8
+    accumulator layout, one n8 tile per 4 floats."""
+    var acc = SIMD[DType.float32, BS // 2](0)
+    wgmma_fence_aligned()
+    comptime for kk in range(DI // 16):
+        acc = wgmma_async[
+            64, BS, 16, DType.float32, BS // 2, a_type=dtype, b_type=dtype, layout_b="col", scale_d=0 if kk == 0 else 1
+        ](kmajor_desc[dtype, DI](q_wg.unsafe_offset(kk * 128)), kmajor_desc[dtype, DI](k_blk.unsafe_offset(kk * 128)), acc)
+    wgmma_commit_group_sync()
+    return acc
+
+
+@always_inline
+def _pool_and_rank[BS: Int](
+    acc: SIMD[DType.float32, BS // 2],
+    j: Int, pos0: Int, pos1: Int, t2: Int, lane: Int, my_valid: Bool, f: _Forced, kfree: Int, scale: Float32,
+    my_sc: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    my_id: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    mut cnt: Int,
+    mut worst: Int,
+):
+    """Block j's max over the keys rows r0 (at pos0) and r0 + 8 (at pos1) see,
+    from this thread's accumulators (m16n8 layout), then the row owner's
+    running top-k. Unscaled max (idx_scale > 0 commutes with it); NaN never
+    wins: maxNum drops it, comparisons are false."""
+    var m0 = f32_neg_inf()
+    var m1 = f32_neg_inf()
+    if (j + 1) * BS <= min(pos0, pos1) + 1:  # the whole block is visible to both rows
+        var a = SIMD[DType.float32, 4](f32_neg_inf())
+        comptime for nj in range(BS // 8):
+            a = max(a, acc.slice[4, offset=4 * nj]())
+        m0 = max(a[0], a[1])
+        m1 = max(a[2], a[3])
+    else:
+        comptime for nj in range(BS // 8):
+            var key = j * BS + nj * 8 + t2
+            var x = acc.slice[4, offset=4 * nj]()
+            if key <= pos0 and x[0] > m0:
+                m0 = x[0]
+            if key + 1 <= pos0 and x[1] > m0:
+                m0 = x[1]
+            if key <= pos1 and x[2] > m1:
+                m1 = x[2]
+            if key + 1 <= pos1 and x[3] > m1:
+                m1 = x[3]
+    m0 = max(m0, warp.shuffle_xor(m0, 1))
+    m0 = max(m0, warp.shuffle_xor(m0, 2))
+    m1 = max(m1, warp.shuffle_xor(m1, 1))
+    m1 = max(m1, warp.shuffle_xor(m1, 2))
+    if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
+        _topk_insert(my_sc, my_id, cnt, worst, kfree, (m1 if lane % 4 == 1 else m0) * scale, j)
+
+
 def select_mma_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
 ](
@@ -412,35 +471,46 @@ def select_mma_kernel[
     var worst = 0
     var my_sc = sc_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
     var my_id = id_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
-    for j in range(j_lo, j_hi + 1):
-        var k_cur = k_buf0 if (j - j_lo) % 2 == 0 else k_buf1
-        if j + 1 <= j_hi:
-            load_k(j + 1, k_buf1 if (j - j_lo) % 2 == 0 else k_buf0)
-            async_copy_commit_group()
-            async_copy_wait_group(1)
-        else:
-            async_copy_wait_group(0)
-        comptime if WG:
-            fence_async_view_proxy()
-        barrier()
-        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        comptime if WG:
-            # warpgroup wid // 4 computes rows 64 * (wid // 4) ..: its accumulator
-            # fragment per warp is the mma.sync m16n8 layout, one n8 tile per 4 floats
-            var acc = SIMD[DType.float32, BS // 2](0)
-            var q_wg = q_s.unsafe_offset((wid // 4) * 64 * DI)
-            wgmma_fence_aligned()
-            comptime for kk in range(DI // 16):
-                acc = wgmma_async[64, BS, 16, DType.float32, BS // 2, a_type=dtype, b_type=dtype, layout_b="col"](
-                    kmajor_desc[dtype, DI](q_wg.unsafe_offset(kk * 128)),
-                    kmajor_desc[dtype, DI](k_cur.unsafe_offset(kk * 128)),
-                    acc,
-                )
-            wgmma_commit_group_sync()
-            wgmma_wait_group_sync[0]()
-            comptime for nj in range(BS // 8):
-                s_acc[nj] = acc.slice[4, offset=4 * nj]()
-        else:
+    comptime if WG:
+        # pipelined: block j + 1's wgmma chain runs while block j is pooled and
+        # ranked (two accumulator sets, fixed by the parity of the unrolled pair)
+        var q_wg = q_s.unsafe_offset((wid // 4) * 64 * DI)
+        var accs = Array[SIMD[DType.float32, BS // 2], 2](fill=SIMD[DType.float32, BS // 2](0))
+        if j_lo <= j_hi:  # Q and block j_lo landed above
+            if j_lo + 1 <= j_hi:
+                load_k(j_lo + 1, k_buf1)
+                async_copy_commit_group()
+            accs[0] = _score_tile_wgmma[dtype, DI, BS](q_wg, k_buf0)
+        var j = j_lo
+        while j <= j_hi:
+            comptime for par in range(2):
+                if j <= j_hi:
+                    if j + 1 <= j_hi:
+                        async_copy_wait_group(0)  # block j + 1
+                        fence_async_view_proxy()
+                        barrier()
+                        accs[1 - par] = _score_tile_wgmma[dtype, DI, BS](q_wg, k_buf1 if par == 0 else k_buf0)
+                        wgmma_wait_group_sync[1]()  # block j's chain is done
+                    else:
+                        wgmma_wait_group_sync[0]()
+                    barrier()  # both warpgroups are done reading block j's buffer
+                    if j + 2 <= j_hi:
+                        load_k(j + 2, k_buf0 if par == 0 else k_buf1)
+                        async_copy_commit_group()
+                    _pool_and_rank[BS](accs[par], j, pos0, pos1, t2, lane, my_valid, f, kfree, scale, my_sc, my_id,
+                                       cnt, worst)
+                    j += 1
+    else:
+        for j in range(j_lo, j_hi + 1):
+            var k_cur = k_buf0 if (j - j_lo) % 2 == 0 else k_buf1
+            if j + 1 <= j_hi:
+                load_k(j + 1, k_buf1 if (j - j_lo) % 2 == 0 else k_buf0)
+                async_copy_commit_group()
+                async_copy_wait_group(1)
+            else:
+                async_copy_wait_group(0)
+            barrier()
+            var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
             comptime for kk in range(DI // 16):
                 comptime for nj2 in range(BS // 16):
                     var bv = frag_b2[dtype, KS](k_cur.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
@@ -451,35 +521,11 @@ def select_mma_kernel[
                     var d1 = SIMD[DType.float32, 4](0)
                     mma(d1, qa[kk], bh[1], s_acc[2 * nj2 + 1])
                     s_acc[2 * nj2 + 1] = d1
-        # block max over visible keys, unscaled (idx_scale > 0 commutes with
-        # max); NaN never wins: maxNum drops it, comparisons are false
-        var m0 = f32_neg_inf()
-        var m1 = f32_neg_inf()
-        if (j + 1) * BS <= min(pos0, pos1) + 1:  # the whole block is visible to both rows
-            var a = SIMD[DType.float32, 4](f32_neg_inf())
+            var acc = SIMD[DType.float32, BS // 2](0)
             comptime for nj in range(BS // 8):
-                a = max(a, s_acc[nj])
-            m0 = max(a[0], a[1])
-            m1 = max(a[2], a[3])
-        else:
-            comptime for nj in range(BS // 8):
-                var key = j * BS + nj * 8 + t2
-                var x = s_acc[nj]
-                if key <= pos0 and x[0] > m0:
-                    m0 = x[0]
-                if key + 1 <= pos0 and x[1] > m0:
-                    m0 = x[1]
-                if key <= pos1 and x[2] > m1:
-                    m1 = x[2]
-                if key + 1 <= pos1 and x[3] > m1:
-                    m1 = x[3]
-        m0 = max(m0, warp.shuffle_xor(m0, 1))
-        m0 = max(m0, warp.shuffle_xor(m0, 2))
-        m1 = max(m1, warp.shuffle_xor(m1, 1))
-        m1 = max(m1, warp.shuffle_xor(m1, 2))
-        if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
-            _topk_insert(my_sc, my_id, cnt, worst, kfree, (m1 if lane % 4 == 1 else m0) * scale, j)
-        barrier()  # every warp is done with k_cur before it is refilled
+                acc = acc.insert[offset=4 * nj](s_acc[nj])
+            _pool_and_rank[BS](acc, j, pos0, pos1, t2, lane, my_valid, f, kfree, scale, my_sc, my_id, cnt, worst)
+            barrier()  # every warp is done with k_cur before it is refilled
     if my_valid:
         var qi = my_r // num_groups
         var g = my_r % num_groups
