@@ -8,9 +8,7 @@
 #
 # Two GPU paths:
 #   mma  (bf16/fp16, D <= 128, block_size <= 128): rows = (entry, head) pairs
-#        packed into the M dimension, 64 per tile (16 per warp); three warp
-#        groups of 4 warps share the resident K/V block, each streaming its
-#        own tiles (12 warps per SM: the kernel is latency-bound);
+#        packed into the M dimension, 64 per tile (16 per warp);
 #        S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, fp32
 #        accumulate), K and V resident in shared memory (V read transposed by
 #        ldmatrix.trans), Q rows gathered with cp.async into two buffers (the
@@ -27,9 +25,7 @@ from std.memory import unsafe_stack_allocation
 from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
-from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
-from max.gpu.sync import named_barrier
-from std.utils import StaticTuple
+from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
 from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
@@ -41,10 +37,8 @@ from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, fra
 comptime LOG2E = Float32(1.4426950408889634)
 comptime LN2 = Float32(0.6931471805599453)
 comptime SIMT_WARPS = 8
-comptime MMA_WARPS = 4  # per warp group: one query tile
+comptime MMA_WARPS = 4
 comptime MMA_BM = 16 * MMA_WARPS  # rows of a query tile
-comptime MMA_GROUPS = 3  # warp groups per thread block, sharing one resident K/V block
-comptime MMA_THREADS = MMA_GROUPS * MMA_WARPS * WARP_SIZE
 
 
 struct _Item(TrivialRegisterPassable):
@@ -247,7 +241,6 @@ def simt_smem_bytes[head_dim: Int, block_size: Int]() -> Int:
 
 
 # ----------------------------------------------------------------------------- GPU, tensor cores
-@__llvm_metadata(MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(MMA_THREADS)))
 def attention_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
 ](
@@ -263,31 +256,28 @@ def attention_mma_kernel[
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride (elements) of K_s and Q_s: conflict-free ldmatrix
     comptime Hq = num_groups * group
-    comptime GT = MMA_WARPS * WARP_SIZE  # threads of a warp group
+    comptime NT = MMA_WARPS * WARP_SIZE
     comptime CPR = D // 8  # 16-byte chunks per row
     var w = Int(block_idx.x)
     if w >= Int(num_work[unsafe_offset=0]):
         return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
-    var grp = tid // GT  # warp group: tiles grp, grp + MMA_GROUPS, ...
-    var gtid = tid % GT
-    var wid = gtid // WARP_SIZE  # warp within the group: rows 16 * wid ..
+    var wid = tid // WARP_SIZE
     var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
     if it.count == 0:
         return
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var k_s = smem
     var v_s = smem.unsafe_offset(BS * KS)
-    var q_s = v_s.unsafe_offset(BS * KS + grp * 2 * MMA_BM * KS)  # this group's two Q buffers
-    # per tile row, two buffers per group: partial offset (-1: padding), visible keys
-    var meta_all = unsafe_stack_allocation[MMA_GROUPS * MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
-    var meta = meta_all.unsafe_offset(grp * MMA_BM * 4)
+    var q_s = v_s.unsafe_offset(BS * KS)
+    # per tile row, two buffers: partial offset (-1: padding), visible keys
+    var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
     var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     # K and V rows by cp.async (V is read transposed by ldmatrix.trans); zeros past the sequence
-    for i in range(tid, BS * CPR, MMA_THREADS):
+    for i in range(tid, BS * CPR, NT):
         var key = i // CPR
         var c = (i % CPR) * 8
         var goff = ((it.kstart + key) * num_groups + it.g) * D + c
@@ -308,11 +298,11 @@ def attention_mma_kernel[
 
     @always_inline
     def stage(m0: Int, qbuf: type_of(q_s), mbuf: type_of(meta)) {
-        var gtid, var it, var entries, var qg, var nent, var rows_total
+        var tid, var it, var entries, var qg, var nent, var rows_total
     }:
-        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata (the group's threads)."""
-        if gtid < MMA_BM:
-            var mr = m0 + gtid
+        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata."""
+        if tid < MMA_BM:
+            var mr = m0 + tid
             var poff = -1
             var nvis = 0
             if mr < rows_total:
@@ -320,9 +310,9 @@ def attention_mma_kernel[
                 var t = ent // topk
                 poff = _part_offset(t, it.g * group + mr % group, ent % topk, Hq, topk)
                 nvis = it.visible(t, BS)
-            mbuf[unsafe_offset=gtid * 2] = Int32(poff)
-            mbuf[unsafe_offset=gtid * 2 + 1] = Int32(nvis)
-        for i in range(gtid, MMA_BM * CPR, GT):
+            mbuf[unsafe_offset=tid * 2] = Int32(poff)
+            mbuf[unsafe_offset=tid * 2 + 1] = Int32(nvis)
+        for i in range(tid, MMA_BM * CPR, NT):
             var r = i // CPR
             var c = (i % CPR) * 8
             var mr = m0 + r
@@ -333,27 +323,20 @@ def attention_mma_kernel[
             else:
                 qbuf.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
 
-    # Each warp group streams its own tiles (grp, grp + MMA_GROUPS, ...), Q
-    # double-buffered: the gather of its next tile overlaps the MMAs of this
-    # one. The groups meet only once, when K/V has landed; after that each
-    # synchronises on its own named barrier.
-    comptime STEP = MMA_GROUPS * MMA_BM
-    if grp * MMA_BM < rows_total:
-        stage(grp * MMA_BM, q_s, meta)
+    # Q tiles double-buffered: the gather of tile i+1 overlaps the MMAs of tile i
+    stage(0, q_s, meta)
     async_copy_commit_group()
-    async_copy_wait_group(1)  # this thread's K/V copies
-    barrier()
-    for m0 in range(grp * MMA_BM, rows_total, STEP):
-        var odd = (m0 // STEP) % 2 == 1
+    for m0 in range(0, rows_total, MMA_BM):
+        var odd = (m0 // MMA_BM) % 2 == 1
         var q_cur = q_s1 if odd else q_s
         var m_cur = meta1 if odd else meta
-        if m0 + STEP < rows_total:
-            stage(m0 + STEP, q_s if odd else q_s1, meta if odd else meta1)
+        if m0 + MMA_BM < rows_total:
+            stage(m0 + MMA_BM, q_s if odd else q_s1, meta if odd else meta1)
             async_copy_commit_group()
             async_copy_wait_group(1)
         else:
             async_copy_wait_group(0)
-        named_barrier[Int32(GT)](Int32(1 + grp))
+        barrier()
         # S = Q K^T for this warp's 16 rows
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
         var q_w = q_cur.unsafe_offset(wid * 16 * KS)
@@ -440,11 +423,11 @@ def attention_mma_kernel[
                 lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
             if p1 >= 0:
                 lse_p[unsafe_offset=p1] = m_1 * LN2 + log(l_1) if l_1 > 0 else f32_neg_inf()
-        named_barrier[Int32(GT)](Int32(1 + grp))  # this tile's q and meta buffers are refilled two tiles on
+        barrier()  # this tile's q and meta buffers are refilled two tiles on
 
 
 def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    comptime elems = (2 * block_size + 2 * MMA_GROUPS * MMA_BM) * (head_dim + 8)
+    comptime elems = (2 * block_size + 2 * MMA_BM) * (head_dim + 8)
     return elems * size_of[dtype]()
 
 
@@ -494,7 +477,7 @@ def _launch[
             ctx.enqueue_function[kernel](
                 o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
                 cu_q, cu_k, scale, Int32(B), Int32(T),
-                grid_dim=grid, block_dim=MMA_THREADS, shared_mem_bytes=smem,
+                grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
         else:

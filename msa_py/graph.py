@@ -136,7 +136,7 @@ def _check_gpu_fit(kind: str, device: DeviceRef, dtype: DType, *, topk: int, blo
         what = f"topk={topk}, Di={dim}, block_size={block_size}"
     else:
         if sixteen and dim % 16 == 0 and dim <= 128 and block_size % 16 == 0 and block_size <= 128:
-            need = (2 * block_size + 2 * 3 * 64) * (dim + 8) * 2  # K, V + two 64-row Q tiles per warp group
+            need = (2 * block_size + 128) * (dim + 8) * 2
         else:
             need = 4 * (block_size * (dim + 1) + block_size * dim + 8 * (dim + block_size))
         what = f"D={dim}, block_size={block_size}, dtype={dtype}"
