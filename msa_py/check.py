@@ -23,6 +23,11 @@ import time
 import numpy as np
 
 
+def _err(e: float) -> str:
+    """A relative error for the log; '-' where the case has no such output (decode, lean, sampled rows)."""
+    return "-" if math.isnan(e) else f"{e:.1e}"
+
+
 def _set_virtual():
     from max import driver
 
@@ -167,7 +172,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} "
         f"bs={bs} {dtype}{' mma' if use_mma else ' simt'}{' decode' if decode else ''} | select exact {sel['exact']}/{sel['rows']} "
         f"ties {sel['near_ties']} bad {len(sel['bad'])} | invert {'-' if decode or lean else ('ok' if inv_ok else 'MISMATCH')} (work {nw}) | "
-        f"rel err partial {e_part:.1e} lse_p {e_lsep:.1e} combine {e_comb:.1e} out {e_out:.1e} lse {e_lse:.1e} "
+        f"rel err partial {_err(e_part)} lse_p {_err(e_lsep)} combine {_err(e_comb)} out {_err(e_out)} lse {_err(e_lse)} "
         f"(tol {tol:g}){timing}"
     )
     return bool(ok)
