@@ -162,3 +162,31 @@ def test_kernels_decode_shapes(n_new):
     np.testing.assert_array_equal(bid, ref_bid)
     ro, rl = R.sparse_attention(c.q, c.k, c.v, bid, c.cu_q, c.cu_k, block_size=16, scale=0.2)
     assert Vf.rel_err(out, ro) < 1e-5 and Vf.rel_err(lse, rl) < 1e-5
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqs=batches(max_seqs=5, max_len=70), seed=st.integers(0, 2**16))
+def test_decode_attention_on_any_causal_block_ids(seqs, seed):
+    """The fused decode attention (sparse_attention's decode path) on block_ids
+    no selection would write: any causal blocks in any slot order, repeats,
+    and unused slots (-1) anywhere. Same as the reference: each slot is one
+    split of the query's softmax."""
+    from dataclasses import replace
+
+    c = make_case(seed, seqs, SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim, SPEC.idx_dim)
+    rng = np.random.default_rng(seed)
+    T, topk, bs = c.q.shape[0], SPEC.topk, SPEC.block_size
+    _, pos, _ = R._positions(c.cu_q, c.cu_k)
+    jq = pos // bs
+    bid = rng.integers(0, jq[None, :, None] + 1, size=(SPEC.num_kv_heads, T, topk)).astype(np.int32)
+    bid[rng.random(bid.shape) < 0.3] = -1
+    spec = replace(SPEC, decode=True)
+    ins = E.numpy_inputs(spec, "cpu", q=c.q, k=c.k, v=c.v, block_ids=bid, cu_q=c.cu_q, cu_k=c.cu_k,
+                         scale=np.array([0.2], np.float32))
+    out, lse = (E.to_numpy(o) for o in E.run("sparse", spec, "cpu", ins))
+    ro, rl = R.sparse_attention(c.q, c.k, c.v, bid, c.cu_q, c.cu_k, block_size=bs, scale=0.2)
+    assert Vf.rel_err(out, ro) < 1e-5
+    assert (np.isneginf(lse) == np.isneginf(rl)).all()  # every slot unused: lse -inf, out 0
+    fin = np.isfinite(rl)
+    np.testing.assert_allclose(lse[fin], rl[fin], rtol=1e-5, atol=1e-5)
+    assert not np.isnan(out).any() and (out[~fin] == 0).all()
