@@ -43,6 +43,7 @@ comptime DEC_THREADS = DEC_WARPS * WARP_SIZE
 comptime DEC_BLOCKS = 16  # block rows per thread block of the score pass
 comptime TOPK_WARPS = 4  # warps per (query, group) row in the top-k pass
 comptime NO_ID = Int32(2147483647)
+comptime TOPK_MAX = 40  # the top-k pass's per-thread lists live in static shared memory (48 KB); graph.DECODE_MAX_TOPK
 
 
 @always_inline
@@ -491,6 +492,7 @@ struct MSASelectDecode:
             )
         else:
             comptime assert select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
+            comptime assert topk <= TOPK_MAX, "msa_select_decode: GPU needs topk <= 40 (use the general indexer)"
             ctx.enqueue_function[_row_offsets_kernel](
                 row_offsets.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(block_size),
                 grid_dim=1, block_dim=32,

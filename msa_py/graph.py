@@ -149,26 +149,30 @@ def _num_seqs(cu_q: TensorValue):
     return cu_q.shape[0] - 1
 
 
-def _tensor_core_shapes(dim: int, block_size: int, max_dim: int) -> bool:
-    return dim % 16 == 0 and dim <= max_dim and block_size % 16 == 0 and block_size <= 128
-
-
 # largest feature dim of each decode kernel on the GPU: index keys (Di), heads (D)
 DECODE_MAX_DIM = {"select": 256, "attention": 128}
+# the decode top-k pass keeps a running top-k per thread in static shared memory (48 KB)
+DECODE_MAX_TOPK = 40
+
+
+def _decode_gpu_fits(sixteen_bit: bool, stage: str, dim: int, block_size: int, topk: int) -> bool:
+    return (sixteen_bit and dim % 16 == 0 and dim <= DECODE_MAX_DIM[stage] and block_size % 16 == 0
+            and block_size <= 128 and (stage != "select" or topk <= DECODE_MAX_TOPK))
 
 
 def decode_fits(T: int, B: int, sixteen_bit: bool, on_gpu: bool, *, stage: str = "attention", dim: int = 128,
-                block_size: int = 128) -> bool:
+                block_size: int = 128, topk: int = 16) -> bool:
     """The automatic choice (this layer and the torch layer): at most
     DECODE_MAX_Q queries per sequence on average, and on the GPU a 16-bit
-    dtype and tensor-core shapes for `stage` ("select": dim is Di,
-    "attention": dim is D; multiples of 16, block_size <= 128)."""
-    if on_gpu and not (sixteen_bit and _tensor_core_shapes(dim, block_size, DECODE_MAX_DIM[stage])):
+    dtype and tensor-core shapes for `stage` ("select": dim is Di, topk <=
+    DECODE_MAX_TOPK; "attention": dim is D; multiples of 16, block_size <= 128)."""
+    if on_gpu and not _decode_gpu_fits(sixteen_bit, stage, dim, block_size, topk):
         return False
     return T <= DECODE_MAX_Q * max(B, 1)
 
 
-def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, dim: int, block_size: int) -> bool:
+def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, dim: int, block_size: int,
+               topk: int = 16) -> bool:
     """The decode path for `decode=None` (auto, decode_fits on static T and
     B = B1 - 1). Symbolic shapes take the general path unless the caller says
     decode=True."""
@@ -177,13 +181,13 @@ def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, di
     if decode is None:
         static = isinstance(T, (int, np.integer)) and isinstance(B1, (int, np.integer))
         return bool(static and decode_fits(int(T), int(B1) - 1, sixteen, on_gpu, stage=stage, dim=dim,
-                                           block_size=block_size))
-    mx = DECODE_MAX_DIM[stage]
-    if decode and on_gpu and not (sixteen and _tensor_core_shapes(dim, block_size, mx)):
+                                           block_size=block_size, topk=topk))
+    if decode and on_gpu and not _decode_gpu_fits(sixteen, stage, dim, block_size, topk):
         what = "Di" if stage == "select" else "D"
+        extra = f", topk <= {DECODE_MAX_TOPK}" if stage == "select" else ""
         raise ValueError(f"decode=True on the GPU needs bfloat16 or float16 inputs with {what} a multiple of 16 "
-                         f"<= {mx} and block_size a multiple of 16 <= 128; got {dtype}, {what}={dim}, "
-                         f"block_size={block_size}")
+                         f"<= {DECODE_MAX_DIM[stage]} and block_size a multiple of 16 <= 128{extra}; got {dtype}, "
+                         f"{what}={dim}, block_size={block_size}" + (f", topk={topk}" if extra else ""))
     return bool(decode)
 
 
@@ -225,7 +229,7 @@ def select_blocks(
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks,
               "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
     if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
-                  block_size=block_size):
+                  block_size=block_size, topk=topk):
         B = _num_seqs(cu_q)
         max_q = _decode_max_q(Hkv)
         r_max = Dim(k_idx.shape[0]) // block_size + B

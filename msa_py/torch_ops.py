@@ -168,7 +168,8 @@ def _num_seqs(cu_q) -> int:
     return 1 if cu_q is None else cu_q.shape[0] - 1
 
 
-def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = None, Di: int | None = None) -> bool:
+def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = None, Di: int | None = None,
+            topk: int = 16) -> bool:
     """Decode kernels when the batch has at most DECODE_MAX_Q queries per
     sequence on average and, on CUDA, the stages' shapes fit their tensor
     cores (shapes only: no device sync, capture-safe)."""
@@ -176,7 +177,7 @@ def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = N
 
     B, sixteen = _num_seqs(cu_q), x.dtype in (torch.bfloat16, torch.float16)
     dims = [("select", Di), ("attention", D)]
-    return all(decode_fits(T, B, sixteen, x.is_cuda, stage=st, dim=d, block_size=block_size)
+    return all(decode_fits(T, B, sixteen, x.is_cuda, stage=st, dim=d, block_size=block_size, topk=topk)
                for st, d in dims if d is not None)
 
 
@@ -195,7 +196,7 @@ def _select_op(
     if T == 0:
         return out
     spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di))
+                 init_blocks=init_blocks, local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
     _run("select", spec, _device_key(q_idx),
          dict(q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               idx_scale=_scale_tensor(idx_scale, q_idx)), [out])
@@ -325,7 +326,7 @@ def _msa_op(
         return out, lse
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
                  init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2]))
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2], topk=topk))
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse])

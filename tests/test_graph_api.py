@@ -62,3 +62,24 @@ def test_gpu_shared_memory_limits_are_checked_before_compiling():
             msa.msa_attention(q, k, k, qi, ki, block_size=256)
         with pytest.raises(ValueError, match="shared memory"):
             msa.select_blocks(qi, ki, topk=1000)
+
+
+def test_gpu_decode_path_needs_its_kernel_shapes():
+    """On the GPU the decode kernels need 16-bit tensor-core shapes and, for the
+    indexer's top-k pass, topk <= DECODE_MAX_TOPK: forced, a clear error;
+    automatic, the general path."""
+    gpu = DeviceRef.GPU(0)
+    bf = DType.bfloat16
+    i32 = DType.int32
+    with Graph("decode_shapes", input_types=[TensorType(bf, [4, 2, 64], device=gpu), TensorType(bf, [4096, 64], device=gpu),
+                                             TensorType(i32, [5], device=gpu), TensorType(i32, [5], device=gpu)],
+               custom_extensions=[msa.kernels_path()]) as g:
+        qi, ki, cq, ck = (x.tensor for x in g.inputs)
+        with pytest.raises(ValueError, match="topk <= 40"):
+            msa.select_blocks(qi, ki, cq, ck, topk=64, decode=True)
+        msa.select_blocks(qi, ki, cq, ck, topk=64)  # automatic: the general indexer
+        assert str(g).count("msa_select_decode") == 0 and str(g).count('"msa_select"') == 1
+        msa.select_blocks(qi, ki, cq, ck, topk=16)  # automatic: the decode indexer (T = 4 <= 8 * B)
+        assert str(g).count("msa_select_decode") == 1
+        with pytest.raises(ValueError, match="Di a multiple of 16"):
+            msa.select_blocks(qi[:, :, :40], ki[:, :40], cq, ck, decode=True)
