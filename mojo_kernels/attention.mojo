@@ -98,6 +98,45 @@ def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
 
 
 # ----------------------------------------------------------------------------- CPU
+@always_inline
+def softmax_block_cpu[dtype: DType, head_dim: Int, block_size: Int](
+    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    kstart: Int, num_groups: Int, g: Int, nvis: Int, scale: Float32,
+    mut m: Float32,
+    mut den: Float32,
+    acc: Pointer[Float32, MutUntrackedOrigin],
+):
+    """Folds keys kstart .. kstart + nvis - 1 (group g) into a running softmax
+    of qrow: max m, sum den, unnormalised acc = sum p v. From the empty state
+    (m -inf, den 0, acc 0) it gives one block's partial; called block after
+    block, the online softmax of several (the decode path)."""
+    if nvis == 0:
+        return
+    var s = unsafe_stack_allocation[block_size, Float32]()
+    var mb = f32_neg_inf()
+    for key in range(nvis):
+        var krow = k.unsafe_offset(((kstart + key) * num_groups + g) * head_dim)
+        var dot = Float32(0)
+        for d in range(head_dim):
+            dot += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
+        s[unsafe_offset=key] = dot * scale
+        mb = max(mb, dot * scale)
+    var mn = max(m, mb)
+    var alpha = exp(m - mn) if m > f32_neg_inf() else Float32(0)  # the empty state holds nothing to rescale
+    den *= alpha
+    for d in range(head_dim):
+        acc[unsafe_offset=d] *= alpha
+    m = mn
+    for key in range(nvis):
+        var pr = exp(s[unsafe_offset=key] - m)
+        den += pr
+        var vrow = v.unsafe_offset(((kstart + key) * num_groups + g) * head_dim)
+        for d in range(head_dim):
+            acc[unsafe_offset=d] += pr * vrow[unsafe_offset=d].cast[DType.float32]()
+
+
 def _attention_cpu[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int
 ](
@@ -110,7 +149,6 @@ def _attention_cpu[
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int,
 ):
     var Hq = num_groups * group
-    var s = unsafe_stack_allocation[block_size, Float32]()
     var acc = unsafe_stack_allocation[head_dim, Float32]()
     for w in range(num_work):
         var it = _Item(work, w, row_offsets, cu_q, cu_k, num_seqs, block_size)
@@ -121,24 +159,14 @@ def _attention_cpu[
             var nvis = it.visible(t, block_size)
             for hh in range(group):
                 var h = it.g * group + hh
-                var qrow = q.unsafe_offset((t * Hq + h) * head_dim)
                 var m = f32_neg_inf()
-                for key in range(nvis):
-                    var krow = k.unsafe_offset(((it.kstart + key) * num_groups + it.g) * head_dim)
-                    var dot = Float32(0)
-                    for d in range(head_dim):
-                        dot += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
-                    s[unsafe_offset=key] = dot * scale
-                    m = max(m, dot * scale)
+                var den = Float32(0)
                 for d in range(head_dim):
                     acc[unsafe_offset=d] = 0
-                var den = Float32(0)
-                for key in range(nvis):
-                    var pr = exp(s[unsafe_offset=key] - m)
-                    den += pr
-                    var vrow = v.unsafe_offset(((it.kstart + key) * num_groups + it.g) * head_dim)
-                    for d in range(head_dim):
-                        acc[unsafe_offset=d] += pr * vrow[unsafe_offset=d].cast[DType.float32]()
+                softmax_block_cpu[dtype, head_dim, block_size](
+                    q.unsafe_offset((t * Hq + h) * head_dim), k, v, it.kstart, num_groups, it.g, nvis, scale, m, den,
+                    acc,
+                )
                 var off = _part_offset(t, h, slot, Hq, topk)
                 var inv = Float32(1) / den if den > 0 else Float32(0)
                 for d in range(head_dim):

@@ -29,7 +29,7 @@ from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .attention import LN2, LOG2E, mma_supported
+from .attention import LN2, LOG2E, mma_supported, softmax_block_cpu
 from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
 
 comptime DA_WARPS = 4
@@ -75,7 +75,6 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
 ):
     """Same online softmax over the selected blocks as the GPU kernel, in fp32."""
     comptime Hq = group * num_groups
-    var s = unsafe_stack_allocation[block_size, Float32]()
     var acc = unsafe_stack_allocation[head_dim, Float32]()
     for t in range(T):
         var b = seq_of(cu_q, num_seqs, t)
@@ -85,36 +84,16 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
         var pos = tk - (Int(cu_q[unsafe_offset=b + 1]) - q0) + (t - q0)
         for h in range(Hq):
             var g = h // group
-            var qrow = q.unsafe_offset((t * Hq + h) * head_dim)
             var m = f32_neg_inf()
             var l = Float32(0)
             for d in range(head_dim):
                 acc[unsafe_offset=d] = 0
             for slot in range(topk):
                 var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + slot])
-                var nvis = _visible(j, pos, block_size) if j >= 0 else 0
-                if nvis == 0:
-                    continue
-                var mb = f32_neg_inf()
-                for key in range(nvis):
-                    var krow = k.unsafe_offset(((k0 + j * block_size + key) * num_groups + g) * head_dim)
-                    var dot = Float32(0)
-                    for d in range(head_dim):
-                        dot += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
-                    s[unsafe_offset=key] = dot * scale
-                    mb = max(mb, dot * scale)
-                var mn = max(m, mb)
-                var alpha = exp(m - mn)
-                l *= alpha
-                for d in range(head_dim):
-                    acc[unsafe_offset=d] *= alpha
-                m = mn
-                for key in range(nvis):
-                    var p = exp(s[unsafe_offset=key] - m)
-                    l += p
-                    var vrow = v.unsafe_offset(((k0 + j * block_size + key) * num_groups + g) * head_dim)
-                    for d in range(head_dim):
-                        acc[unsafe_offset=d] += p * vrow[unsafe_offset=d].cast[DType.float32]()
+                softmax_block_cpu[dtype, head_dim, block_size](
+                    q.unsafe_offset((t * Hq + h) * head_dim), k, v, k0 + j * block_size, num_groups, g,
+                    _visible(j, pos, block_size) if j >= 0 else 0, scale, m, l, acc,
+                )
             var inv = Float32(1) / l if l > 0 else Float32(0)
             for d in range(head_dim):
                 output[unsafe_offset=(t * Hq + h) * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[dtype]()

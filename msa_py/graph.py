@@ -295,6 +295,14 @@ def invert(
     return Inversion(*(o.tensor for o in outs[:5]))
 
 
+def _attention_operands(q: TensorValue, k: TensorValue, v: TensorValue):
+    """Checks q, k, v for an attention stage. Returns T (maybe symbolic) and
+    the static Hq, Hkv, D."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
+    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    return T, _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
+
+
 def block_attention(
     q: TensorValue,
     k: TensorValue,
@@ -309,10 +317,8 @@ def block_attention(
     use_mma: bool = True,
 ):
     """Step 5. Returns o_partial [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
-    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
-    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    T, Hq, Hkv, D = _attention_operands(q, k, v)
     V.Config(topk, block_size).check()
-    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
     dev = q.device
     _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
@@ -347,13 +353,11 @@ def decode_attention(
     no inversion, no partials. Returns out [T, Hq, D] (q's dtype) and
     lse [T, Hq] fp32, as sparse_attention. On the GPU: 16-bit inputs,
     D a multiple of 16 <= 128, block_size a multiple of 16 <= 128."""
-    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
-    V.check_same_dtype([("q", _dtype_name("q", q)), ("k", _dtype_name("k", k)), ("v", _dtype_name("v", v))])
+    T, Hq, Hkv, D = _attention_operands(q, k, v)
     _check_int32("block_ids", block_ids)
     V.check_block_ids_shape(_shape(block_ids), Hkv, T)
     topk = _static("block_ids topk", _shape(block_ids)[2])
     V.Config(topk, block_size).check()
-    Hq, Hkv, D = _static("q heads Hq", Hq), _static("k heads Hkv", Hkv), _static("q head dim D", D)
     dev = q.device
     use_decode(True, T, None, q.dtype, dev, stage="attention", dim=D, block_size=block_size)  # GPU shape check
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
