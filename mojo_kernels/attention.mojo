@@ -434,18 +434,38 @@ def attention_mma_kernel[
         var p1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2])
         var inv0 = Float32(1) / l_0 if l_0 > 0 else Float32(0)
         var inv1 = Float32(1) / l_1 if l_1 > 0 else Float32(0)
-        comptime PAIR_ALIGN = 2 * size_of[part_dtype]()
-        comptime for dn in range(D // 8):
-            var d = dn * 8 + t2
-            var o = o_acc[dn]
-            if p0 >= 0:
-                o_p.unsafe_store[alignment=PAIR_ALIGN](
-                    p0 * D + d, SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[part_dtype]()
-                )
-            if p1 >= 0:
-                o_p.unsafe_store[alignment=PAIR_ALIGN](
-                    p1 * D + d, SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[part_dtype]()
-                )
+        comptime if part_dtype == dtype:
+            # through this warp's own Q rows (free once its S is computed), then
+            # out as whole rows with 16-byte stores: full 32-byte sectors
+            var o_w = q_cur.unsafe_offset(wid * 16 * KS)
+            comptime for dn in range(D // 8):
+                var d = dn * 8 + t2
+                var o = o_acc[dn]
+                o_w.unsafe_store[alignment=4](g_lane * KS + d, SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[dtype]())
+                o_w.unsafe_store[alignment=4]((g_lane + 8) * KS + d, SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[dtype]())
+            syncwarp()
+            comptime for i in range(16 * CPR // WARP_SIZE):
+                var c = lane + i * WARP_SIZE
+                var r = c // CPR
+                var col = (c % CPR) * 8
+                var p = Int(m_cur[unsafe_offset=(wid * 16 + r) * 2])
+                if p >= 0:
+                    o_p.unsafe_store[alignment=16](
+                        p * D + col, o_w.unsafe_load[width=8, alignment=16](r * KS + col).cast[part_dtype]()
+                    )
+        else:
+            comptime PAIR_ALIGN = 2 * size_of[part_dtype]()
+            comptime for dn in range(D // 8):
+                var d = dn * 8 + t2
+                var o = o_acc[dn]
+                if p0 >= 0:
+                    o_p.unsafe_store[alignment=PAIR_ALIGN](
+                        p0 * D + d, SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[part_dtype]()
+                    )
+                if p1 >= 0:
+                    o_p.unsafe_store[alignment=PAIR_ALIGN](
+                        p1 * D + d, SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[part_dtype]()
+                    )
         if lane % 4 == 0:
             if p0 >= 0:
                 lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
