@@ -326,30 +326,39 @@ def attention_mma_kernel[
 
     @always_inline
     def stage(m0: Int, qbuf: type_of(q_s), mbuf: type_of(meta)) {
-        var tid, var it, var entries, var qg, var nent, var rows_total
+        var wid, var lane, var it, var entries, var qg, var nent, var rows_total
     }:
-        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata."""
-        if tid < MMA_BM:
-            var mr = m0 + tid
-            var poff = -1
-            var nvis = 0
-            if mr < rows_total:
-                var ent = it.entry(entries, nent, mr // group)
-                var t = ent // topk
-                poff = _part_offset(t, it.g * group + mr % group, ent % topk, Hq, topk)
-                nvis = it.visible(t, BS)
-            mbuf[unsafe_offset=tid * 2] = Int32(poff)
-            mbuf[unsafe_offset=tid * 2 + 1] = Int32(nvis)
-        for i in range(tid, MMA_BM * CPR, NT):
-            var r = i // CPR
-            var c = (i % CPR) * 8
-            var mr = m0 + r
-            if mr < rows_total:
-                var ent = it.entry(entries, nent, mr // group)
-                var qoff = ((ent // topk) * Hq + it.g * group + mr % group) * D
-                async_copy[16](qg.unsafe_offset(qoff + c), qbuf.unsafe_offset(r * KS + c))
-            else:
-                qbuf.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata.
+        Warp w fills rows 16w .. 16w + 15: each lane looks up one row's entry
+        (all lookups in flight at once), and every cp.async takes its row's
+        source from a shuffle, so no global load waits between two async
+        copies; consecutive lanes copy consecutive 16-byte pieces of a row."""
+        var r_l = wid * 16 + lane % 16
+        var mr = m0 + r_l
+        var q_row = Int32(-1)  # row of q ([T * Hq] rows) gathered into tile row r_l
+        var poff = -1
+        var nvis = 0
+        if mr < rows_total:
+            var ent = it.entry(entries, nent, mr // group)
+            var t = ent // topk
+            var h = it.g * group + mr % group
+            q_row = Int32(t * Hq + h)
+            poff = _part_offset(t, h, ent % topk, Hq, topk)
+            nvis = it.visible(t, BS)
+        if lane < 16:
+            mbuf[unsafe_offset=r_l * 2] = Int32(poff)
+            mbuf[unsafe_offset=r_l * 2 + 1] = Int32(nvis)
+        comptime for i in range(ceildiv(16 * CPR, WARP_SIZE)):
+            var c = lane + i * WARP_SIZE
+            var rr = min(c // CPR, 15)
+            var col = (c % CPR) * 8
+            var src = Int(warp.shuffle_idx(q_row, UInt32(rr)))
+            if c < 16 * CPR:
+                var r = wid * 16 + rr
+                if src >= 0:
+                    async_copy[16](qg.unsafe_offset(src * D + col), qbuf.unsafe_offset(r * KS + col))
+                else:
+                    qbuf.unsafe_store[alignment=16](r * KS + col, SIMD[dtype, 8](0))
 
     # Q tiles double-buffered: the gather of tile i+1 overlaps the MMAs of tile i
     stage(0, q_s, meta)

@@ -5,9 +5,16 @@
 #
 # Unused slots carry lse_p = -inf and are skipped without reading o_p (their
 # o_p is never written). A row with no visible key gets out 0, lse -inf.
-# GPU: one warp per (t, h) row, lanes over D (coalesced), fp32 accumulation.
+# GPU: one warp per (t, h) row, fp32 accumulation. When a 16-byte vector
+# divides D and D / vector divides the warp, each lane reads 16 bytes per
+# slot (the row's topk x D partials are contiguous, so a warp load covers
+# 512 contiguous bytes and every lane has topk / slots_per_pass loads in
+# flight), then lanes holding the same columns are summed by shuffles;
+# otherwise lanes stride over D, one element each.
 
 from std.math import ceildiv, exp, log
+
+from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, block_idx, lane_id, thread_idx
@@ -60,6 +67,59 @@ def _combine_row[
         lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
 
 
+def combine_vec_width[part_dtype: DType, head_dim: Int]() -> Int:
+    """Elements per 16-byte lane load when the vector layout fits, else 0."""
+    comptime vec = 16 // size_of[part_dtype]()
+    comptime lanes_per_slot = head_dim // vec
+    comptime if head_dim % vec == 0 and lanes_per_slot <= WARP_SIZE and WARP_SIZE % lanes_per_slot == 0:
+        return vec
+    return 0
+
+
+@always_inline
+def _combine_row_vec[
+    out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int
+](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    row: Int,
+    lane: Int,
+):
+    """One (t, h) row, a warp: lane l reads columns (l % LPS) * vec .. + vec of
+    slots l // LPS, l // LPS + SPP, ... (LPS lanes per slot, SPP slots per pass)."""
+    comptime LPS = head_dim // vec
+    comptime SPP = WARP_SIZE // LPS
+    var lrow = lse_p.unsafe_offset(row * topk)
+    var m = f32_neg_inf()
+    comptime for s in range(topk):
+        m = max(m, lrow[unsafe_offset=s])
+    var col = (lane % LPS) * vec
+    var acc = SIMD[DType.float32, vec](0)
+    var den = Float32(0)
+    if m > f32_neg_inf():
+        var orow = o_p.unsafe_offset(row * topk * head_dim + col)
+        comptime for s0 in range(0, topk, SPP):
+            var s = s0 + lane // LPS
+            if s < topk:
+                var l = lrow[unsafe_offset=s]
+                if l > f32_neg_inf():  # unused slots are never written: skip the read
+                    var w = exp(l - m)
+                    den += w
+                    acc += w * orow.unsafe_load[width=vec, alignment=16](s * head_dim).cast[DType.float32]()
+    comptime for i in range(5):  # lanes LPS, 2 LPS, ... apart hold the same columns
+        comptime if (LPS << i) < WARP_SIZE:
+            den += warp.shuffle_xor(den, UInt32(LPS << i))
+            comptime for e in range(vec):
+                acc[e] += warp.shuffle_xor(acc[e], UInt32(LPS << i))
+    var inv = Float32(1) / den if den > 0 else Float32(0)
+    if lane < LPS:
+        output.unsafe_store(row * head_dim + col, (acc * inv).cast[out_dtype]())
+    if lane == 0:
+        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
+
+
 def combine_kernel[
     out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int
 ](
@@ -72,9 +132,13 @@ def combine_kernel[
     var row = Int(block_idx.x) * COMBINE_WARPS + Int(thread_idx.x) // WARP_SIZE
     if row >= Int(rows):
         return
-    _combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
-        output, lse, o_p, lse_p, row, Int(lane_id())
-    )
+    comptime vec = combine_vec_width[part_dtype, head_dim]()
+    comptime if vec > 0:
+        _combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](output, lse, o_p, lse_p, row, Int(lane_id()))
+    else:
+        _combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
+            output, lse, o_p, lse_p, row, Int(lane_id())
+        )
 
 
 @register("msa_combine")

@@ -10,8 +10,9 @@
 #
 # GPU pipeline (all on the stream, capturable): row offsets, count (atomics),
 # scan (one block), scatter (atomics, unordered), then one block per row puts
-# its entries in query order with a bitmap over the sequence's queries
-# (deterministic, O(nnz + rows * Tq/32)) and writes the row's work items.
+# its entries in query order with a bitmap over the sequence's queries: each
+# entry goes to its query's rank (a popcount prefix), deterministic,
+# O(nnz + rows * Tq/32); the same block writes the row's work items.
 #
 # scratch layout (int32): counts [Hkv*R_max] | cursors [Hkv*R_max]
 #                         | work_offsets [Hkv*(R_max+1)]
@@ -150,17 +151,9 @@ def _scan_kernel(
         num_work[unsafe_offset=0] = Int32(work_base)
 
 
-@always_inline
-def _slot_of(block_ids: I32Ptr, base: Int, topk: Int, j: Int) -> Int:
-    for s in range(topk):
-        if Int(block_ids[unsafe_offset=base + s]) == j:
-            return s
-    return 0
-
-
 def _sort_rows_kernel(
     entries: I32MutPtr, work: I32MutPtr, unsorted: I32Ptr, row_ptr: I32Ptr, work_off: I32Ptr,
-    block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
+    roff: I32Ptr, cu_q: I32Ptr,
     num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, q_budget: Int32,
 ):
     """One block per (g, row): entries in query order, and the row's work items."""
@@ -184,7 +177,7 @@ def _sort_rows_kernel(
         w[unsafe_offset=1] = Int32(row)
         w[unsafe_offset=2] = Int32(begin + c * qb)
         w[unsafe_offset=3] = Int32(min(qb, n - c * qb))
-    # the sequence and local block id of this row
+    # the sequence of this row (its queries bound the bitmap windows)
     var b = 0
     var nseq = Int(num_seqs)
     var lo = 0
@@ -196,13 +189,13 @@ def _sort_rows_kernel(
         else:
             hi = mid - 1
     b = lo
-    var j = row - Int(roff[unsafe_offset=b])
     var t_lo = Int(cu_q[unsafe_offset=b])
     var t_hi = Int(cu_q[unsafe_offset=b + 1])
     var src = unsorted.unsafe_offset(g * nent + begin)
     var dst = entries.unsafe_offset(g * nent + begin)
     var bits = unsafe_stack_allocation[BITMAP_WORDS, Int32, address_space=AddressSpace.SHARED]()
     var part = unsafe_stack_allocation[SORT_THREADS, Int32, address_space=AddressSpace.SHARED]()
+    var word_pre = unsafe_stack_allocation[BITMAP_WORDS, Int32, address_space=AddressSpace.SHARED]()
     comptime WIN = BITMAP_WORDS * 32
     comptime PER = BITMAP_WORDS // SORT_THREADS
     var written = 0
@@ -231,17 +224,20 @@ def _sort_rows_kernel(
             part[unsafe_offset=tid] = a
             barrier()
             off *= 2
-        var pos = written + Int(part[unsafe_offset=tid]) - mine
-        var win_total = Int(part[unsafe_offset=SORT_THREADS - 1])
+        # each word's exclusive prefix; an entry's place is its query's rank in
+        # the window: the words before it plus the bits below it in its word
+        var run = Int(part[unsafe_offset=tid]) - mine
         comptime for k in range(PER):
-            var word = Int(bits[unsafe_offset=tid * PER + k])
-            for bit in range(32):
-                if (word >> bit) & 1:
-                    var t = w_lo + (tid * PER + k) * 32 + bit
-                    var base = t * K
-                    var slot = _slot_of(block_ids, g * nent + base, K, j)
-                    dst[unsafe_offset=pos] = Int32(base + slot)
-                    pos += 1
+            word_pre[unsafe_offset=tid * PER + k] = Int32(run)
+            run += Int(pop_count(bits[unsafe_offset=tid * PER + k]))
+        var win_total = Int(part[unsafe_offset=SORT_THREADS - 1])
+        barrier()
+        for i in range(tid, n, SORT_THREADS):
+            var e = src[unsafe_offset=i]
+            var t = Int(e) // K - w_lo
+            if t >= 0 and t < WIN:
+                var below = bits[unsafe_offset=t // 32] & ((Int32(1) << Int32(t % 32)) - 1)
+                dst[unsafe_offset=written + Int(word_pre[unsafe_offset=t // 32]) + Int(pop_count(below))] = e
         written += win_total
         w_lo += WIN
         barrier()
@@ -370,7 +366,7 @@ struct MSAInvert:
                 )
                 ctx.enqueue_function[_sort_rows_kernel](
                     entries.unsafe_ptr(), work.unsafe_ptr(), unsorted, row_ptr.unsafe_ptr(), work_off,
-                    block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                    row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
                     Int32(B), Int32(T), Int32(topk), Int32(R), Int32(q_budget),
                     grid_dim=G * R, block_dim=SORT_THREADS,
                 )

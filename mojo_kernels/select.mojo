@@ -341,11 +341,14 @@ def _pool_and_rank[BS: Int](
     my_id: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     mut cnt: Int,
     mut worst: Int,
+    mut thr: Float32,
 ):
     """Block j's max over the keys rows r0 (at pos0) and r0 + 8 (at pos1) see,
     from this thread's accumulators (m16n8 layout), then the row owner's
     running top-k. Unscaled max (idx_scale > 0 commutes with it); NaN never
-    wins: maxNum drops it, comparisons are false."""
+    wins: maxNum drops it, comparisons are false. thr: the list's worst score
+    once it is full, kept in a register so a block that does not enter costs
+    no shared-memory load."""
     var m0 = f32_neg_inf()
     var m1 = f32_neg_inf()
     if (j + 1) * BS <= min(pos0, pos1) + 1:  # the whole block is visible to both rows
@@ -370,12 +373,16 @@ def _pool_and_rank[BS: Int](
     m0 = max(m0, warp.shuffle_xor(m0, 2))
     m1 = max(m1, warp.shuffle_xor(m1, 1))
     m1 = max(m1, warp.shuffle_xor(m1, 2))
-    if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
-        _topk_insert(my_sc, my_id, cnt, worst, kfree, (m1 if lane % 4 == 1 else m0) * scale, j)
+    var sj = (m1 if lane % 4 == 1 else m0) * scale
+    if my_valid and j >= f.nsink and j < f.local_lo and (cnt < kfree or sj > thr):
+        _topk_insert(my_sc, my_id, cnt, worst, kfree, sj, j)
+        if cnt == kfree:
+            thr = my_sc[unsafe_offset=worst]
 
 
 def select_mma_kernel[
-    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
+    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
+    wgmma: Bool,
 ](
     block_ids: I32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -393,16 +400,20 @@ def select_mma_kernel[
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
     comptime CPR = DI // 8  # 16-byte chunks per row
-    comptime WG = _is_sm_9x()  # wgmma from shared memory (Hopper), else mma.sync
+    comptime WG = wgmma  # wgmma from shared memory (Hopper), else mma.sync
+    comptime assert not WG or _is_sm_9x(), "msa_select: wgmma needs sm_9x"
 
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
+    comptime K_STAGES = select_k_stages[wgmma]()
+    comptime K_ELEMS = BS * (DI if WG else KS)  # one K block in shared memory
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var q_s = smem
-    var k_buf0 = smem.unsafe_offset(SEL_MMA_ROWS * KS)
-    var k_buf1 = k_buf0.unsafe_offset(BS * KS)
-    var sc_s = k_buf1.unsafe_offset(BS * KS).unsafe_bitcast[Float32]()
+    var k_ring = smem.unsafe_offset(SEL_MMA_ROWS * (DI if WG else KS))
+    var k_buf0 = k_ring
+    var k_buf1 = k_ring.unsafe_offset(K_ELEMS)
+    var sc_s = k_ring.unsafe_offset(K_STAGES * K_ELEMS).unsafe_bitcast[Float32]()
     var id_s = sc_s.unsafe_offset(SEL_MMA_ROWS * topk).unsafe_bitcast[Int32]()
     var hdr = unsafe_stack_allocation[2, Int32, address_space=AddressSpace.SHARED]()
     if tid == 0:  # heaviest tiles (latest queries) first
@@ -445,13 +456,17 @@ def select_mma_kernel[
             else:
                 dst.unsafe_store[alignment=16](tile_offset[WG, DI, KS](key, c), SIMD[dtype, 8](0))
 
-    if j_lo <= j_hi:
-        load_k(j_lo, k_buf0)
-        async_copy_commit_group()
-    async_copy_wait_group(0)
-    comptime if WG:
-        fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
-    barrier()
+    comptime if WG:  # the first K_STAGES - 2 blocks, a group each (the loop waits for them)
+        comptime for i in range(K_STAGES - 2):
+            if j_lo + i <= j_hi:
+                load_k(j_lo + i, k_ring.unsafe_offset(((j_lo + i) % K_STAGES) * K_ELEMS))
+            async_copy_commit_group()
+    else:
+        if j_lo <= j_hi:
+            load_k(j_lo, k_buf0)
+            async_copy_commit_group()
+        async_copy_wait_group(0)
+        barrier()
     # mma.sync: Q fragments stay in registers for the whole sweep
     var qa = Array[SIMD[dtype, 8], DI // 16](fill=SIMD[dtype, 8](0))
     comptime if not WG:
@@ -469,37 +484,39 @@ def select_mma_kernel[
     var kfree = topk - f.num_forced()
     var cnt = 0
     var worst = 0
+    var thr = f32_neg_inf()
     var my_sc = sc_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
     var my_id = id_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
     comptime if WG:
-        # pipelined: block j + 1's wgmma chain runs while block j is pooled and
-        # ranked (two accumulator sets, fixed by the parity of the unrolled pair)
+        # pipelined over a ring of K_STAGES buffers, one barrier per block:
+        # iteration j issues block j's wgmma chain, then pools and ranks block
+        # j - 1 (two accumulator sets, fixed by the parity of the unrolled
+        # pair) while the tensor cores run block j; block j + K_STAGES - 2 is
+        # loaded into block j - 2's buffer, free once both warpgroups have
+        # waited for its chain (each did, before the barrier).
         var q_wg = q_s.unsafe_offset((wid // 4) * 64 * DI)
         var accs = Array[SIMD[DType.float32, BS // 2], 2](fill=SIMD[DType.float32, BS // 2](0))
-        if j_lo <= j_hi:  # Q and block j_lo landed above
-            if j_lo + 1 <= j_hi:
-                load_k(j_lo + 1, k_buf1)
-                async_copy_commit_group()
-            accs[0] = _score_tile_wgmma[dtype, DI, BS](q_wg, k_buf0)
         var j = j_lo
-        while j <= j_hi:
+        while j <= j_hi + 1:
             comptime for par in range(2):
-                if j <= j_hi:
-                    if j + 1 <= j_hi:
-                        async_copy_wait_group(0)  # block j + 1
-                        fence_async_view_proxy()
+                if j <= j_hi + 1:
+                    if j <= j_hi:
+                        async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
+                        fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
                         barrier()
-                        accs[1 - par] = _score_tile_wgmma[dtype, DI, BS](q_wg, k_buf1 if par == 0 else k_buf0)
-                        wgmma_wait_group_sync[1]()  # block j's chain is done
+                        if j + K_STAGES - 2 <= j_hi:
+                            load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
+                        async_copy_commit_group()  # one group per iteration, empty or not
+                        accs[par] = _score_tile_wgmma[dtype, DI, BS](q_wg, k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS))
+                        if j > j_lo:
+                            wgmma_wait_group_sync[1]()  # block j - 1's chain is done
                     else:
                         wgmma_wait_group_sync[0]()
-                    barrier()  # both warpgroups are done reading block j's buffer
-                    if j + 2 <= j_hi:
-                        load_k(j + 2, k_buf0 if par == 0 else k_buf1)
-                        async_copy_commit_group()
-                    _pool_and_rank[BS](accs[par], j, pos0, pos1, t2, lane, my_valid, f, kfree, scale, my_sc, my_id,
-                                       cnt, worst)
+                    if j > j_lo:
+                        _pool_and_rank[BS](accs[1 - par], j - 1, pos0, pos1, t2, lane, my_valid, f, kfree, scale,
+                                           my_sc, my_id, cnt, worst, thr)
                     j += 1
+        async_copy_wait_group(0)  # nothing left in flight (tiles with no free block never waited)
     else:
         for j in range(j_lo, j_hi + 1):
             var k_cur = k_buf0 if (j - j_lo) % 2 == 0 else k_buf1
@@ -524,7 +541,7 @@ def select_mma_kernel[
             var acc = SIMD[DType.float32, BS // 2](0)
             comptime for nj in range(BS // 8):
                 acc = acc.insert[offset=4 * nj](s_acc[nj])
-            _pool_and_rank[BS](acc, j, pos0, pos1, t2, lane, my_valid, f, kfree, scale, my_sc, my_id, cnt, worst)
+            _pool_and_rank[BS](acc, j, pos0, pos1, t2, lane, my_valid, f, kfree, scale, my_sc, my_id, cnt, worst, thr)
             barrier()  # every warp is done with k_cur before it is refilled
     if my_valid:
         var qi = my_r // num_groups
@@ -533,8 +550,15 @@ def select_mma_kernel[
         _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
 
 
-def select_mma_smem_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Int:
-    return (SEL_MMA_ROWS + 2 * block_size) * (idx_dim + 8) * size_of[dtype]() + 8 * SEL_MMA_ROWS * topk
+def select_k_stages[wgmma: Bool]() -> Int:
+    """K blocks in flight: a 4-buffer ring for the pipelined wgmma sweep (two
+    blocks of look-ahead), double buffering for mma.sync."""
+    return 4 if wgmma else 2
+
+
+def select_mma_smem_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
+    comptime stride = idx_dim if wgmma else idx_dim + 8  # canonical layout / padded rows
+    return (SEL_MMA_ROWS + select_k_stages[wgmma]() * block_size) * stride * size_of[dtype]() + 8 * SEL_MMA_ROWS * topk
 
 
 def select_smem_bytes[idx_dim: Int, num_groups: Int, topk: Int, block_size: Int]() -> Int:
@@ -578,8 +602,12 @@ struct MSASelect:
             )
         elif select_mma_supported[dtype, idx_dim, block_size]():
             comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
-            comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size]()
-            comptime kernel = select_mma_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks]
+            # wgmma on Hopper (compute 9.x), mma.sync elsewhere
+            comptime wgmma = ctx.default_device_info.compute >= 9.0 and ctx.default_device_info.compute < 10.0
+            comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
+            comptime kernel = select_mma_kernel[
+                dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma
+            ]
             var num_tiles = T // QPT + B
             ctx.enqueue_function[kernel](
                 block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),

@@ -231,6 +231,8 @@ def main(argv=None) -> int:
         except Exception as e:  # report and go on with the next case
             ok = False
             print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
+            if e.__cause__ is not None:  # MAX's compiler diagnostics live in the cause
+                print(f"  caused by: {e.__cause__}")
     print("CHECK PASSED" if ok else "CHECK FAILED")
     return 0 if ok else 1
 
