@@ -221,6 +221,7 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
     parts = [runner.run("block_attention", b) for b in bufs]
     for b, pr in zip(bufs, parts):
         b.update(o_partial=pr[0], lse_partial=pr[1])
+    del pr  # the loop variable would keep one o_partial alive (34 GB at 128K) past the pop below
     _progress(li, steps, f"T={L}: timing MSA stages")
     for kind in ("select", "invert", "combine", "block_attention", "msa"):
         if kind == "block_attention":  # free the stored partials: each timed call makes its own
