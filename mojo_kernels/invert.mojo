@@ -8,8 +8,9 @@
 # work items; num_work[0] holds the real count, entries past a group's nnz
 # are -1 and rows past R are empty.
 #
-# GPU pipeline (all on the stream, capturable): row offsets, count (atomics),
-# scan (one block), scatter (atomics, unordered), then one block per row puts
+# GPU pipeline (all on the stream, capturable): row offsets, count (atomics,
+# one thread per query, warp-aggregated), scan (one block), scatter (the same
+# atomics, unordered), then one block per row puts
 # its entries in query order with a bitmap over the sequence's queries: each
 # entry goes to its query's rank (a popcount prefix), deterministic,
 # O(nnz + rows * Tq/32); the same block writes the row's work items.
@@ -24,7 +25,8 @@ from std.math import ceildiv
 from std.memory import unsafe_stack_allocation
 
 from extensibility import InputTensor, OutputTensor, register
-from max.gpu import barrier, block_dim, block_idx, global_idx, thread_idx
+from max.gpu import barrier, block_dim, block_idx, global_idx, lane_id, thread_idx
+from max.gpu.primitives import warp
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace
@@ -49,47 +51,77 @@ def _row_offsets_kernel(roff: I32MutPtr, cu_k: I32Ptr, num_seqs: Int32, block_si
 
 
 @always_inline
-def _entry_row(
-    block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr, num_seqs: Int, T: Int, topk: Int, idx: Int
-) -> Int:
-    """Row of the flat entry idx = (g*T + t)*topk + slot, or -1 when unused."""
-    var j = Int(block_ids[unsafe_offset=idx])
+def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
+    """Atomic fetch-add of 1 on ctr[key] for every lane with key >= 0; returns
+    the lane's slot (old value), -1 for key < 0. The lanes holding lane 0's key
+    share one atomic: a warp walks 32 consecutive queries, which all chose the
+    sink block and mostly the same local blocks, so those rows would otherwise
+    take one serialised atomic per query. Every lane of the warp must call it."""
+    var lead = Int(warp.shuffle_idx(Int32(key), UInt32(0)))
+    var same = key >= 0 and key == lead
+    var mask = warp.vote[DType.uint32](same)
+    var base = Int32(0)
+    if lane == 0 and same:
+        base = Atomic.fetch_add(ctr.unsafe_offset(key), Int32(pop_count(mask)))
+    base = warp.shuffle_idx(base, UInt32(0))
+    if same:
+        return Int(base) + Int(pop_count(mask & ((UInt32(1) << UInt32(lane)) - 1)))
+    if key >= 0:
+        return Int(Atomic.fetch_add(ctr.unsafe_offset(key), Int32(1)))
+    return -1
+
+
+@always_inline
+def _query_row_base(roff: I32Ptr, cu_q: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int) -> Int:
+    """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end."""
+    if q >= nq:
+        return -1
+    return Int(roff[unsafe_offset=seq_of(cu_q, num_seqs, q % T)])
+
+
+@always_inline
+def _slot_key(block_ids: I32Ptr, q: Int, s: Int, topk: Int, rbase: Int, T: Int, r_max: Int) -> Int:
+    """Counter index g * r_max + row of query q's slot s, -1 when unused."""
+    if rbase < 0:
+        return -1
+    var j = Int(block_ids[unsafe_offset=q * topk + s])
     if j < 0:
         return -1
-    var t = (idx // topk) % T
-    var b = seq_of(cu_q, num_seqs, t)
-    return Int(roff[unsafe_offset=b]) + j
+    return (q // T) * r_max + rbase + j
 
 
 def _count_kernel(
     counts: I32MutPtr, block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
-    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, total: Int32,
+    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32,
 ):
-    var idx = Int(global_idx.x)
-    if idx >= Int(total):
-        return
-    var row = _entry_row(block_ids, roff, cu_q, Int(num_seqs), Int(T), Int(topk), idx)
-    if row < 0:
-        return
-    var g = idx // (Int(T) * Int(topk))
-    _ = Atomic.fetch_add(counts.unsafe_offset(g * Int(r_max) + row), Int32(1))
+    """One thread per (g, t) query, its slots in turn (warp-aggregated atomics)."""
+    var q = Int(global_idx.x)
+    var lane = Int(lane_id())
+    var rbase = _query_row_base(roff, cu_q, Int(num_seqs), Int(T), q, Int(nq))
+    for s in range(Int(topk)):
+        var key = _slot_key(block_ids, q, s, Int(topk), rbase, Int(T), Int(r_max))
+        _ = _warp_fetch_add(counts, key, lane)
 
 
 def _scatter_kernel(
     unsorted: I32MutPtr, cursor: I32MutPtr, row_ptr: I32Ptr, block_ids: I32Ptr, roff: I32Ptr,
-    cu_q: I32Ptr, num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, total: Int32,
+    cu_q: I32Ptr, num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32,
 ):
-    var idx = Int(global_idx.x)
-    if idx >= Int(total):
-        return
-    var row = _entry_row(block_ids, roff, cu_q, Int(num_seqs), Int(T), Int(topk), idx)
-    if row < 0:
-        return
-    var nent = Int(T) * Int(topk)
-    var g = idx // nent
-    var pos = Atomic.fetch_add(cursor.unsafe_offset(g * Int(r_max) + row), Int32(1))
-    var base = Int(row_ptr[unsafe_offset=g * (Int(r_max) + 1) + row])
-    unsorted[unsafe_offset=g * nent + base + Int(pos)] = Int32(idx - g * nent)
+    """Each entry t * topk + slot to a free place of its row (unordered)."""
+    var q = Int(global_idx.x)
+    var lane = Int(lane_id())
+    var K = Int(topk)
+    var R = Int(r_max)
+    var nent = Int(T) * K
+    var g = q // Int(T)
+    var rbase = _query_row_base(roff, cu_q, Int(num_seqs), Int(T), q, Int(nq))
+    for s in range(K):
+        var key = _slot_key(block_ids, q, s, K, rbase, Int(T), R)
+        var pos = _warp_fetch_add(cursor, key, lane)
+        if key >= 0:
+            var row = key - g * R
+            var base = Int(row_ptr[unsafe_offset=g * (R + 1) + row])
+            unsorted[unsafe_offset=g * nent + base + pos] = Int32((q - g * Int(T)) * K + s)
 
 
 def _scan_kernel(
@@ -341,6 +373,7 @@ struct MSAInvert:
             )
         else:
             var total = G * nent
+            var nq = G * T  # one thread per (g, t) query in count and scatter
             ctx.enqueue_function[_row_offsets_kernel](
                 row_offsets.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(block_size),
                 grid_dim=1, block_dim=32,
@@ -350,8 +383,8 @@ struct MSAInvert:
             if total > 0:
                 ctx.enqueue_function[_count_kernel](
                     counts, block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(total),
-                    grid_dim=ceildiv(total, 256), block_dim=256,
+                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(nq),
+                    grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
             ctx.enqueue_function[_scan_kernel](
                 row_ptr.unsafe_ptr(), work_off, num_work.unsafe_ptr(), counts,
@@ -361,8 +394,8 @@ struct MSAInvert:
             if total > 0 and R > 0:
                 ctx.enqueue_function[_scatter_kernel](
                     unsorted, cursor, row_ptr.unsafe_ptr(), block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(),
-                    cu_seqlens_q.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R), Int32(total),
-                    grid_dim=ceildiv(total, 256), block_dim=256,
+                    cu_seqlens_q.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R), Int32(nq),
+                    grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
                 ctx.enqueue_function[_sort_rows_kernel](
                     entries.unsafe_ptr(), work.unsafe_ptr(), unsorted, row_ptr.unsafe_ptr(), work_off,
