@@ -12,8 +12,11 @@
 #        S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, fp32
 #        accumulate), K and V resident in shared memory (V read transposed by
 #        ldmatrix.trans), Q rows gathered with cp.async into two buffers (the
-#        gather of tile i+1 overlaps the MMAs of tile i), P kept in registers
-#        (its accumulator layout is the A operand layout of the second product).
+#        gather of tile i+1 overlaps the MMAs of tile i; one entry lookup per
+#        lane, row sources shuffled), P kept in registers (its accumulator
+#        layout is the A operand layout of the second product), each partial
+#        tile written back through the warp's own Q rows as whole rows with
+#        16-byte stores (when o_partial has q's dtype).
 #   simt (any float dtype): one warp per (entry, head) row.
 # lse_partial is filled with -inf first, so slots no work item touches read
 # as unused in the combine.

@@ -19,12 +19,15 @@
 # running top-k in shared memory, owned by one thread. No [T, blocks] score
 # matrix exists anywhere.
 #   mma  (bf16/fp16): the 128 x block_size score tile of each key block is
-#        computed on tensor cores, K blocks double-buffered through cp.async;
-#        the block max-pool happens in registers (a quad shuffle per row).
+#        computed on tensor cores, K blocks loaded by cp.async; the block
+#        max-pool happens in registers (a quad shuffle per row).
 #        Hopper (sm_9x): two warpgroups, each one chain of wgmma.mma_async
 #        m64 x block_size x 16 reading Q and K straight from shared memory
-#        (no-swizzle canonical layout: 8 x 8 core matrices of 128 bytes).
-#        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers.
+#        (no-swizzle canonical layout: 8 x 8 core matrices of 128 bytes),
+#        K in a ring of 4 buffers, block j's chain in flight while block
+#        j - 1 is pooled and ranked, one barrier per block.
+#        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers, K
+#        double-buffered.
 #   simt (fp32): scores chunk by chunk from shared memory.
 
 from std.math import ceildiv
