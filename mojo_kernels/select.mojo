@@ -405,11 +405,12 @@ def select_mma_kernel[
     comptime CPR = DI // 8  # 16-byte chunks per row
     comptime WG = wgmma  # wgmma from shared memory (Hopper), else mma.sync
     comptime assert not WG or _is_sm_9x(), "msa_select: wgmma needs sm_9x"
+    comptime assert not WG or select_k_stages[dtype, idx_dim, topk, block_size, wgmma]() >= 3, "ring of 3+"
 
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    comptime K_STAGES = select_k_stages[wgmma]()
+    comptime K_STAGES = select_k_stages[dtype, idx_dim, topk, block_size, wgmma]()
     comptime K_ELEMS = BS * (DI if WG else KS)  # one K block in shared memory
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var q_s = smem
@@ -553,15 +554,34 @@ def select_mma_kernel[
         _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
 
 
-def select_k_stages[wgmma: Bool]() -> Int:
-    """K blocks in flight: a 4-buffer ring for the pipelined wgmma sweep (two
-    blocks of look-ahead), double buffering for mma.sync."""
-    return 4 if wgmma else 2
+comptime SEL_SMEM_MAX = 227 * 1024  # dynamic shared memory a thread block may opt into (sm_80, sm_90)
+
+
+def _select_mma_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool, stages: Int]() -> Int:
+    comptime stride = idx_dim if wgmma else idx_dim + 8  # canonical layout / padded rows
+    return (SEL_MMA_ROWS + stages * block_size) * stride * size_of[dtype]() + 8 * SEL_MMA_ROWS * topk
+
+
+def select_k_stages[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
+    """K blocks in shared memory: for the pipelined wgmma sweep a ring of 4
+    (two blocks of look-ahead), or 3 where 4 do not fit (its minimum);
+    double buffering for mma.sync."""
+    comptime if not wgmma:
+        return 2
+    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 4]() <= SEL_SMEM_MAX:
+        return 4
+    return 3
+
+
+def select_wgmma_fits[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Bool:
+    """The wgmma sweep's smallest ring fits in shared memory (else mma.sync)."""
+    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 3]() <= SEL_SMEM_MAX
 
 
 def select_mma_smem_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
-    comptime stride = idx_dim if wgmma else idx_dim + 8  # canonical layout / padded rows
-    return (SEL_MMA_ROWS + select_k_stages[wgmma]() * block_size) * stride * size_of[dtype]() + 8 * SEL_MMA_ROWS * topk
+    return _select_mma_bytes[
+        dtype, idx_dim, topk, block_size, wgmma, select_k_stages[dtype, idx_dim, topk, block_size, wgmma]()
+    ]()
 
 
 def select_smem_bytes[idx_dim: Int, num_groups: Int, topk: Int, block_size: Int]() -> Int:
@@ -605,9 +625,14 @@ struct MSASelect:
             )
         elif select_mma_supported[dtype, idx_dim, block_size]():
             comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
-            # wgmma on Hopper (compute 9.x), mma.sync elsewhere
-            comptime wgmma = ctx.default_device_info.compute >= 9.0 and ctx.default_device_info.compute < 10.0
+            # wgmma on Hopper (compute 9.x) where its K ring fits, mma.sync elsewhere
+            comptime wgmma = (
+                ctx.default_device_info.compute >= 9.0
+                and ctx.default_device_info.compute < 10.0
+                and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
+            )
             comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
+            comptime assert smem <= SEL_SMEM_MAX, "msa_select: idx_dim, block_size and topk need too much shared memory"
             comptime kernel = select_mma_kernel[
                 dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma
             ]
