@@ -2,8 +2,10 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh check [check-small] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
-# Logs go to $OUT (the device tool's folder) or ./msa_out.
+#   bash benchmarks/gpu_run.sh check [check-small] [check-32k] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
+# Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
+# (this machine's `git rev-parse --short HEAD`): the device's copy of the
+# working tree may carry another branch's git metadata.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/msa_out}"; mkdir -p "$OUT"
@@ -15,6 +17,7 @@ for step in "$@"; do
   case "$step" in
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    check-32k) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16 2>&1 | tee "$OUT/check_32k.log" || rc=1 ;;
     check-large) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16,128k_model_shape_bf16,decode_128k_b8_bf16 2>&1 | tee "$OUT/check_large.log" || rc=1 ;;
     check-decode) python3 -m msa_py.check --device gpu --only decode_ragged_bf16,decode_spec8_bf16,decode_overflow_f16,decode_128k_b8_bf16 2>&1 | tee "$OUT/check_decode.log" || rc=1 ;;
     memory) python3 benchmarks/memory.py --out "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log" || rc=1 ;;
