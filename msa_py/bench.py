@@ -246,6 +246,8 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
     row["select_tflops"] = 2 * pairs * spec.num_kv_heads * spec.idx_dim / (row["select_ms"] * 1e-3) / 1e12
     row["attention_tflops"] = 4 * keys * spec.num_heads * spec.head_dim / (row["block_attention_ms"] * 1e-3) / 1e12
     row["attention_pct_peak"] = 100 * row["attention_tflops"] / peak
+    # issue 8 asks inversion + combine to stay under 15% of the layer
+    row["invert_combine_pct"] = 100 * (row["invert_ms"] + row["combine_ms"]) / row["msa_ms"]
     row["select_pct_peak"] = 100 * row["select_tflops"] / peak
     dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
     row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
@@ -286,6 +288,7 @@ COLUMNS = [
     ("select_tflops", "sel TF/s", "{:8.1f}"),
     ("attention_tflops", "attn TF/s", "{:9.1f}"),
     ("attention_pct_peak", "attn %pk", "{:8.1f}"),
+    ("invert_combine_pct", "inv+cmb %", "{:9.1f}"),
     ("speedup_vs_dense", "x dense", "{:7.2f}"),
     ("speedup_vs_gather", "x gather", "{:8.2f}"),
 ]

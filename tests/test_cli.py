@@ -31,8 +31,9 @@ def test_bench_tiny(tmp_path, capsys):
     for r in res["rows"]:
         for key in ("select_ms", "invert_ms", "block_attention_ms", "combine_ms", "msa_ms", "msa_chunked_ms",
                     "dense_ms", "gather_ms", "select_tflops", "attention_tflops", "speedup_vs_dense",
-                    "speedup_vs_gather", "keys_per_query"):
+                    "speedup_vs_gather", "keys_per_query", "invert_combine_pct"):
             assert key in r and r[key] > 0, key
+        assert r["invert_combine_pct"] == pytest.approx(100 * (r["invert_ms"] + r["combine_ms"]) / r["msa_ms"])
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
