@@ -44,6 +44,8 @@ SMALL = [
     ("g16_d128_bf16", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "bfloat16", True, None),
     ("g1_d128_f16", [(513, 513)], 4, 4, 128, 128, 4, 128, "float16", True, None),
     ("chunked_g16_f32", [(64, 1000), (3, 131)], 32, 2, 128, 64, 5, 128, "float32", True, None),
+    # Di 256: the largest index head dim; on Hopper its wgmma ring does not fit in shared memory (mma.sync instead)
+    ("di256_bf16", [(300, 300), (40, 200)], 16, 2, 128, 256, 8, 128, "bfloat16", True, None),
 ]
 LARGE = [
     ("32k_model_shape_bf16", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
@@ -61,7 +63,7 @@ DECODE = [
      True),
     ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
 ]
-QUICK = [SMALL[0], SMALL[1], SMALL[3], DECODE[1]]
+QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], DECODE[1]]
 
 
 def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
