@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh check [check-small] [check-32k] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
+#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
 # Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
 # (this machine's `git rev-parse --short HEAD`): the device's copy of the
 # working tree may carry another branch's git metadata.
@@ -15,6 +15,8 @@ python3 -m msa_py.build > "$OUT/build.log" 2>&1 || echo "(mojo precompile unavai
 rc=0
 for step in "$@"; do
   case "$step" in
+    mef) mkdir -p ~/.cache/modular/.max_cache/mof/mef/26.7.0 && cp .gpu/mef/* ~/.cache/modular/.max_cache/mof/mef/26.7.0/ \
+           && echo "installed $(ls .gpu/mef | wc -l) precompiled models (benchmarks/precompile.py)" ;;
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-32k) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16 2>&1 | tee "$OUT/check_32k.log" || rc=1 ;;

@@ -195,8 +195,11 @@ def run_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, rotate_se
         if device != "cpu":
             torch.cuda.empty_cache()
     _progress(steps, steps, "done")
+    # seconds MAX took to compile (or fetch from its cache) each model this run used
+    loads = {k: round(sec, 2) for k, sp, d, sec in E.compile_log if sp == spec and d == device}
     return dict(config=asdict(spec), device=device, scenario=scenario, chunk=chunk, repeats=repeats,
-                matmul_peak_tflops=peak, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                matmul_peak_tflops=peak, rows=rows, model_load_s=loads, commit=commit(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev, repeats, rotate_sets, scenario,
@@ -311,6 +314,8 @@ def table(result: dict) -> str:
         lines.append(" ".join(cells))
     lines.append(f"(ms, median of {result['repeats']}; {_config_text(result['config'])}; scenario "
                  f"{result['scenario']}; matmul peak {result['matmul_peak_tflops']:.0f} TF/s)")
+    if result.get("model_load_s"):
+        lines.append(f"(models compiled or fetched from MAX's cache in {sum(result['model_load_s'].values()):.1f} s)")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ def test_bench_tiny(tmp_path, capsys):
             assert key in r and r[key] > 0, key
         assert r["invert_combine_pct"] == pytest.approx(100 * (r["invert_ms"] + r["combine_ms"]) / r["msa_ms"])
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(res["model_load_s"]) >= {"select", "invert", "block_attention", "combine", "msa"}
 
 
 def test_bench_decode_tiny(tmp_path, capsys):
