@@ -179,6 +179,18 @@ def test_bitwise_deterministic(torch_device):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+def test_chunked_prefill_matches_one_call(torch_device):
+    """A prompt prefilled as query chunks over the growing prefix (README,
+    Memory) gives the one-call answer: same selection, same keys per query."""
+    c = make_case(28, [(150, 150)], HQ, HKV, D, DI)
+    q, k, v, qi, ki, _, _ = tensors(c, torch_device)
+    out, lse = msa_py.msa_attention(q, k, v, qi, ki, topk=TOPK, block_size=BS)
+    parts = [msa_py.msa_attention(q[c0:c1], k[:c1], v[:c1], qi[c0:c1], ki[:c1], topk=TOPK, block_size=BS)
+             for c0, c1 in ((0, 64), (64, 128), (128, 150))]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), lse, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- decode
 def test_decode_path(torch_device):
     """A few new tokens per sequence take the decode kernels (indexer split
