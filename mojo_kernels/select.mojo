@@ -377,7 +377,7 @@ def _pool_and_rank[BS: Int](
     m1 = max(m1, warp.shuffle_xor(m1, 1))
     m1 = max(m1, warp.shuffle_xor(m1, 2))
     var sj = (m1 if lane % 4 == 1 else m0) * scale
-    if my_valid and j >= f.nsink and j < f.local_lo and (cnt < kfree or sj > thr):
+    if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo and (cnt < kfree or sj > thr):
         _topk_insert(my_sc, my_id, cnt, worst, kfree, sj, j)
         if cnt == kfree:
             thr = my_sc[unsafe_offset=worst]
