@@ -35,7 +35,7 @@ from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
+from .common import SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
 
 comptime LOG2E = Float32(1.4426950408889634)
 comptime LN2 = Float32(0.6931471805599453)
@@ -542,7 +542,7 @@ def _launch[
             )
         else:
             comptime smem = simt_smem_bytes[head_dim, block_size]()
-            comptime assert smem <= 227 * 1024, "msa_block_attention: block_size * head_dim too large for the SIMT path"
+            comptime assert smem <= SMEM_OPTIN_BYTES, "msa_block_attention: block_size * head_dim too large for the SIMT path"
             comptime kernel = attention_simt_kernel[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]

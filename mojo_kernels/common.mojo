@@ -5,6 +5,8 @@ from std.utils.numerics import neg_inf
 from max.gpu.compute.mma import WGMMADescriptor, ld_matrix
 from max.gpu.memory import AddressSpace
 
+comptime SMEM_OPTIN_BYTES = 227 * 1024  # shared memory a thread block may opt into (sm_80, sm_90)
+
 comptime I32Ptr = Pointer[Int32, ImmutAnyOrigin]
 comptime I32MutPtr = Pointer[Int32, MutAnyOrigin]
 comptime F32Ptr = Pointer[Float32, ImmutAnyOrigin]

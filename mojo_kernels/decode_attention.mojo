@@ -30,11 +30,11 @@ from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, as
 from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, mma_supported, softmax_block_cpu
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
+from .common import SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
 
 comptime DA_WARPS = 4
 comptime DA_ROWS = 16  # heads per thread block: one MMA M tile
-comptime SMEM_MAX = 226 * 1024
+comptime SMEM_MAX = SMEM_OPTIN_BYTES - 1024  # room for the static block-id lists
 
 
 def _stage_elems[head_dim: Int, block_size: Int]() -> Int:

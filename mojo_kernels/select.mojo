@@ -46,7 +46,7 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 from std.sys.info import _is_sm_9x
 
-from .common import F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset
+from .common import SMEM_OPTIN_BYTES, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
 comptime SEL_SUB = 4  # threads per row
@@ -554,7 +554,6 @@ def select_mma_kernel[
         _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
 
 
-comptime SEL_SMEM_MAX = 227 * 1024  # dynamic shared memory a thread block may opt into (sm_80, sm_90)
 
 
 def _select_mma_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool, stages: Int]() -> Int:
@@ -568,14 +567,14 @@ def select_k_stages[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmm
     double buffering for mma.sync."""
     comptime if not wgmma:
         return 2
-    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 4]() <= SEL_SMEM_MAX:
+    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 4]() <= SMEM_OPTIN_BYTES:
         return 4
     return 3
 
 
 def select_wgmma_fits[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Bool:
     """The wgmma sweep's smallest ring fits in shared memory (else mma.sync)."""
-    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 3]() <= SEL_SMEM_MAX
+    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 3]() <= SMEM_OPTIN_BYTES
 
 
 def select_mma_smem_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
@@ -632,7 +631,7 @@ struct MSASelect:
                 and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
             )
             comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
-            comptime assert smem <= SEL_SMEM_MAX, "msa_select: idx_dim, block_size and topk need too much shared memory"
+            comptime assert smem <= SMEM_OPTIN_BYTES, "msa_select: idx_dim, block_size and topk need too much shared memory"
             comptime kernel = select_mma_kernel[
                 dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma
             ]
