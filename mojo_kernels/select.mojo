@@ -14,18 +14,20 @@
 # so they act as -inf; every written id lies in [0, jq].
 #
 # GPU: one thread block per tile of queries of one sequence, all KV groups
-# together (128 (query, group) rows), so each index-key block is loaded once
-# for all of them; heaviest tiles (latest queries) first. Each row keeps its
+# together (256 (query, group) rows on Hopper, 128 elsewhere), so each
+# index-key block is loaded once for all of them; heaviest tiles (latest
+# queries) first. Each row keeps its
 # running top-k in shared memory, owned by one thread. No [T, blocks] score
 # matrix exists anywhere.
 #   mma  (bf16/fp16): the 128 x block_size score tile of each key block is
 #        computed on tensor cores, K blocks loaded by cp.async; the block
 #        max-pool happens in registers (a quad shuffle per row).
-#        Hopper (sm_9x): two warpgroups, each one chain of wgmma.mma_async
-#        m64 x block_size x 16 reading Q and K straight from shared memory
-#        (no-swizzle canonical layout: 8 x 8 core matrices of 128 bytes),
-#        K in a ring of 4 buffers, block j's chain in flight while block
-#        j - 1 is pooled and ranked, one barrier per block.
+#        Hopper (sm_9x): two warpgroups of 2 x 64 rows, each 64-row half one
+#        chain of wgmma.mma_async m64 x block_size x 16 reading Q and K
+#        straight from shared memory (no-swizzle canonical layout: 8 x 8 core
+#        matrices of 128 bytes), K in a ring of 4 buffers; one half's chain
+#        in flight while the other half is pooled and ranked, one barrier
+#        per block.
 #        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers, K
 #        double-buffered.
 #   simt (fp32): scores chunk by chunk from shared memory.
@@ -383,6 +385,65 @@ def _pool_and_rank[BS: Int](
             thr = my_sc[unsafe_offset=worst]
 
 
+struct _RowRank(TrivialRegisterPassable):
+    """One thread's share of a 16-row slice of a score tile: rows r0 and
+    r0 + 8 of its accumulators (at key positions pos0, pos1), and the
+    running top-k of the row it owns (lane % 4 == 0 owns r0, 1 owns r0 + 8;
+    the others own none)."""
+
+    var pos0: Int
+    var pos1: Int
+    var row: Int  # owned row of the tile (clamped into it when not valid)
+    var valid: Bool
+    var f: _Forced
+    var kfree: Int
+    var cnt: Int
+    var worst: Int
+    var thr: Float32
+
+    @always_inline
+    def __init__(
+        out self, r0: Int, lane: Int, nrows: Int, rows: Int, nq: Int, pos_first: Int, num_groups: Int,
+        block_size: Int, init_blocks: Int, local_blocks: Int, topk: Int,
+    ):
+        """r0: the slice row of this lane's first accumulator; pos_first: key
+        position of the tile's first query; nrows valid rows of `rows`."""
+        self.pos0 = pos_first + min(r0 // num_groups, nq - 1)
+        self.pos1 = pos_first + min((r0 + 8) // num_groups, nq - 1)
+        var my_r = r0 + 8 * (lane % 4)
+        self.valid = lane % 4 < 2 and my_r < nrows
+        self.row = min(my_r, rows - 1)
+        self.f = _Forced(self.pos1 if lane % 4 == 1 else self.pos0, block_size, init_blocks, local_blocks)
+        self.kfree = topk - self.f.num_forced()
+        self.cnt = 0
+        self.worst = 0
+        self.thr = f32_neg_inf()
+
+    @always_inline
+    def rank[BS: Int, topk: Int](
+        mut self, acc: SIMD[DType.float32, BS // 2], j: Int, t2: Int, lane: Int, scale: Float32,
+        sc_s: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+        id_s: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    ):
+        """Block j into the owned row's running top-k (see _pool_and_rank)."""
+        _pool_and_rank[BS](acc, j, self.pos0, self.pos1, t2, lane, self.valid, self.f, self.kfree, scale,
+                           sc_s.unsafe_offset(self.row * topk), id_s.unsafe_offset(self.row * topk),
+                           self.cnt, self.worst, self.thr)
+
+    @always_inline
+    def write[topk: Int](
+        self, block_ids: I32MutPtr, id_s: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+        num_groups: Int, first_token: Int, T: Int,
+    ):
+        """The owned row's selection (first_token: the tile's first query token)."""
+        if self.valid:
+            var t = first_token + self.row // num_groups
+            var g = self.row % num_groups
+            _write_selection[topk=topk](
+                block_ids.unsafe_offset((g * T + t) * topk), self.f, id_s.unsafe_offset(self.row * topk), self.cnt
+            )
+
+
 def select_mma_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
     wgmma: Bool,
@@ -397,8 +458,9 @@ def select_mma_kernel[
     T: Int32,
     num_tiles: Int32,
 ):
-    comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
-    comptime ROWS = QPT * num_groups  # valid rows of the tile (padding past)
+    comptime ROWS_CTA = select_rows[dtype, idx_dim, topk, block_size, wgmma]()  # tile rows (multiple of 64 per warpgroup)
+    comptime QPT = max(1, ROWS_CTA // num_groups)
+    comptime HALVES = ROWS_CTA // SEL_MMA_ROWS  # 64-row halves per warpgroup (wgmma: 2, 256 rows)
     comptime DI = idx_dim
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
@@ -414,11 +476,11 @@ def select_mma_kernel[
     comptime K_ELEMS = BS * (DI if WG else KS)  # one K block in shared memory
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var q_s = smem
-    var k_ring = smem.unsafe_offset(SEL_MMA_ROWS * (DI if WG else KS))
+    var k_ring = smem.unsafe_offset(ROWS_CTA * (DI if WG else KS))
     var k_buf0 = k_ring
     var k_buf1 = k_ring.unsafe_offset(K_ELEMS)
     var sc_s = k_ring.unsafe_offset(K_STAGES * K_ELEMS).unsafe_bitcast[Float32]()
-    var id_s = sc_s.unsafe_offset(SEL_MMA_ROWS * topk).unsafe_bitcast[Int32]()
+    var id_s = sc_s.unsafe_offset(ROWS_CTA * topk).unsafe_bitcast[Int32]()
     var hdr = unsafe_stack_allocation[2, Int32, address_space=AddressSpace.SHARED]()
     if tid == 0:  # heaviest tiles (latest queries) first
         _tile_of(hdr, cu_q, Int(num_seqs), Int(num_tiles) - 1 - Int(block_idx.x), QPT)
@@ -437,7 +499,7 @@ def select_mma_kernel[
     var qg = q_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var kg = k_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     # query tile: row r = qi * num_groups + g is q_idx row (q0 + i0) * num_groups + r
-    for i in range(tid, SEL_MMA_ROWS * CPR, SEL_MMA_THREADS):
+    for i in range(tid, ROWS_CTA * CPR, SEL_MMA_THREADS):
         var r = i // CPR
         var c = (i % CPR) * 8
         if r < nrows:
@@ -476,50 +538,48 @@ def select_mma_kernel[
     comptime if not WG:
         comptime for kk in range(DI // 16):
             qa[kk] = frag_a[dtype, KS](q_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
-    # rows of this thread's accumulators: r0 and r0 + 8; the row owner keeps its top-k
-    var r0 = wid * 16 + lane // 4
-    var pos0 = tk - tq + i0 + min(r0 // num_groups, nq - 1)
-    var pos1 = tk - tq + i0 + min((r0 + 8) // num_groups, nq - 1)
+    # rows of this thread's accumulators, per 64-row half h of its warpgroup:
+    # r0 and r0 + 8 with r0 = 64 * (HALVES * warpgroup + h) + 16 * (warp % 4) + lane / 4
     var t2 = (lane % 4) * 2
-    var owner = lane % 4 < 2
-    var my_r = r0 + 8 * (lane % 4)
-    var my_valid = owner and my_r < nrows
-    var f = _Forced(pos1 if lane % 4 == 1 else pos0, BS, init_blocks, local_blocks)
-    var kfree = topk - f.num_forced()
-    var cnt = 0
-    var worst = 0
-    var thr = f32_neg_inf()
-    var my_sc = sc_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
-    var my_id = id_s.unsafe_offset(min(my_r, SEL_MMA_ROWS - 1) * topk)
+    var pos_first = tk - tq + i0
+    var r0_h0 = (wid // 4) * 64 * HALVES + (wid % 4) * 16 + lane // 4
+    var rr0 = _RowRank(r0_h0, lane, nrows, ROWS_CTA, nq, pos_first, num_groups, BS, init_blocks, local_blocks, topk)
+    var rr1 = _RowRank(r0_h0 + 64 if HALVES > 1 else r0_h0, lane, nrows, ROWS_CTA, nq, pos_first, num_groups, BS,
+                       init_blocks, local_blocks, topk)
     comptime if WG:
-        # pipelined over a ring of K_STAGES buffers, one barrier per block:
-        # iteration j issues block j's wgmma chain, then pools and ranks block
-        # j - 1 (two accumulator sets, fixed by the parity of the unrolled
-        # pair) while the tensor cores run block j; block j + K_STAGES - 2 is
-        # loaded into block j - 2's buffer, free once both warpgroups have
-        # waited for its chain (each did, before the barrier).
-        var q_wg = q_s.unsafe_offset((wid // 4) * 64 * DI)
-        var accs = Array[SIMD[DType.float32, BS // 2], 2](fill=SIMD[DType.float32, BS // 2](0))
-        var j = j_lo
-        while j <= j_hi + 1:
-            comptime for par in range(2):
-                if j <= j_hi + 1:
-                    if j <= j_hi:
-                        async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
-                        fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
-                        barrier()
-                        if j + K_STAGES - 2 <= j_hi:
-                            load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
-                        async_copy_commit_group()  # one group per iteration, empty or not
-                        accs[par] = _score_tile_wgmma[dtype, DI, BS](q_wg, k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS))
-                        if j > j_lo:
-                            wgmma_wait_group_sync[1]()  # block j - 1's chain is done
-                    else:
-                        wgmma_wait_group_sync[0]()
-                    if j > j_lo:
-                        _pool_and_rank[BS](accs[1 - par], j - 1, pos0, pos1, t2, lane, my_valid, f, kfree, scale,
-                                           my_sc, my_id, cnt, worst, thr)
-                    j += 1
+        # Each warpgroup scores 2 x 64 rows against every K block, so a K
+        # block read from L2 serves 256 rows. Pipelined at half granularity
+        # (one accumulator set per half): while the tensor cores run half 0
+        # of block j, half 1 of block j - 1 is pooled and ranked, and the
+        # other way round. K sits in a ring of K_STAGES buffers, one barrier
+        # per block; block j + K_STAGES - 2 is loaded into block j - 2's
+        # buffer, free once both warpgroups have waited for its chains (each
+        # did, before the barrier).
+        comptime assert HALVES == 2, "the wgmma sweep pipelines two halves per warpgroup"
+        var q_h0 = q_s.unsafe_offset((wid // 4) * 2 * 64 * DI)
+        var q_h1 = q_h0.unsafe_offset(64 * DI)
+        var acc0 = SIMD[DType.float32, BS // 2](0)
+        var acc1 = SIMD[DType.float32, BS // 2](0)
+        for j in range(j_lo, j_hi + 2):
+            var k_j = k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
+            if j <= j_hi:
+                async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
+                fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
+                barrier()
+                if j + K_STAGES - 2 <= j_hi:
+                    load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
+                async_copy_commit_group()  # one group per iteration, empty or not
+                acc0 = _score_tile_wgmma[dtype, DI, BS](q_h0, k_j)  # half 0 of block j
+            if j > j_lo:
+                if j <= j_hi:
+                    wgmma_wait_group_sync[1]()  # half 1 of block j - 1 is done
+                else:
+                    wgmma_wait_group_sync[0]()
+                rr1.rank[BS, topk](acc1, j - 1, t2, lane, scale, sc_s, id_s)
+            if j <= j_hi:
+                acc1 = _score_tile_wgmma[dtype, DI, BS](q_h1, k_j)  # half 1 of block j
+                wgmma_wait_group_sync[1]()  # half 0 of block j is done
+                rr0.rank[BS, topk](acc0, j, t2, lane, scale, sc_s, id_s)
         async_copy_wait_group(0)  # nothing left in flight (tiles with no free block never waited)
     else:
         for j in range(j_lo, j_hi + 1):
@@ -545,20 +605,32 @@ def select_mma_kernel[
             var acc = SIMD[DType.float32, BS // 2](0)
             comptime for nj in range(BS // 8):
                 acc = acc.insert[offset=4 * nj](s_acc[nj])
-            _pool_and_rank[BS](acc, j, pos0, pos1, t2, lane, my_valid, f, kfree, scale, my_sc, my_id, cnt, worst, thr)
+            rr0.rank[BS, topk](acc, j, t2, lane, scale, sc_s, id_s)
             barrier()  # every warp is done with k_cur before it is refilled
-    if my_valid:
-        var qi = my_r // num_groups
-        var g = my_r % num_groups
-        var t = q0 + i0 + qi
-        _write_selection[topk=topk](block_ids.unsafe_offset((g * Int(T) + t) * topk), f, my_id, cnt)
+    rr0.write[topk](block_ids, id_s, num_groups, q0 + i0, Int(T))
+    comptime if HALVES > 1:
+        rr1.write[topk](block_ids, id_s, num_groups, q0 + i0, Int(T))
 
 
 
 
-def _select_mma_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool, stages: Int]() -> Int:
+def _select_mma_bytes[
+    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool, rows: Int, stages: Int
+]() -> Int:
     comptime stride = idx_dim if wgmma else idx_dim + 8  # canonical layout / padded rows
-    return (SEL_MMA_ROWS + stages * block_size) * stride * size_of[dtype]() + 8 * SEL_MMA_ROWS * topk
+    return (rows + stages * block_size) * stride * size_of[dtype]() + 8 * rows * topk
+
+
+def select_wgmma_fits[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Bool:
+    """The wgmma sweep's tile (256 rows) with a ring of 3 K blocks fits in
+    shared memory (else mma.sync)."""
+    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 2 * SEL_MMA_ROWS, 3]() <= SMEM_OPTIN_BYTES
+
+
+def select_rows[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
+    """(query, group) rows per tile: 256 for the wgmma sweep (each K block
+    read from L2 serves twice the rows of the mma.sync kernel's 8 warps x 16)."""
+    return 2 * SEL_MMA_ROWS if wgmma else SEL_MMA_ROWS
 
 
 def select_k_stages[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
@@ -567,19 +639,15 @@ def select_k_stages[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmm
     double buffering for mma.sync."""
     comptime if not wgmma:
         return 2
-    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 4]() <= SMEM_OPTIN_BYTES:
+    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 2 * SEL_MMA_ROWS, 4]() <= SMEM_OPTIN_BYTES:
         return 4
     return 3
 
 
-def select_wgmma_fits[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Bool:
-    """The wgmma sweep's smallest ring fits in shared memory (else mma.sync)."""
-    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 3]() <= SMEM_OPTIN_BYTES
-
-
 def select_mma_smem_bytes[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
     return _select_mma_bytes[
-        dtype, idx_dim, topk, block_size, wgmma, select_k_stages[dtype, idx_dim, topk, block_size, wgmma]()
+        dtype, idx_dim, topk, block_size, wgmma, select_rows[dtype, idx_dim, topk, block_size, wgmma](),
+        select_k_stages[dtype, idx_dim, topk, block_size, wgmma](),
     ]()
 
 
@@ -623,13 +691,13 @@ struct MSASelect:
                 cu_seqlens_k.unsafe_ptr(), idx_scale[0], B, num_groups, T,
             )
         elif select_mma_supported[dtype, idx_dim, block_size]():
-            comptime QPT = max(1, SEL_MMA_ROWS // num_groups)
-            # wgmma on Hopper (compute 9.x) where its K ring fits, mma.sync elsewhere
+            # wgmma on Hopper (compute 9.x) where its tile and K ring fit, mma.sync elsewhere
             comptime wgmma = (
                 ctx.default_device_info.compute >= 9.0
                 and ctx.default_device_info.compute < 10.0
                 and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
             )
+            comptime QPT = max(1, select_rows[dtype, idx_dim, topk, block_size, wgmma]() // num_groups)
             comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
             comptime assert smem <= SMEM_OPTIN_BYTES, "msa_select: idx_dim, block_size and topk need too much shared memory"
             comptime kernel = select_mma_kernel[
