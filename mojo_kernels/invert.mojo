@@ -35,7 +35,8 @@ from .common import I32MutPtr, I32Ptr, blocks_of, seq_of
 
 comptime SCAN_THREADS = 1024
 comptime SORT_THREADS = 256
-comptime BITMAP_WORDS = 2048  # 65536 queries per window
+comptime BITMAP_WORDS = 4096  # 131072 queries per window
+comptime SORT_UNROLL = 4  # entries loaded before any is used: the sink row holds every query
 
 
 def _row_offsets_kernel(roff: I32MutPtr, cu_k: I32Ptr, num_seqs: Int32, block_size: Int32):
@@ -183,6 +184,17 @@ def _scan_kernel(
         num_work[unsafe_offset=0] = Int32(work_base)
 
 
+@always_inline
+def _load_entries(src: I32Ptr, i0: Int, n: Int) -> SIMD[DType.int32, SORT_UNROLL]:
+    """Entries i0, i0 + SORT_THREADS, ... (-1 past n), all loads in flight together."""
+    var ev = SIMD[DType.int32, SORT_UNROLL](-1)
+    comptime for u in range(SORT_UNROLL):
+        var i = i0 + u * SORT_THREADS
+        if i < n:
+            ev[u] = src[unsafe_offset=i]
+    return ev
+
+
 def _sort_rows_kernel(
     entries: I32MutPtr, work: I32MutPtr, unsorted: I32Ptr, row_ptr: I32Ptr, work_off: I32Ptr,
     roff: I32Ptr, cu_q: I32Ptr,
@@ -236,11 +248,13 @@ def _sort_rows_kernel(
         for i in range(tid, BITMAP_WORDS, SORT_THREADS):
             bits[unsafe_offset=i] = 0
         barrier()
-        for i in range(tid, n, SORT_THREADS):
-            var t = Int(src[unsafe_offset=i]) // K - w_lo
-            if t >= 0 and t < WIN:
-                # each query appears once per row: adding the bit is an OR
-                _ = Atomic.fetch_add(bits.unsafe_offset(t // 32), Int32(1) << Int32(t % 32))
+        for i0 in range(tid, n, SORT_THREADS * SORT_UNROLL):
+            var ev = _load_entries(src, i0, n)
+            comptime for u in range(SORT_UNROLL):
+                var t = Int(ev[u]) // K - w_lo
+                if ev[u] >= 0 and t >= 0 and t < WIN:
+                    # each query appears once per row: adding the bit is an OR
+                    _ = Atomic.fetch_add(bits.unsafe_offset(t // 32), Int32(1) << Int32(t % 32))
         barrier()
         var mine = 0
         comptime for k in range(PER):
@@ -264,12 +278,14 @@ def _sort_rows_kernel(
             run += Int(pop_count(bits[unsafe_offset=tid * PER + k]))
         var win_total = Int(part[unsafe_offset=SORT_THREADS - 1])
         barrier()
-        for i in range(tid, n, SORT_THREADS):
-            var e = src[unsafe_offset=i]
-            var t = Int(e) // K - w_lo
-            if t >= 0 and t < WIN:
-                var below = bits[unsafe_offset=t // 32] & ((Int32(1) << Int32(t % 32)) - 1)
-                dst[unsafe_offset=written + Int(word_pre[unsafe_offset=t // 32]) + Int(pop_count(below))] = e
+        for i0 in range(tid, n, SORT_THREADS * SORT_UNROLL):
+            var ev = _load_entries(src, i0, n)
+            comptime for u in range(SORT_UNROLL):
+                var e = ev[u]
+                var t = Int(e) // K - w_lo
+                if e >= 0 and t >= 0 and t < WIN:
+                    var below = bits[unsafe_offset=t // 32] & ((Int32(1) << Int32(t % 32)) - 1)
+                    dst[unsafe_offset=written + Int(word_pre[unsafe_offset=t // 32]) + Int(pop_count(below))] = e
         written += win_total
         w_lo += WIN
         barrier()
