@@ -3,11 +3,17 @@
 # small and odd shapes, prefill and decode kernels:
 #   python -m msa_py.check --device gpu --quick --no-time --lean
 # --lean fetches only fully specified outputs (block_ids, out, lse), so any
-# initcheck report is a kernel reading memory nobody wrote.
+# initcheck report is a kernel reading memory nobody wrote. Each tool's whole
+# report (with the hazards' threads and blocks) goes to $OUT/sanitize_<tool>.log;
+# racecheck keeps reporting past its default cap of hazards.
 set -o pipefail
+OUT="${OUT:-$PWD/msa_out}"; mkdir -p "$OUT"
+export NV_COMPUTE_SANITIZER_MAX_RACECHECK_HAZARDS=${NV_COMPUTE_SANITIZER_MAX_RACECHECK_HAZARDS:-100000}
 for tool in memcheck racecheck initcheck; do
   echo "=== compute-sanitizer --tool $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
-    python3 -m msa_py.check --device gpu --quick --no-time --lean ${SAN_ONLY:+--only $SAN_ONLY} 2>&1 | grep -v "^=========     " | tail -15
-  echo "exit ${PIPESTATUS[0]}"
+    python3 -m msa_py.check --device gpu --quick --no-time --lean ${SAN_ONLY:+--only $SAN_ONLY} > "$OUT/sanitize_$tool.log" 2>&1
+  code=$?
+  grep -v "^=========     " "$OUT/sanitize_$tool.log" | tail -15
+  echo "exit $code"
 done

@@ -450,6 +450,9 @@ def attention_mma_kernel[
             # through this warp's own Q rows (free once its S is computed), then
             # out as whole rows with 16-byte stores: full 32-byte sectors
             var o_w = q_cur.unsafe_offset(wid * 16 * KS)
+            # other lanes' ldmatrix reads of these rows come first (racecheck
+            # reports the write-after-read without it)
+            syncwarp()
             comptime for dn in range(D // 8):
                 var d = dn * 8 + t2
                 var o = o_acc[dn]
