@@ -1,5 +1,6 @@
 # Helpers shared by the MSA ops: pointer aliases, sequence lookups.
 
+from std.sys import inlined_assembly
 from std.utils.numerics import neg_inf
 
 from max.gpu.compute.mma import WGMMADescriptor, ld_matrix
@@ -86,3 +87,17 @@ def kmajor_desc[dtype: DType, cols: Int](
     """wgmma descriptor of a K-major operand stored by tile_offset[core=True]
     (SBO and LBO in 16-byte units); base: its first row, first K column."""
     return WGMMADescriptor[dtype].create[(cols // 8) * 128 // 16, 128 // 16](base)
+
+
+@always_inline
+def wgmma_acc_fence[n: Int](acc: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    """Passes each accumulator register through an empty volatile asm. Put
+    right after a wgmma wait, it keeps LLVM from hoisting reads of the
+    accumulators above the wait (it sees the wgmma's outputs as ready at
+    issue). ptxas, finding such a read inside the pipeline, serializes every
+    wgmma of the kernel (C7514), which made the indexer's two-half pipeline
+    run one chain at a time."""
+    var out = acc
+    comptime for i in range(n):
+        out[i] = inlined_assembly["", Float32, constraints="=f,0", has_side_effect=True](acc[i])
+    return out

@@ -25,9 +25,9 @@
 #        Hopper (sm_9x): two warpgroups of 2 x 64 rows, each 64-row half one
 #        chain of wgmma.mma_async m64 x block_size x 16 reading Q and K
 #        straight from shared memory (no-swizzle canonical layout: 8 x 8 core
-#        matrices of 128 bytes), K in a ring of 4 buffers; one half's chain
-#        in flight while the other half is pooled and ranked, one barrier
-#        per block.
+#        matrices of 128 bytes), K in a ring of 4 buffers; half 1 of the
+#        previous block is pooled and ranked while half 0's chain runs, one
+#        barrier per block.
 #        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers, K
 #        double-buffered.
 #   simt (fp32): scores chunk by chunk from shared memory.
@@ -48,7 +48,7 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 from std.sys.info import _is_sm_9x
 
-from .common import SMEM_OPTIN_BYTES, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset
+from .common import SMEM_OPTIN_BYTES, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset, wgmma_acc_fence
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
 comptime SEL_SUB = 4  # threads per row
@@ -324,11 +324,16 @@ def select_mma_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
 def _score_tile_wgmma[dtype: DType, DI: Int, BS: Int](
     q_wg: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     k_blk: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    acc_regs: SIMD[DType.float32, BS // 2],
 ) -> SIMD[DType.float32, BS // 2]:
     """Issues (and commits, without waiting) this warpgroup's 64 x BS score
     tile: one wgmma chain over DI. Each warp's share is the mma.sync m16n8
-    accumulator layout, one n8 tile per 4 floats."""
-    var acc = SIMD[DType.float32, BS // 2](0)
+    accumulator layout, one n8 tile per 4 floats. acc_regs: the registers to
+    accumulate in (their values are ignored: the first wgmma does not add
+    them). Reusing the previous tile's registers, not zeroing new ones, keeps
+    non-wgmma instructions off accumulator registers while other chains are
+    in flight, which would make ptxas serialize every wgmma (C7514)."""
+    var acc = acc_regs
     wgmma_fence_aligned()
     comptime for kk in range(DI // 16):
         acc = wgmma_async[
@@ -548,38 +553,56 @@ def select_mma_kernel[
                        init_blocks, local_blocks, topk)
     comptime if WG:
         # Each warpgroup scores 2 x 64 rows against every K block, so a K
-        # block read from L2 serves 256 rows. Pipelined at half granularity
-        # (one accumulator set per half): while the tensor cores run half 0
-        # of block j, half 1 of block j - 1 is pooled and ranked, and the
-        # other way round. K sits in a ring of K_STAGES buffers, one barrier
-        # per block; block j + K_STAGES - 2 is loaded into block j - 2's
-        # buffer, free once both warpgroups have waited for its chains (each
-        # did, before the barrier).
+        # block read from L2 serves 256 rows (one accumulator set per half).
+        # K sits in a ring of K_STAGES buffers, one barrier per block; block
+        # j + K_STAGES - 2 is loaded into block j - 2's buffer, free once
+        # both warpgroups have waited for its chains (each did, before the
+        # barrier).
         comptime assert HALVES == 2, "the wgmma sweep pipelines two halves per warpgroup"
         var q_h0 = q_s.unsafe_offset((wid // 4) * 2 * 64 * DI)
         var q_h1 = q_h0.unsafe_offset(64 * DI)
         var acc0 = SIMD[DType.float32, BS // 2](0)
         var acc1 = SIMD[DType.float32, BS // 2](0)
-        for j in range(j_lo, j_hi + 2):
-            var k_j = k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
-            if j <= j_hi:
-                async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
-                fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
-                barrier()
-                if j + K_STAGES - 2 <= j_hi:
-                    load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
-                async_copy_commit_group()  # one group per iteration, empty or not
-                acc0 = _score_tile_wgmma[dtype, DI, BS](q_h0, k_j)  # half 0 of block j
-            if j > j_lo:
-                if j <= j_hi:
-                    wgmma_wait_group_sync[1]()  # half 1 of block j - 1 is done
-                else:
-                    wgmma_wait_group_sync[0]()
-                rr1.rank[BS, topk](acc1, j - 1, t2, lane, scale, sc_s, id_s)
-            if j <= j_hi:
-                acc1 = _score_tile_wgmma[dtype, DI, BS](q_h1, k_j)  # half 1 of block j
-                wgmma_wait_group_sync[1]()  # half 0 of block j is done
+
+        @always_inline
+        def next_block(j: Int) {var k_ring, var j_hi, var load_k}:
+            """Waits for block j's K, then starts block j + K_STAGES - 2's."""
+            async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
+            fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
+            barrier()
+            if j + K_STAGES - 2 <= j_hi:
+                load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
+            async_copy_commit_group()  # one group per iteration, empty or not
+
+        # Per block: half 0 is issued, half 1 of the previous block (done)
+        # is ranked while it runs, half 1 is issued, both are awaited, half 0
+        # is ranked. Ranking half 0 under half 1's chain (wait_group 1) would
+        # overlap more, but ptxas then serializes every wgmma of the kernel
+        # (C7514: it takes the reads for reads of in-flight accumulators),
+        # which is what v12 and v13 ran: one k16 step at a time.
+        # Block j_lo is peeled off so that nothing in the loop is
+        # conditional around a wgmma (a divergent-looking path makes ptxas
+        # serialize them too, C7518).
+        if j_lo <= j_hi:
+            next_block(j_lo)
+            var k_lo = k_ring.unsafe_offset((j_lo % K_STAGES) * K_ELEMS)
+            acc0 = _score_tile_wgmma[dtype, DI, BS](q_h0, k_lo, acc0)
+            acc1 = _score_tile_wgmma[dtype, DI, BS](q_h1, k_lo, acc1)
+            wgmma_wait_group_sync[0]()
+            acc0 = wgmma_acc_fence(acc0)
+            acc1 = wgmma_acc_fence(acc1)
+            rr0.rank[BS, topk](acc0, j_lo, t2, lane, scale, sc_s, id_s)
+            for j in range(j_lo + 1, j_hi + 1):
+                var k_j = k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
+                next_block(j)
+                acc0 = _score_tile_wgmma[dtype, DI, BS](q_h0, k_j, acc0)  # half 0 of block j
+                rr1.rank[BS, topk](acc1, j - 1, t2, lane, scale, sc_s, id_s)  # while it runs
+                acc1 = _score_tile_wgmma[dtype, DI, BS](q_h1, k_j, acc1)  # half 1 of block j
+                wgmma_wait_group_sync[0]()
+                acc0 = wgmma_acc_fence(acc0)
+                acc1 = wgmma_acc_fence(acc1)
                 rr0.rank[BS, topk](acc0, j, t2, lane, scale, sc_s, id_s)
+            rr1.rank[BS, topk](acc1, j_hi, t2, lane, scale, sc_s, id_s)
         async_copy_wait_group(0)  # nothing left in flight (tiles with no free block never waited)
     else:
         for j in range(j_lo, j_hi + 1):
