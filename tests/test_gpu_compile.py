@@ -8,3 +8,45 @@ def test_gpu_path_compiles_for_sm90():
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "CHECK PASSED" in proc.stdout
+
+
+# ptxas notes that mean every wgmma of a kernel runs alone (a wait after each):
+# C7514 accumulator registers touched inside a pipeline stage, C7515 extern
+# calls, C7518 a divergent-looking path, C7519/C7520 register shortage and
+# ill-formed stages. The Hopper indexer ran that way unnoticed until v14.
+_SERIALIZED = ("C7514", "C7515", "C7518", "C7519", "C7520", "serialized")
+
+_PTX_SCRIPT = """
+from max.gpu.host.compile import _compile_code
+from max.gpu.host import get_gpu_target
+from mojo_kernels.select import select_mma_kernel
+
+def main():
+    print(_compile_code[select_mma_kernel[DType.bfloat16, 128, 4, 16, 128, 1, 2, True],
+                        target=get_gpu_target["sm_90a"]()]().asm)
+"""
+
+
+def test_hopper_indexer_wgmma_not_serialized(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("ptxas (CUDA toolkit) not on PATH: the PTX cannot be assembled here")
+    mojo = shutil.which("mojo") or str(Path(sys.executable).parent / "mojo")
+    repo = Path(__file__).resolve().parent.parent
+    script = tmp_path / "ptx_select.mojo"
+    script.write_text(_PTX_SCRIPT)
+    gen = subprocess.run([mojo, "run", "-I", str(repo), str(script)], capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0 and "wgmma.mma_async" in gen.stdout, gen.stderr[-4000:]
+    ptx = tmp_path / "select.ptx"
+    ptx.write_text(gen.stdout)
+    asm = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "select.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    notes = asm.stdout + asm.stderr
+    assert asm.returncode == 0, notes[-4000:]
+    assert not any(n in notes for n in _SERIALIZED), notes
+    assert " 0 bytes spill stores" in notes, notes
