@@ -114,7 +114,7 @@ def _decode_select_cpu[
                         m = block_max_cpu[dtype, idx_dim, block_size](
                             q_idx.unsafe_offset((t * num_groups + g) * idx_dim), k_idx.unsafe_offset(k0 * idx_dim), j, p
                         )
-                    _topk_insert(sc, ids, cnt, worst, kfree, m * scale, j)
+                    _topk_insert[cap=topk](sc, ids, cnt, worst, kfree, m * scale, j)
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
 
 
@@ -400,7 +400,7 @@ def decode_topk_kernel[
                         var s = sv[u] * scale
                         if not (s == s):
                             s = f32_neg_inf()
-                        _topk_insert(my_sc, my_id, cnt, worst, kfree, s, j)
+                        _topk_insert[cap=topk](my_sc, my_id, cnt, worst, kfree, s, j)
         else:  # past the score pass's tile: a warp scores 32 blocks at a time here
             for d in range(tid, idx_dim, NTH):
                 q_s[unsafe_offset=d] = q_idx[unsafe_offset=(t * num_groups + g) * idx_dim + d].cast[DType.float32]()
@@ -423,7 +423,7 @@ def decode_topk_kernel[
                     s *= scale
                     if not (s == s):
                         s = f32_neg_inf()
-                    _topk_insert(my_sc, my_id, cnt, worst, kfree, s, j)
+                    _topk_insert[cap=topk](my_sc, my_id, cnt, worst, kfree, s, j)
         # this thread's list, best first
         for a in range(1, cnt):
             var xs = my_sc[unsafe_offset=a]

@@ -74,7 +74,7 @@ struct _Forced(TrivialRegisterPassable):
 
 @always_inline
 def _topk_insert[
-    space: AddressSpace
+    space: AddressSpace, cap: Int
 ](
     sc: Pointer[Float32, MutUntrackedOrigin, address_space=space],
     ids: Pointer[Int32, MutUntrackedOrigin, address_space=space],
@@ -84,7 +84,8 @@ def _topk_insert[
     s: Float32,
     j: Int,
 ):
-    """Running top-kfree: fill, then replace the worst when strictly better."""
+    """Running top-kfree in a list of cap (>= kfree) slots: fill, then
+    replace the worst when strictly better."""
     if cnt < kfree:
         sc[unsafe_offset=cnt] = s
         ids[unsafe_offset=cnt] = Int32(j)
@@ -96,13 +97,21 @@ def _topk_insert[
         ids[unsafe_offset=worst] = Int32(j)
     else:
         return
-    # recompute the worst: lowest score, ties -> highest id
-    worst = 0
-    for i in range(1, kfree):
+    # recompute the worst: lowest score, ties -> highest id. Every slot is
+    # loaded up front (unrolled, independent loads; the slots past kfree are
+    # ignored), so the scan waits for one memory latency instead of kfree
+    # dependent ones: on a GPU it ran every time a block entered a list.
+    var wv = sc[unsafe_offset=0]
+    var wi = ids[unsafe_offset=0]
+    var wpos = 0
+    comptime for i in range(1, cap):
         var a = sc[unsafe_offset=i]
-        var w = sc[unsafe_offset=worst]
-        if a < w or (not (a > w) and ids[unsafe_offset=i] > ids[unsafe_offset=worst]):
-            worst = i
+        var ai = ids[unsafe_offset=i]
+        if i < kfree and (a < wv or (not (a > wv) and ai > wi)):
+            wv = a
+            wi = ai
+            wpos = i
+    worst = wpos
 
 
 @always_inline
@@ -189,7 +198,7 @@ def _select_cpu[
             if kfree > 0:
                 for j in range(f.nsink, f.local_lo):
                     var m = block_max_cpu[dtype, idx_dim, block_size](qrow, k_idx.unsafe_offset(k0 * idx_dim), j, p)
-                    _topk_insert(sc, ids, cnt, worst, kfree, m * scale, j)
+                    _topk_insert[cap=topk](sc, ids, cnt, worst, kfree, m * scale, j)
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
 
 
@@ -299,7 +308,7 @@ def select_kernel[
         m = max(m, warp.shuffle_xor(m, 1))
         m = max(m, warp.shuffle_xor(m, 2))
         if l == 0 and valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
-            _topk_insert(my_sc, my_id, cnt, worst, kfree, m, j)
+            _topk_insert[cap=topk](my_sc, my_id, cnt, worst, kfree, m, j)
     if l == 0 and valid:
         var g = r % num_groups
         var t = q0 + i0 + qi
@@ -344,7 +353,7 @@ def _score_tile_wgmma[dtype: DType, DI: Int, BS: Int](
 
 
 @always_inline
-def _pool_and_rank[BS: Int](
+def _pool_and_rank[BS: Int, topk: Int](
     acc: SIMD[DType.float32, BS // 2],
     j: Int, pos0: Int, pos1: Int, t2: Int, lane: Int, my_valid: Bool, f: _Forced, kfree: Int, scale: Float32,
     my_sc: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
@@ -385,7 +394,7 @@ def _pool_and_rank[BS: Int](
     m1 = max(m1, warp.shuffle_xor(m1, 2))
     var sj = (m1 if lane % 4 == 1 else m0) * scale
     if my_valid and kfree > 0 and j >= f.nsink and j < f.local_lo and (cnt < kfree or sj > thr):
-        _topk_insert(my_sc, my_id, cnt, worst, kfree, sj, j)
+        _topk_insert[cap=topk](my_sc, my_id, cnt, worst, kfree, sj, j)
         if cnt == kfree:
             thr = my_sc[unsafe_offset=worst]
 
@@ -431,7 +440,7 @@ struct _RowRank(TrivialRegisterPassable):
         id_s: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     ):
         """Block j into the owned row's running top-k (see _pool_and_rank)."""
-        _pool_and_rank[BS](acc, j, self.pos0, self.pos1, t2, lane, self.valid, self.f, self.kfree, scale,
+        _pool_and_rank[BS, topk](acc, j, self.pos0, self.pos1, t2, lane, self.valid, self.f, self.kfree, scale,
                            sc_s.unsafe_offset(self.row * topk), id_s.unsafe_offset(self.row * topk),
                            self.cnt, self.worst, self.thr)
 
