@@ -8,9 +8,10 @@ machine instead of being compiled there (each fresh machine otherwise spends
   # on the device, before the run:
   bash benchmarks/gpu_run.sh mef ...      # with .gpu/mef carried: installs them first
 
-Experimental: it only pays off if the device's MAX (same version) keys its
-cache the same way for a real H100 as for the virtual sm_90a device; the
-first run that carries the files shows it (compile time in the bench's log)."""
+Experimental, and so far no gain: it only pays off if the device's MAX
+(same version) keys its cache the same way for a real H100 as for the
+virtual sm_90a device. The first run that carried the files (2026-11-27,
+results/bench_h100_2026-11-27_v13.log) still spent 129 s compiling."""
 
 from __future__ import annotations
 
