@@ -644,8 +644,6 @@ def select_mma_kernel[
         rr1.write[topk](block_ids, id_s, num_groups, q0 + i0, Int(T))
 
 
-
-
 def _select_mma_bytes[
     dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool, rows: Int, stages: Int
 ]() -> Int:
@@ -656,7 +654,8 @@ def _select_mma_bytes[
 def select_wgmma_fits[dtype: DType, idx_dim: Int, topk: Int, block_size: Int]() -> Bool:
     """The wgmma sweep's tile (256 rows) with a ring of 3 K blocks fits in
     shared memory (else mma.sync)."""
-    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 2 * SEL_MMA_ROWS, 3]() <= SMEM_OPTIN_BYTES
+    comptime rows = select_rows[dtype, idx_dim, topk, block_size, True]()
+    return _select_mma_bytes[dtype, idx_dim, topk, block_size, True, rows, 3]() <= SMEM_OPTIN_BYTES
 
 
 def select_rows[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Int:
@@ -671,7 +670,8 @@ def select_k_stages[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmm
     double buffering for mma.sync."""
     comptime if not wgmma:
         return 2
-    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, 2 * SEL_MMA_ROWS, 4]() <= SMEM_OPTIN_BYTES:
+    comptime rows = select_rows[dtype, idx_dim, topk, block_size, True]()
+    comptime if _select_mma_bytes[dtype, idx_dim, topk, block_size, True, rows, 4]() <= SMEM_OPTIN_BYTES:
         return 4
     return 3
 

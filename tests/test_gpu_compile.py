@@ -1,6 +1,10 @@
 """The GPU path of every op compiles for sm_90 (virtual device, no GPU needed)."""
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def test_gpu_path_compiles_for_sm90():
@@ -28,11 +32,6 @@ def main():
 
 
 def test_hopper_indexer_wgmma_not_serialized(tmp_path):
-    import shutil
-    from pathlib import Path
-
-    import pytest
-
     ptxas = shutil.which("ptxas")
     if ptxas is None:
         pytest.skip("ptxas (CUDA toolkit) not on PATH: the PTX cannot be assembled here")
