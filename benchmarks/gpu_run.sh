@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [bench] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
+#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
 # Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
 # (this machine's `git rev-parse --short HEAD`): the device's copy of the
 # working tree may carry another branch's git metadata.
@@ -24,6 +24,7 @@ for step in "$@"; do
     check-decode) python3 -m msa_py.check --device gpu --only decode_ragged_bf16,decode_spec8_bf16,decode_overflow_f16,decode_128k_b8_bf16 2>&1 | tee "$OUT/check_decode.log" || rc=1 ;;
     memory) python3 benchmarks/memory.py --out "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log" || rc=1 ;;
     bench) python3 -m msa_py bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    bench-base) python3 -m msa_py bench --no-forced-pass --out "$OUT/bench_base" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_base.log" || rc=1 ;;
     decode) python3 -m msa_py bench --decode --out "$OUT/decode" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     decode-spec) python3 -m msa_py bench --decode --n-new 8 --batches 8,32 --contexts 32k,128k --out "$OUT/decode_spec8" 2>&1 | tee "$OUT/decode_spec8.log" || rc=1 ;;
     demo) python3 -m msa_py demo 2>&1 | tee "$OUT/demo.log" || rc=1 ;;

@@ -271,6 +271,102 @@ def simt_smem_bytes[head_dim: Int, block_size: Int]() -> Int:
     return 4 * (block_size * (head_dim + 1) + block_size * head_dim + SIMT_WARPS * (head_dim + block_size))
 
 
+# ----------------------------------------------------------------------------- tensor-core tile steps
+# One warp, 16 (query, head) rows against one K/V block in shared memory
+# (padded rows of KS elements), mma.sync m16n8k16 with fp32 accumulators.
+# Accumulator layout: this thread holds rows lane // 4 and lane // 4 + 8,
+# columns 8 n + 2 (lane % 4) + {0, 1}. Shared by the block attention and
+# the forced pass.
+@always_inline
+def qk_rows16[dtype: DType, D: Int, BS: Int, KS: Int](
+    q_w: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    k_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lane: Int,
+    mut s_acc: Array[SIMD[DType.float32, 4], BS // 8],
+):
+    """Adds Q K^T to s_acc: q_w the warp's 16 Q rows, k_s the block's keys."""
+    comptime for kk in range(D // 16):
+        var a = frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
+        comptime for nj2 in range(BS // 16):
+            var bv = frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
+            var bh = bv.split()
+            var d0 = SIMD[DType.float32, 4](0)
+            mma(d0, a, bh[0], s_acc[2 * nj2])
+            s_acc[2 * nj2] = d0
+            var d1 = SIMD[DType.float32, 4](0)
+            mma(d1, a, bh[1], s_acc[2 * nj2 + 1])
+            s_acc[2 * nj2 + 1] = d1
+
+
+@always_inline
+def mask_rows16[BS: Int](
+    mut s_acc: Array[SIMD[DType.float32, 4], BS // 8], nv0: Int, nv1: Int, scale_log2: Float32, t2: Int
+) -> SIMD[DType.float32, 2]:
+    """Scales scores to the log2 domain, masks keys at or past each row's
+    visible count (nv0, nv1) to -inf; returns the two rows' maxima."""
+    var m_0 = f32_neg_inf()
+    var m_1 = f32_neg_inf()
+    comptime for nj in range(BS // 8):
+        var col = nj * 8 + t2
+        var x = s_acc[nj] * scale_log2
+        if col >= nv0:
+            x[0] = f32_neg_inf()
+        if col + 1 >= nv0:
+            x[1] = f32_neg_inf()
+        if col >= nv1:
+            x[2] = f32_neg_inf()
+        if col + 1 >= nv1:
+            x[3] = f32_neg_inf()
+        s_acc[nj] = x
+        m_0 = max(m_0, max(x[0], x[1]))
+        m_1 = max(m_1, max(x[2], x[3]))
+    m_0 = max(m_0, warp.shuffle_xor(m_0, 1))
+    m_0 = max(m_0, warp.shuffle_xor(m_0, 2))
+    m_1 = max(m_1, warp.shuffle_xor(m_1, 1))
+    m_1 = max(m_1, warp.shuffle_xor(m_1, 2))
+    return SIMD[DType.float32, 2](m_0, m_1)
+
+
+@always_inline
+def exp2_rows16[BS: Int](mut s_acc: Array[SIMD[DType.float32, 4], BS // 8], mu0: Float32, mu1: Float32) -> SIMD[DType.float32, 2]:
+    """Scores -> exp2(x - mu) in place; returns the two rows' sums."""
+    var l_0 = Float32(0)
+    var l_1 = Float32(0)
+    comptime for nj in range(BS // 8):
+        var x = s_acc[nj]
+        var pr = SIMD[DType.float32, 4](exp2(x[0] - mu0), exp2(x[1] - mu0), exp2(x[2] - mu1), exp2(x[3] - mu1))
+        l_0 += pr[0] + pr[1]
+        l_1 += pr[2] + pr[3]
+        s_acc[nj] = pr
+    l_0 += warp.shuffle_xor(l_0, 1)
+    l_0 += warp.shuffle_xor(l_0, 2)
+    l_1 += warp.shuffle_xor(l_1, 1)
+    l_1 += warp.shuffle_xor(l_1, 2)
+    return SIMD[DType.float32, 2](l_0, l_1)
+
+
+@always_inline
+def pv_rows16[dtype: DType, D: Int, BS: Int, KS: Int](
+    p_acc: Array[SIMD[DType.float32, 4], BS // 8],
+    v_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lane: Int,
+    mut o_acc: Array[SIMD[DType.float32, 4], D // 8],
+):
+    """Adds P V to o_acc: P's accumulator layout is the A layout of this product;
+    V stored [key][d] is read transposed by ldmatrix.trans."""
+    comptime for kk2 in range(BS // 16):
+        var a = p_acc[2 * kk2].join(p_acc[2 * kk2 + 1]).cast[dtype]()
+        comptime for dn2 in range(D // 16):
+            var bv = frag_b2_trans[dtype, KS](v_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane)
+            var bh = bv.split()
+            var d0 = SIMD[DType.float32, 4](0)
+            mma(d0, a, bh[0], o_acc[2 * dn2])
+            o_acc[2 * dn2] = d0
+            var d1 = SIMD[DType.float32, 4](0)
+            mma(d1, a, bh[1], o_acc[2 * dn2 + 1])
+            o_acc[2 * dn2 + 1] = d1
+
+
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def attention_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
@@ -379,69 +475,22 @@ def attention_mma_kernel[
         barrier()
         # S = Q K^T for this warp's 16 rows
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        var q_w = q_cur.unsafe_offset(wid * 16 * KS)
-        comptime for kk in range(D // 16):
-            var a = frag_a[dtype, KS](q_w.unsafe_offset(kk * 16), lane)
-            comptime for nj2 in range(BS // 16):
-                var bv = frag_b2[dtype, KS](k_s.unsafe_offset(nj2 * 16 * KS + kk * 16), lane)
-                var bh = bv.split()
-                var d0 = SIMD[DType.float32, 4](0)
-                mma(d0, a, bh[0], s_acc[2 * nj2])
-                s_acc[2 * nj2] = d0
-                var d1 = SIMD[DType.float32, 4](0)
-                mma(d1, a, bh[1], s_acc[2 * nj2 + 1])
-                s_acc[2 * nj2 + 1] = d1
+        qk_rows16[dtype, D, BS, KS](q_cur.unsafe_offset(wid * 16 * KS), k_s, lane, s_acc)
         # mask and softmax (log2 domain); this thread holds rows r0 and r0 + 8
         var r0 = wid * 16 + g_lane
         var nv0 = Int(m_cur[unsafe_offset=r0 * 2 + 1])
         var nv1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2 + 1])
-        var m_0 = f32_neg_inf()
-        var m_1 = f32_neg_inf()
-        comptime for nj in range(BS // 8):
-            var col = nj * 8 + t2
-            var x = s_acc[nj] * scale_log2
-            if col >= nv0:
-                x[0] = f32_neg_inf()
-            if col + 1 >= nv0:
-                x[1] = f32_neg_inf()
-            if col >= nv1:
-                x[2] = f32_neg_inf()
-            if col + 1 >= nv1:
-                x[3] = f32_neg_inf()
-            s_acc[nj] = x
-            m_0 = max(m_0, max(x[0], x[1]))
-            m_1 = max(m_1, max(x[2], x[3]))
-        m_0 = max(m_0, warp.shuffle_xor(m_0, 1))
-        m_0 = max(m_0, warp.shuffle_xor(m_0, 2))
-        m_1 = max(m_1, warp.shuffle_xor(m_1, 1))
-        m_1 = max(m_1, warp.shuffle_xor(m_1, 2))
+        var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
+        var m_0 = mx[0]
+        var m_1 = mx[1]
         var mu0 = m_0 if m_0 > f32_neg_inf() else Float32(0)
         var mu1 = m_1 if m_1 > f32_neg_inf() else Float32(0)
-        var l_0 = Float32(0)
-        var l_1 = Float32(0)
-        comptime for nj in range(BS // 8):
-            var x = s_acc[nj]
-            var pr = SIMD[DType.float32, 4](exp2(x[0] - mu0), exp2(x[1] - mu0), exp2(x[2] - mu1), exp2(x[3] - mu1))
-            l_0 += pr[0] + pr[1]
-            l_1 += pr[2] + pr[3]
-            s_acc[nj] = pr
-        l_0 += warp.shuffle_xor(l_0, 1)
-        l_0 += warp.shuffle_xor(l_0, 2)
-        l_1 += warp.shuffle_xor(l_1, 1)
-        l_1 += warp.shuffle_xor(l_1, 2)
+        var ls = exp2_rows16[BS](s_acc, mu0, mu1)
+        var l_0 = ls[0]
+        var l_1 = ls[1]
         # O = P V: P's accumulator layout is the A layout of the next product
         var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
-        comptime for kk2 in range(BS // 16):
-            var a = s_acc[2 * kk2].join(s_acc[2 * kk2 + 1]).cast[dtype]()
-            comptime for dn2 in range(D // 16):
-                var bv = frag_b2_trans[dtype, KS](v_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane)
-                var bh = bv.split()
-                var d0 = SIMD[DType.float32, 4](0)
-                mma(d0, a, bh[0], o_acc[2 * dn2])
-                o_acc[2 * dn2] = d0
-                var d1 = SIMD[DType.float32, 4](0)
-                mma(d1, a, bh[1], o_acc[2 * dn2 + 1])
-                o_acc[2 * dn2 + 1] = d1
+        pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
         var p0 = Int(m_cur[unsafe_offset=r0 * 2])
         var p1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2])
         var inv0 = Float32(1) / l_0 if l_0 > 0 else Float32(0)

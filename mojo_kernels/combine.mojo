@@ -13,7 +13,7 @@
 # otherwise lanes stride over D, one element each.
 
 from std.math import ceildiv, exp, log
-
+from std.memory import unsafe_stack_allocation
 from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
@@ -28,7 +28,7 @@ comptime COMBINE_WARPS = 8
 
 
 @always_inline
-def _combine_row[
+def combine_row[
     out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, lanes: Int
 ](
     output: Pointer[Scalar[out_dtype], MutAnyOrigin],
@@ -37,16 +37,27 @@ def _combine_row[
     lse_p: F32Ptr,
     row: Int,
     lane: Int,
+    extra_lse: Float32,
+    extra: Pointer[Float32, MutUntrackedOrigin],
 ):
-    """Merges one (t, h) row; `lanes` threads cooperate (32 on GPU, 1 on CPU)."""
+    """Merges one (t, h) row; `lanes` threads cooperate (32 on GPU, 1 on CPU).
+    One more split may join: extra[0 .. head_dim) (normalized) with log-sum-exp
+    extra_lse (-inf: none, extra is not read)."""
     var lrow = lse_p.unsafe_offset(row * topk)
-    var m = f32_neg_inf()
+    var m = extra_lse
     for s in range(topk):
         m = max(m, lrow[unsafe_offset=s])
     comptime PER_LANE = ceildiv(head_dim, lanes)
     var acc = Array[Float32, PER_LANE](fill=0)
     var den = Float32(0)
     if m > f32_neg_inf():
+        if extra_lse > f32_neg_inf():
+            var w = exp(extra_lse - m)
+            den += w
+            comptime for i in range(PER_LANE):
+                var d = lane + i * lanes
+                if d < head_dim:
+                    acc[i] += w * extra[unsafe_offset=d]
         var orow = o_p.unsafe_offset(row * topk * head_dim)
         for s in range(topk):
             var l = lrow[unsafe_offset=s]
@@ -77,7 +88,7 @@ def combine_vec_width[part_dtype: DType, head_dim: Int]() -> Int:
 
 
 @always_inline
-def _combine_row_vec[
+def combine_row_vec[
     out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int
 ](
     output: Pointer[Scalar[out_dtype], MutAnyOrigin],
@@ -86,19 +97,27 @@ def _combine_row_vec[
     lse_p: F32Ptr,
     row: Int,
     lane: Int,
+    extra_lse: Float32,
+    extra: SIMD[DType.float32, vec],
 ):
     """One (t, h) row, a warp: lane l reads columns (l % LPS) * vec .. + vec of
-    slots l // LPS, l // LPS + SPP, ... (LPS lanes per slot, SPP slots per pass)."""
+    slots l // LPS, l // LPS + SPP, ... (LPS lanes per slot, SPP slots per pass).
+    One more split may join: log-sum-exp extra_lse (-inf: none), normalized
+    output `extra`, this lane's columns (used on lanes < LPS)."""
     comptime LPS = head_dim // vec
     comptime SPP = WARP_SIZE // LPS
     var lrow = lse_p.unsafe_offset(row * topk)
-    var m = f32_neg_inf()
+    var m = extra_lse
     comptime for s in range(topk):
         m = max(m, lrow[unsafe_offset=s])
     var col = (lane % LPS) * vec
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
+        if lane < LPS and extra_lse > f32_neg_inf():
+            var w = exp(extra_lse - m)
+            den += w
+            acc += w * extra
         var orow = o_p.unsafe_offset(row * topk * head_dim + col)
         comptime for s0 in range(0, topk, SPP):
             var s = s0 + lane // LPS
@@ -134,10 +153,12 @@ def combine_kernel[
         return
     comptime vec = combine_vec_width[part_dtype, head_dim]()
     comptime if vec > 0:
-        _combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](output, lse, o_p, lse_p, row, Int(lane_id()))
+        combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](
+            output, lse, o_p, lse_p, row, Int(lane_id()), f32_neg_inf(), SIMD[DType.float32, vec](0)
+        )
     else:
-        _combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
-            output, lse, o_p, lse_p, row, Int(lane_id())
+        combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
+            output, lse, o_p, lse_p, row, Int(lane_id()), f32_neg_inf(), unsafe_stack_allocation[1, Float32]()
         )
 
 
@@ -166,9 +187,11 @@ struct MSACombine:
         if rows == 0:
             return
         comptime if is_cpu[target]():
+            var none = unsafe_stack_allocation[1, Float32]()
             for r in range(rows):
-                _combine_row[out_dtype, part_dtype, topk, head_dim, 1](
-                    output.unsafe_ptr(), lse.unsafe_ptr(), o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), r, 0
+                combine_row[out_dtype, part_dtype, topk, head_dim, 1](
+                    output.unsafe_ptr(), lse.unsafe_ptr(), o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), r, 0,
+                    f32_neg_inf(), none,
                 )
         else:
             ctx.enqueue_function[combine_kernel[out_dtype, part_dtype, topk, head_dim]](

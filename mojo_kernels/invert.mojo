@@ -1,6 +1,8 @@
 # MSA.md step 4: invert block_ids [Hkv, T, topk] into, per KV group, a CSR of
 # block rows -> (query, slot) entries sorted by query, plus a work list of
-# (g, row, begin, count) items of at most q_budget entries.
+# (g, row, begin, count) items of at most q_budget entries. With init_blocks /
+# local_blocks > 0 each query's forced blocks are left out (the layer's forced
+# pass, forced.mojo, attends to them query-major).
 #
 # Rows number the blocks of all sequences in order: row = row_offsets[b] + j.
 # Output sizes are upper bounds known before launch (no host round trip):
@@ -73,40 +75,70 @@ def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
 
 
 @always_inline
-def _query_row_base(roff: I32Ptr, cu_q: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int) -> Int:
-    """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end."""
+def _query_row_base(
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, block_size: Int,
+    mut jq: Int,
+) -> Int:
+    """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end;
+    jq: the query's own block."""
     if q >= nq:
         return -1
-    return Int(roff[unsafe_offset=seq_of(cu_q, num_seqs, q % T)])
+    var t = q % T
+    var b = seq_of(cu_q, num_seqs, t)
+    jq = _own_block(cu_q, cu_k, b, t, block_size)
+    return Int(roff[unsafe_offset=b])
 
 
 @always_inline
-def _slot_key(block_ids: I32Ptr, q: Int, s: Int, topk: Int, rbase: Int, T: Int, r_max: Int) -> Int:
-    """Counter index g * r_max + row of query q's slot s, -1 when unused."""
+def _own_block(cu_q: I32Ptr, cu_k: I32Ptr, b: Int, t: Int, block_size: Int) -> Int:
+    """Block of query token t (sequence b) at its key position tk - tq + i."""
+    var q0 = Int(cu_q[unsafe_offset=b])
+    var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+    var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+    return (tk - tq + t - q0) // block_size
+
+
+@always_inline
+def _skipped[init_blocks: Int, local_blocks: Int](j: Int, jq: Int) -> Bool:
+    """Unused slot, or a forced block the layer's forced pass attends to
+    instead (j < init_blocks or j > jq - local_blocks; both 0: none)."""
+    if j < 0:
+        return True
+    comptime if init_blocks + local_blocks > 0:
+        return j < init_blocks or j > jq - local_blocks
+    return False
+
+
+@always_inline
+def _slot_key[init_blocks: Int, local_blocks: Int](
+    block_ids: I32Ptr, q: Int, s: Int, topk: Int, rbase: Int, jq: Int, T: Int, r_max: Int
+) -> Int:
+    """Counter index g * r_max + row of query q's slot s, -1 when skipped."""
     if rbase < 0:
         return -1
     var j = Int(block_ids[unsafe_offset=q * topk + s])
-    if j < 0:
+    if _skipped[init_blocks, local_blocks](j, jq):
         return -1
     return (q // T) * r_max + rbase + j
 
 
-def _count_kernel(
-    counts: I32MutPtr, block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
-    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32,
+def _count_kernel[init_blocks: Int, local_blocks: Int](
+    counts: I32MutPtr, block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
+    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32, block_size: Int32,
 ):
     """One thread per (g, t) query, its slots in turn (warp-aggregated atomics)."""
     var q = Int(global_idx.x)
     var lane = Int(lane_id())
-    var rbase = _query_row_base(roff, cu_q, Int(num_seqs), Int(T), q, Int(nq))
+    var jq = 0
+    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), Int(block_size), jq)
     for s in range(Int(topk)):
-        var key = _slot_key(block_ids, q, s, Int(topk), rbase, Int(T), Int(r_max))
+        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, jq, Int(T), Int(r_max))
         _ = _warp_fetch_add(counts, key, lane)
 
 
-def _scatter_kernel(
+def _scatter_kernel[init_blocks: Int, local_blocks: Int](
     unsorted: I32MutPtr, cursor: I32MutPtr, row_ptr: I32Ptr, block_ids: I32Ptr, roff: I32Ptr,
-    cu_q: I32Ptr, num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32,
+    cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32, block_size: Int32,
 ):
     """Each entry t * topk + slot to a free place of its row (unordered)."""
     var q = Int(global_idx.x)
@@ -115,9 +147,10 @@ def _scatter_kernel(
     var R = Int(r_max)
     var nent = Int(T) * K
     var g = q // Int(T)
-    var rbase = _query_row_base(roff, cu_q, Int(num_seqs), Int(T), q, Int(nq))
+    var jq = 0
+    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), Int(block_size), jq)
     for s in range(K):
-        var key = _slot_key(block_ids, q, s, K, rbase, Int(T), R)
+        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, K, rbase, jq, Int(T), R)
         var pos = _warp_fetch_add(cursor, key, lane)
         if key >= 0:
             var row = key - g * R
@@ -291,7 +324,7 @@ def _sort_rows_kernel(
         barrier()
 
 
-def _invert_cpu(
+def _invert_cpu[init_blocks: Int, local_blocks: Int](
     row_offsets: I32MutPtr, row_ptr: I32MutPtr, entries: I32MutPtr, work: I32MutPtr,
     num_work: I32MutPtr, counts: I32MutPtr, block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
     num_seqs: Int, num_groups: Int, T: Int, topk: Int, block_size: Int, r_max: Int, q_budget: Int,
@@ -310,9 +343,10 @@ def _invert_cpu(
             cnt[unsafe_offset=r] = 0
         for b in range(num_seqs):
             for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
+                var jq = _own_block(cu_q, cu_k, b, t, block_size)
                 for s in range(topk):
                     var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
-                    if j >= 0:
+                    if not _skipped[init_blocks, local_blocks](j, jq):
                         cnt[unsafe_offset=Int(row_offsets[unsafe_offset=b]) + j] += 1
         var rp = row_ptr.unsafe_offset(g * (r_max + 1))
         var run = 0
@@ -336,9 +370,10 @@ def _invert_cpu(
             ent[unsafe_offset=i] = -1
         for b in range(num_seqs):
             for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
+                var jq = _own_block(cu_q, cu_k, b, t, block_size)
                 for s in range(topk):
                     var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
-                    if j >= 0:
+                    if not _skipped[init_blocks, local_blocks](j, jq):
                         var r = Int(row_offsets[unsafe_offset=b]) + j
                         var pos = Int(rp[unsafe_offset=r]) + Int(cnt[unsafe_offset=r])
                         cnt[unsafe_offset=r] += 1
@@ -354,6 +389,8 @@ struct MSAInvert:
         topk: Int,
         block_size: Int,
         q_budget: Int,
+        init_blocks: Int = 0,
+        local_blocks: Int = 0,
     ](
         row_offsets: OutputTensor[dtype=DType.int32, rank=1, ...],
         row_ptr: OutputTensor[dtype=DType.int32, rank=2, ...],
@@ -382,7 +419,7 @@ struct MSAInvert:
         var work_off = cursor.unsafe_offset(G * R)
         var unsorted = work_off.unsafe_offset(G * (R + 1))
         comptime if is_cpu[target]():
-            _invert_cpu(
+            _invert_cpu[init_blocks, local_blocks](
                 row_offsets.unsafe_ptr(), row_ptr.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(),
                 num_work.unsafe_ptr(), counts, block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
                 cu_seqlens_k.unsafe_ptr(), B, G, T, topk, block_size, R, q_budget,
@@ -397,9 +434,9 @@ struct MSAInvert:
             ctx.enqueue_memset(scratch.to_device_buffer(ctx), Int32(0))
             ctx.enqueue_memset(entries.to_device_buffer(ctx), Int32(-1))
             if total > 0:
-                ctx.enqueue_function[_count_kernel](
+                ctx.enqueue_function[_count_kernel[init_blocks, local_blocks]](
                     counts, block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(nq),
+                    cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R), Int32(nq), Int32(block_size),
                     grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
             ctx.enqueue_function[_scan_kernel](
@@ -408,9 +445,10 @@ struct MSAInvert:
                 grid_dim=1, block_dim=SCAN_THREADS,
             )
             if total > 0 and R > 0:
-                ctx.enqueue_function[_scatter_kernel](
+                ctx.enqueue_function[_scatter_kernel[init_blocks, local_blocks]](
                     unsorted, cursor, row_ptr.unsafe_ptr(), block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(),
-                    cu_seqlens_q.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R), Int32(nq),
+                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R),
+                    Int32(nq), Int32(block_size),
                     grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
                 ctx.enqueue_function[_sort_rows_kernel](

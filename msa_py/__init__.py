@@ -1,14 +1,15 @@
 """MSA block-sparse attention: Mojo kernels on MAX, called from PyTorch.
 
 The torch functions (select_blocks, invert, block_attention, combine,
-sparse_attention, msa_attention) live here; `msa_py.reference` is the NumPy
+forced_combine, sparse_attention, msa_attention) live here; `msa_py.reference` is the NumPy
 float64 truth and `msa_py.graph` the MAX-graph layer, with the same names.
 torch is imported on first use, so the reference works without it.
 """
 
 __version__ = "0.1.0"
 
-_TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "sparse_attention", "msa_attention")
+_TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_combine", "sparse_attention",
+              "msa_attention")
 __all__ = list(_TORCH_API)
 
 

@@ -116,7 +116,9 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
                               local_blocks=2, idx_scale=idx_scale, rows=rows)
     ok &= not sel["bad"]
     # 4 inversion of the kernel's own block_ids
-    inv = R.invert(bid, a["cu_q"], a["cu_k"], block_size=bs, q_budget=spec.q_budget)
+    forced = not decode and E.uses_forced_pass(spec, device)  # the layer's forced pass: see engine.KINDS
+    skip = dict(init_blocks=spec.init_blocks, local_blocks=spec.local_blocks) if forced else {}
+    inv = R.invert(bid, a["cu_q"], a["cu_k"], block_size=bs, q_budget=spec.q_budget, **skip)
     R_ = inv.row_ptr.shape[1]
     nw = int(inv.num_work[0])
     inv_ok = decode or lean or (  # decode has no inversion (query-major); lean fetches none
@@ -139,7 +141,11 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         used = np.isfinite(lse_p)[..., None]  # o_partial is unspecified in unused slots
         e_part = Vf.rel_err(np.where(used, o_p, 0), ref_op)
         e_lsep = Vf.rel_err(lse_p, ref_lp)
-        ref_out, ref_lse = R.combine(o_p, lse_p)  # combine alone, on the kernel's partials
+        if forced:  # the forced pass alone, on the kernel's partials
+            ref_out, ref_lse = R.forced_combine(a["q"], a["k"], a["v"], np.where(used, o_p, 0), lse_p, a["cu_q"],
+                                                a["cu_k"], block_size=bs, scale=scale, **skip)
+        else:  # combine alone, on the kernel's partials
+            ref_out, ref_lse = R.combine(o_p, lse_p)
         e_comb = max(Vf.rel_err(out, ref_out), Vf.rel_err(lse, ref_lse))
         ref_o, ref_l = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=bs,
                                           scale=scale)
@@ -174,7 +180,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} "
         f"bs={bs} {dtype}{' mma' if use_mma else ' simt'}{' decode' if decode else ''} | select exact {sel['exact']}/{sel['rows']} "
         f"ties {sel['near_ties']} bad {len(sel['bad'])} | invert {'-' if decode or lean else ('ok' if inv_ok else 'MISMATCH')} (work {nw}) | "
-        f"rel err partial {_err(e_part)} lse_p {_err(e_lsep)} combine {_err(e_comb)} out {_err(e_out)} lse {_err(e_lse)} "
+        f"rel err partial {_err(e_part)} lse_p {_err(e_lsep)} {'forced+combine' if forced else 'combine'} {_err(e_comb)} out {_err(e_out)} lse {_err(e_lse)} "
         f"(tol {tol:g}){timing}"
     )
     return bool(ok)

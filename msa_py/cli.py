@@ -49,6 +49,8 @@ def _spec_args(ap: argparse.ArgumentParser, gpu_defaults: bool = True) -> None:
     ap.add_argument("--block-size", type=int, help="keys per block (default 128)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--q-budget", type=int, default=64, help="queries per work item")
+    ap.add_argument("--no-forced-pass", action="store_true",
+                    help="the plain pipeline: forced blocks through the inversion, block attention and combine")
 
 
 GPU_SPEC = dict(dtype="bfloat16", num_heads=64, num_kv_heads=4, head_dim=128, idx_dim=128, topk=16, block_size=128)
@@ -65,7 +67,7 @@ def _spec(args, device: str) -> E.Spec:
     from ._validate import Config
 
     Config(kw["topk"], kw["block_size"], q_budget=kw["q_budget"]).check()
-    return E.Spec(**kw)
+    return E.Spec(**kw, forced_pass=not getattr(args, "no_forced_pass", False))
 
 
 # --------------------------------------------------------------------------- demo
@@ -89,22 +91,24 @@ def demo(args) -> int:
     inputs = Bn.make_inputs(torch, spec, T, S, tdev, "uniform", seed=0)
     bufs = runner.buffers(torch, *inputs, T, S)
     print("  compiling the kernels (first run only; cached afterwards) ...", flush=True)
-    for kind in Bn.STAGES:
-        E.model(kind, spec, device)
+    kinds = Bn.layer_stage_kinds(spec, device)  # the stages as the layer runs them
+    for stage in Bn.STAGES:
+        E.model(kinds[stage], spec, device)
     print(f"  ready in {time.time() - t0:.1f} s")
     bid = runner.run("select", bufs)[0]
     bufs["block_ids"] = bid
-    inv = runner.run("invert", bufs)
+    inv = runner.run(kinds["invert"], bufs)
     bufs.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
     o_p, lse_p = runner.run("block_attention", bufs)
     bufs.update(o_partial=o_p, lse_partial=lse_p)
-    out, lse = runner.run("combine", bufs)
+    out, lse = runner.run(kinds["combine"], bufs)
     tm = Bn._timer(device)
     reps = 3 if device == "cpu" else 10
     stage_ms = {}
-    for kind in Bn.STAGES:
+    for stage in Bn.STAGES:
+        kind = kinds[stage]
         outs = runner.run(kind, bufs) if kind in E.DPS_KINDS else None
-        stage_ms[kind] = tm(lambda kind=kind, outs=outs: runner.run(kind, bufs, outputs=outs), reps)
+        stage_ms[stage] = tm(lambda kind=kind, outs=outs: runner.run(kind, bufs, outputs=outs), reps)
     total = sum(stage_ms.values())
     # check against the float64 reference on a slice of queries
     q, k, v, qi, ki = (x.float().cpu().numpy() for x in inputs)
@@ -121,8 +125,10 @@ def demo(args) -> int:
     keys = Bn.attended_keys(torch, torch.from_dlpack(bid), T, S, spec.block_size) / T
     dense_keys = (S + 1) / 2
     print("\n  stage                  ms")
+    forced = kinds["combine"] == "forced_combine"
     for kind, label in (("select", "select (indexer, top-k)"), ("invert", "invert (block -> queries)"),
-                        ("block_attention", "block attention"), ("combine", "combine")):
+                        ("block_attention", "block attention"),
+                        ("combine", "sinks+local, merge" if forced else "combine")):
         print(f"  {label:24s} {stage_ms[kind]:9.3f}")
     print(f"  {'MSA total':24s} {total:9.3f}")
     print(f"\n  keys attended per query: {keys:.0f} on average (dense causal: {dense_keys:.0f}, "

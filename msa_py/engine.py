@@ -10,9 +10,15 @@ Graph kinds (inputs -> outputs):
   select  q_idx, k_idx, cu_q, cu_k, idx_scale                  -> block_ids
   combine o_partial, lse_partial                               -> out, lse
   invert  block_ids, cu_q, cu_k, keys[S] (a shape carrier)     -> Inversion
+  invert_skip_forced  as invert, leaving each query's forced blocks
+          (spec.init_blocks / local_blocks) out: the layer's inversion
+  forced_combine q, k, v, o_partial, lse_partial, cu_q, cu_k, scale -> out, lse
+          (the layer's forced pass: forced blocks attended to, merged)
   block_attention q, k, v, row_offsets, entries, work, num_work,
           cu_q, cu_k, scale                                    -> o_partial, lse_partial
   stages  the msa inputs -> block_ids, Inversion, o_partial, lse_partial, out, lse
+          (as the msa kind runs them: with the forced pass where it applies,
+          `uses_forced_pass`)
   decode_stages the msa inputs -> block_ids, out, lse
           (decode kernels: indexer split over keys, query-major attention, merge fused)
 Spec.decode picks the decode kernels for msa / sparse / select (the torch
@@ -35,8 +41,9 @@ import numpy as np
 from . import graph as G
 from .build import kernels_path
 
-KINDS = ("msa", "sparse", "select", "combine", "invert", "block_attention", "stages", "decode_stages")
-DPS_KINDS = ("msa", "sparse", "select", "combine")
+KINDS = ("msa", "sparse", "select", "combine", "invert", "invert_skip_forced", "block_attention", "forced_combine",
+         "stages", "decode_stages")
+DPS_KINDS = ("msa", "sparse", "select", "combine", "forced_combine")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Spec:
     q_budget: int = 64
     use_mma: bool = True
     decode: bool = False  # decode kernels (few queries per sequence)
+    forced_pass: bool = True  # the layer's forced blocks query-major, fused with the merge (graph.msa_attention)
 
 
 def _dt(name: str):
@@ -104,6 +112,8 @@ INPUTS = {
     "select": ("q_idx", "k_idx", "cu_q", "cu_k", "idx_scale"),
     "combine": ("o_partial", "lse_partial"),
     "invert": ("block_ids", "cu_q", "cu_k", "keys"),
+    "invert_skip_forced": ("block_ids", "cu_q", "cu_k", "keys"),
+    "forced_combine": ("q", "k", "v", "o_partial", "lse_partial", "cu_q", "cu_k", "scale"),
     "block_attention": ("q", "k", "v", "row_offsets", "entries", "work", "num_work", "cu_q", "cu_k", "scale"),
 }
 OUTPUTS = {
@@ -111,7 +121,18 @@ OUTPUTS = {
     "sparse": ("out", "lse"),
     "select": ("block_ids",),
     "combine": ("out", "lse"),
+    "forced_combine": ("out", "lse"),
 }
+
+
+def uses_forced_pass(spec: Spec, device: str) -> bool:
+    """Whether the msa and stages kinds run the forced pass for this spec."""
+    from max.graph import DeviceRef
+
+    dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(gpu_index(device))
+    return spec.forced_pass and not spec.decode and G.forced_pass_fits(
+        _dt(spec.dtype), dev, head_dim=spec.head_dim, block_size=spec.block_size, topk=spec.topk,
+        init_blocks=spec.init_blocks, local_blocks=spec.local_blocks)
 
 
 def build_graph(kind: str, spec: Spec, device: str):
@@ -133,7 +154,8 @@ def build_graph(kind: str, spec: Spec, device: str):
         if kind == "msa":
             res = G.msa_attention(
                 a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], scale=a["scale"],
-                idx_scale=a["idx_scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, **sel_kw,
+                idx_scale=a["idx_scale"], q_budget=spec.q_budget, use_mma=spec.use_mma,
+                forced_pass=spec.forced_pass, **sel_kw,
             )
         elif kind == "sparse":
             res = G.sparse_attention(
@@ -144,9 +166,14 @@ def build_graph(kind: str, spec: Spec, device: str):
             res = [G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)]
         elif kind == "combine":
             res = G.combine(a["o_partial"], a["lse_partial"])
-        elif kind == "invert":
+        elif kind in ("invert", "invert_skip_forced"):
+            skip = dict(init_blocks=spec.init_blocks, local_blocks=spec.local_blocks) if kind != "invert" else {}
             res = list(G.invert(a["block_ids"], a["cu_q"], a["cu_k"], num_keys=a["keys"].shape[0],
-                                block_size=spec.block_size, q_budget=spec.q_budget))
+                                block_size=spec.block_size, q_budget=spec.q_budget, **skip))
+        elif kind == "forced_combine":
+            res = G.forced_combine(a["q"], a["k"], a["v"], a["o_partial"], a["lse_partial"], a["cu_q"], a["cu_k"],
+                                   block_size=spec.block_size, init_blocks=spec.init_blocks,
+                                   local_blocks=spec.local_blocks, scale=a["scale"])
         elif kind == "block_attention":
             inv = G.Inversion(a["row_offsets"], None, a["entries"], a["work"], a["num_work"])
             res = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
@@ -154,11 +181,17 @@ def build_graph(kind: str, spec: Spec, device: str):
         elif kind == "stages":
             bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
                                   **dict(sel_kw, decode=False))
-            inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
-                           q_budget=spec.q_budget)
-            o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
-                                           use_mma=spec.use_mma, **kw)
-            out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
+            if uses_forced_pass(spec, device):
+                inv, o_p, lse_p, out, lse = G.forced_layer(
+                    a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=spec.block_size,
+                    init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, scale=a["scale"],
+                    q_budget=spec.q_budget, use_mma=spec.use_mma)
+            else:
+                inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
+                               q_budget=spec.q_budget)
+                o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"],
+                                               scale=a["scale"], use_mma=spec.use_mma, **kw)
+                out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
             res = [bid, *inv, o_p, lse_p, out, lse]
         elif kind == "decode_stages":
             bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],

@@ -35,6 +35,9 @@ __all__ = [
     "Inversion",
     "block_attention",
     "combine",
+    "forced_combine",
+    "forced_pass_fits",
+    "forced_layer",
     "sparse_attention",
     "msa_attention",
     "decode_attention",
@@ -261,13 +264,19 @@ def invert(
     num_keys,
     block_size: int = 128,
     q_budget: int = 64,
+    init_blocks: int = 0,
+    local_blocks: int = 0,
 ) -> Inversion:
-    """Step 4. `num_keys` is S (a Dim): output sizes are bounded by it."""
+    """Step 4. `num_keys` is S (a Dim): output sizes are bounded by it.
+    init_blocks / local_blocks > 0 leave each query's forced blocks out (the
+    layer's forced pass, `forced_combine`, attends to them)."""
     _check_int32("block_ids", block_ids)
     bshape = _shape(block_ids)
     V.check_rank("block_ids", bshape, 3, "[Hkv, T, topk]")
     topk = _static("block_ids topk", bshape[2])
     V.Config(topk, block_size, q_budget=q_budget).check()
+    if init_blocks < 0 or local_blocks < 0:
+        raise ValueError(f"init_blocks and local_blocks must be >= 0, got {init_blocks}, {local_blocks}")
     V.check_cu_seqlens_shapes(_shape(cu_seqlens_q), _shape(cu_seqlens_k))
     _check_int32("cu_seqlens_q", cu_seqlens_q)
     _check_int32("cu_seqlens_k", cu_seqlens_k)
@@ -290,7 +299,8 @@ def invert(
             TensorType(i32, [1], device=dev),
             TensorType(i32, [Hkv * (3 * r_max + 1 + nent)], device=dev),  # scratch
         ],
-        parameters={"topk": topk, "block_size": block_size, "q_budget": q_budget},
+        parameters={"topk": topk, "block_size": block_size, "q_budget": q_budget, "init_blocks": init_blocks,
+                    "local_blocks": local_blocks},
     )
     return Inversion(*(o.tensor for o in outs[:5]))
 
@@ -401,6 +411,72 @@ def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DTyp
     return out.tensor, lse.tensor
 
 
+def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_size: int, topk: int,
+                     init_blocks: int, local_blocks: int) -> bool:
+    """Whether the layer runs the forced pass: the selection always holds each
+    query's forced blocks (topk >= init_blocks + local_blocks > 0) and, on the
+    GPU, the tensor-core kernel takes the shapes (16-bit inputs, D and
+    block_size multiples of 16 up to 128)."""
+    if not 0 < init_blocks + local_blocks <= topk:
+        return False
+    if str(device.device_type) == "cpu":
+        return True
+    return (dtype in (DType.bfloat16, DType.float16) and head_dim % 16 == 0 and head_dim <= 128
+            and block_size % 16 == 0 and block_size <= 128)
+
+
+def forced_combine(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    o_partial: TensorValue,
+    lse_partial: TensorValue,
+    cu_seqlens_q: TensorValue,
+    cu_seqlens_k: TensorValue,
+    *,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale=None,
+):
+    """The layer's forced pass (steps 5-6 for each query's sinks and local
+    blocks, fused with the merge): attends to the forced blocks and merges
+    them with o_partial / lse_partial, the block attention's partials of the
+    other slots (an inversion made with the same init_blocks / local_blocks).
+    Returns out [T, Hq, D] (q's dtype) and lse [T, Hq] fp32."""
+    T, Hq, Hkv, D = _attention_operands(q, k, v)
+    osh, lsh = _shape(o_partial), _shape(lse_partial)
+    V.check_rank("o_partial", osh, 4, "[T, Hq, topk, D]")
+    V.check_rank("lse_partial", lsh, 3, "[T, Hq, topk]")
+    topk = _static("o_partial topk", osh[2])
+    if not (V._eq(osh[0], T) and V._eq(osh[1], Hq) and V._eq(osh[3], D)):
+        raise ValueError(f"o_partial must be [T, Hq, topk, D] = [{T}, {Hq}, topk, {D}], got {osh}")
+    if not (V._eq(lsh[0], T) and V._eq(lsh[1], Hq) and V._eq(lsh[2], topk)) or lse_partial.dtype != DType.float32:
+        raise ValueError(f"lse_partial must be float32 [T, Hq, topk] matching o_partial, got {lse_partial.type}")
+    if o_partial.dtype != partial_dtype_for(q.dtype):
+        raise ValueError(f"o_partial must be {partial_dtype_for(q.dtype)} for {q.dtype} inputs, got {o_partial.dtype}")
+    V.Config(topk, block_size, init_blocks, local_blocks).check()
+    dev = q.device
+    if not forced_pass_fits(q.dtype, dev, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                            local_blocks=local_blocks):
+        raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk and, on the GPU, 16-bit "
+                         f"inputs with D and block_size multiples of 16 up to 128; got init_blocks={init_blocks}, "
+                         f"local_blocks={local_blocks}, topk={topk}, D={D}, block_size={block_size}, {q.dtype}")
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    out, lse = ops.custom(
+        "msa_forced_combine",
+        device=dev,
+        values=[q, k, v, o_partial, lse_partial, cu_seqlens_q, cu_seqlens_k, sc],
+        out_types=[
+            TensorType(q.dtype, [q.shape[0], Hq, D], device=dev),
+            TensorType(DType.float32, [q.shape[0], Hq], device=dev),
+        ],
+        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
+                    "head_dim": D, "init_blocks": init_blocks, "local_blocks": local_blocks},
+    )
+    return out.tensor, lse.tensor
+
+
 # --------------------------------------------------------------------------- pipelines
 def sparse_attention(
     q: TensorValue,
@@ -456,20 +532,49 @@ def msa_attention(
     q_budget: int = 64,
     use_mma: bool = True,
     decode: bool | None = None,
+    forced_pass: bool = True,
 ):
     """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq].
 
     decode: None takes the decode kernels (indexer split over keys,
     query-major attention with the merge fused) when T <= DECODE_MAX_Q * B
     with static T and B, each stage where its shapes fit on the GPU.
+    forced_pass: off the decode path, each query's forced blocks (sinks and
+    local, which every selection holds) skip the inversion and the block
+    attention and are attended to query-major in the merge
+    (`forced_combine`), where `forced_pass_fits`; False: the plain
+    invert / block attention / combine pipeline.
     """
-    V.attention_dims(_shape(q), _shape(k), _shape(v))
+    _, _, _, _, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
     bid = select_blocks(
         q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=block_size,
         init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale, decode=decode,
     )
+    D = _static("q head dim D", D)
+    if forced_pass and not use_decode(decode, _shape(q)[0], _shape(cu_q)[0], q.dtype, q.device, stage="attention",
+                                      dim=D, block_size=block_size) and forced_pass_fits(
+            q.dtype, q.device, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
+            local_blocks=local_blocks):
+        return forced_layer(q, k, v, bid, cu_q, cu_k, block_size=block_size, init_blocks=init_blocks,
+                            local_blocks=local_blocks, scale=scale, q_budget=q_budget, use_mma=use_mma)[-2:]
     return sparse_attention(
         q, k, v, bid, cu_q, cu_k, block_size=block_size, scale=scale, q_budget=q_budget, use_mma=use_mma,
         decode=decode,
     )
+
+
+def forced_layer(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, *, block_size: int, init_blocks: int,
+                 local_blocks: int, scale, q_budget: int, use_mma: bool = True):
+    """Steps 4-6 with the forced pass, on a selection's block_ids: the
+    inversion without the forced blocks, the block attention of the other
+    slots, then forced_combine. Returns (Inversion, o_partial, lse_partial,
+    out, lse)."""
+    topk = _static("block_ids topk", _shape(block_ids)[2])
+    inv = invert(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys=k.shape[0], block_size=block_size,
+                 q_budget=q_budget, init_blocks=init_blocks, local_blocks=local_blocks)
+    o_p, lse_p = block_attention(q, k, v, inv, cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size,
+                                 scale=scale, use_mma=use_mma)
+    out, lse = forced_combine(q, k, v, o_p, lse_p, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                              init_blocks=init_blocks, local_blocks=local_blocks, scale=scale)
+    return inv, o_p, lse_p, out, lse

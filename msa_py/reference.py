@@ -164,8 +164,14 @@ def invert(
     *,
     block_size: int = 128,
     q_budget: int = 64,
+    init_blocks: int = 0,
+    local_blocks: int = 0,
 ) -> Inversion:
-    """Inverts block_ids [Hkv, T, topk] into per-(group, block) query lists."""
+    """Inverts block_ids [Hkv, T, topk] into per-(group, block) query lists.
+
+    init_blocks / local_blocks > 0 leave out each query's forced blocks
+    (j < init_blocks or j > jq - local_blocks): the layer's forced pass
+    (`forced_combine`) attends to those query-major instead."""
     bid = np.asarray(block_ids)
     if bid.dtype.kind not in "iu":
         raise ValueError(f"block_ids must be an integer array, got dtype {bid.dtype}")
@@ -184,6 +190,9 @@ def invert(
     valid = bid >= 0
     if np.any(valid & (bid > jq[None, :, None])):
         raise ValueError("block_ids holds a block after the query's own block (not causal)")
+    if init_blocks < 0 or local_blocks < 0:
+        raise ValueError(f"init_blocks and local_blocks must be >= 0, got {init_blocks}, {local_blocks}")
+    valid &= ~_is_forced(bid, jq[None, :, None], init_blocks, local_blocks)
     rows = np.where(valid, roff[seq][None, :, None] + bid, -1)
     row_ptr = np.zeros((Hkv, R + 1), np.int32)
     entries = np.full((Hkv, T * topk), -1, np.int32)
@@ -217,6 +226,24 @@ def block_ids_from_inversion(inv: Inversion, cu_seqlens_q, cu_seqlens_k, topk: i
         b = np.searchsorted(roff, row, side="right") - 1
         out[g, t, slot] = row - roff[b]
     return out
+
+
+def _is_forced(j, jq, init_blocks: int, local_blocks: int):
+    """Whether block j is one of the forced blocks of a query whose own block is jq."""
+    return (j < init_blocks) | (j > jq - local_blocks)
+
+
+def forced_block_ids(cu_seqlens_q, cu_seqlens_k, Hkv: int, *, block_size: int, init_blocks: int,
+                     local_blocks: int) -> np.ndarray:
+    """[Hkv, T, init_blocks + local_blocks]: each query's forced blocks, ascending, -1 padded."""
+    cu_q, cu_k = np.asarray(cu_seqlens_q, np.int64), np.asarray(cu_seqlens_k, np.int64)
+    _, p, _ = _positions(cu_q, cu_k)
+    nf = init_blocks + local_blocks
+    out = np.full((len(p), nf), -1, np.int32)
+    for t, pt in enumerate(p):
+        f = forced_blocks(int(pt), block_size, init_blocks, local_blocks)
+        out[t, : len(f)] = f
+    return np.broadcast_to(out, (Hkv, len(p), nf)).copy()
 
 
 # --------------------------------------------------------------------------- 5 attention
@@ -313,6 +340,47 @@ def combine(o_partial, lse_partial):
     safe_o = np.where(np.isneginf(lp)[..., None], 0.0, o)
     out = np.einsum("ths,thsd->thd", w, safe_o) / np.where(finite, den, 1.0)[..., None]
     return out, lse
+
+
+def forced_combine(
+    q,
+    k,
+    v,
+    o_partial,
+    lse_partial,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: float | None = None,
+):
+    """Steps 5-6 for the forced blocks, fused with the merge: each query's
+    forced blocks (sinks and local, `forced_blocks`) attended to as one
+    more split, merged with the partials of the other blocks (as left by
+    `block_attention` on an inversion that skipped them). Returns out
+    [T, Hq, D], lse [T, Hq]."""
+    q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    o_partial, lse_partial = _f64("o_partial", o_partial), _f64("lse_partial", lse_partial)
+    V.check_rank("o_partial", o_partial.shape, 4, "[T, Hq, topk, D]")
+    if o_partial.shape[:2] != q.shape[:2] or o_partial.shape[3] != D:
+        raise ValueError(f"o_partial must be [T, Hq, topk, D] with q's T, Hq, D {q.shape}, got {o_partial.shape}")
+    if lse_partial.shape != o_partial.shape[:3]:
+        raise ValueError(f"lse_partial must have shape {o_partial.shape[:3]}, got {lse_partial.shape}")
+    _config(o_partial.shape[2], block_size, init_blocks, local_blocks)
+    if not 0 < init_blocks + local_blocks <= o_partial.shape[2]:
+        raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk (the selection holds every "
+                         f"forced block), got {init_blocks} + {local_blocks}, topk {o_partial.shape[2]}")
+    V.check_scale("scale", scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    fb = forced_block_ids(cu_q, cu_k, Hkv, block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks)
+    of, lf = _block_partials(q, k, v, fb, cu_q, cu_k, block_size, scale)
+    # the forced blocks as one split: their own merge, then one more slot
+    of1, lf1 = combine(of, lf)
+    o = np.concatenate([o_partial, of1[:, :, None]], axis=2)
+    lp = np.concatenate([lse_partial, lf1[:, :, None]], axis=2)
+    return combine(o, lp)
 
 
 # --------------------------------------------------------------------------- pipelines

@@ -415,19 +415,21 @@ def combine(o_partial: torch.Tensor, lse_partial: torch.Tensor) -> tuple[torch.T
 @torch.library.custom_op("msa::invert", mutates_args=())
 def _invert_op(
     block_ids: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, num_keys: int,
-    block_size: int, q_budget: int,
+    block_size: int, q_budget: int, init_blocks: int, local_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     Hkv, T, K = block_ids.shape
     _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, num_keys)
-    spec = _spec("float32", Hkv, Hkv, 16, 16, topk=K, block_size=block_size, q_budget=q_budget)
+    skip = init_blocks + local_blocks > 0
+    spec = _spec("float32", Hkv, Hkv, 16, 16, topk=K, block_size=block_size, q_budget=q_budget,
+                 **(dict(init_blocks=init_blocks, local_blocks=local_blocks) if skip else {}))
     keys = torch.empty((num_keys,), dtype=torch.int8, device=block_ids.device)  # carries S into the graph
-    res = _run("invert", spec, _device_key(block_ids),
+    res = _run("invert_skip_forced" if skip else "invert", spec, _device_key(block_ids),
                dict(block_ids=block_ids, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, keys=keys))
     return tuple(res[:5])
 
 
 @_invert_op.register_fake
-def _(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget):
+def _(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget, init_blocks, local_blocks):
     Hkv, T, K = block_ids.shape
     B = cu_seqlens_q.shape[0] - 1
     r_max = num_keys // block_size + B
@@ -445,12 +447,16 @@ def invert(
     num_keys: Optional[int] = None,
     block_size: int = 128,
     q_budget: int = 64,
+    init_blocks: int = 0,
+    local_blocks: int = 0,
 ):
     """Step 4: block -> queries CSR and work list (see msa_py.reference.Inversion).
 
     Sizes are upper bounds fixed by num_keys (S; read from cu_seqlens_k[-1]
     when None, a device sync): row_ptr [Hkv, S//block_size + B + 1], work
     [W_max, 4] of which num_work[0] are valid, entries -1 past each nnz.
+    init_blocks / local_blocks > 0 leave each query's forced blocks out (for
+    `forced_combine`).
     """
     from .reference import Inversion
 
@@ -459,12 +465,15 @@ def invert(
         raise ValueError(f"block_ids must be int32, got {block_ids.dtype}")
     V.check_rank("block_ids", tuple(block_ids.shape), 3, "[Hkv, T, topk]")
     V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
+    if init_blocks < 0 or local_blocks < 0:
+        raise ValueError(f"init_blocks and local_blocks must be >= 0, got {init_blocks}, {local_blocks}")
     V.check_cu_seqlens_shapes(tuple(cu_seqlens_q.shape), tuple(cu_seqlens_k.shape))
     _check_cu("cu_seqlens_q", cu_seqlens_q)
     _check_cu("cu_seqlens_k", cu_seqlens_k)
     if num_keys is None:
         num_keys = int(cu_seqlens_k[-1])
-    return Inversion(*torch.ops.msa.invert(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget))
+    return Inversion(*torch.ops.msa.invert(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget,
+                                           init_blocks, local_blocks))
 
 
 @torch.library.custom_op("msa::block_attention", mutates_args=())
@@ -510,3 +519,73 @@ def block_attention(
     inv = inversion
     return torch.ops.msa.block_attention(q, k, v, inv.row_offsets, inv.entries, inv.work, inv.num_work,
                                          cu_seqlens_q, cu_seqlens_k, topk, block_size, sc)
+
+
+@torch.library.custom_op("msa::forced_combine", mutates_args=())
+def _forced_combine_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_partial: torch.Tensor, lse_partial: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int, init_blocks: int, local_blocks: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, Hq, D = q.shape
+    out = q.new_empty((T, Hq, D))
+    lse = q.new_empty((T, Hq), dtype=torch.float32)
+    if T == 0:
+        return out, lse
+    spec = _spec(_DTYPES[q.dtype], Hq, k.shape[1], D, 16, topk=o_partial.shape[2], block_size=block_size,
+                 init_blocks=init_blocks, local_blocks=local_blocks)
+    _run("forced_combine", spec, _device_key(q),
+         dict(q=q, k=k, v=v, o_partial=o_partial, lse_partial=lse_partial, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+              scale=_scale_tensor(scale, q)), [out, lse])
+    return out, lse
+
+
+@_forced_combine_op.register_fake
+def _(q, k, v, o_partial, lse_partial, cu_seqlens_q, cu_seqlens_k, block_size, init_blocks, local_blocks, scale):
+    T, Hq, D = q.shape
+    return q.new_empty((T, Hq, D)), q.new_empty((T, Hq), dtype=torch.float32)
+
+
+def forced_combine(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o_partial: torch.Tensor,
+    lse_partial: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's forced pass: each query's forced blocks (sinks, local)
+    attended to and merged with the partials of its other slots (block
+    attention on `invert(..., init_blocks=, local_blocks=)`). Returns out
+    [T, Hq, D] (q's dtype), lse [T, Hq] fp32."""
+    _check_tensors(q=q, k=k, v=v, o_partial=o_partial, lse_partial=lse_partial, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k)
+    T, S, Hq, Hkv, D, _ = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    V.check_rank("o_partial", tuple(o_partial.shape), 4, "[T, Hq, topk, D]")
+    topk = o_partial.shape[2]
+    if tuple(o_partial.shape) != (T, Hq, topk, D):
+        raise ValueError(f"o_partial must be [T, Hq, topk, D] = [{T}, {Hq}, topk, {D}], got {tuple(o_partial.shape)}")
+    pd = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    if o_partial.dtype != pd:
+        raise ValueError(f"o_partial must be {pd} for {q.dtype} inputs, got {o_partial.dtype}")
+    if lse_partial.dtype != torch.float32 or tuple(lse_partial.shape) != (T, Hq, topk):
+        raise ValueError(f"lse_partial must be float32 of shape {(T, Hq, topk)}, got {lse_partial.dtype} "
+                         f"{tuple(lse_partial.shape)}")
+    V.Config(topk, block_size, init_blocks, local_blocks).check()
+    if not 0 < init_blocks + local_blocks <= topk:
+        raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk, got {init_blocks}, "
+                         f"{local_blocks}, topk {topk}")
+    if q.is_cuda and not (pd != torch.float32 and D % 16 == 0 and D <= 128 and block_size % 16 == 0
+                          and block_size <= 128):
+        raise ValueError(f"forced_combine on CUDA needs bfloat16/float16 inputs with D and block_size multiples "
+                         f"of 16 up to 128; got {q.dtype}, D={D}, block_size={block_size}")
+    V.check_scale("scale", scale)
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return torch.ops.msa.forced_combine(q, k, v, o_partial, lse_partial, cu_seqlens_q, cu_seqlens_k, block_size,
+                                        init_blocks, local_blocks, sc)

@@ -47,6 +47,24 @@ def test_bad_input_raises(needle, over):
         call_msa(**over)
 
 
+FORCED_BAD = [
+    ("o_partial", dict(o_partial=np.zeros((30, 4, 3, 8)))),
+    ("lse_partial", dict(lse_partial=np.zeros((30, 4, 2)))),
+    ("init_blocks \\+ local_blocks <= topk", dict(init_blocks=2)),
+    ("local_blocks", dict(local_blocks=-1)),
+]
+
+
+@pytest.mark.parametrize("needle,over", FORCED_BAD)
+def test_forced_combine_bad_input_raises(needle, over):
+    a = dict(o_partial=np.zeros((30, 4, 3, 16)), lse_partial=np.full((30, 4, 3), -np.inf))
+    kw = dict(block_size=16, init_blocks=1, local_blocks=2)
+    for key, val in over.items():
+        (a if key in a else kw)[key] = val
+    with pytest.raises(ValueError, match=needle):
+        R.forced_combine(C.q, C.k, C.v, a["o_partial"], a["lse_partial"], C.cu_q, C.cu_k, **kw)
+
+
 def test_more_queries_than_keys_without_cu_seqlens():
     with pytest.raises(ValueError, match="T="):
         R.sparse_attention(C.q, C.k[:10], C.v[:10], np.zeros((2, 30, 1), np.int32))

@@ -46,6 +46,23 @@ def test_stages_compose_to_sparse_attention():
     np.testing.assert_allclose(lse, ref_l, atol=1e-12)
 
 
+@pytest.mark.parametrize("topk,init_blocks,local_blocks", [(5, 1, 2), (3, 1, 2), (6, 2, 3), (4, 0, 1), (4, 2, 0)])
+def test_forced_pass_composes_to_sparse_attention(topk, init_blocks, local_blocks):
+    """The layer's decomposition: the inversion without the forced blocks,
+    block attention on the rest, forced_combine."""
+    c = make_case(6, [(50, 90), (64, 64), (1, 1), (3, 130)], 8, 2, 64, 32)
+    kw = dict(block_size=16, init_blocks=init_blocks, local_blocks=local_blocks)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, **kw)
+    inv = R.invert(bid, c.cu_q, c.cu_k, q_budget=7, **kw)
+    full = R.invert(bid, c.cu_q, c.cu_k, q_budget=7, block_size=16)
+    assert inv.row_ptr[:, -1].sum() < full.row_ptr[:, -1].sum()
+    o_p, lse_p = R.block_attention(c.q, c.k, c.v, inv, c.cu_q, c.cu_k, topk=topk, block_size=16)
+    out, lse = R.forced_combine(c.q, c.k, c.v, o_p, lse_p, c.cu_q, c.cu_k, **kw)
+    ref_o, ref_l = R.sparse_attention(c.q, c.k, c.v, bid, c.cu_q, c.cu_k, block_size=16)
+    np.testing.assert_allclose(out, ref_o, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_l, atol=1e-12)
+
+
 def test_no_cu_seqlens_is_one_bottom_right_sequence():
     c = make_case(4, [(30, 70)], 4, 2, 64, 32)
     a = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, topk=2, block_size=16)

@@ -59,6 +59,13 @@ def test_msa_attention_and_friends(seqs, torch_device):
     assert Vf.rel_err(np64(o2), ro) < 1e-5
     o3, l3 = msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS)
     assert Vf.rel_err(np64(o3), ro) < 1e-5 and Vf.rel_err(np64(l3), rl) < 1e-5
+    # the layer's decomposition: forced blocks out of the inversion, into forced_combine
+    inv_f = msa_py.invert(bid, cq, ck, block_size=BS, q_budget=5, init_blocks=1, local_blocks=2)
+    ref_inv_f = R.invert(bid.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS, q_budget=5, init_blocks=1, local_blocks=2)
+    np.testing.assert_array_equal(inv_f.entries.cpu().numpy(), ref_inv_f.entries)
+    o_pf, lse_pf = msa_py.block_attention(q, k, v, inv_f, cq, ck, topk=TOPK, block_size=BS)
+    o4, l4 = msa_py.forced_combine(q, k, v, o_pf, lse_pf, cq, ck, block_size=BS)
+    assert Vf.rel_err(np64(o4), ro) < 1e-5 and Vf.rel_err(np64(l4), rl) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -1,0 +1,378 @@
+# The layer's forced pass: MSA.md steps 5-6 for each query's forced blocks,
+# fused with the merge.
+#
+# Every query attends to its sinks (j < init_blocks) and its local blocks
+# (jq - local_blocks < j <= jq); the selection always keeps them when
+# topk >= init_blocks + local_blocks. Block-major they would cost one stored
+# partial each (three of the sixteen per query at the defaults, written and
+# read back, plus a Q gather each), yet the 128 queries of a query block all
+# share them. So the layer's inversion leaves them out (invert.mojo,
+# init_blocks / local_blocks), the block attention writes partials for the
+# other slots only, and this pass, run after it, replaces the combine: one
+# thread block per 64 consecutive (query, head) rows of a KV group loads each
+# forced block of its queries once, runs an online softmax over them on
+# tensor cores (the block attention's tile steps), and merges that split
+# with the partials of the other slots (the combine's row merge) into out
+# and lse. Unused and forced slots carry lse_partial -inf and are not read.
+#
+# A tile's rows nearly always belong to one query block (one set of forced
+# blocks); where they straddle a query block or a sequence, the thread block
+# walks the union of its queries' forced blocks and each row masks the ones
+# that are not its own.
+
+from std.math import ceildiv, exp2, log
+from std.memory import unsafe_stack_allocation
+from std.sys import size_of
+
+from extensibility import InputTensor, OutputTensor, register
+from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
+from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.primitives import warp
+
+from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
+from .combine import combine_row, combine_row_vec, combine_vec_width
+from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, seq_of
+
+comptime FC_WARPS = 4
+comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
+
+
+@always_inline
+def forced_block[init_blocks: Int, local_blocks: Int](jq: Int, i: Int) -> Int:
+    """The i-th forced block (ascending) of a query whose own block is jq;
+    -1 past the last. Sinks 0 .. min(init, jq + 1) - 1, then the local blocks
+    above them up to jq."""
+    var ns = min(init_blocks, jq + 1)
+    if i < ns:
+        return i
+    var j = max(init_blocks, jq - local_blocks + 1) + (i - ns)
+    return j if j <= jq else -1
+
+
+@always_inline
+def _forced_visible[init_blocks: Int, local_blocks: Int, block_size: Int](
+    row_seq: Int, row_pos: Int, b: Int, j: Int, nk: Int
+) -> Int:
+    """Keys of block j of sequence b (nk keys) that a row sees when the block is
+    one of its forced blocks; 0 otherwise (or for a padding row, row_seq -1)."""
+    if row_seq != b:
+        return 0
+    var jq = row_pos // block_size
+    if j > jq or (j >= init_blocks and j <= jq - local_blocks):
+        return 0
+    return min(nk, row_pos - j * block_size + 1)
+
+
+# ----------------------------------------------------------------------------- CPU
+def _forced_combine_cpu[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int,
+    init_blocks: Int, local_blocks: Int,
+](
+    output: Pointer[Scalar[dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int,
+):
+    var Hq = num_groups * group
+    var acc = unsafe_stack_allocation[head_dim, Float32]()
+    for b in range(num_seqs):
+        var q0 = Int(cu_q[unsafe_offset=b])
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+        for t in range(q0, q0 + tq):
+            var pos = tk - tq + t - q0
+            var jq = pos // block_size
+            for h in range(Hq):
+                var m = f32_neg_inf()
+                var den = Float32(0)
+                for d in range(head_dim):
+                    acc[unsafe_offset=d] = 0
+                for i in range(init_blocks + local_blocks):
+                    var j = forced_block[init_blocks, local_blocks](jq, i)
+                    if j < 0:
+                        break
+                    softmax_block_cpu[dtype, head_dim, block_size](
+                        q.unsafe_offset((t * Hq + h) * head_dim), k, v, k0 + j * block_size, num_groups,
+                        h // group, _forced_visible[init_blocks, local_blocks, block_size](
+                            b, pos, b, j, min(block_size, tk - j * block_size)
+                        ),
+                        scale, m, den, acc,
+                    )
+                var inv = Float32(1) / den if den > 0 else Float32(0)
+                for d in range(head_dim):
+                    acc[unsafe_offset=d] *= inv
+                combine_row[dtype, part_dtype, topk, head_dim, 1](
+                    output, lse, o_p, lse_p, t * Hq + h, 0, m + log(den) if den > 0 else f32_neg_inf(), acc
+                )
+
+
+# ----------------------------------------------------------------------------- GPU, tensor cores
+def forced_combine_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    init_blocks: Int, local_blocks: Int,
+](
+    output: Pointer[Scalar[dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+):
+    comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
+    comptime D = head_dim
+    comptime BS = block_size
+    comptime KS = D + 8  # padded row stride (elements): conflict-free ldmatrix
+    comptime Hq = num_groups * group
+    comptime NT = FC_WARPS * WARP_SIZE
+    comptime CPR = D // 8  # 16-byte chunks per row
+    comptime NF = init_blocks + local_blocks
+    comptime QMAX = ceildiv(FC_BM, group) + 1  # queries a tile's rows can touch
+    comptime VEC = combine_vec_width[dtype, D]()
+    comptime LPS = D // VEC  # lanes per row slot in the merge
+    var g = Int(block_idx.y)
+    var rows = Int(T) * group  # row = t * group + head within the group
+    var r_begin = Int(block_idx.x) * FC_BM
+    if r_begin >= rows:
+        return
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var t_first = r_begin // group
+    var nq = (min(rows, r_begin + FC_BM) - 1) // group - t_first + 1
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var k_s = smem
+    var v_s = smem.unsafe_offset(BS * KS)
+    var q_s = v_s.unsafe_offset(BS * KS)
+    var q_seq = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
+    var q_pos = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
+    var blocks = unsafe_stack_allocation[2 * QMAX * NF + 1, Int32, address_space=AddressSpace.SHARED]()
+    var lse_f = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
+    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    # Q rows of the tile (consecutive heads of a query are contiguous)
+    for i in range(tid, FC_BM * CPR, NT):
+        var r = i // CPR
+        var c = (i % CPR) * 8
+        var gr = r_begin + r
+        if gr < rows:
+            var src = (gr // group) * Hq + g * group + gr % group
+            async_copy[16](qg.unsafe_offset(src * D + c), q_s.unsafe_offset(r * KS + c))
+        else:
+            q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+    async_copy_commit_group()
+    # each query of the tile: its sequence and key position
+    if tid < nq:
+        var t = t_first + tid
+        var b = seq_of(cu_q, Int(num_seqs), t)
+        var q0 = Int(cu_q[unsafe_offset=b])
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+        q_seq[unsafe_offset=tid] = Int32(b)
+        q_pos[unsafe_offset=tid] = Int32(tk - tq + t - q0)
+    barrier()
+    # the union of the tile's forced blocks as (sequence, block) pairs, count last
+    if tid == 0:
+        var n = 0
+        for i in range(nq):
+            var b = Int(q_seq[unsafe_offset=i])
+            var jq = Int(q_pos[unsafe_offset=i]) // BS
+            if i > 0 and b == Int(q_seq[unsafe_offset=i - 1]) and jq == Int(q_pos[unsafe_offset=i - 1]) // BS:
+                continue  # the same forced blocks as the previous query
+            for f in range(NF):
+                var j = forced_block[init_blocks, local_blocks](jq, f)
+                if j < 0:
+                    break
+                var seen = False
+                for u in range(n):
+                    seen = seen or (Int(blocks[unsafe_offset=2 * u]) == b and Int(blocks[unsafe_offset=2 * u + 1]) == j)
+                if not seen:
+                    blocks[unsafe_offset=2 * n] = Int32(b)
+                    blocks[unsafe_offset=2 * n + 1] = Int32(j)
+                    n += 1
+        blocks[unsafe_offset=2 * QMAX * NF] = Int32(n)
+    # this thread's rows r0 and r0 + 8: their query's sequence (-1: padding row) and position
+    var g_lane = lane // 4
+    var t2 = (lane % 4) * 2
+    var r0 = wid * 16 + g_lane
+    var seq0 = -1
+    var pos0 = 0
+    var seq1 = -1
+    var pos1 = 0
+    if r_begin + r0 < rows:
+        var i = (r_begin + r0) // group - t_first
+        seq0 = Int(q_seq[unsafe_offset=i])
+        pos0 = Int(q_pos[unsafe_offset=i])
+    if r_begin + r0 + 8 < rows:
+        var i = (r_begin + r0 + 8) // group - t_first
+        seq1 = Int(q_seq[unsafe_offset=i])
+        pos1 = Int(q_pos[unsafe_offset=i])
+    barrier()
+    var nblk = Int(blocks[unsafe_offset=2 * QMAX * NF])
+    var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
+    var q_w = q_s.unsafe_offset(wid * 16 * KS)
+    # online softmax state of rows r0, r0 + 8 (log2 domain)
+    var m0 = f32_neg_inf()
+    var m1 = f32_neg_inf()
+    var l0 = Float32(0)
+    var l1 = Float32(0)
+    var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
+    for u in range(nblk):
+        var b = Int(blocks[unsafe_offset=2 * u])
+        var j = Int(blocks[unsafe_offset=2 * u + 1])
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
+        if u > 0:
+            barrier()  # every warp is done with the previous block
+        for i in range(tid, BS * CPR, NT):
+            var key = i // CPR
+            var c = (i % CPR) * 8
+            if key < nk:
+                var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
+                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
+                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
+            else:
+                k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+                v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+        async_copy_commit_group()
+        async_copy_wait_group(0)
+        barrier()
+        var nv0 = _forced_visible[init_blocks, local_blocks, BS](seq0, pos0, b, j, nk)
+        var nv1 = _forced_visible[init_blocks, local_blocks, BS](seq1, pos1, b, j, nk)
+        if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
+            continue  # none of this warp's rows has the block
+        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
+        qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
+        var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
+        var mn0 = max(m0, mx[0])
+        var mn1 = max(m1, mx[1])
+        var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
+        var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
+        var a0 = exp2(m0 - base0)
+        var a1 = exp2(m1 - base1)
+        m0 = mn0
+        m1 = mn1
+        var ls = exp2_rows16[BS](s_acc, base0, base1)
+        l0 = l0 * a0 + ls[0]
+        l1 = l1 * a1 + ls[1]
+        comptime for dn in range(D // 8):
+            o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
+        pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
+    async_copy_wait_group(0)  # (a tile always has a block; this keeps Q's copy settled regardless)
+    # the forced split, normalized, through this warp's own Q rows; its lse
+    var inv0 = Float32(1) / l0 if l0 > 0 else Float32(0)
+    var inv1 = Float32(1) / l1 if l1 > 0 else Float32(0)
+    syncwarp()  # other lanes' ldmatrix reads of these rows come first
+    comptime for dn in range(D // 8):
+        var d = dn * 8 + t2
+        var o = o_acc[dn]
+        q_w.unsafe_store[alignment=4](g_lane * KS + d, SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[dtype]())
+        q_w.unsafe_store[alignment=4]((g_lane + 8) * KS + d, SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[dtype]())
+    if lane % 4 == 0:
+        lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
+        lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
+    syncwarp()
+    # merged with the partials of the other slots, a row at a time
+    var col = (lane % LPS) * VEC
+    for i in range(16):
+        var gr = r_begin + wid * 16 + i
+        if gr >= rows:
+            break
+        var extra = q_w.unsafe_load[width=VEC, alignment=16](i * KS + col).cast[DType.float32]()
+        combine_row_vec[dtype, part_dtype, topk, D, VEC](
+            output, lse, o_p, lse_p, (gr // group) * Hq + g * group + gr % group, lane,
+            lse_f[unsafe_offset=wid * 16 + i], extra,
+        )
+
+
+def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
+    """The GPU kernel: the block attention's tensor-core tile steps, partials
+    in the inputs' dtype, 16-byte merge loads."""
+    return (
+        mma_supported[dtype, head_dim, block_size]()
+        and part_dtype == dtype
+        and combine_vec_width[dtype, head_dim]() > 0
+    )
+
+
+def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    return (2 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]()
+
+
+@register("msa_forced_combine")
+struct MSAForcedCombine:
+    """Out [T, Hq, D] and lse [T, Hq]: each query's forced blocks (sinks and
+    local) attended to and merged with o_partial / lse_partial, the block
+    attention's partials for its other slots (forced slots -inf)."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        part_dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        group: Int,
+        num_groups: Int,
+        head_dim: Int,
+        init_blocks: Int,
+        local_blocks: Int,
+    ](
+        output: OutputTensor[dtype=dtype, rank=3, ...],
+        lse: OutputTensor[dtype=DType.float32, rank=2, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        k: InputTensor[dtype=dtype, rank=3, ...],
+        v: InputTensor[dtype=dtype, rank=3, ...],
+        o_partial: InputTensor[dtype=part_dtype, rank=4, ...],
+        lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime assert init_blocks + local_blocks > 0, "msa_forced_combine: no forced blocks"
+        var T = q.dim_size(0)
+        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
+            raise Error("msa_forced_combine: q must be [T, Hq, D] with the op's Hq and D")
+        if k.dim_size(1) != num_groups or k.dim_size(2) != head_dim:
+            raise Error("msa_forced_combine: k must be [S, Hkv, D] with the op's Hkv and D")
+        if (o_partial.dim_size(0) != T or o_partial.dim_size(1) != group * num_groups
+                or o_partial.dim_size(2) != topk or o_partial.dim_size(3) != head_dim):
+            raise Error("msa_forced_combine: o_partial must be [T, Hq, topk, D]")
+        if T == 0:
+            return
+        var B = cu_seqlens_q.dim_size(0) - 1
+        comptime if is_cpu[target]():
+            _forced_combine_cpu[dtype, part_dtype, head_dim, block_size, group, topk, init_blocks, local_blocks](
+                output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr()[unsafe_offset=0], B, num_groups,
+            )
+        else:
+            comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
+                comptime smem = forced_smem_bytes[dtype, head_dim, block_size]()
+                comptime kernel = forced_combine_kernel[
+                    dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks
+                ]
+                ctx.enqueue_function[kernel](
+                    output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(),
+                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
+                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
+                    shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                )
+            else:
+                raise Error(
+                    "msa_forced_combine: the GPU path needs 16-bit q, k, v with partials in the same dtype, D and"
+                    " block_size multiples of 16 up to 128"
+                )
