@@ -88,7 +88,7 @@ def combine_vec_width[part_dtype: DType, head_dim: Int]() -> Int:
 
 
 @always_inline
-def combine_row_vec[
+def _combine_row_vec[
     out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int
 ](
     output: Pointer[Scalar[out_dtype], MutAnyOrigin],
@@ -97,27 +97,19 @@ def combine_row_vec[
     lse_p: F32Ptr,
     row: Int,
     lane: Int,
-    extra_lse: Float32,
-    extra: SIMD[DType.float32, vec],
 ):
     """One (t, h) row, a warp: lane l reads columns (l % LPS) * vec .. + vec of
-    slots l // LPS, l // LPS + SPP, ... (LPS lanes per slot, SPP slots per pass).
-    One more split may join: log-sum-exp extra_lse (-inf: none), normalized
-    output `extra`, this lane's columns (used on lanes < LPS)."""
+    slots l // LPS, l // LPS + SPP, ... (LPS lanes per slot, SPP slots per pass)."""
     comptime LPS = head_dim // vec
     comptime SPP = WARP_SIZE // LPS
     var lrow = lse_p.unsafe_offset(row * topk)
-    var m = extra_lse
+    var m = f32_neg_inf()
     comptime for s in range(topk):
         m = max(m, lrow[unsafe_offset=s])
     var col = (lane % LPS) * vec
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
-        if lane < LPS and extra_lse > f32_neg_inf():
-            var w = exp(extra_lse - m)
-            den += w
-            acc += w * extra
         var orow = o_p.unsafe_offset(row * topk * head_dim + col)
         comptime for s0 in range(0, topk, SPP):
             var s = s0 + lane // LPS
@@ -139,6 +131,48 @@ def combine_row_vec[
         lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
 
 
+@always_inline
+def merge_row_cols[
+    out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int
+](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    row: Int,
+    col: Int,
+    lse_row: Array[Float32, topk],
+    extra_lse: Float32,
+    extra: SIMD[DType.float32, vec],
+    write_lse: Bool,
+):
+    """Columns col .. col + vec of one (t, h) row, every slot by one thread:
+    its topk 16-byte loads are independent (all in flight at once), no
+    shuffles. lse_row: the row's lse_partial, already at hand; one more split
+    joins with log-sum-exp extra_lse (-inf: none) and normalized output
+    `extra` (these columns). write_lse: this thread writes lse[row]."""
+    var m = extra_lse
+    comptime for s in range(topk):
+        m = max(m, lse_row[s])
+    var acc = SIMD[DType.float32, vec](0)
+    var den = Float32(0)
+    if m > f32_neg_inf():
+        var orow = o_p.unsafe_offset(row * topk * head_dim + col)
+        comptime for s in range(topk):
+            var l = lse_row[s]
+            if l > f32_neg_inf():  # unused and forced slots are never written: skip the read
+                var w = exp(l - m)
+                den += w
+                acc += w * orow.unsafe_load[width=vec, alignment=16](s * head_dim).cast[DType.float32]()
+        if extra_lse > f32_neg_inf():
+            var w = exp(extra_lse - m)
+            den += w
+            acc += w * extra
+    var inv = Float32(1) / den if den > 0 else Float32(0)
+    output.unsafe_store(row * head_dim + col, (acc * inv).cast[out_dtype]())
+    if write_lse:
+        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
+
+
 def combine_kernel[
     out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int
 ](
@@ -153,9 +187,7 @@ def combine_kernel[
         return
     comptime vec = combine_vec_width[part_dtype, head_dim]()
     comptime if vec > 0:
-        combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](
-            output, lse, o_p, lse_p, row, Int(lane_id()), f32_neg_inf(), SIMD[DType.float32, vec](0)
-        )
+        _combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](output, lse, o_p, lse_p, row, Int(lane_id()))
     else:
         combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
             output, lse, o_p, lse_p, row, Int(lane_id()), f32_neg_inf(), unsafe_stack_allocation[1, Float32]()

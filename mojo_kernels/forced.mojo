@@ -12,8 +12,10 @@
 # thread block per 64 consecutive (query, head) rows of a KV group loads each
 # forced block of its queries once, runs an online softmax over them on
 # tensor cores (the block attention's tile steps), and merges that split
-# with the partials of the other slots (the combine's row merge) into out
-# and lse. Unused and forced slots carry lse_partial -inf and are not read.
+# with the partials of the other slots into out and lse: the rows'
+# lse_partial is fetched into shared memory at the start, and in the merge
+# each thread reads its 16-byte columns of every slot of its row at once.
+# Unused and forced slots carry lse_partial -inf and are not read.
 #
 # A tile's rows nearly always belong to one query block (one set of forced
 # blocks); where they straddle a query block or a sequence, the thread block
@@ -32,7 +34,7 @@ from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, as
 from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
-from .combine import combine_row, combine_row_vec, combine_vec_width
+from .combine import combine_row, combine_vec_width, merge_row_cols
 from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, seq_of
 
 comptime FC_WARPS = 4
@@ -169,6 +171,16 @@ def forced_combine_kernel[
             async_copy[16](qg.unsafe_offset(src * D + c), q_s.unsafe_offset(r * KS + c))
         else:
             q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+    # the rows' lse_partial, for the merge at the end (lands during the attention)
+    var lse_s = unsafe_stack_allocation[FC_BM * topk, Float32, address_space=AddressSpace.SHARED]()
+    var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    for i in range(tid, FC_BM * topk, NT):
+        var gr = r_begin + i // topk
+        if gr < rows:
+            var src = (gr // group) * Hq + g * group + gr % group
+            async_copy[4](lpg.unsafe_offset(src * topk + i % topk), lse_s.unsafe_offset(i))
+        else:
+            lse_s[unsafe_offset=i] = f32_neg_inf()
     async_copy_commit_group()
     # each query of the tile: its sequence and key position
     if tid < nq:
@@ -281,17 +293,23 @@ def forced_combine_kernel[
         lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
         lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
     syncwarp()
-    # merged with the partials of the other slots, a row at a time
+    # merged with the partials of the other slots: LPS lanes per row, each
+    # lane its VEC columns of every slot (topk 16-byte loads in flight)
+    comptime RPP = WARP_SIZE // LPS  # rows per pass
     var col = (lane % LPS) * VEC
-    for i in range(16):
-        var gr = r_begin + wid * 16 + i
-        if gr >= rows:
-            break
-        var extra = q_w.unsafe_load[width=VEC, alignment=16](i * KS + col).cast[DType.float32]()
-        combine_row_vec[dtype, part_dtype, topk, D, VEC](
-            output, lse, o_p, lse_p, (gr // group) * Hq + g * group + gr % group, lane,
-            lse_f[unsafe_offset=wid * 16 + i], extra,
-        )
+    comptime for i0 in range(0, 16, RPP):
+        var i = i0 + lane // LPS
+        var r = wid * 16 + i
+        var gr = r_begin + r
+        if gr < rows:
+            var lse_row = Array[Float32, topk](fill=0)
+            comptime for s in range(topk):
+                lse_row[s] = lse_s[unsafe_offset=r * topk + s]
+            var extra = q_w.unsafe_load[width=VEC, alignment=16](i * KS + col).cast[DType.float32]()
+            merge_row_cols[dtype, part_dtype, topk, D, VEC](
+                output, lse, o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row,
+                lse_f[unsafe_offset=r], extra, lane % LPS == 0,
+            )
 
 
 def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
