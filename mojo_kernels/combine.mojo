@@ -146,8 +146,7 @@ def merge_row_cols[
     write_lse: Bool,
 ):
     """Columns col .. col + vec of one (t, h) row, every slot by one thread:
-    its topk 16-byte loads are independent (all in flight at once), no
-    shuffles. lse_row: the row's lse_partial, already at hand; one more split
+    its topk 16-byte loads all in flight at once, no shuffles. lse_row: the row's lse_partial, already at hand; one more split
     joins with log-sum-exp extra_lse (-inf: none) and normalized output
     `extra` (these columns). write_lse: this thread writes lse[row]."""
     var m = extra_lse
@@ -156,13 +155,19 @@ def merge_row_cols[
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
+        # every load issued before any is used: a load next to its use would
+        # wait out a full DRAM round trip per slot
         var orow = o_p.unsafe_offset(row * topk * head_dim + col)
+        var vals = Array[SIMD[part_dtype, vec], topk](fill=SIMD[part_dtype, vec](0))
+        comptime for s in range(topk):
+            if lse_row[s] > f32_neg_inf():  # unused and forced slots are never written: skip the read
+                vals[s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
         comptime for s in range(topk):
             var l = lse_row[s]
-            if l > f32_neg_inf():  # unused and forced slots are never written: skip the read
+            if l > f32_neg_inf():
                 var w = exp(l - m)
                 den += w
-                acc += w * orow.unsafe_load[width=vec, alignment=16](s * head_dim).cast[DType.float32]()
+                acc += w * vals[s].cast[DType.float32]()
         if extra_lse > f32_neg_inf():
             var w = exp(extra_lse - m)
             den += w
