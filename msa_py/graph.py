@@ -123,6 +123,12 @@ def _seqlens(cu_q, cu_k, T, S, device: DeviceRef):
 _SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
 
 
+def mma_attention_fits(sixteen_bit: bool, head_dim: int, block_size: int) -> bool:
+    """Shapes the tensor-core attention tiles take (block attention, forced
+    pass): 16-bit inputs, D and block_size multiples of 16 up to 128."""
+    return sixteen_bit and head_dim % 16 == 0 and head_dim <= 128 and block_size % 16 == 0 and block_size <= 128
+
+
 def _check_gpu_fit(kind: str, device: DeviceRef, dtype: DType, *, topk: int, block_size: int, dim: int,
                    num_groups: int = 1) -> None:
     """Shared memory the GPU kernels will ask for, checked before any compile:
@@ -138,7 +144,7 @@ def _check_gpu_fit(kind: str, device: DeviceRef, dtype: DType, *, topk: int, blo
             need = 4 * (rows * (dim + 1) + min(32, block_size) * (dim + 1) + 2 * rows * topk)
         what = f"topk={topk}, Di={dim}, block_size={block_size}"
     else:
-        if sixteen and dim % 16 == 0 and dim <= 128 and block_size % 16 == 0 and block_size <= 128:
+        if mma_attention_fits(sixteen, dim, block_size):
             need = (2 * block_size + 128) * (dim + 8) * 2
         else:
             need = 4 * (block_size * (dim + 1) + block_size * dim + 8 * (dim + block_size))
@@ -421,8 +427,7 @@ def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_si
         return False
     if str(device.device_type) == "cpu":
         return True
-    return (dtype in (DType.bfloat16, DType.float16) and head_dim % 16 == 0 and head_dim <= 128
-            and block_size % 16 == 0 and block_size <= 128)
+    return mma_attention_fits(dtype in (DType.bfloat16, DType.float16), head_dim, block_size)
 
 
 def forced_combine(

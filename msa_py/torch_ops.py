@@ -581,8 +581,9 @@ def forced_combine(
     if not 0 < init_blocks + local_blocks <= topk:
         raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk, got {init_blocks}, "
                          f"{local_blocks}, topk {topk}")
-    if q.is_cuda and not (pd != torch.float32 and D % 16 == 0 and D <= 128 and block_size % 16 == 0
-                          and block_size <= 128):
+    from .graph import mma_attention_fits
+
+    if q.is_cuda and not mma_attention_fits(pd != torch.float32, D, block_size):
         raise ValueError(f"forced_combine on CUDA needs bfloat16/float16 inputs with D and block_size multiples "
                          f"of 16 up to 128; got {q.dtype}, D={D}, block_size={block_size}")
     V.check_scale("scale", scale)

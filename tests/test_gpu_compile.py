@@ -23,27 +23,35 @@ _SERIALIZED = ("C7514", "C7515", "C7518", "C7519", "C7520", "serialized")
 _PTX_SCRIPT = """
 from max.gpu.host.compile import _compile_code
 from max.gpu.host import get_gpu_target
-from mojo_kernels.select import select_mma_kernel
+from mojo_kernels.{module} import {kernel}
 
 def main():
-    print(_compile_code[select_mma_kernel[DType.bfloat16, 128, 4, 16, 128, 1, 2, True],
-                        target=get_gpu_target["sm_90a"]()]().asm)
+    print(_compile_code[{kernel}[{params}], target=get_gpu_target["sm_90a"]()]().asm)
 """
 
+# (module, kernel, compile-time parameters at the model shape, an instruction its PTX must hold)
+_KERNELS = [
+    ("select", "select_mma_kernel", "DType.bfloat16, 128, 4, 16, 128, 1, 2, True", "wgmma.mma_async"),
+    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2", "mma.sync"),
+]
 
-def test_hopper_indexer_wgmma_not_serialized(tmp_path):
+
+@pytest.mark.parametrize("module,kernel,params,needle", _KERNELS, ids=[k[1] for k in _KERNELS])
+def test_hopper_kernel_assembles_without_spills_or_serialization(tmp_path, module, kernel, params, needle):
+    """ptxas -v on the kernel's sm_90a PTX: no spills (the forced pass runs at
+    255 registers), and no wgmma serialization note."""
     ptxas = shutil.which("ptxas")
     if ptxas is None:
         pytest.skip("ptxas (CUDA toolkit) not on PATH: the PTX cannot be assembled here")
     mojo = shutil.which("mojo") or str(Path(sys.executable).parent / "mojo")
     repo = Path(__file__).resolve().parent.parent
-    script = tmp_path / "ptx_select.mojo"
-    script.write_text(_PTX_SCRIPT)
+    script = tmp_path / f"ptx_{module}.mojo"
+    script.write_text(_PTX_SCRIPT.format(module=module, kernel=kernel, params=params))
     gen = subprocess.run([mojo, "run", "-I", str(repo), str(script)], capture_output=True, text=True, timeout=600)
-    assert gen.returncode == 0 and "wgmma.mma_async" in gen.stdout, gen.stderr[-4000:]
-    ptx = tmp_path / "select.ptx"
+    assert gen.returncode == 0 and needle in gen.stdout, gen.stderr[-4000:]
+    ptx = tmp_path / f"{module}.ptx"
     ptx.write_text(gen.stdout)
-    asm = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "select.cubin")],
+    asm = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / f"{module}.cubin")],
                          capture_output=True, text=True, timeout=300)
     notes = asm.stdout + asm.stderr
     assert asm.returncode == 0, notes[-4000:]
