@@ -59,6 +59,13 @@ def test_reference_matches_oracle(seqs, hkv, g, d, di, topk, bs, init, local, q_
     inv = R.invert(bid, c.cu_q, c.cu_k, block_size=bs, q_budget=q_budget)
     assert (inv.work[:, 3] >= 1).all() and (inv.work[:, 3] <= q_budget).all()
     np.testing.assert_array_equal(R.block_ids_from_inversion(inv, c.cu_q, c.cu_k, topk), bid)
+    if 0 < init + local <= topk:  # the layer's decomposition: forced blocks out of the inversion, into forced_combine
+        kw = dict(block_size=bs, init_blocks=init, local_blocks=local)
+        inv_f = R.invert(bid, c.cu_q, c.cu_k, q_budget=q_budget, **kw)
+        o_p, lse_p = R.block_attention(c.q, c.k, c.v, inv_f, c.cu_q, c.cu_k, topk=topk, block_size=bs)
+        fo, fl = R.forced_combine(c.q, c.k, c.v, o_p, lse_p, c.cu_q, c.cu_k, **kw)
+        np.testing.assert_allclose(fo, ro, atol=1e-12)
+        np.testing.assert_allclose(fl, rl, atol=1e-12)
 
 
 SPEC = E.Spec(dtype="float32", num_heads=4, num_kv_heads=2, head_dim=32, idx_dim=16, topk=3, block_size=16,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 
 def test_readme_torch_example():
@@ -14,4 +14,8 @@ def test_readme_torch_example():
     exec(compile(block, "README.md", "exec"), ns)
     out, out2 = ns["out"], ns["out2"]
     assert out.shape == (1024, 8, 64) and ns["lse"].shape == (1024, 8)
-    assert (out.float() - out2.float()).abs().max().item() == 0.0
+    # the same selection, attended to in a different order (msa_attention's
+    # forced pass merges the sink and local blocks before rounding to bf16):
+    # equal within bf16 rounding, not bitwise
+    assert torch.allclose(out.float(), out2.float(), rtol=1e-2, atol=1e-2)
+    assert torch.allclose(ns["lse"], ns["lse2"], rtol=1e-5, atol=1e-5)
