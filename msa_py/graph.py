@@ -548,7 +548,9 @@ def msa_attention(
     local, which every selection holds) skip the inversion and the block
     attention and are attended to query-major in the merge
     (`forced_combine`), where `forced_pass_fits`; False: the plain
-    invert / block attention / combine pipeline.
+    invert / block attention / combine pipeline. use_mma picks the block
+    attention's GPU path (False: SIMT, for testing); the forced pass always
+    runs on tensor cores.
     """
     _, _, _, _, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
