@@ -86,24 +86,19 @@ def causal_pairs(T: int, S: int) -> int:
     return T * (off + 1) + T * (T - 1) // 2
 
 
-def attended_keys(torch, block_ids, T: int, S: int, block_size: int) -> int:
-    """Keys each query attends (visible keys of its selected blocks), summed."""
+def attended_keys(torch, block_ids, T: int, S: int, block_size: int, forced: tuple | None = None) -> int:
+    """Keys each query attends (visible keys of its selected blocks), summed.
+    forced (init_blocks, local_blocks): only those in each query's forced
+    blocks (the forced pass's keys)."""
     p = torch.arange(S - T, S, device=block_ids.device)
     j = block_ids.long()
+    keep = j >= 0
+    if forced is not None:
+        init_blocks, local_blocks = forced
+        keep &= (j < init_blocks) | (j > (p // block_size)[None, :, None] - local_blocks)
     vis = (p[None, :, None] - j * block_size + 1).clamp(0, block_size)
-    vis = torch.where(j >= 0, vis, torch.zeros_like(vis))
+    vis = torch.where(keep, vis, torch.zeros_like(vis))
     return int(vis.sum().item() // block_ids.shape[0])
-
-
-def forced_keys(torch, block_ids, T: int, S: int, spec: E.Spec) -> int:
-    """Of attended_keys, those in each query's forced blocks (the forced pass's)."""
-    bs = spec.block_size
-    p = torch.arange(S - T, S, device=block_ids.device)
-    j = block_ids.long()
-    jq = (p // bs)[None, :, None]
-    forced = (j >= 0) & ((j < spec.init_blocks) | (j > jq - spec.local_blocks))
-    vis = (p[None, :, None] - j * bs + 1).clamp(0, bs)
-    return int(torch.where(forced, vis, torch.zeros_like(vis)).sum().item() // block_ids.shape[0])
 
 
 # --------------------------------------------------------------------------- timing
@@ -272,7 +267,8 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
     row["keys_per_query"] = keys / T
     row["select_tflops"] = 2 * pairs * spec.num_kv_heads * spec.idx_dim / (row["select_ms"] * 1e-3) / 1e12
     # the block attention's own keys: without the forced blocks where the forced pass takes them
-    block_keys = keys - (forced_keys(torch, bid_t, T, S, spec) if row["forced_pass"] else 0)
+    forced = (spec.init_blocks, spec.local_blocks)
+    block_keys = keys - (attended_keys(torch, bid_t, T, S, spec.block_size, forced) if row["forced_pass"] else 0)
     row["attention_tflops"] = 4 * block_keys * spec.num_heads * spec.head_dim / (row["block_attention_ms"] * 1e-3) / 1e12
     row["attention_pct_peak"] = 100 * row["attention_tflops"] / peak
     # issue 8 asks inversion + combine to stay under 15% of the layer
