@@ -33,6 +33,35 @@ def seq_of(cu: I32Ptr, num_seqs: Int, t: Int) -> Int:
     return lo
 
 
+struct Forced(TrivialRegisterPassable):
+    """The forced blocks of a query at key position p (MSA.md step 2): sinks
+    0 .. nsink - 1 and local blocks local_lo .. jq, disjoint and ascending."""
+
+    var jq: Int
+    var nsink: Int
+    var local_lo: Int
+
+    @always_inline
+    def __init__(out self, p: Int, block_size: Int, init_blocks: Int, local_blocks: Int):
+        self.jq = p // block_size
+        self.nsink = min(init_blocks, self.jq + 1)
+        self.local_lo = max(self.nsink, self.jq - local_blocks + 1)
+
+    @always_inline
+    def num_forced(self) -> Int:
+        return self.nsink + self.jq + 1 - self.local_lo
+
+    @always_inline
+    def block(self, i: Int) -> Int:
+        """The i-th forced block, ascending (i < num_forced())."""
+        return i if i < self.nsink else self.local_lo + i - self.nsink
+
+    @always_inline
+    def holds(self, j: Int) -> Bool:
+        """Whether block j (<= jq) is forced."""
+        return j < self.nsink or j >= self.local_lo
+
+
 @always_inline
 def blocks_of(num_keys: Int, block_size: Int) -> Int:
     return (num_keys + block_size - 1) // block_size

@@ -34,9 +34,9 @@ from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .common import F32MutPtr, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
+from .common import F32MutPtr, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
 from .invert import _row_offsets_kernel
-from .select import _Forced, _topk_insert, _write_selection, block_max_cpu, select_mma_supported
+from .select import _topk_insert, _write_selection, block_max_cpu, select_mma_supported
 
 comptime DEC_WARPS = 4
 comptime DEC_THREADS = DEC_WARPS * WARP_SIZE
@@ -100,7 +100,7 @@ def _decode_select_cpu[
         var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
         var i = t - q0
         var p = tk - tq + i
-        var f = _Forced(p, block_size, init_blocks, local_blocks)
+        var f = Forced(p, block_size, init_blocks, local_blocks)
         var kfree = topk - f.num_forced()
         for g in range(num_groups):
             var cnt = 0
@@ -377,7 +377,7 @@ def decode_topk_kernel[
     var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
     var i = t - q0
     var p = tk - tq + i
-    var f = _Forced(p, BS, init_blocks, local_blocks)
+    var f = Forced(p, BS, init_blocks, local_blocks)
     var kfree = topk - f.num_forced()  # uniform over the thread block
     var scale = scale_p[unsafe_offset=0]
     var my_sc = sc_s.unsafe_offset(tid * topk)

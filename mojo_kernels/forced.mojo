@@ -35,22 +35,10 @@ from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
 from .combine import combine_row, combine_vec_width, merge_row_cols
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, seq_of
+from .common import F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, seq_of
 
 comptime FC_WARPS = 4
 comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
-
-
-@always_inline
-def forced_block[init_blocks: Int, local_blocks: Int](jq: Int, i: Int) -> Int:
-    """The i-th forced block (ascending) of a query whose own block is jq;
-    -1 past the last. Sinks 0 .. min(init, jq + 1) - 1, then the local blocks
-    above them up to jq."""
-    var ns = min(init_blocks, jq + 1)
-    if i < ns:
-        return i
-    var j = max(init_blocks, jq - local_blocks + 1) + (i - ns)
-    return j if j <= jq else -1
 
 
 @always_inline
@@ -59,10 +47,8 @@ def _forced_visible[init_blocks: Int, local_blocks: Int, block_size: Int](
 ) -> Int:
     """Keys of block j of sequence b (nk keys) that a row sees when the block is
     one of its forced blocks; 0 otherwise (or for a padding row, row_seq -1)."""
-    if row_seq != b:
-        return 0
-    var jq = row_pos // block_size
-    if j > jq or (j >= init_blocks and j <= jq - local_blocks):
+    var f = Forced(row_pos, block_size, init_blocks, local_blocks)
+    if row_seq != b or j > f.jq or not f.holds(j):
         return 0
     return min(nk, row_pos - j * block_size + 1)
 
@@ -90,22 +76,17 @@ def _forced_combine_cpu[
         var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
         for t in range(q0, q0 + tq):
             var pos = tk - tq + t - q0
-            var jq = pos // block_size
+            var f = Forced(pos, block_size, init_blocks, local_blocks)
             for h in range(Hq):
                 var m = f32_neg_inf()
                 var den = Float32(0)
                 for d in range(head_dim):
                     acc[unsafe_offset=d] = 0
-                for i in range(init_blocks + local_blocks):
-                    var j = forced_block[init_blocks, local_blocks](jq, i)
-                    if j < 0:
-                        break
+                for i in range(f.num_forced()):
+                    var j = f.block(i)
                     softmax_block_cpu[dtype, head_dim, block_size](
                         q.unsafe_offset((t * Hq + h) * head_dim), k, v, k0 + j * block_size, num_groups,
-                        h // group, _forced_visible[init_blocks, local_blocks, block_size](
-                            b, pos, b, j, min(block_size, tk - j * block_size)
-                        ),
-                        scale, m, den, acc,
+                        h // group, min(block_size, pos - j * block_size + 1), scale, m, den, acc,
                     )
                 var inv = Float32(1) / den if den > 0 else Float32(0)
                 for d in range(head_dim):
@@ -197,13 +178,11 @@ def forced_combine_kernel[
         var n = 0
         for i in range(nq):
             var b = Int(q_seq[unsafe_offset=i])
-            var jq = Int(q_pos[unsafe_offset=i]) // BS
-            if i > 0 and b == Int(q_seq[unsafe_offset=i - 1]) and jq == Int(q_pos[unsafe_offset=i - 1]) // BS:
+            var f = Forced(Int(q_pos[unsafe_offset=i]), BS, init_blocks, local_blocks)
+            if i > 0 and b == Int(q_seq[unsafe_offset=i - 1]) and f.jq == Int(q_pos[unsafe_offset=i - 1]) // BS:
                 continue  # the same forced blocks as the previous query
-            for f in range(NF):
-                var j = forced_block[init_blocks, local_blocks](jq, f)
-                if j < 0:
-                    break
+            for fi in range(f.num_forced()):
+                var j = f.block(fi)
                 var seen = False
                 for u in range(n):
                     seen = seen or (Int(blocks[unsafe_offset=2 * u]) == b and Int(blocks[unsafe_offset=2 * u + 1]) == j)

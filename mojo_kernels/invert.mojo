@@ -33,7 +33,7 @@ from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace
 
-from .common import I32MutPtr, I32Ptr, blocks_of, seq_of
+from .common import Forced, I32MutPtr, I32Ptr, blocks_of, seq_of
 
 comptime SCAN_THREADS = 1024
 comptime SORT_THREADS = 256
@@ -76,48 +76,47 @@ def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
 
 @always_inline
 def _query_row_base(
-    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, block_size: Int,
-    mut jq: Int,
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, mut pos: Int
 ) -> Int:
     """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end;
-    jq: the query's own block."""
+    pos: the query's key position."""
     if q >= nq:
         return -1
     var t = q % T
     var b = seq_of(cu_q, num_seqs, t)
-    jq = _own_block(cu_q, cu_k, b, t, block_size)
+    pos = _position(cu_q, cu_k, b, t)
     return Int(roff[unsafe_offset=b])
 
 
 @always_inline
-def _own_block(cu_q: I32Ptr, cu_k: I32Ptr, b: Int, t: Int, block_size: Int) -> Int:
-    """Block of query token t (sequence b) at its key position tk - tq + i."""
+def _position(cu_q: I32Ptr, cu_k: I32Ptr, b: Int, t: Int) -> Int:
+    """Key position tk - tq + i of query token t (sequence b)."""
     var q0 = Int(cu_q[unsafe_offset=b])
     var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
     var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
-    return (tk - tq + t - q0) // block_size
+    return tk - tq + t - q0
 
 
 @always_inline
-def _skipped[init_blocks: Int, local_blocks: Int](j: Int, jq: Int) -> Bool:
-    """Unused slot, or a forced block the layer's forced pass attends to
-    instead (j < init_blocks or j > jq - local_blocks; both 0: none)."""
+def _skipped[init_blocks: Int, local_blocks: Int](j: Int, f: Forced) -> Bool:
+    """Unused slot, or one of the query's forced blocks f, which the layer's
+    forced pass attends to instead (init_blocks and local_blocks both 0: none)."""
     if j < 0:
         return True
     comptime if init_blocks + local_blocks > 0:
-        return j < init_blocks or j > jq - local_blocks
+        return f.holds(j)
     return False
 
 
 @always_inline
 def _slot_key[init_blocks: Int, local_blocks: Int](
-    block_ids: I32Ptr, q: Int, s: Int, topk: Int, rbase: Int, jq: Int, T: Int, r_max: Int
+    block_ids: I32Ptr, q: Int, s: Int, topk: Int, rbase: Int, f: Forced, T: Int, r_max: Int
 ) -> Int:
     """Counter index g * r_max + row of query q's slot s, -1 when skipped."""
     if rbase < 0:
         return -1
     var j = Int(block_ids[unsafe_offset=q * topk + s])
-    if _skipped[init_blocks, local_blocks](j, jq):
+    if _skipped[init_blocks, local_blocks](j, f):
         return -1
     return (q // T) * r_max + rbase + j
 
@@ -129,10 +128,11 @@ def _count_kernel[init_blocks: Int, local_blocks: Int](
     """One thread per (g, t) query, its slots in turn (warp-aggregated atomics)."""
     var q = Int(global_idx.x)
     var lane = Int(lane_id())
-    var jq = 0
-    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), Int(block_size), jq)
+    var pos = 0
+    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
+    var f = Forced(pos, Int(block_size), init_blocks, local_blocks)
     for s in range(Int(topk)):
-        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, jq, Int(T), Int(r_max))
+        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, f, Int(T), Int(r_max))
         _ = _warp_fetch_add(counts, key, lane)
 
 
@@ -147,10 +147,11 @@ def _scatter_kernel[init_blocks: Int, local_blocks: Int](
     var R = Int(r_max)
     var nent = Int(T) * K
     var g = q // Int(T)
-    var jq = 0
-    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), Int(block_size), jq)
+    var pos = 0
+    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
+    var f = Forced(pos, Int(block_size), init_blocks, local_blocks)
     for s in range(K):
-        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, K, rbase, jq, Int(T), R)
+        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, K, rbase, f, Int(T), R)
         var pos = _warp_fetch_add(cursor, key, lane)
         if key >= 0:
             var row = key - g * R
@@ -343,10 +344,10 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
             cnt[unsafe_offset=r] = 0
         for b in range(num_seqs):
             for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
-                var jq = _own_block(cu_q, cu_k, b, t, block_size)
+                var f = Forced(_position(cu_q, cu_k, b, t), block_size, init_blocks, local_blocks)
                 for s in range(topk):
                     var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
-                    if not _skipped[init_blocks, local_blocks](j, jq):
+                    if not _skipped[init_blocks, local_blocks](j, f):
                         cnt[unsafe_offset=Int(row_offsets[unsafe_offset=b]) + j] += 1
         var rp = row_ptr.unsafe_offset(g * (r_max + 1))
         var run = 0
@@ -370,10 +371,10 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
             ent[unsafe_offset=i] = -1
         for b in range(num_seqs):
             for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
-                var jq = _own_block(cu_q, cu_k, b, t, block_size)
+                var f = Forced(_position(cu_q, cu_k, b, t), block_size, init_blocks, local_blocks)
                 for s in range(topk):
                     var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
-                    if not _skipped[init_blocks, local_blocks](j, jq):
+                    if not _skipped[init_blocks, local_blocks](j, f):
                         var r = Int(row_offsets[unsafe_offset=b]) + j
                         var pos = Int(rp[unsafe_offset=r]) + Int(cnt[unsafe_offset=r])
                         cnt[unsafe_offset=r] += 1

@@ -48,28 +48,12 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 from std.sys.info import _is_sm_9x
 
-from .common import SMEM_OPTIN_BYTES, F32Ptr, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset, wgmma_acc_fence
+from .common import SMEM_OPTIN_BYTES, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset, wgmma_acc_fence
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
 comptime SEL_SUB = 4  # threads per row
 comptime SEL_THREADS = SEL_ROWS * SEL_SUB
 comptime SEL_KC = 32  # keys per shared-memory chunk
-
-
-struct _Forced(TrivialRegisterPassable):
-    var jq: Int
-    var nsink: Int
-    var local_lo: Int
-
-    @always_inline
-    def __init__(out self, p: Int, block_size: Int, init_blocks: Int, local_blocks: Int):
-        self.jq = p // block_size
-        self.nsink = min(init_blocks, self.jq + 1)
-        self.local_lo = max(self.nsink, self.jq - local_blocks + 1)
-
-    @always_inline
-    def num_forced(self) -> Int:
-        return self.nsink + self.jq + 1 - self.local_lo
 
 
 @always_inline
@@ -119,7 +103,7 @@ def _write_selection[
     space: AddressSpace, topk: Int
 ](
     out_row: I32MutPtr,
-    f: _Forced,
+    f: Forced,
     ids: Pointer[Int32, MutUntrackedOrigin, address_space=space],
     cnt: Int,
 ):
@@ -189,7 +173,7 @@ def _select_cpu[
         var k0 = Int(cu_k[unsafe_offset=b])
         var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
         var p = tk - tq + (t - Int(cu_q[unsafe_offset=b]))
-        var f = _Forced(p, block_size, init_blocks, local_blocks)
+        var f = Forced(p, block_size, init_blocks, local_blocks)
         var kfree = topk - f.num_forced()
         for g in range(num_groups):
             var qrow = q_idx.unsafe_offset((t * num_groups + g) * idx_dim)
@@ -272,7 +256,7 @@ def select_kernel[
     var qi = r // num_groups
     var valid = qi < nq
     var p = tk - tq + i0 + min(qi, nq - 1)
-    var f = _Forced(p, block_size, init_blocks, local_blocks)
+    var f = Forced(p, block_size, init_blocks, local_blocks)
     var kfree = topk - f.num_forced()
     var cnt = 0
     var worst = 0
@@ -355,7 +339,7 @@ def _score_tile_wgmma[dtype: DType, DI: Int, BS: Int](
 @always_inline
 def _pool_and_rank[BS: Int, topk: Int](
     acc: SIMD[DType.float32, BS // 2],
-    j: Int, pos0: Int, pos1: Int, t2: Int, lane: Int, my_valid: Bool, f: _Forced, kfree: Int, scale: Float32,
+    j: Int, pos0: Int, pos1: Int, t2: Int, lane: Int, my_valid: Bool, f: Forced, kfree: Int, scale: Float32,
     my_sc: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     my_id: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     mut cnt: Int,
@@ -409,7 +393,7 @@ struct _RowRank(TrivialRegisterPassable):
     var pos1: Int
     var row: Int  # owned row of the tile (clamped into it when not valid)
     var valid: Bool
-    var f: _Forced
+    var f: Forced
     var kfree: Int
     var cnt: Int
     var worst: Int
@@ -427,7 +411,7 @@ struct _RowRank(TrivialRegisterPassable):
         var my_r = r0 + 8 * (lane % 4)
         self.valid = lane % 4 < 2 and my_r < nrows
         self.row = min(my_r, rows - 1)
-        self.f = _Forced(self.pos1 if lane % 4 == 1 else self.pos0, block_size, init_blocks, local_blocks)
+        self.f = Forced(self.pos1 if lane % 4 == 1 else self.pos0, block_size, init_blocks, local_blocks)
         self.kfree = topk - self.f.num_forced()
         self.cnt = 0
         self.worst = 0
