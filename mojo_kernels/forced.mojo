@@ -30,16 +30,13 @@ from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
+from max.gpu.sync import named_barrier
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
-from .combine import combine_row, combine_vec_width, merge_row_cols
+from .combine import ColSplit, combine_row, combine_vec_width, load_slot_cols, sum_slot_cols
 from .common import F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, seq_of
-
-comptime FC_WARPS = 4
-comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
-
 
 @always_inline
 def _forced_visible[init_blocks: Int, local_blocks: Int, block_size: Int](
@@ -97,20 +94,69 @@ def _forced_combine_cpu[
 
 
 # ----------------------------------------------------------------------------- GPU, tensor cores
-def forced_combine_kernel[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
-    init_blocks: Int, local_blocks: Int,
+# Two warp groups run side by side on a tile of FC_BM rows: the attention
+# warps (one per 16 rows) attend the forced blocks on tensor cores, K/V
+# double-buffered, while the merge warps merge the rows' other slots from
+# o_partial (DRAM-bound) into an fp32 split in shared memory. The two halves
+# overlap instead of running in turn; at the end all warps join the two
+# splits into out and lse.
+comptime FC_WARPS = 4  # attention warps; as many merge warps
+comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
+comptime FC_THREADS = 2 * FC_WARPS * WARP_SIZE
+comptime _ATTN_BARRIER = 1  # named barriers (0 is barrier()'s)
+comptime _MERGE_BARRIER = 2
+
+
+@always_inline
+def _load_kv[dtype: DType, head_dim: Int, block_size: Int, num_groups: Int](
+    kv_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    blocks: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    u: Int,
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    cu_k: I32Ptr, g: Int, tid: Int,
+):
+    """The attention warps' cp.async of the u-th (sequence, block) pair's K and
+    V into stage u % 2 (keys past the sequence zero-filled), one commit group."""
+    comptime D = head_dim
+    comptime BS = block_size
+    comptime KS = D + 8
+    comptime CPR = D // 8
+    var b = Int(blocks[unsafe_offset=2 * u])
+    var j = Int(blocks[unsafe_offset=2 * u + 1])
+    var k0 = Int(cu_k[unsafe_offset=b])
+    var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
+    var k_s = kv_s.unsafe_offset((u % 2) * 2 * BS * KS)
+    var v_s = k_s.unsafe_offset(BS * KS)
+    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    for i in range(tid, BS * CPR, FC_WARPS * WARP_SIZE):
+        var key = i // CPR
+        var c = (i % CPR) * 8
+        if key < nk:
+            var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
+            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
+            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
+        else:
+            k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+            v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+    async_copy_commit_group()
+
+
+@always_inline
+def _attend_forced[
+    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, init_blocks: Int, local_blocks: Int,
 ](
-    output: Pointer[Scalar[dtype], MutAnyOrigin],
-    lse: F32MutPtr,
+    q_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    kv_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lse_f: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
-    lse_p: F32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int, rows: Int, r_begin: Int, g: Int,
 ):
-    comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
+    """The attention warps: the tile's forced split, normalized, into q_s
+    (each warp over its own 16 Q rows) and its lse into lse_f."""
     comptime D = head_dim
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride (elements): conflict-free ldmatrix
@@ -119,28 +165,14 @@ def forced_combine_kernel[
     comptime CPR = D // 8  # 16-byte chunks per row
     comptime NF = init_blocks + local_blocks
     comptime QMAX = ceildiv(FC_BM, group) + 1  # queries a tile's rows can touch
-    comptime VEC = combine_vec_width[dtype, D]()
-    comptime LPS = D // VEC  # lanes per row slot in the merge
-    var g = Int(block_idx.y)
-    var rows = Int(T) * group  # row = t * group + head within the group
-    var r_begin = Int(block_idx.x) * FC_BM
-    if r_begin >= rows:
-        return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
     var t_first = r_begin // group
     var nq = (min(rows, r_begin + FC_BM) - 1) // group - t_first + 1
-    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
-    var k_s = smem
-    var v_s = smem.unsafe_offset(BS * KS)
-    var q_s = v_s.unsafe_offset(BS * KS)
     var q_seq = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var q_pos = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var blocks = unsafe_stack_allocation[2 * QMAX * NF + 1, Int32, address_space=AddressSpace.SHARED]()
-    var lse_f = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
-    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     # Q rows of the tile (consecutive heads of a query are contiguous)
     for i in range(tid, FC_BM * CPR, NT):
@@ -152,27 +184,17 @@ def forced_combine_kernel[
             async_copy[16](qg.unsafe_offset(src * D + c), q_s.unsafe_offset(r * KS + c))
         else:
             q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
-    # the rows' lse_partial, for the merge at the end (lands during the attention)
-    var lse_s = unsafe_stack_allocation[FC_BM * topk, Float32, address_space=AddressSpace.SHARED]()
-    var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    for i in range(tid, FC_BM * topk, NT):
-        var gr = r_begin + i // topk
-        if gr < rows:
-            var src = (gr // group) * Hq + g * group + gr % group
-            async_copy[4](lpg.unsafe_offset(src * topk + i % topk), lse_s.unsafe_offset(i))
-        else:
-            lse_s[unsafe_offset=i] = f32_neg_inf()
     async_copy_commit_group()
     # each query of the tile: its sequence and key position
     if tid < nq:
         var t = t_first + tid
-        var b = seq_of(cu_q, Int(num_seqs), t)
+        var b = seq_of(cu_q, num_seqs, t)
         var q0 = Int(cu_q[unsafe_offset=b])
         var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
         var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
         q_seq[unsafe_offset=tid] = Int32(b)
         q_pos[unsafe_offset=tid] = Int32(tk - tq + t - q0)
-    barrier()
+    named_barrier[Int32(NT)](Int32(_ATTN_BARRIER))
     # the union of the tile's forced blocks as (sequence, block) pairs, count last
     if tid == 0:
         var n = 0
@@ -207,8 +229,9 @@ def forced_combine_kernel[
         var i = (r_begin + r0 + 8) // group - t_first
         seq1 = Int(q_seq[unsafe_offset=i])
         pos1 = Int(q_pos[unsafe_offset=i])
-    barrier()
+    named_barrier[Int32(NT)](Int32(_ATTN_BARRIER))
     var nblk = Int(blocks[unsafe_offset=2 * QMAX * NF])
+
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var q_w = q_s.unsafe_offset(wid * 16 * KS)
     # online softmax state of rows r0, r0 + 8 (log2 domain)
@@ -217,30 +240,21 @@ def forced_combine_kernel[
     var l0 = Float32(0)
     var l1 = Float32(0)
     var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
+    if nblk > 0:
+        _load_kv[dtype, D, BS, num_groups](kv_s, blocks, 0, k, v, cu_k, g, tid)
     for u in range(nblk):
+        async_copy_wait_group(0)  # block u (and, the first time, Q)
+        named_barrier[Int32(NT)](Int32(_ATTN_BARRIER))  # ... for every thread; and all are done with block u - 1's stage
+        if u + 1 < nblk:
+            _load_kv[dtype, D, BS, num_groups](kv_s, blocks, u + 1, k, v, cu_k, g, tid)  # lands while u is multiplied
         var b = Int(blocks[unsafe_offset=2 * u])
         var j = Int(blocks[unsafe_offset=2 * u + 1])
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
-        if u > 0:
-            barrier()  # every warp is done with the previous block
-        for i in range(tid, BS * CPR, NT):
-            var key = i // CPR
-            var c = (i % CPR) * 8
-            if key < nk:
-                var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
-                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
-                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
-            else:
-                k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-                v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-        async_copy_commit_group()
-        async_copy_wait_group(0)
-        barrier()
+        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b]) - j * BS)
         var nv0 = _forced_visible[init_blocks, local_blocks, BS](seq0, pos0, b, j, nk)
         var nv1 = _forced_visible[init_blocks, local_blocks, BS](seq1, pos1, b, j, nk)
         if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
             continue  # none of this warp's rows has the block
+        var k_s = kv_s.unsafe_offset((u % 2) * 2 * BS * KS)
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
         qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
         var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
@@ -257,7 +271,7 @@ def forced_combine_kernel[
         l1 = l1 * a1 + ls[1]
         comptime for dn in range(D // 8):
             o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
-        pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
+        pv_rows16[dtype, D, BS, KS](s_acc, k_s.unsafe_offset(BS * KS), lane, o_acc)
     async_copy_wait_group(0)  # (a tile always has a block; this keeps Q's copy settled regardless)
     # the forced split, normalized, through this warp's own Q rows; its lse
     var inv0 = Float32(1) / l0 if l0 > 0 else Float32(0)
@@ -271,24 +285,115 @@ def forced_combine_kernel[
     if lane % 4 == 0:
         lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
         lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
-    syncwarp()
-    # merged with the partials of the other slots: LPS lanes per row, each
-    # lane its VEC columns of every slot (topk 16-byte loads in flight)
-    comptime RPP = WARP_SIZE // LPS  # rows per pass
+
+
+@always_inline
+def _merge_slots[
+    part_dtype: DType, head_dim: Int, group: Int, num_groups: Int, topk: Int,
+](
+    o_m: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lse_m: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lse_s: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    rows: Int, r_begin: Int, g: Int,
+):
+    """The merge warps: the tile rows' o_partial slots merged into an fp32
+    split (o_m [FC_BM, D], lse_m [FC_BM]). LPS lanes per row, each lane its
+    VEC columns of every slot at once (topk 16-byte loads in flight; two
+    rows' worth per lane spilled at 255 registers)."""
+    comptime D = head_dim
+    comptime Hq = num_groups * group
+    comptime NT = FC_WARPS * WARP_SIZE
+    comptime VEC = combine_vec_width[part_dtype, D]()
+    comptime LPS = D // VEC  # lanes per row
+    comptime RPP = WARP_SIZE // LPS  # rows per warp pass
+    var tid = Int(thread_idx.x) - NT
+    var lane = Int(lane_id())
+    var mw = tid // WARP_SIZE
+    # the rows' lse_partial first (4-byte cp.async), so each row's slot loads
+    # need no dependent global read
+    var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    for i in range(tid, FC_BM * topk, NT):
+        var gr = r_begin + i // topk
+        if gr < rows:
+            var src = (gr // group) * Hq + g * group + gr % group
+            async_copy[4](lpg.unsafe_offset(src * topk + i % topk), lse_s.unsafe_offset(i))
+        else:
+            lse_s[unsafe_offset=i] = f32_neg_inf()
+    async_copy_commit_group()
+    async_copy_wait_group(0)
+    named_barrier[Int32(NT)](Int32(_MERGE_BARRIER))
     var col = (lane % LPS) * VEC
-    comptime for i0 in range(0, 16, RPP):
-        var i = i0 + lane // LPS
-        var r = wid * 16 + i
+    comptime for p in range(16 // RPP):
+        var r = mw * 16 + p * RPP + lane // LPS
+        var lse_row = Array[Float32, topk](fill=0)
+        comptime for s in range(topk):
+            lse_row[s] = lse_s[unsafe_offset=r * topk + s]
+        var gr = min(r_begin + r, rows - 1)  # a padding row's slots are all -inf: nothing is read
+        var vals = load_slot_cols[part_dtype, topk, D, VEC](o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row)
+        var sp = sum_slot_cols[part_dtype, topk, VEC](vals, lse_row)
+        o_m.unsafe_store[alignment=16](r * D + col, sp.o)
+        if lane % LPS == 0:
+            lse_m[unsafe_offset=r] = sp.lse
+
+
+def forced_combine_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    init_blocks: Int, local_blocks: Int,
+](
+    output: Pointer[Scalar[dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+):
+    comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
+    comptime D = head_dim
+    comptime KS = D + 8
+    comptime Hq = num_groups * group
+    comptime VEC = combine_vec_width[dtype, D]()
+    comptime LPS = D // VEC
+    comptime RPP = FC_THREADS // LPS  # rows per pass of the final join, all warps
+    var g = Int(block_idx.y)
+    var rows = Int(T) * group  # row = t * group + head within the group
+    var r_begin = Int(block_idx.x) * FC_BM
+    if r_begin >= rows:
+        return
+    var tid = Int(thread_idx.x)
+    # dynamic shared memory: K/V (2 stages), Q / forced split, merged split, lse_partial
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var kv_s = smem
+    var q_s = smem.unsafe_offset(4 * block_size * KS)
+    var o_m = q_s.unsafe_offset(FC_BM * KS).bitcast[Float32]()
+    var lse_s = o_m.unsafe_offset(FC_BM * D)
+    var lse_f = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
+    var lse_m = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
+    if tid < FC_WARPS * WARP_SIZE:
+        _attend_forced[dtype, D, block_size, group, num_groups, init_blocks, local_blocks](
+            q_s, kv_s, lse_f, q, k, v, cu_q, cu_k, scale_p, Int(num_seqs), rows, r_begin, g
+        )
+    else:
+        _merge_slots[part_dtype, D, group, num_groups, topk](o_m, lse_m, lse_s, o_p, lse_p, rows, r_begin, g)
+    barrier()
+    # the two splits joined, every warp: LPS threads per row
+    var col = (tid % LPS) * VEC
+    comptime for r0 in range(0, FC_BM, RPP):
+        var r = r0 + tid // LPS
         var gr = r_begin + r
         if gr < rows:
-            var lse_row = Array[Float32, topk](fill=0)
-            comptime for s in range(topk):
-                lse_row[s] = lse_s[unsafe_offset=r * topk + s]
-            var extra = q_w.unsafe_load[width=VEC, alignment=16](i * KS + col).cast[DType.float32]()
-            merge_row_cols[dtype, part_dtype, topk, D, VEC](
-                output, lse, o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row,
-                lse_f[unsafe_offset=r], extra, lane % LPS == 0,
+            var forced = ColSplit[VEC](
+                lse_f[unsafe_offset=r], q_s.unsafe_load[width=VEC, alignment=16](r * KS + col).cast[DType.float32]()
             )
+            var merged = ColSplit[VEC](lse_m[unsafe_offset=r], o_m.unsafe_load[width=VEC, alignment=16](r * D + col))
+            var sp = merged.joined(forced)
+            var row = (gr // group) * Hq + g * group + gr % group
+            output.unsafe_store(row * D + col, sp.o.cast[dtype]())
+            if tid % LPS == 0:
+                lse[unsafe_offset=row] = sp.lse
 
 
 def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
@@ -301,8 +406,10 @@ def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size:
     )
 
 
-def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    return (2 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]()
+def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, topk: Int]() -> Int:
+    """K/V in two stages and Q (padded rows), the merged split (fp32) and the
+    tile's lse_partial. graph.forced_smem_bytes is the same count."""
+    return (4 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]() + FC_BM * (head_dim + topk) * 4
 
 
 @register("msa_forced_combine")
@@ -357,7 +464,7 @@ struct MSAForcedCombine:
             )
         else:
             comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
-                comptime smem = forced_smem_bytes[dtype, head_dim, block_size]()
+                comptime smem = forced_smem_bytes[dtype, head_dim, block_size, topk]()
                 comptime kernel = forced_combine_kernel[
                     dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks
                 ]
@@ -365,7 +472,7 @@ struct MSAForcedCombine:
                     output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
                     o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(),
                     cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
-                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
+                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_THREADS,
                     shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
                 )
             else:

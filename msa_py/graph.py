@@ -37,6 +37,7 @@ __all__ = [
     "combine",
     "forced_combine",
     "forced_pass_fits",
+    "forced_gpu_fits",
     "forced_layer",
     "sparse_attention",
     "msa_attention",
@@ -427,7 +428,15 @@ def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_si
         return False
     if str(device.device_type) == "cpu":
         return True
-    return mma_attention_fits(dtype in (DType.bfloat16, DType.float16), head_dim, block_size)
+    return forced_gpu_fits(dtype in (DType.bfloat16, DType.float16), head_dim, block_size, topk)
+
+
+def forced_gpu_fits(sixteen_bit: bool, head_dim: int, block_size: int, topk: int) -> bool:
+    """The GPU forced pass's shapes: the tensor-core tiles', and its shared
+    memory (forced.mojo's forced_smem_bytes: K/V in two stages and 64 Q rows,
+    16-bit padded rows; the merged split and the tile's lse_partial, fp32)."""
+    smem = (4 * block_size + 64) * (head_dim + 8) * 2 + 64 * (head_dim + topk) * 4
+    return mma_attention_fits(sixteen_bit, head_dim, block_size) and smem <= _SMEM_LIMIT
 
 
 def forced_combine(
@@ -465,7 +474,8 @@ def forced_combine(
     if not forced_pass_fits(q.dtype, dev, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
                             local_blocks=local_blocks):
         raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk and, on the GPU, 16-bit "
-                         f"inputs with D and block_size multiples of 16 up to 128; got init_blocks={init_blocks}, "
+                         f"inputs with D and block_size multiples of 16 up to 128 and topk small enough for the "
+                         f"shared memory (forced_gpu_fits); got init_blocks={init_blocks}, "
                          f"local_blocks={local_blocks}, topk={topk}, D={D}, block_size={block_size}, {q.dtype}")
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
     out, lse = ops.custom(

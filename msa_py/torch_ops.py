@@ -581,11 +581,12 @@ def forced_combine(
     if not 0 < init_blocks + local_blocks <= topk:
         raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk, got {init_blocks}, "
                          f"{local_blocks}, topk {topk}")
-    from .graph import mma_attention_fits
+    from .graph import forced_gpu_fits
 
-    if q.is_cuda and not mma_attention_fits(pd != torch.float32, D, block_size):
+    if q.is_cuda and not forced_gpu_fits(pd != torch.float32, D, block_size, topk):
         raise ValueError(f"forced_combine on CUDA needs bfloat16/float16 inputs with D and block_size multiples "
-                         f"of 16 up to 128; got {q.dtype}, D={D}, block_size={block_size}")
+                         f"of 16 up to 128 and topk small enough for the shared memory; got {q.dtype}, D={D}, "
+                         f"block_size={block_size}, topk={topk}")
     V.check_scale("scale", scale)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return torch.ops.msa.forced_combine(q, k, v, o_partial, lse_partial, cu_seqlens_q, cu_seqlens_k, block_size,
