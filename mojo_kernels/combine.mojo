@@ -20,6 +20,7 @@ from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, block_idx, lane_id, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace
 from max.gpu.primitives import warp
 
 from .common import F32MutPtr, F32Ptr, f32_neg_inf
@@ -159,16 +160,20 @@ struct ColSplit[vec: Int](TrivialRegisterPassable):
 def load_slot_cols[
     part_dtype: DType, topk: Int, head_dim: Int, vec: Int
 ](
-    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin], row: Int, col: Int, lse_row: Array[Float32, topk]
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    row: Int,
+    col: Int,
+    lse_row: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
 ) -> Array[SIMD[part_dtype, vec], topk]:
     """Columns col .. col + vec of every used slot of one (t, h) row, one
     16-byte load each, all issued before any is used (a load next to its use
     waits out a DRAM round trip per slot). Unused and forced slots
-    (lse_partial -inf) are never written: not read."""
+    (lse_partial -inf; lse_row: the row's, staged in shared memory) are never
+    written: not read."""
     var orow = o_p.unsafe_offset(row * topk * head_dim + col)
     var vals = Array[SIMD[part_dtype, vec], topk](fill=SIMD[part_dtype, vec](0))
     comptime for s in range(topk):
-        if lse_row[s] > f32_neg_inf():
+        if lse_row[unsafe_offset=s] > f32_neg_inf():
             vals[s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
     return vals^
 
@@ -176,16 +181,19 @@ def load_slot_cols[
 @always_inline
 def sum_slot_cols[
     part_dtype: DType, topk: Int, vec: Int
-](vals: Array[SIMD[part_dtype, vec], topk], lse_row: Array[Float32, topk]) -> ColSplit[vec]:
+](
+    vals: Array[SIMD[part_dtype, vec], topk],
+    lse_row: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+) -> ColSplit[vec]:
     """The slots' partials (load_slot_cols) merged by their lse, fp32."""
     var m = f32_neg_inf()
     comptime for s in range(topk):
-        m = max(m, lse_row[s])
+        m = max(m, lse_row[unsafe_offset=s])
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
         comptime for s in range(topk):
-            var l = lse_row[s]
+            var l = lse_row[unsafe_offset=s]
             if l > f32_neg_inf():
                 var w = exp(l - m)
                 den += w

@@ -25,9 +25,10 @@
 from std.math import ceildiv, exp2, log
 from std.memory import unsafe_stack_allocation
 from std.sys import size_of
+from std.utils import StaticTuple
 
 from extensibility import InputTensor, OutputTensor, register
-from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import named_barrier
@@ -100,9 +101,13 @@ def _forced_combine_cpu[
 # o_partial (DRAM-bound) into an fp32 split in shared memory. The two halves
 # overlap instead of running in turn; at the end all warps join the two
 # splits into out and lse.
-comptime FC_WARPS = 4  # attention warps; as many merge warps
+comptime FC_WARPS = 4  # attention warps (one warpgroup), 16 rows each
 comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
-comptime FC_THREADS = 2 * FC_WARPS * WARP_SIZE
+comptime FC_MERGE_WARPS = 8  # merge warps (two warpgroups), FC_BM / 8 rows each
+comptime FC_THREADS = (FC_WARPS + FC_MERGE_WARPS) * WARP_SIZE
+# 168 registers per thread (65536 / 384). (setmaxnreg to give the attention
+# warps more did not change what ptxas allocates: it compiled every path
+# to 168 regardless.)
 comptime _ATTN_BARRIER = 1  # named barriers (0 is barrier()'s)
 comptime _MERGE_BARRIER = 2
 
@@ -165,6 +170,7 @@ def _attend_forced[
     comptime CPR = D // 8  # 16-byte chunks per row
     comptime NF = init_blocks + local_blocks
     comptime QMAX = ceildiv(FC_BM, group) + 1  # queries a tile's rows can touch
+    comptime KB = 32 if BS % 32 == 0 else 16  # keys per softmax step
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
@@ -255,23 +261,26 @@ def _attend_forced[
         if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
             continue  # none of this warp's rows has the block
         var k_s = kv_s.unsafe_offset((u % 2) * 2 * BS * KS)
-        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
-        var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
-        var mn0 = max(m0, mx[0])
-        var mn1 = max(m1, mx[1])
-        var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
-        var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
-        var a0 = exp2(m0 - base0)
-        var a1 = exp2(m1 - base1)
-        m0 = mn0
-        m1 = mn1
-        var ls = exp2_rows16[BS](s_acc, base0, base1)
-        l0 = l0 * a0 + ls[0]
-        l1 = l1 * a1 + ls[1]
-        comptime for dn in range(D // 8):
-            o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
-        pv_rows16[dtype, D, BS, KS](s_acc, k_s.unsafe_offset(BS * KS), lane, o_acc)
+        # the block in chunks of KB keys (an online-softmax step each): half
+        # the score registers, so the 12 warps' 168 registers suffice
+        comptime for c in range(BS // KB):
+            var s_acc = Array[SIMD[DType.float32, 4], KB // 8](fill=SIMD[DType.float32, 4](0))
+            qk_rows16[dtype, D, KB, KS](q_w, k_s.unsafe_offset(c * KB * KS), lane, s_acc)
+            var mx = mask_rows16[KB](s_acc, nv0 - c * KB, nv1 - c * KB, scale_log2, t2)
+            var mn0 = max(m0, mx[0])
+            var mn1 = max(m1, mx[1])
+            var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
+            var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
+            var a0 = exp2(m0 - base0)
+            var a1 = exp2(m1 - base1)
+            m0 = mn0
+            m1 = mn1
+            var ls = exp2_rows16[KB](s_acc, base0, base1)
+            l0 = l0 * a0 + ls[0]
+            l1 = l1 * a1 + ls[1]
+            comptime for dn in range(D // 8):
+                o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
+            pv_rows16[dtype, D, KB, KS](s_acc, k_s.unsafe_offset((BS + c * KB) * KS), lane, o_acc)
     async_copy_wait_group(0)  # (a tile always has a block; this keeps Q's copy settled regardless)
     # the forced split, normalized, through this warp's own Q rows; its lse
     var inv0 = Float32(1) / l0 if l0 > 0 else Float32(0)
@@ -304,11 +313,12 @@ def _merge_slots[
     rows' worth per lane spilled at 255 registers)."""
     comptime D = head_dim
     comptime Hq = num_groups * group
-    comptime NT = FC_WARPS * WARP_SIZE
+    comptime NT = FC_MERGE_WARPS * WARP_SIZE
+    comptime ROWS_PER_WARP = FC_BM // FC_MERGE_WARPS
     comptime VEC = combine_vec_width[part_dtype, D]()
     comptime LPS = D // VEC  # lanes per row
     comptime RPP = WARP_SIZE // LPS  # rows per warp pass
-    var tid = Int(thread_idx.x) - NT
+    var tid = Int(thread_idx.x) - FC_WARPS * WARP_SIZE
     var lane = Int(lane_id())
     var mw = tid // WARP_SIZE
     # the rows' lse_partial first (4-byte cp.async), so each row's slot loads
@@ -325,11 +335,9 @@ def _merge_slots[
     async_copy_wait_group(0)
     named_barrier[Int32(NT)](Int32(_MERGE_BARRIER))
     var col = (lane % LPS) * VEC
-    comptime for p in range(16 // RPP):
-        var r = mw * 16 + p * RPP + lane // LPS
-        var lse_row = Array[Float32, topk](fill=0)
-        comptime for s in range(topk):
-            lse_row[s] = lse_s[unsafe_offset=r * topk + s]
+    comptime for p in range(ROWS_PER_WARP // RPP):
+        var r = mw * ROWS_PER_WARP + p * RPP + lane // LPS
+        var lse_row = lse_s.unsafe_offset(r * topk)
         var gr = min(r_begin + r, rows - 1)  # a padding row's slots are all -inf: nothing is read
         var vals = load_slot_cols[part_dtype, topk, D, VEC](o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row)
         var sp = sum_slot_cols[part_dtype, topk, VEC](vals, lse_row)
@@ -338,6 +346,7 @@ def _merge_slots[
             lse_m[unsafe_offset=r] = sp.lse
 
 
+@__llvm_metadata(MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(FC_THREADS)))
 def forced_combine_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
     init_blocks: Int, local_blocks: Int,
@@ -357,7 +366,7 @@ def forced_combine_kernel[
     comptime Hq = num_groups * group
     comptime VEC = combine_vec_width[dtype, D]()
     comptime LPS = D // VEC
-    comptime RPP = FC_THREADS // LPS  # rows per pass of the final join, all warps
+    comptime RPP = FC_MERGE_WARPS * WARP_SIZE // LPS  # rows per pass of the final join
     var g = Int(block_idx.y)
     var rows = Int(T) * group  # row = t * group + head within the group
     var r_begin = Int(block_idx.x) * FC_BM
@@ -376,13 +385,15 @@ def forced_combine_kernel[
         _attend_forced[dtype, D, block_size, group, num_groups, init_blocks, local_blocks](
             q_s, kv_s, lse_f, q, k, v, cu_q, cu_k, scale_p, Int(num_seqs), rows, r_begin, g
         )
-    else:
-        _merge_slots[part_dtype, D, group, num_groups, topk](o_m, lse_m, lse_s, o_p, lse_p, rows, r_begin, g)
+        barrier()
+        return
+    _merge_slots[part_dtype, D, group, num_groups, topk](o_m, lse_m, lse_s, o_p, lse_p, rows, r_begin, g)
     barrier()
-    # the two splits joined, every warp: LPS threads per row
-    var col = (tid % LPS) * VEC
+    # the two splits joined by the merge warps: LPS threads per row
+    var mt = tid - FC_WARPS * WARP_SIZE
+    var col = (mt % LPS) * VEC
     comptime for r0 in range(0, FC_BM, RPP):
-        var r = r0 + tid // LPS
+        var r = r0 + mt // LPS
         var gr = r_begin + r
         if gr < rows:
             var forced = ColSplit[VEC](
@@ -392,7 +403,7 @@ def forced_combine_kernel[
             var sp = merged.joined(forced)
             var row = (gr // group) * Hq + g * group + gr % group
             output.unsafe_store(row * D + col, sp.o.cast[dtype]())
-            if tid % LPS == 0:
+            if mt % LPS == 0:
                 lse[unsafe_offset=row] = sp.lse
 
 
