@@ -14,7 +14,8 @@
 # tensor cores (the block attention's tile steps), and merges that split
 # with the partials of the other slots into out and lse: the rows'
 # lse_partial is fetched into shared memory at the start, and in the merge
-# each thread reads its 16-byte columns of every slot of its row at once.
+# each thread copies its 16-byte columns of every slot of a row into the
+# K/V buffers (cp.async), the next row's while it sums the current one's.
 # Unused and forced slots carry lse_partial -inf and are not read.
 #
 # A tile's rows nearly always belong to one query block (one set of forced
@@ -25,19 +26,21 @@
 from std.math import ceildiv, exp2, log
 from std.memory import unsafe_stack_allocation
 from std.sys import size_of
-from std.utils import StaticTuple
 
 from extensibility import InputTensor, OutputTensor, register
-from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
+from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.sync import named_barrier
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
 from .combine import ColSplit, combine_row, combine_vec_width, load_slot_cols, sum_slot_cols
 from .common import F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, seq_of
+
+comptime FC_WARPS = 4
+comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
+
 
 @always_inline
 def _forced_visible[init_blocks: Int, local_blocks: Int, block_size: Int](
@@ -95,73 +98,20 @@ def _forced_combine_cpu[
 
 
 # ----------------------------------------------------------------------------- GPU, tensor cores
-# Two warp groups run side by side on a tile of FC_BM rows: the attention
-# warps (one per 16 rows) attend the forced blocks on tensor cores, K/V
-# double-buffered, while the merge warps merge the rows' other slots from
-# o_partial (DRAM-bound) into an fp32 split in shared memory. The two halves
-# overlap instead of running in turn; at the end all warps join the two
-# splits into out and lse.
-comptime FC_WARPS = 4  # attention warps (one warpgroup), 16 rows each
-comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
-comptime FC_MERGE_WARPS = 8  # merge warps (two warpgroups), FC_BM / 8 rows each
-comptime FC_THREADS = (FC_WARPS + FC_MERGE_WARPS) * WARP_SIZE
-# 168 registers per thread (65536 / 384). (setmaxnreg to give the attention
-# warps more did not change what ptxas allocates: it compiled every path
-# to 168 regardless.)
-comptime _ATTN_BARRIER = 1  # named barriers (0 is barrier()'s)
-comptime _MERGE_BARRIER = 2
-
-
-@always_inline
-def _load_kv[dtype: DType, head_dim: Int, block_size: Int, num_groups: Int](
-    kv_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    blocks: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    u: Int,
-    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    cu_k: I32Ptr, g: Int, tid: Int,
-):
-    """The attention warps' cp.async of the u-th (sequence, block) pair's K and
-    V into stage u % 2 (keys past the sequence zero-filled), one commit group."""
-    comptime D = head_dim
-    comptime BS = block_size
-    comptime KS = D + 8
-    comptime CPR = D // 8
-    var b = Int(blocks[unsafe_offset=2 * u])
-    var j = Int(blocks[unsafe_offset=2 * u + 1])
-    var k0 = Int(cu_k[unsafe_offset=b])
-    var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
-    var k_s = kv_s.unsafe_offset((u % 2) * 2 * BS * KS)
-    var v_s = k_s.unsafe_offset(BS * KS)
-    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    for i in range(tid, BS * CPR, FC_WARPS * WARP_SIZE):
-        var key = i // CPR
-        var c = (i % CPR) * 8
-        if key < nk:
-            var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
-            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
-            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
-        else:
-            k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-            v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-    async_copy_commit_group()
-
-
-@always_inline
-def _attend_forced[
-    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, init_blocks: Int, local_blocks: Int,
+def forced_combine_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    init_blocks: Int, local_blocks: Int,
 ](
-    q_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    kv_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    lse_f: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    output: Pointer[Scalar[dtype], MutAnyOrigin],
+    lse: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int, rows: Int, r_begin: Int, g: Int,
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
 ):
-    """The attention warps: the tile's forced split, normalized, into q_s
-    (each warp over its own 16 Q rows) and its lse into lse_f."""
+    comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
     comptime D = head_dim
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride (elements): conflict-free ldmatrix
@@ -170,15 +120,28 @@ def _attend_forced[
     comptime CPR = D // 8  # 16-byte chunks per row
     comptime NF = init_blocks + local_blocks
     comptime QMAX = ceildiv(FC_BM, group) + 1  # queries a tile's rows can touch
-    comptime KB = 32 if BS % 32 == 0 else 16  # keys per softmax step
+    comptime VEC = combine_vec_width[dtype, D]()
+    comptime LPS = D // VEC  # lanes per row slot in the merge
+    var g = Int(block_idx.y)
+    var rows = Int(T) * group  # row = t * group + head within the group
+    var r_begin = Int(block_idx.x) * FC_BM
+    if r_begin >= rows:
+        return
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
     var t_first = r_begin // group
     var nq = (min(rows, r_begin + FC_BM) - 1) // group - t_first + 1
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var k_s = smem
+    var v_s = smem.unsafe_offset(BS * KS)
+    var q_s = v_s.unsafe_offset(BS * KS)
     var q_seq = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var q_pos = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var blocks = unsafe_stack_allocation[2 * QMAX * NF + 1, Int32, address_space=AddressSpace.SHARED]()
+    var lse_f = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
+    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     # Q rows of the tile (consecutive heads of a query are contiguous)
     for i in range(tid, FC_BM * CPR, NT):
@@ -190,17 +153,27 @@ def _attend_forced[
             async_copy[16](qg.unsafe_offset(src * D + c), q_s.unsafe_offset(r * KS + c))
         else:
             q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+    # the rows' lse_partial, for the merge at the end (lands during the attention)
+    var lse_s = q_s.unsafe_offset(FC_BM * KS).bitcast[Float32]()  # after Q in the dynamic shared memory
+    var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    for i in range(tid, FC_BM * topk, NT):
+        var gr = r_begin + i // topk
+        if gr < rows:
+            var src = (gr // group) * Hq + g * group + gr % group
+            async_copy[4](lpg.unsafe_offset(src * topk + i % topk), lse_s.unsafe_offset(i))
+        else:
+            lse_s[unsafe_offset=i] = f32_neg_inf()
     async_copy_commit_group()
     # each query of the tile: its sequence and key position
     if tid < nq:
         var t = t_first + tid
-        var b = seq_of(cu_q, num_seqs, t)
+        var b = seq_of(cu_q, Int(num_seqs), t)
         var q0 = Int(cu_q[unsafe_offset=b])
         var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
         var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
         q_seq[unsafe_offset=tid] = Int32(b)
         q_pos[unsafe_offset=tid] = Int32(tk - tq + t - q0)
-    named_barrier[Int32(NT)](Int32(_ATTN_BARRIER))
+    barrier()
     # the union of the tile's forced blocks as (sequence, block) pairs, count last
     if tid == 0:
         var n = 0
@@ -235,9 +208,8 @@ def _attend_forced[
         var i = (r_begin + r0 + 8) // group - t_first
         seq1 = Int(q_seq[unsafe_offset=i])
         pos1 = Int(q_pos[unsafe_offset=i])
-    named_barrier[Int32(NT)](Int32(_ATTN_BARRIER))
+    barrier()
     var nblk = Int(blocks[unsafe_offset=2 * QMAX * NF])
-
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var q_w = q_s.unsafe_offset(wid * 16 * KS)
     # online softmax state of rows r0, r0 + 8 (log2 domain)
@@ -246,41 +218,47 @@ def _attend_forced[
     var l0 = Float32(0)
     var l1 = Float32(0)
     var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
-    if nblk > 0:
-        _load_kv[dtype, D, BS, num_groups](kv_s, blocks, 0, k, v, cu_k, g, tid)
     for u in range(nblk):
-        async_copy_wait_group(0)  # block u (and, the first time, Q)
-        named_barrier[Int32(NT)](Int32(_ATTN_BARRIER))  # ... for every thread; and all are done with block u - 1's stage
-        if u + 1 < nblk:
-            _load_kv[dtype, D, BS, num_groups](kv_s, blocks, u + 1, k, v, cu_k, g, tid)  # lands while u is multiplied
         var b = Int(blocks[unsafe_offset=2 * u])
         var j = Int(blocks[unsafe_offset=2 * u + 1])
-        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b]) - j * BS)
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
+        if u > 0:
+            barrier()  # every warp is done with the previous block
+        for i in range(tid, BS * CPR, NT):
+            var key = i // CPR
+            var c = (i % CPR) * 8
+            if key < nk:
+                var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
+                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
+                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
+            else:
+                k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+                v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+        async_copy_commit_group()
+        async_copy_wait_group(0)
+        barrier()
         var nv0 = _forced_visible[init_blocks, local_blocks, BS](seq0, pos0, b, j, nk)
         var nv1 = _forced_visible[init_blocks, local_blocks, BS](seq1, pos1, b, j, nk)
         if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
             continue  # none of this warp's rows has the block
-        var k_s = kv_s.unsafe_offset((u % 2) * 2 * BS * KS)
-        # the block in chunks of KB keys (an online-softmax step each): half
-        # the score registers, so the 12 warps' 168 registers suffice
-        comptime for c in range(BS // KB):
-            var s_acc = Array[SIMD[DType.float32, 4], KB // 8](fill=SIMD[DType.float32, 4](0))
-            qk_rows16[dtype, D, KB, KS](q_w, k_s.unsafe_offset(c * KB * KS), lane, s_acc)
-            var mx = mask_rows16[KB](s_acc, nv0 - c * KB, nv1 - c * KB, scale_log2, t2)
-            var mn0 = max(m0, mx[0])
-            var mn1 = max(m1, mx[1])
-            var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
-            var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
-            var a0 = exp2(m0 - base0)
-            var a1 = exp2(m1 - base1)
-            m0 = mn0
-            m1 = mn1
-            var ls = exp2_rows16[KB](s_acc, base0, base1)
-            l0 = l0 * a0 + ls[0]
-            l1 = l1 * a1 + ls[1]
-            comptime for dn in range(D // 8):
-                o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
-            pv_rows16[dtype, D, KB, KS](s_acc, k_s.unsafe_offset((BS + c * KB) * KS), lane, o_acc)
+        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
+        qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
+        var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
+        var mn0 = max(m0, mx[0])
+        var mn1 = max(m1, mx[1])
+        var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
+        var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
+        var a0 = exp2(m0 - base0)
+        var a1 = exp2(m1 - base1)
+        m0 = mn0
+        m1 = mn1
+        var ls = exp2_rows16[BS](s_acc, base0, base1)
+        l0 = l0 * a0 + ls[0]
+        l1 = l1 * a1 + ls[1]
+        comptime for dn in range(D // 8):
+            o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
+        pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
     async_copy_wait_group(0)  # (a tile always has a block; this keeps Q's copy settled regardless)
     # the forced split, normalized, through this warp's own Q rows; its lse
     var inv0 = Float32(1) / l0 if l0 > 0 else Float32(0)
@@ -294,117 +272,87 @@ def _attend_forced[
     if lane % 4 == 0:
         lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
         lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
+    syncwarp()
+    # merged with the partials of the other slots: LPS lanes per row, RPP
+    # rows per warp pass, each lane its VEC columns of every slot. The merge
+    # waits on DRAM latency, not bandwidth (v17), and a second row's loads in
+    # registers spill; so where the staging fits in the K/V buffers (free
+    # now), each lane cp.asyncs its columns of the next pass's slots into
+    # them while it sums the current pass's: two passes in flight per warp.
+    comptime RPP = WARP_SIZE // LPS  # rows per pass
+    comptime NP = 16 // RPP  # passes per warp
+    comptime PASS_ELEMS = RPP * topk * D  # one warp pass of partials, staged as in o_partial
+    var col = (lane % LPS) * VEC
+    comptime if FC_WARPS * 2 * PASS_ELEMS <= 2 * BS * KS:
+        barrier()  # every warp is done with K and V
+        var opg = o_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+        var st = k_s.bitcast[Scalar[part_dtype]]().unsafe_offset(wid * 2 * PASS_ELEMS + (lane // LPS) * topk * D + col)  # stage 0
+        comptime for p in range(NP + 1):
+            comptime if p < NP:  # stage pass p (stage p % 2)
+                var i = p * RPP + lane // LPS
+                var gr = min(r_begin + wid * 16 + i, rows - 1)  # a padding row's slots are -inf: nothing copied
+                var src = opg.unsafe_offset(((gr // group) * Hq + g * group + gr % group) * topk * D + col)
+                var lrow = lse_s.unsafe_offset((wid * 16 + i) * topk)
+                var dst = st.unsafe_offset((p % 2) * PASS_ELEMS)
+                comptime for sl in range(topk):
+                    if lrow[unsafe_offset=sl] > f32_neg_inf():
+                        async_copy[16](src.unsafe_offset(sl * D), dst.unsafe_offset(sl * D))
+                async_copy_commit_group()
+            comptime if p > 0:  # sum pass p - 1 (each lane reads only what it copied)
+                comptime q = p - 1
+                comptime if p < NP:
+                    async_copy_wait_group(1)
+                else:
+                    async_copy_wait_group(0)
+                var i = q * RPP + lane // LPS
+                var lrow = lse_s.unsafe_offset((wid * 16 + i) * topk)
+                var src = st.unsafe_offset((q % 2) * PASS_ELEMS)
+                var vals = Array[SIMD[part_dtype, VEC], topk](fill=SIMD[part_dtype, VEC](0))
+                comptime for sl in range(topk):
+                    if lrow[unsafe_offset=sl] > f32_neg_inf():
+                        vals[sl] = src.unsafe_load[width=VEC, alignment=16](sl * D)
+                _finish_row[dtype, part_dtype, D, group, num_groups, topk, VEC](
+                    output, lse, vals, lse_s, lse_f, q_w, i, wid, r_begin, rows, g, col, lane % LPS == 0
+                )
+    else:  # from registers, one pass at a time
+        comptime for p in range(NP):
+            var i = p * RPP + lane // LPS
+            var gr = min(r_begin + wid * 16 + i, rows - 1)  # a padding row's slots are -inf: nothing is read
+            var vals = load_slot_cols[part_dtype, topk, D, VEC](
+                o_p, (gr // group) * Hq + g * group + gr % group, col, lse_s.unsafe_offset((wid * 16 + i) * topk)
+            )
+            _finish_row[dtype, part_dtype, D, group, num_groups, topk, VEC](
+                output, lse, vals, lse_s, lse_f, q_w, i, wid, r_begin, rows, g, col, lane % LPS == 0
+            )
 
 
 @always_inline
-def _merge_slots[
-    part_dtype: DType, head_dim: Int, group: Int, num_groups: Int, topk: Int,
-](
-    o_m: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    lse_m: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    lse_s: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
-    lse_p: F32Ptr,
-    rows: Int, r_begin: Int, g: Int,
-):
-    """The merge warps: the tile rows' o_partial slots merged into an fp32
-    split (o_m [FC_BM, D], lse_m [FC_BM]). LPS lanes per row, each lane its
-    VEC columns of every slot at once (topk 16-byte loads in flight; two
-    rows' worth per lane spilled at 255 registers)."""
-    comptime D = head_dim
-    comptime Hq = num_groups * group
-    comptime NT = FC_MERGE_WARPS * WARP_SIZE
-    comptime ROWS_PER_WARP = FC_BM // FC_MERGE_WARPS
-    comptime VEC = combine_vec_width[part_dtype, D]()
-    comptime LPS = D // VEC  # lanes per row
-    comptime RPP = WARP_SIZE // LPS  # rows per warp pass
-    var tid = Int(thread_idx.x) - FC_WARPS * WARP_SIZE
-    var lane = Int(lane_id())
-    var mw = tid // WARP_SIZE
-    # the rows' lse_partial first (4-byte cp.async), so each row's slot loads
-    # need no dependent global read
-    var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    for i in range(tid, FC_BM * topk, NT):
-        var gr = r_begin + i // topk
-        if gr < rows:
-            var src = (gr // group) * Hq + g * group + gr % group
-            async_copy[4](lpg.unsafe_offset(src * topk + i % topk), lse_s.unsafe_offset(i))
-        else:
-            lse_s[unsafe_offset=i] = f32_neg_inf()
-    async_copy_commit_group()
-    async_copy_wait_group(0)
-    named_barrier[Int32(NT)](Int32(_MERGE_BARRIER))
-    var col = (lane % LPS) * VEC
-    comptime for p in range(ROWS_PER_WARP // RPP):
-        var r = mw * ROWS_PER_WARP + p * RPP + lane // LPS
-        var lse_row = lse_s.unsafe_offset(r * topk)
-        var gr = min(r_begin + r, rows - 1)  # a padding row's slots are all -inf: nothing is read
-        var vals = load_slot_cols[part_dtype, topk, D, VEC](o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row)
-        var sp = sum_slot_cols[part_dtype, topk, VEC](vals, lse_row)
-        o_m.unsafe_store[alignment=16](r * D + col, sp.o)
-        if lane % LPS == 0:
-            lse_m[unsafe_offset=r] = sp.lse
-
-
-@__llvm_metadata(MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(FC_THREADS)))
-def forced_combine_kernel[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
-    init_blocks: Int, local_blocks: Int,
+def _finish_row[
+    dtype: DType, part_dtype: DType, head_dim: Int, group: Int, num_groups: Int, topk: Int, vec: Int
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
-    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
-    lse_p: F32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    vals: Array[SIMD[part_dtype, vec], topk],
+    lse_s: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lse_f: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    q_w: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    i: Int, wid: Int, r_begin: Int, rows: Int, g: Int, col: Int, write_lse: Bool,
 ):
-    comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
-    comptime D = head_dim
-    comptime KS = D + 8
-    comptime Hq = num_groups * group
-    comptime VEC = combine_vec_width[dtype, D]()
-    comptime LPS = D // VEC
-    comptime RPP = FC_MERGE_WARPS * WARP_SIZE // LPS  # rows per pass of the final join
-    var g = Int(block_idx.y)
-    var rows = Int(T) * group  # row = t * group + head within the group
-    var r_begin = Int(block_idx.x) * FC_BM
-    if r_begin >= rows:
+    """Row i of warp wid: its slots' partials (loaded) joined with the forced
+    split (normalized in q_w's row i, lse in lse_f) into out and lse."""
+    comptime KS = head_dim + 8
+    var r = wid * 16 + i
+    var gr = r_begin + r
+    if gr >= rows:
         return
-    var tid = Int(thread_idx.x)
-    # dynamic shared memory: K/V (2 stages), Q / forced split, merged split, lse_partial
-    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
-    var kv_s = smem
-    var q_s = smem.unsafe_offset(4 * block_size * KS)
-    var o_m = q_s.unsafe_offset(FC_BM * KS).bitcast[Float32]()
-    var lse_s = o_m.unsafe_offset(FC_BM * D)
-    var lse_f = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
-    var lse_m = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
-    if tid < FC_WARPS * WARP_SIZE:
-        _attend_forced[dtype, D, block_size, group, num_groups, init_blocks, local_blocks](
-            q_s, kv_s, lse_f, q, k, v, cu_q, cu_k, scale_p, Int(num_seqs), rows, r_begin, g
-        )
-        barrier()
-        return
-    _merge_slots[part_dtype, D, group, num_groups, topk](o_m, lse_m, lse_s, o_p, lse_p, rows, r_begin, g)
-    barrier()
-    # the two splits joined by the merge warps: LPS threads per row
-    var mt = tid - FC_WARPS * WARP_SIZE
-    var col = (mt % LPS) * VEC
-    comptime for r0 in range(0, FC_BM, RPP):
-        var r = r0 + mt // LPS
-        var gr = r_begin + r
-        if gr < rows:
-            var forced = ColSplit[VEC](
-                lse_f[unsafe_offset=r], q_s.unsafe_load[width=VEC, alignment=16](r * KS + col).cast[DType.float32]()
-            )
-            var merged = ColSplit[VEC](lse_m[unsafe_offset=r], o_m.unsafe_load[width=VEC, alignment=16](r * D + col))
-            var sp = merged.joined(forced)
-            var row = (gr // group) * Hq + g * group + gr % group
-            output.unsafe_store(row * D + col, sp.o.cast[dtype]())
-            if mt % LPS == 0:
-                lse[unsafe_offset=row] = sp.lse
+    var forced = ColSplit[vec](
+        lse_f[unsafe_offset=r], q_w.unsafe_load[width=vec, alignment=16](i * KS + col).cast[DType.float32]()
+    )
+    var sp = sum_slot_cols[part_dtype, topk, vec](vals, lse_s.unsafe_offset(r * topk)).joined(forced)
+    var row = (gr // group) * (num_groups * group) + g * group + gr % group
+    output.unsafe_store(row * head_dim + col, sp.o.cast[dtype]())
+    if write_lse:
+        lse[unsafe_offset=row] = sp.lse
 
 
 def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
@@ -418,9 +366,9 @@ def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size:
 
 
 def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, topk: Int]() -> Int:
-    """K/V in two stages and Q (padded rows), the merged split (fp32) and the
-    tile's lse_partial. graph.forced_smem_bytes is the same count."""
-    return (4 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]() + FC_BM * (head_dim + topk) * 4
+    """K, V and the tile's Q rows (padded rows), then its lse_partial (fp32).
+    graph.forced_gpu_fits counts the same."""
+    return (2 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]() + FC_BM * topk * 4
 
 
 @register("msa_forced_combine")
@@ -483,7 +431,7 @@ struct MSAForcedCombine:
                     output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
                     o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(),
                     cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
-                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_THREADS,
+                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
                     shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
                 )
             else:

@@ -433,9 +433,9 @@ def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_si
 
 def forced_gpu_fits(sixteen_bit: bool, head_dim: int, block_size: int, topk: int) -> bool:
     """The GPU forced pass's shapes: the tensor-core tiles', and its shared
-    memory (forced.mojo's forced_smem_bytes: K/V in two stages and 64 Q rows,
-    16-bit padded rows; the merged split and the tile's lse_partial, fp32)."""
-    smem = (4 * block_size + 64) * (head_dim + 8) * 2 + 64 * (head_dim + topk) * 4
+    memory (forced.mojo's forced_smem_bytes: K, V and 64 Q rows, 16-bit
+    padded rows, then the tile's lse_partial in fp32)."""
+    smem = (2 * block_size + 64) * (head_dim + 8) * 2 + 64 * topk * 4
     return mma_attention_fits(sixteen_bit, head_dim, block_size) and smem <= _SMEM_LIMIT
 
 
