@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msa_py import engine as E  # noqa: E402
-from msa_py.bench import MSARunner, make_inputs  # noqa: E402
+from msa_py.bench import MSARunner, layer_stage_kinds, make_inputs  # noqa: E402
 
 
 def main() -> None:
@@ -30,13 +30,14 @@ def main() -> None:
     if a.prefill:
         T = a.prefill
         run = MSARunner(spec, "gpu")
+        kinds = layer_stage_kinds(spec, "gpu")  # the stages the layer runs (forced pass or combine)
         b = run.buffers(torch, *make_inputs(torch, spec, T, T, "cuda", "uniform", 0), T, T)
         for _ in range(2):
-            b["block_ids"] = run.run("select", b)[0]
-            inv = run.run("invert", b)
+            b["block_ids"] = run.run(kinds["select"], b)[0]
+            inv = run.run(kinds["invert"], b)
             b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
-            b["o_partial"], b["lse_partial"] = run.run("block_attention", b)
-            run.run("combine", b)
+            b["o_partial"], b["lse_partial"] = run.run(kinds["block_attention"], b)
+            run.run(kinds["combine"], b)
             torch.cuda.synchronize()
     if a.decode:
         from msa_py.torch_ops import _buf
