@@ -3,10 +3,13 @@
 # each, after compile and warm-up): speed of light, warp stall reasons,
 # occupancy, memory. Clocks left alone (--clock-control none, METHOD.md).
 #   PROFILE_ARGS="--prefill 32768" bash benchmarks/profile.sh > log
+# MAX names the kernels it builds mojo_pkg_<hash> (their Mojo names are
+# gone), so the default filter takes every one; tell the stages apart by
+# grid and block size in the report. PROFILE_SKIP skips the warm-up launches.
 set -o pipefail
 ARGS=${PROFILE_ARGS:---prefill 32768}
 ncu --clock-control none --target-processes all \
-  -k "regex:${PROFILE_KERNELS:-select|attention|combine|invert|decode|fill|row}" \
+  -k "regex:${PROFILE_KERNELS:-mojo_pkg}" \
   --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \

@@ -20,7 +20,6 @@ from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, block_idx, lane_id, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import AddressSpace
 from max.gpu.primitives import warp
 
 from .common import F32MutPtr, F32Ptr, f32_neg_inf
@@ -132,75 +131,51 @@ def _combine_row_vec[
         lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
 
 
-struct ColSplit[vec: Int](TrivialRegisterPassable):
-    """Columns of one (t, h) row's attention over some set of keys: the
-    normalized output o and its log-sum-exp lse (-inf: no keys, o is 0)."""
-
-    var lse: Float32
-    var o: SIMD[DType.float32, Self.vec]
-
-    @always_inline
-    def __init__(out self, lse: Float32, o: SIMD[DType.float32, Self.vec]):
-        self.lse = lse
-        self.o = o
-
-    @always_inline
-    def joined(self, other: Self) -> Self:
-        """Attention over both key sets (disjoint)."""
-        var m = max(self.lse, other.lse)
-        if m == f32_neg_inf():
-            return self
-        var wa = exp(self.lse - m)
-        var wb = exp(other.lse - m)
-        var den = wa + wb
-        return Self(m + log(den), (self.o * wa + other.o * wb) / den)
-
-
 @always_inline
-def load_slot_cols[
-    part_dtype: DType, topk: Int, head_dim: Int, vec: Int
+def merge_row_cols[
+    out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int
 ](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     row: Int,
     col: Int,
-    lse_row: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-) -> Array[SIMD[part_dtype, vec], topk]:
-    """Columns col .. col + vec of every used slot of one (t, h) row, one
-    16-byte load each, all issued before any is used (a load next to its use
-    waits out a DRAM round trip per slot). Unused and forced slots
-    (lse_partial -inf; lse_row: the row's, staged in shared memory) are never
-    written: not read."""
-    var orow = o_p.unsafe_offset(row * topk * head_dim + col)
-    var vals = Array[SIMD[part_dtype, vec], topk](fill=SIMD[part_dtype, vec](0))
+    lse_row: Array[Float32, topk],
+    extra_lse: Float32,
+    extra: SIMD[DType.float32, vec],
+    write_lse: Bool,
+):
+    """Columns col .. col + vec of one (t, h) row, every slot by one thread:
+    its topk 16-byte loads all in flight at once, no shuffles. lse_row: the row's lse_partial, already at hand; one more split
+    joins with log-sum-exp extra_lse (-inf: none) and normalized output
+    `extra` (these columns). write_lse: this thread writes lse[row]."""
+    var m = extra_lse
     comptime for s in range(topk):
-        if lse_row[unsafe_offset=s] > f32_neg_inf():
-            vals[s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
-    return vals^
-
-
-@always_inline
-def sum_slot_cols[
-    part_dtype: DType, topk: Int, vec: Int
-](
-    vals: Array[SIMD[part_dtype, vec], topk],
-    lse_row: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-) -> ColSplit[vec]:
-    """The slots' partials (load_slot_cols) merged by their lse, fp32."""
-    var m = f32_neg_inf()
-    comptime for s in range(topk):
-        m = max(m, lse_row[unsafe_offset=s])
+        m = max(m, lse_row[s])
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
+        # every load issued before any is used: a load next to its use would
+        # wait out a full DRAM round trip per slot
+        var orow = o_p.unsafe_offset(row * topk * head_dim + col)
+        var vals = Array[SIMD[part_dtype, vec], topk](fill=SIMD[part_dtype, vec](0))
         comptime for s in range(topk):
-            var l = lse_row[unsafe_offset=s]
+            if lse_row[s] > f32_neg_inf():  # unused and forced slots are never written: skip the read
+                vals[s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
+        comptime for s in range(topk):
+            var l = lse_row[s]
             if l > f32_neg_inf():
                 var w = exp(l - m)
                 den += w
                 acc += w * vals[s].cast[DType.float32]()
-    if den > 0:
-        return ColSplit[vec](m + log(den), acc / den)
-    return ColSplit[vec](f32_neg_inf(), SIMD[DType.float32, vec](0))
+        if extra_lse > f32_neg_inf():
+            var w = exp(extra_lse - m)
+            den += w
+            acc += w * extra
+    var inv = Float32(1) / den if den > 0 else Float32(0)
+    output.unsafe_store(row * head_dim + col, (acc * inv).cast[out_dtype]())
+    if write_lse:
+        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
 
 
 def combine_kernel[

@@ -14,8 +14,7 @@
 # tensor cores (the block attention's tile steps), and merges that split
 # with the partials of the other slots into out and lse: the rows'
 # lse_partial is fetched into shared memory at the start, and in the merge
-# each thread copies its 16-byte columns of every slot of a row into the
-# K/V buffers (cp.async), the next row's while it sums the current one's.
+# each thread reads its 16-byte columns of every slot of its row at once.
 # Unused and forced slots carry lse_partial -inf and are not read.
 #
 # A tile's rows nearly always belong to one query block (one set of forced
@@ -35,7 +34,7 @@ from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, as
 from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
-from .combine import ColSplit, combine_row, combine_vec_width, load_slot_cols, sum_slot_cols
+from .combine import combine_row, combine_vec_width, merge_row_cols
 from .common import F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, seq_of
 
 comptime FC_WARPS = 4
@@ -154,7 +153,7 @@ def forced_combine_kernel[
         else:
             q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
     # the rows' lse_partial, for the merge at the end (lands during the attention)
-    var lse_s = q_s.unsafe_offset(FC_BM * KS).bitcast[Float32]()  # after Q in the dynamic shared memory
+    var lse_s = unsafe_stack_allocation[FC_BM * topk, Float32, address_space=AddressSpace.SHARED]()
     var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     for i in range(tid, FC_BM * topk, NT):
         var gr = r_begin + i // topk
@@ -273,86 +272,23 @@ def forced_combine_kernel[
         lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
         lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
     syncwarp()
-    # merged with the partials of the other slots: LPS lanes per row, RPP
-    # rows per warp pass, each lane its VEC columns of every slot. The merge
-    # waits on DRAM latency, not bandwidth (v17), and a second row's loads in
-    # registers spill; so where the staging fits in the K/V buffers (free
-    # now), each lane cp.asyncs its columns of the next pass's slots into
-    # them while it sums the current pass's: two passes in flight per warp.
+    # merged with the partials of the other slots: LPS lanes per row, each
+    # lane its VEC columns of every slot (topk 16-byte loads in flight)
     comptime RPP = WARP_SIZE // LPS  # rows per pass
-    comptime NP = 16 // RPP  # passes per warp
-    comptime PASS_ELEMS = RPP * topk * D  # one warp pass of partials, staged as in o_partial
     var col = (lane % LPS) * VEC
-    comptime if FC_WARPS * 2 * PASS_ELEMS <= 2 * BS * KS:
-        barrier()  # every warp is done with K and V
-        var opg = o_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-        var st = k_s.bitcast[Scalar[part_dtype]]().unsafe_offset(wid * 2 * PASS_ELEMS + (lane // LPS) * topk * D + col)  # stage 0
-        comptime for p in range(NP + 1):
-            comptime if p < NP:  # stage pass p (stage p % 2)
-                var i = p * RPP + lane // LPS
-                var gr = min(r_begin + wid * 16 + i, rows - 1)  # a padding row's slots are -inf: nothing copied
-                var src = opg.unsafe_offset(((gr // group) * Hq + g * group + gr % group) * topk * D + col)
-                var lrow = lse_s.unsafe_offset((wid * 16 + i) * topk)
-                var dst = st.unsafe_offset((p % 2) * PASS_ELEMS)
-                comptime for sl in range(topk):
-                    if lrow[unsafe_offset=sl] > f32_neg_inf():
-                        async_copy[16](src.unsafe_offset(sl * D), dst.unsafe_offset(sl * D))
-                async_copy_commit_group()
-            comptime if p > 0:  # sum pass p - 1 (each lane reads only what it copied)
-                comptime q = p - 1
-                comptime if p < NP:
-                    async_copy_wait_group(1)
-                else:
-                    async_copy_wait_group(0)
-                var i = q * RPP + lane // LPS
-                var lrow = lse_s.unsafe_offset((wid * 16 + i) * topk)
-                var src = st.unsafe_offset((q % 2) * PASS_ELEMS)
-                var vals = Array[SIMD[part_dtype, VEC], topk](fill=SIMD[part_dtype, VEC](0))
-                comptime for sl in range(topk):
-                    if lrow[unsafe_offset=sl] > f32_neg_inf():
-                        vals[sl] = src.unsafe_load[width=VEC, alignment=16](sl * D)
-                _finish_row[dtype, part_dtype, D, group, num_groups, topk, VEC](
-                    output, lse, vals, lse_s, lse_f, q_w, i, wid, r_begin, rows, g, col, lane % LPS == 0
-                )
-    else:  # from registers, one pass at a time
-        comptime for p in range(NP):
-            var i = p * RPP + lane // LPS
-            var gr = min(r_begin + wid * 16 + i, rows - 1)  # a padding row's slots are -inf: nothing is read
-            var vals = load_slot_cols[part_dtype, topk, D, VEC](
-                o_p, (gr // group) * Hq + g * group + gr % group, col, lse_s.unsafe_offset((wid * 16 + i) * topk)
+    comptime for i0 in range(0, 16, RPP):
+        var i = i0 + lane // LPS
+        var r = wid * 16 + i
+        var gr = r_begin + r
+        if gr < rows:
+            var lse_row = Array[Float32, topk](fill=0)
+            comptime for s in range(topk):
+                lse_row[s] = lse_s[unsafe_offset=r * topk + s]
+            var extra = q_w.unsafe_load[width=VEC, alignment=16](i * KS + col).cast[DType.float32]()
+            merge_row_cols[dtype, part_dtype, topk, D, VEC](
+                output, lse, o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row,
+                lse_f[unsafe_offset=r], extra, lane % LPS == 0,
             )
-            _finish_row[dtype, part_dtype, D, group, num_groups, topk, VEC](
-                output, lse, vals, lse_s, lse_f, q_w, i, wid, r_begin, rows, g, col, lane % LPS == 0
-            )
-
-
-@always_inline
-def _finish_row[
-    dtype: DType, part_dtype: DType, head_dim: Int, group: Int, num_groups: Int, topk: Int, vec: Int
-](
-    output: Pointer[Scalar[dtype], MutAnyOrigin],
-    lse: F32MutPtr,
-    vals: Array[SIMD[part_dtype, vec], topk],
-    lse_s: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    lse_f: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    q_w: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    i: Int, wid: Int, r_begin: Int, rows: Int, g: Int, col: Int, write_lse: Bool,
-):
-    """Row i of warp wid: its slots' partials (loaded) joined with the forced
-    split (normalized in q_w's row i, lse in lse_f) into out and lse."""
-    comptime KS = head_dim + 8
-    var r = wid * 16 + i
-    var gr = r_begin + r
-    if gr >= rows:
-        return
-    var forced = ColSplit[vec](
-        lse_f[unsafe_offset=r], q_w.unsafe_load[width=vec, alignment=16](i * KS + col).cast[DType.float32]()
-    )
-    var sp = sum_slot_cols[part_dtype, topk, vec](vals, lse_s.unsafe_offset(r * topk)).joined(forced)
-    var row = (gr // group) * (num_groups * group) + g * group + gr % group
-    output.unsafe_store(row * head_dim + col, sp.o.cast[dtype]())
-    if write_lse:
-        lse[unsafe_offset=row] = sp.lse
 
 
 def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
@@ -365,10 +301,8 @@ def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size:
     )
 
 
-def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, topk: Int]() -> Int:
-    """K, V and the tile's Q rows (padded rows), then its lse_partial (fp32).
-    graph.forced_gpu_fits counts the same."""
-    return (2 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]() + FC_BM * topk * 4
+def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    return (2 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]()
 
 
 @register("msa_forced_combine")
@@ -423,7 +357,7 @@ struct MSAForcedCombine:
             )
         else:
             comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
-                comptime smem = forced_smem_bytes[dtype, head_dim, block_size, topk]()
+                comptime smem = forced_smem_bytes[dtype, head_dim, block_size]()
                 comptime kernel = forced_combine_kernel[
                     dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks
                 ]

@@ -122,6 +122,7 @@ def _seqlens(cu_q, cu_k, T, S, device: DeviceRef):
 
 
 _SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
+_STATIC_SMEM_LIMIT = 48 * 1024  # statically sized shared memory per block
 
 
 def mma_attention_fits(sixteen_bit: bool, head_dim: int, block_size: int) -> bool:
@@ -433,10 +434,13 @@ def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_si
 
 def forced_gpu_fits(sixteen_bit: bool, head_dim: int, block_size: int, topk: int) -> bool:
     """The GPU forced pass's shapes: the tensor-core tiles', and its shared
-    memory (forced.mojo's forced_smem_bytes: K, V and 64 Q rows, 16-bit
-    padded rows, then the tile's lse_partial in fp32)."""
-    smem = (2 * block_size + 64) * (head_dim + 8) * 2 + 64 * topk * 4
-    return mma_attention_fits(sixteen_bit, head_dim, block_size) and smem <= _SMEM_LIMIT
+    memory (forced.mojo): K, V and 64 Q rows (16-bit, padded rows) dynamic,
+    the tile's lse_partial (64 x topk fp32) static, under the 48 KB static
+    limit."""
+    dynamic = (2 * block_size + 64) * (head_dim + 8) * 2
+    static = 64 * topk * 4 + 1024  # lse_partial, plus the small per-tile arrays
+    return (mma_attention_fits(sixteen_bit, head_dim, block_size) and static <= _STATIC_SMEM_LIMIT
+            and dynamic + static <= _SMEM_LIMIT)
 
 
 def forced_combine(

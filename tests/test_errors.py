@@ -102,3 +102,16 @@ def test_int32_limits_refused_before_overflow():
         V.check_int32_range(3_000_000, 3_000_000, 16, 64, 4)
     with pytest.raises(ValueError, match=r"^T \* topk"):
         V.check_int32_range(2**28, 2**28, 16)
+
+
+def test_forced_pass_gpu_fit():
+    """The GPU forced pass is taken only where its kernel compiles: 16-bit
+    tiles, and the tile's lse_partial (64 x topk fp32) within the 48 KB of
+    static shared memory; elsewhere the layer keeps the plain pipeline."""
+    from msa_py.graph import forced_gpu_fits
+
+    assert forced_gpu_fits(True, 128, 128, 16)
+    assert forced_gpu_fits(True, 64, 64, 128)
+    assert not forced_gpu_fits(True, 128, 128, 256)  # 64 KB of lse_partial
+    assert not forced_gpu_fits(False, 128, 128, 16)  # fp32: no tensor-core tiles
+    assert not forced_gpu_fits(True, 256, 128, 16)
