@@ -48,6 +48,17 @@ class Config:
             raise ValueError(f"q_budget must be >= 1, got {self.q_budget}")
         return self
 
+    def forced_pass_applies(self) -> bool:
+        """Whether the selection holds every query's forced blocks (sinks and
+        local), so the layer's forced pass can take them out of the inversion."""
+        return 0 < self.init_blocks + self.local_blocks <= self.topk
+
+    def check_forced_pass(self) -> "Config":
+        if not self.forced_pass_applies():
+            raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk (the selection holds every "
+                             f"forced block), got {self.init_blocks} + {self.local_blocks}, topk {self.topk}")
+        return self
+
 
 def check_rank(name: str, shape, rank: int, what: str) -> None:
     if len(shape) != rank:

@@ -94,8 +94,9 @@ def attended_keys(torch, block_ids, T: int, S: int, block_size: int, forced: tup
     j = block_ids.long()
     keep = j >= 0
     if forced is not None:
-        init_blocks, local_blocks = forced
-        keep &= (j < init_blocks) | (j > (p // block_size)[None, :, None] - local_blocks)
+        from .reference import is_forced
+
+        keep &= is_forced(j, (p // block_size)[None, :, None], *forced)
     vis = (p[None, :, None] - j * block_size + 1).clamp(0, block_size)
     vis = torch.where(keep, vis, torch.zeros_like(vis))
     return int(vis.sum().item() // block_ids.shape[0])

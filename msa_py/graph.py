@@ -282,9 +282,7 @@ def invert(
     bshape = _shape(block_ids)
     V.check_rank("block_ids", bshape, 3, "[Hkv, T, topk]")
     topk = _static("block_ids topk", bshape[2])
-    V.Config(topk, block_size, q_budget=q_budget).check()
-    if init_blocks < 0 or local_blocks < 0:
-        raise ValueError(f"init_blocks and local_blocks must be >= 0, got {init_blocks}, {local_blocks}")
+    V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
     V.check_cu_seqlens_shapes(_shape(cu_seqlens_q), _shape(cu_seqlens_k))
     _check_int32("cu_seqlens_q", cu_seqlens_q)
     _check_int32("cu_seqlens_k", cu_seqlens_k)
@@ -425,7 +423,7 @@ def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_si
     query's forced blocks (topk >= init_blocks + local_blocks > 0) and, on the
     GPU, the tensor-core kernel takes the shapes (16-bit inputs, D and
     block_size multiples of 16 up to 128)."""
-    if not 0 < init_blocks + local_blocks <= topk:
+    if not V.Config(topk, block_size, init_blocks, local_blocks).forced_pass_applies():
         return False
     if str(device.device_type) == "cpu":
         return True
@@ -473,14 +471,13 @@ def forced_combine(
         raise ValueError(f"lse_partial must be float32 [T, Hq, topk] matching o_partial, got {lse_partial.type}")
     if o_partial.dtype != partial_dtype_for(q.dtype):
         raise ValueError(f"o_partial must be {partial_dtype_for(q.dtype)} for {q.dtype} inputs, got {o_partial.dtype}")
-    V.Config(topk, block_size, init_blocks, local_blocks).check()
+    V.Config(topk, block_size, init_blocks, local_blocks).check().check_forced_pass()
     dev = q.device
     if not forced_pass_fits(q.dtype, dev, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
                             local_blocks=local_blocks):
-        raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk and, on the GPU, 16-bit "
-                         f"inputs with D and block_size multiples of 16 up to 128 and topk small enough for the "
-                         f"shared memory (forced_gpu_fits); got init_blocks={init_blocks}, "
-                         f"local_blocks={local_blocks}, topk={topk}, D={D}, block_size={block_size}, {q.dtype}")
+        raise ValueError(f"forced_combine on the GPU needs 16-bit inputs with D and block_size multiples of 16 up "
+                         f"to 128 and topk small enough for the shared memory (forced_gpu_fits); got topk={topk}, "
+                         f"D={D}, block_size={block_size}, {q.dtype}")
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
     out, lse = ops.custom(
         "msa_forced_combine",

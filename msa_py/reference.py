@@ -177,7 +177,7 @@ def invert(
         raise ValueError(f"block_ids must be an integer array, got dtype {bid.dtype}")
     V.check_rank("block_ids", bid.shape, 3, "[Hkv, T, topk]")
     Hkv, T, topk = bid.shape
-    cfg = _config(topk, block_size, q_budget=q_budget)
+    cfg = _config(topk, block_size, init_blocks, local_blocks, q_budget)
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("invert needs cu_seqlens_q and cu_seqlens_k (the block of a query depends on its sequence)")
     S = int(np.asarray(cu_seqlens_k)[-1])
@@ -190,9 +190,7 @@ def invert(
     valid = bid >= 0
     if np.any(valid & (bid > jq[None, :, None])):
         raise ValueError("block_ids holds a block after the query's own block (not causal)")
-    if init_blocks < 0 or local_blocks < 0:
-        raise ValueError(f"init_blocks and local_blocks must be >= 0, got {init_blocks}, {local_blocks}")
-    valid &= ~_is_forced(bid, jq[None, :, None], init_blocks, local_blocks)
+    valid &= ~is_forced(bid, jq[None, :, None], init_blocks, local_blocks)
     rows = np.where(valid, roff[seq][None, :, None] + bid, -1)
     row_ptr = np.zeros((Hkv, R + 1), np.int32)
     entries = np.full((Hkv, T * topk), -1, np.int32)
@@ -228,8 +226,9 @@ def block_ids_from_inversion(inv: Inversion, cu_seqlens_q, cu_seqlens_k, topk: i
     return out
 
 
-def _is_forced(j, jq, init_blocks: int, local_blocks: int):
-    """Whether block j is one of the forced blocks of a query whose own block is jq."""
+def is_forced(j, jq, init_blocks: int, local_blocks: int):
+    """Whether block j is one of the forced blocks of a query whose own block
+    is jq (elementwise: NumPy arrays or torch tensors)."""
     return (j < init_blocks) | (j > jq - local_blocks)
 
 
@@ -368,10 +367,7 @@ def forced_combine(
         raise ValueError(f"o_partial must be [T, Hq, topk, D] with q's T, Hq, D {q.shape}, got {o_partial.shape}")
     if lse_partial.shape != o_partial.shape[:3]:
         raise ValueError(f"lse_partial must have shape {o_partial.shape[:3]}, got {lse_partial.shape}")
-    _config(o_partial.shape[2], block_size, init_blocks, local_blocks)
-    if not 0 < init_blocks + local_blocks <= o_partial.shape[2]:
-        raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk (the selection holds every "
-                         f"forced block), got {init_blocks} + {local_blocks}, topk {o_partial.shape[2]}")
+    _config(o_partial.shape[2], block_size, init_blocks, local_blocks).check_forced_pass()
     V.check_scale("scale", scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     fb = forced_block_ids(cu_q, cu_k, Hkv, block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks)

@@ -464,9 +464,7 @@ def invert(
     if block_ids.dtype != torch.int32:
         raise ValueError(f"block_ids must be int32, got {block_ids.dtype}")
     V.check_rank("block_ids", tuple(block_ids.shape), 3, "[Hkv, T, topk]")
-    V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
-    if init_blocks < 0 or local_blocks < 0:
-        raise ValueError(f"init_blocks and local_blocks must be >= 0, got {init_blocks}, {local_blocks}")
+    V.Config(block_ids.shape[2], block_size, init_blocks, local_blocks, q_budget).check()
     V.check_cu_seqlens_shapes(tuple(cu_seqlens_q.shape), tuple(cu_seqlens_k.shape))
     _check_cu("cu_seqlens_q", cu_seqlens_q)
     _check_cu("cu_seqlens_k", cu_seqlens_k)
@@ -577,10 +575,7 @@ def forced_combine(
     if lse_partial.dtype != torch.float32 or tuple(lse_partial.shape) != (T, Hq, topk):
         raise ValueError(f"lse_partial must be float32 of shape {(T, Hq, topk)}, got {lse_partial.dtype} "
                          f"{tuple(lse_partial.shape)}")
-    V.Config(topk, block_size, init_blocks, local_blocks).check()
-    if not 0 < init_blocks + local_blocks <= topk:
-        raise ValueError(f"forced_combine needs 0 < init_blocks + local_blocks <= topk, got {init_blocks}, "
-                         f"{local_blocks}, topk {topk}")
+    V.Config(topk, block_size, init_blocks, local_blocks).check().check_forced_pass()
     from .graph import forced_gpu_fits
 
     if q.is_cuda and not forced_gpu_fits(pd != torch.float32, D, block_size, topk):
