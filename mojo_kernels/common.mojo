@@ -33,6 +33,15 @@ def seq_of(cu: I32Ptr, num_seqs: Int, t: Int) -> Int:
     return lo
 
 
+@always_inline
+def position_of(cu_q: I32Ptr, cu_k: I32Ptr, b: Int, t: Int) -> Int:
+    """Key position tk - tq + i of query token t, the i-th of sequence b."""
+    var q0 = Int(cu_q[unsafe_offset=b])
+    var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+    var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+    return tk - tq + t - q0
+
+
 struct Forced(TrivialRegisterPassable):
     """The forced blocks of a query at key position p (MSA.md step 2): sinks
     0 .. nsink - 1 and local blocks local_lo .. jq, disjoint and ascending."""

@@ -33,7 +33,7 @@ from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace
 
-from .common import Forced, I32MutPtr, I32Ptr, blocks_of, seq_of
+from .common import Forced, I32MutPtr, I32Ptr, blocks_of, position_of, seq_of
 
 comptime SCAN_THREADS = 1024
 comptime SORT_THREADS = 256
@@ -75,26 +75,19 @@ def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
 
 
 @always_inline
-def _query_row_base(
+def _query_row_base[with_position: Bool](
     roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, mut pos: Int
 ) -> Int:
     """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end;
-    pos: the query's key position."""
+    pos: the query's key position (looked up only with_position: the forced
+    blocks need it, the plain inversion does not)."""
     if q >= nq:
         return -1
     var t = q % T
     var b = seq_of(cu_q, num_seqs, t)
-    pos = _position(cu_q, cu_k, b, t)
+    comptime if with_position:
+        pos = position_of(cu_q, cu_k, b, t)
     return Int(roff[unsafe_offset=b])
-
-
-@always_inline
-def _position(cu_q: I32Ptr, cu_k: I32Ptr, b: Int, t: Int) -> Int:
-    """Key position tk - tq + i of query token t (sequence b)."""
-    var q0 = Int(cu_q[unsafe_offset=b])
-    var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
-    var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
-    return tk - tq + t - q0
 
 
 @always_inline
@@ -129,7 +122,7 @@ def _count_kernel[init_blocks: Int, local_blocks: Int](
     var q = Int(global_idx.x)
     var lane = Int(lane_id())
     var pos = 0
-    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
+    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
     var f = Forced(pos, Int(block_size), init_blocks, local_blocks)
     for s in range(Int(topk)):
         var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, f, Int(T), Int(r_max))
@@ -148,7 +141,7 @@ def _scatter_kernel[init_blocks: Int, local_blocks: Int](
     var nent = Int(T) * K
     var g = q // Int(T)
     var pos = 0
-    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
+    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
     var f = Forced(pos, Int(block_size), init_blocks, local_blocks)
     for s in range(K):
         var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, K, rbase, f, Int(T), R)
@@ -344,7 +337,7 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
             cnt[unsafe_offset=r] = 0
         for b in range(num_seqs):
             for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
-                var f = Forced(_position(cu_q, cu_k, b, t), block_size, init_blocks, local_blocks)
+                var f = Forced(position_of(cu_q, cu_k, b, t), block_size, init_blocks, local_blocks)
                 for s in range(topk):
                     var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
                     if not _skipped[init_blocks, local_blocks](j, f):
@@ -371,7 +364,7 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
             ent[unsafe_offset=i] = -1
         for b in range(num_seqs):
             for t in range(Int(cu_q[unsafe_offset=b]), Int(cu_q[unsafe_offset=b + 1])):
-                var f = Forced(_position(cu_q, cu_k, b, t), block_size, init_blocks, local_blocks)
+                var f = Forced(position_of(cu_q, cu_k, b, t), block_size, init_blocks, local_blocks)
                 for s in range(topk):
                     var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + s])
                     if not _skipped[init_blocks, local_blocks](j, f):
