@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute over the MSA kernels at the model shape (second launch of
 # each, after compile and warm-up): speed of light, warp stall reasons,
-# occupancy, memory. Clocks left alone (--clock-control none, METHOD.md).
+# occupancy, memory, each stall reason's warps per issued instruction.
+# Clocks left alone (--clock-control none, METHOD.md).
 #   PROFILE_ARGS="--prefill 32768" bash benchmarks/profile.sh > log
 # MAX names the kernels it builds mojo_pkg_<hash> (their Mojo names are
 # gone), so the default filter takes every one; tell the stages apart by
@@ -13,5 +14,6 @@ ncu --clock-control none --target-processes all \
   --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+  --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
   python3 benchmarks/ncu_driver.py $ARGS 2>&1 | grep -v "^==PROF==" \
   | grep -E -v "^\s+(-+|Section:.*)$" | cut -c1-160

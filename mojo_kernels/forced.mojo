@@ -163,28 +163,6 @@ def forced_combine_kernel[
         else:
             lse_s[unsafe_offset=i] = f32_neg_inf()
     async_copy_commit_group()
-
-    @always_inline
-    def load_rows(src: type_of(kg), dst: type_of(k_s), b: Int, j: Int) {var tid, var cu_k, var g}:
-        """The K (or V) rows of block j of sequence b into dst by cp.async, as
-        one commit group; zeros past the sequence."""
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
-        for i in range(tid, BS * CPR, NT):
-            var key = i // CPR
-            var c = (i % CPR) * 8
-            if key < nk:
-                async_copy[16](src.unsafe_offset(((k0 + j * BS + key) * num_groups + g) * D + c), dst.unsafe_offset(key * KS + c))
-            else:
-                dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-        async_copy_commit_group()
-
-    # the union below always starts with the first query's first forced block:
-    # its K and V are on their way before the union is built
-    var b_first = seq_of(cu_q, Int(num_seqs), t_first)
-    var f_first = Forced(position_of(cu_q, cu_k, b_first, t_first), BS, init_blocks, local_blocks)
-    load_rows(kg, k_s, b_first, f_first.block(0))
-    load_rows(vg, v_s, b_first, f_first.block(0))
     # each query of the tile: its sequence and key position
     if tid < nq:
         var t = t_first + tid
@@ -236,54 +214,47 @@ def forced_combine_kernel[
     var l0 = Float32(0)
     var l1 = Float32(0)
     var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
-    # K and V of the next block load while this one is in use: K_{u+1} once
-    # every warp has its S = Q K_u^T, V_{u+1} once every warp has its P V_u.
-    # Commit groups pending at the top of iteration u: K_u, V_u (and, for
-    # u = 0, Q and lse_partial before them).
     for u in range(nblk):
         var b = Int(blocks[unsafe_offset=2 * u])
         var j = Int(blocks[unsafe_offset=2 * u + 1])
-        var more = u + 1 < nblk
-        var b_next = Int(blocks[unsafe_offset=2 * u + 2]) if more else 0
-        var j_next = Int(blocks[unsafe_offset=2 * u + 3]) if more else 0
-        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b]) - j * BS)
-        async_copy_wait_group(1)  # K_u (V_u may still be in flight)
+        var k0 = Int(cu_k[unsafe_offset=b])
+        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
+        if u > 0:
+            barrier()  # every warp is done with the previous block
+        for i in range(tid, BS * CPR, NT):
+            var key = i // CPR
+            var c = (i % CPR) * 8
+            if key < nk:
+                var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
+                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
+                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
+            else:
+                k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+                v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+        async_copy_commit_group()
+        async_copy_wait_group(0)
         barrier()
         var nv0 = _forced_visible[init_blocks, local_blocks, BS](seq0, pos0, b, j, nk)
         var nv1 = _forced_visible[init_blocks, local_blocks, BS](seq1, pos1, b, j, nk)
-        # warps none of whose rows has the block skip the math, not the barriers
-        var active = warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) != 0
+        if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
+            continue  # none of this warp's rows has the block
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        if active:
-            qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
-        barrier()  # every warp is done with K_u
-        if more:
-            load_rows(kg, k_s, b_next, j_next)
-        if active:
-            var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
-            var mn0 = max(m0, mx[0])
-            var mn1 = max(m1, mx[1])
-            var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
-            var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
-            var a0 = exp2(m0 - base0)
-            var a1 = exp2(m1 - base1)
-            m0 = mn0
-            m1 = mn1
-            var ls = exp2_rows16[BS](s_acc, base0, base1)
-            l0 = l0 * a0 + ls[0]
-            l1 = l1 * a1 + ls[1]
-            comptime for dn in range(D // 8):
-                o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
-        if more:
-            async_copy_wait_group(1)  # V_u (K_{u+1} may still be in flight)
-        else:
-            async_copy_wait_group(0)
-        barrier()
-        if active:
-            pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
-        if more:
-            barrier()  # every warp is done with V_u
-            load_rows(vg, v_s, b_next, j_next)
+        qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
+        var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
+        var mn0 = max(m0, mx[0])
+        var mn1 = max(m1, mx[1])
+        var base0 = mn0 if mn0 > f32_neg_inf() else Float32(0)  # nothing visible yet: nothing to rescale
+        var base1 = mn1 if mn1 > f32_neg_inf() else Float32(0)
+        var a0 = exp2(m0 - base0)
+        var a1 = exp2(m1 - base1)
+        m0 = mn0
+        m1 = mn1
+        var ls = exp2_rows16[BS](s_acc, base0, base1)
+        l0 = l0 * a0 + ls[0]
+        l1 = l1 * a1 + ls[1]
+        comptime for dn in range(D // 8):
+            o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
+        pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
     async_copy_wait_group(0)  # (a tile always has a block; this keeps Q's copy settled regardless)
     # the forced split, normalized, through this warp's own Q rows; its lse
     var inv0 = Float32(1) / l0 if l0 > 0 else Float32(0)
