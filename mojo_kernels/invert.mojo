@@ -76,17 +76,17 @@ def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
 
 @always_inline
 def _query_row_base[with_position: Bool](
-    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, mut pos: Int
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, mut key_pos: Int
 ) -> Int:
     """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end;
-    pos: the query's key position (looked up only with_position: the forced
-    blocks need it, the plain inversion does not)."""
+    key_pos: the query's key position (looked up only with_position: the
+    forced blocks need it, the plain inversion does not)."""
     if q >= nq:
         return -1
     var t = q % T
     var b = seq_of(cu_q, num_seqs, t)
     comptime if with_position:
-        pos = position_of(cu_q, cu_k, b, t)
+        key_pos = position_of(cu_q, cu_k, b, t)
     return Int(roff[unsafe_offset=b])
 
 
@@ -121,9 +121,9 @@ def _count_kernel[init_blocks: Int, local_blocks: Int](
     """One thread per (g, t) query, its slots in turn (warp-aggregated atomics)."""
     var q = Int(global_idx.x)
     var lane = Int(lane_id())
-    var pos = 0
-    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
-    var f = Forced(pos, Int(block_size), init_blocks, local_blocks)
+    var key_pos = 0
+    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
+    var f = Forced(key_pos, Int(block_size), init_blocks, local_blocks)
     for s in range(Int(topk)):
         var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, f, Int(T), Int(r_max))
         _ = _warp_fetch_add(counts, key, lane)
@@ -140,9 +140,9 @@ def _scatter_kernel[init_blocks: Int, local_blocks: Int](
     var R = Int(r_max)
     var nent = Int(T) * K
     var g = q // Int(T)
-    var pos = 0
-    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), pos)
-    var f = Forced(pos, Int(block_size), init_blocks, local_blocks)
+    var key_pos = 0
+    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
+    var f = Forced(key_pos, Int(block_size), init_blocks, local_blocks)
     for s in range(K):
         var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, K, rbase, f, Int(T), R)
         var pos = _warp_fetch_add(cursor, key, lane)
