@@ -21,7 +21,7 @@
 #                         | work_offsets [Hkv*(R_max+1)]
 #                         | unsorted entries [Hkv*T*topk]
 
-from std.atomic import Atomic
+from std.atomic import Atomic, Ordering
 from std.bit import pop_count
 from std.math import ceildiv
 from std.memory import unsafe_stack_allocation
@@ -64,13 +64,16 @@ def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
     var same = key >= 0 and key == lead
     var mask = warp.vote[DType.uint32](same)
     var base = Int32(0)
+    # relaxed: the counters only need atomicity (the kernel's end orders them for
+    # the next kernel); the default (sequential) put a fence.sc.sys before every
+    # atomic, and ncu showed the count and scatter kernels stalled on it
     if lane == 0 and same:
-        base = Atomic.fetch_add(ctr.unsafe_offset(key), Int32(pop_count(mask)))
+        base = Atomic.fetch_add[ordering=Ordering.RELAXED](ctr.unsafe_offset(key), Int32(pop_count(mask)))
     base = warp.shuffle_idx(base, UInt32(0))
     if same:
         return Int(base) + Int(pop_count(mask & ((UInt32(1) << UInt32(lane)) - 1)))
     if key >= 0:
-        return Int(Atomic.fetch_add(ctr.unsafe_offset(key), Int32(1)))
+        return Int(Atomic.fetch_add[ordering=Ordering.RELAXED](ctr.unsafe_offset(key), Int32(1)))
     return -1
 
 
@@ -281,7 +284,7 @@ def _sort_rows_kernel(
                 var t = Int(ev[u]) // K - w_lo
                 if ev[u] >= 0 and t >= 0 and t < WIN:
                     # each query appears once per row: adding the bit is an OR
-                    _ = Atomic.fetch_add(bits.unsafe_offset(t // 32), Int32(1) << Int32(t % 32))
+                    _ = Atomic.fetch_add[ordering=Ordering.RELAXED](bits.unsafe_offset(t // 32), Int32(1) << Int32(t % 32))
         barrier()
         var mine = 0
         comptime for k in range(PER):
