@@ -30,12 +30,13 @@ def buffers(T: int, spec) -> dict:
     nent = T * spec.topk
     e = 2 if spec.dtype in ("bfloat16", "float16") else 4
     H, K = spec.num_kv_heads, spec.topk
+    nw = -(-T // (64 * spec.q_budget))  # the work order's query windows (msa_py/_validate.py WINDOW_CHUNKS)
     return {
         "o_partial": T * spec.num_heads * K * spec.head_dim * e,
         "lse_partial": T * spec.num_heads * K * 4,
         "block_ids": H * T * K * 4,
-        "inversion (entries, row_ptr, work, scratch)": 4 * (2 * H * nent + H * (4 * R + 2)
-                                                            + 4 * H * (R + nent // spec.q_budget)),
+        "inversion (entries, row_ptr, work, scratch)": 4 * (2 * H * nent + H * ((2 * nw + 2) * R + 1)
+                                                            + 4 * H * (nw * R + nent // spec.q_budget)),
         "out + lse": T * spec.num_heads * (spec.head_dim * e + 4),
     }
 

@@ -6,9 +6,20 @@
 #
 # Rows number the blocks of all sequences in order: row = row_offsets[b] + j.
 # Output sizes are upper bounds known before launch (no host round trip):
-#   R_max = S // block_size + B rows, W_max = Hkv * (R_max + T*topk // q_budget)
-# work items; num_work[0] holds the real count, entries past a group's nnz
-# are -1 and rows past R are empty.
+#   R_max = S // block_size + B rows,
+#   W_max = Hkv * (NW * R_max + T*topk // q_budget) work items, NW = ceil(T / win);
+# num_work[0] holds the real count, entries past a group's nnz are -1 and
+# rows past R are empty.
+#
+# Work order: each row's entries are also cut at query windows of
+# win = WINDOW_CHUNKS * q_budget queries (t // win), and the items go by
+# group, window, row (ascending in even windows, descending in odd ones),
+# begin. The attention runs its thread blocks in this order, so the blocks
+# in flight gather Q rows of one window (16 MB per group at the model shape,
+# L2-resident) instead of the whole sequence: block by block, every block's
+# queries span the sequence and Q came from DRAM ~11 times at 32K (ncu).
+# The serpentine row order lets a window start on the K/V blocks the last
+# one ended on.
 #
 # GPU pipeline (all on the stream, capturable): row offsets, count (atomics,
 # one thread per query, warp-aggregated), scan (one block), scatter (the same
@@ -17,8 +28,9 @@
 # entry goes to its query's rank (a popcount prefix), deterministic,
 # O(nnz + rows * Tq/32); the same block writes the row's work items.
 #
-# scratch layout (int32): counts [Hkv*R_max] | cursors [Hkv*R_max]
-#                         | work_offsets [Hkv*(R_max+1)]
+# scratch layout (int32): window counts, then window starts [Hkv*NW*R_max]
+#                         | cursors [Hkv*R_max]
+#                         | work offsets [Hkv*NW*R_max]
 #                         | unsorted entries [Hkv*T*topk]
 
 from std.atomic import Atomic, Ordering
@@ -39,6 +51,7 @@ comptime SCAN_THREADS = 1024
 comptime SORT_THREADS = 256
 comptime BITMAP_WORDS = 4096  # 131072 queries per window
 comptime SORT_UNROLL = 4  # entries loaded before any is used: the sink row holds every query
+comptime WINDOW_CHUNKS = 64  # queries per work-order window / q_budget (msa_py/_validate.py)
 
 
 def _row_offsets_kernel(roff: I32MutPtr, cu_k: I32Ptr, num_seqs: Int32, block_size: Int32):
@@ -118,18 +131,24 @@ def _slot_key[init_blocks: Int, local_blocks: Int](
 
 
 def _count_kernel[init_blocks: Int, local_blocks: Int](
-    counts: I32MutPtr, block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
+    wcounts: I32MutPtr, block_ids: I32Ptr, roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
     num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, nq: Int32, block_size: Int32,
+    window: Int32, num_windows: Int32,
 ):
-    """One thread per (g, t) query, its slots in turn (warp-aggregated atomics)."""
+    """One thread per (g, t) query, its slots in turn (warp-aggregated
+    atomics): entries per (g, window of t, row), wcounts[(g * NW + w) * R + row]."""
     var q = Int(global_idx.x)
     var lane = Int(lane_id())
+    var R = Int(r_max)
+    var g = q // Int(T)
+    # (g, w) base of this query's counters; the row key g * R + row adds to it
+    var wbase = (g * (Int(num_windows) - 1) + (q % Int(T)) // Int(window)) * R
     var key_pos = 0
     var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
     var f = Forced(key_pos, Int(block_size), init_blocks, local_blocks)
     for s in range(Int(topk)):
-        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, f, Int(T), Int(r_max))
-        _ = _warp_fetch_add(counts, key, lane)
+        var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, f, Int(T), R)
+        _ = _warp_fetch_add(wcounts, key + wbase if key >= 0 else -1, lane)
 
 
 def _scatter_kernel[init_blocks: Int, local_blocks: Int](
@@ -155,60 +174,96 @@ def _scatter_kernel[init_blocks: Int, local_blocks: Int](
             unsorted[unsafe_offset=g * nent + base + pos] = Int32((q - g * Int(T)) * K + s)
 
 
+@always_inline
+def _block_exclusive_scan(
+    sums: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED], tid: Int, mine: Int
+) -> Tuple[Int, Int]:
+    """Hillis-Steele over SCAN_THREADS values: (this thread's exclusive prefix,
+    the total). Every thread of the block calls it."""
+    sums[unsafe_offset=tid] = Int32(mine)
+    barrier()
+    var off = 1
+    while off < SCAN_THREADS:
+        var a = sums[unsafe_offset=tid]
+        if tid >= off:
+            a += sums[unsafe_offset=tid - off]
+        barrier()
+        sums[unsafe_offset=tid] = a
+        barrier()
+        off *= 2
+    var incl = Int(sums[unsafe_offset=tid])
+    var total = Int(sums[unsafe_offset=SCAN_THREADS - 1])
+    barrier()  # sums is reused by the next scan
+    return (incl - mine, total)
+
+
+@always_inline
+def _order_row(i: Int, R: Int) -> Tuple[Int, Int]:
+    """(window, row) of place i in a group's work order: windows in turn,
+    rows ascending in even windows and descending in odd ones."""
+    var w = i // R
+    var rr = i % R
+    return (w, rr if w % 2 == 0 else R - 1 - rr)
+
+
 def _scan_kernel(
-    row_ptr: I32MutPtr, work_off: I32MutPtr, num_work: I32MutPtr, counts: I32Ptr,
-    num_groups: Int32, r_max: Int32, q_budget: Int32,
+    row_ptr: I32MutPtr, work_off: I32MutPtr, num_work: I32MutPtr, wcounts: I32MutPtr,
+    num_groups: Int32, r_max: Int32, q_budget: Int32, num_windows: Int32,
 ):
-    """One block: per group, exclusive scans of counts (-> row_ptr) and of
-    ceil(count / q_budget) (-> work_off, offset by the earlier groups' work)."""
-    var sums = unsafe_stack_allocation[2 * SCAN_THREADS, Int32, address_space=AddressSpace.SHARED]()
+    """One block, per group: row counts (sums over windows) scanned into
+    row_ptr; items per (window, row), ceil(count / q_budget), scanned in work
+    order into work_off[(g * NW + w) * R + row] (offset by the earlier groups'
+    items); then each window count becomes its start in entries[g]."""
+    var sums = unsafe_stack_allocation[SCAN_THREADS, Int32, address_space=AddressSpace.SHARED]()
     var tid = Int(thread_idx.x)
     var R = Int(r_max)
+    var NW = Int(num_windows)
     var qb = Int(q_budget)
     var per = ceildiv(R, SCAN_THREADS)
+    var per_w = ceildiv(NW * R, SCAN_THREADS)
     var work_base = 0
     for g in range(Int(num_groups)):
-        var c_base = counts.unsafe_offset(g * R)
+        var wc = wcounts.unsafe_offset(g * NW * R)
+        var wo = work_off.unsafe_offset(g * NW * R)
+        var rp = row_ptr.unsafe_offset(g * (R + 1))
+        # rows: counts summed over windows, scanned
         var lo = min(R, tid * per)
         var hi = min(R, lo + per)
         var s_cnt = 0
-        var s_wrk = 0
         for r in range(lo, hi):
-            var c = Int(c_base[unsafe_offset=r])
-            s_cnt += c
-            s_wrk += ceildiv(c, qb)
-        sums[unsafe_offset=tid] = Int32(s_cnt)
-        sums[unsafe_offset=SCAN_THREADS + tid] = Int32(s_wrk)
-        barrier()
-        # Hillis-Steele inclusive scan of both arrays
-        var off = 1
-        while off < SCAN_THREADS:
-            var a = sums[unsafe_offset=tid]
-            var w = sums[unsafe_offset=SCAN_THREADS + tid]
-            if tid >= off:
-                a += sums[unsafe_offset=tid - off]
-                w += sums[unsafe_offset=SCAN_THREADS + tid - off]
-            barrier()
-            sums[unsafe_offset=tid] = a
-            sums[unsafe_offset=SCAN_THREADS + tid] = w
-            barrier()
-            off *= 2
-        var run_c = Int(sums[unsafe_offset=tid]) - s_cnt
-        var run_w = Int(sums[unsafe_offset=SCAN_THREADS + tid]) - s_wrk + work_base
-        var rp = row_ptr.unsafe_offset(g * (R + 1))
-        var wo = work_off.unsafe_offset(g * (R + 1))
+            for w in range(NW):
+                s_cnt += Int(wc[unsafe_offset=w * R + r])
+        var row_scan = _block_exclusive_scan(sums, tid, s_cnt)
+        var run_c = row_scan[0]
         for r in range(lo, hi):
             rp[unsafe_offset=r] = Int32(run_c)
-            wo[unsafe_offset=r] = Int32(run_w)
-            var c = Int(c_base[unsafe_offset=r])
-            run_c += c
-            run_w += ceildiv(c, qb)
-        var total_c = Int(sums[unsafe_offset=SCAN_THREADS - 1])
-        var total_w = Int(sums[unsafe_offset=2 * SCAN_THREADS - 1])
+            for w in range(NW):
+                run_c += Int(wc[unsafe_offset=w * R + r])
         if tid == 0:
-            rp[unsafe_offset=R] = Int32(total_c)
-            wo[unsafe_offset=R] = Int32(work_base + total_w)
-        work_base += total_w
+            rp[unsafe_offset=R] = Int32(row_scan[1])
+        # (window, row) places in work order: items scanned
+        var lo_w = min(NW * R, tid * per_w)
+        var hi_w = min(NW * R, lo_w + per_w)
+        var s_wrk = 0
+        for i in range(lo_w, hi_w):
+            var wr = _order_row(i, R)
+            s_wrk += ceildiv(Int(wc[unsafe_offset=wr[0] * R + wr[1]]), qb)
+        var work_scan = _block_exclusive_scan(sums, tid, s_wrk)
+        var run_w = work_base + work_scan[0]
+        for i in range(lo_w, hi_w):
+            var wr = _order_row(i, R)
+            var at = wr[0] * R + wr[1]
+            wo[unsafe_offset=at] = Int32(run_w)
+            run_w += ceildiv(Int(wc[unsafe_offset=at]), qb)
+        work_base += work_scan[1]
+        barrier()  # every thread has read the window counts of its places
+        # window counts -> window starts in entries[g] (rows in this thread's range)
+        for r in range(lo, hi):
+            var run = Int(rp[unsafe_offset=r])
+            for w in range(NW):
+                var c = Int(wc[unsafe_offset=w * R + r])
+                wc[unsafe_offset=w * R + r] = Int32(run)
+                run += c
         barrier()
     if tid == 0:
         num_work[unsafe_offset=0] = Int32(work_base)
@@ -227,8 +282,8 @@ def _load_entries(src: I32Ptr, i0: Int, n: Int) -> SIMD[DType.int32, SORT_UNROLL
 
 def _sort_rows_kernel(
     entries: I32MutPtr, work: I32MutPtr, unsorted: I32Ptr, row_ptr: I32Ptr, work_off: I32Ptr,
-    roff: I32Ptr, cu_q: I32Ptr,
-    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, q_budget: Int32,
+    wstart: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
+    num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, q_budget: Int32, num_windows: Int32,
 ):
     """One block per (g, row): entries in query order, and the row's work items."""
     var R = Int(r_max)
@@ -243,14 +298,20 @@ def _sort_rows_kernel(
     var K = Int(topk)
     var nent = Int(T) * K
     var qb = Int(q_budget)
-    # work items of this row
-    var w0 = Int(work_off[unsafe_offset=g * (R + 1) + row])
-    for c in range(tid, ceildiv(n, qb), SORT_THREADS):
-        var w = work.unsafe_offset((w0 + c) * 4)
-        w[unsafe_offset=0] = Int32(g)
-        w[unsafe_offset=1] = Int32(row)
-        w[unsafe_offset=2] = Int32(begin + c * qb)
-        w[unsafe_offset=3] = Int32(min(qb, n - c * qb))
+    # work items of this row: its entries of each window, in q_budget chunks
+    var NW = Int(num_windows)
+    var ws = wstart.unsafe_offset(g * NW * R + row)
+    var wo = work_off.unsafe_offset(g * NW * R + row)
+    for w in range(tid, NW, SORT_THREADS):
+        var b0 = Int(ws[unsafe_offset=w * R])
+        var b1 = Int(ws[unsafe_offset=(w + 1) * R]) if w + 1 < NW else begin + n
+        var i0 = Int(wo[unsafe_offset=w * R])
+        for c in range(ceildiv(b1 - b0, qb)):
+            var it = work.unsafe_offset((i0 + c) * 4)
+            it[unsafe_offset=0] = Int32(g)
+            it[unsafe_offset=1] = Int32(row)
+            it[unsafe_offset=2] = Int32(b0 + c * qb)
+            it[unsafe_offset=3] = Int32(min(qb, b1 - b0 - c * qb))
     # the sequence of this row (its queries bound the bitmap windows)
     var b = 0
     var nseq = Int(num_seqs)
@@ -326,7 +387,8 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
     num_work: I32MutPtr, counts: I32MutPtr, block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr,
     num_seqs: Int, num_groups: Int, T: Int, topk: Int, block_size: Int, r_max: Int, q_budget: Int,
 ):
-    """Stable counting sort by row, walking queries in order."""
+    """Stable counting sort by row, walking queries in order; then the work
+    list in its order (windows, serpentine rows), a cursor per row."""
     var acc = 0
     row_offsets[unsafe_offset=0] = 0
     for b in range(num_seqs):
@@ -349,17 +411,7 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
         var run = 0
         for r in range(r_max):
             rp[unsafe_offset=r] = Int32(run)
-            var c = Int(cnt[unsafe_offset=r])
-            var c0 = 0
-            while c0 < c:
-                var w = work.unsafe_offset(nw * 4)
-                w[unsafe_offset=0] = Int32(g)
-                w[unsafe_offset=1] = Int32(r)
-                w[unsafe_offset=2] = Int32(run + c0)
-                w[unsafe_offset=3] = Int32(min(q_budget, c - c0))
-                nw += 1
-                c0 += q_budget
-            run += c
+            run += Int(cnt[unsafe_offset=r])
             cnt[unsafe_offset=r] = 0  # reused as the fill cursor below
         rp[unsafe_offset=r_max] = Int32(run)
         var ent = entries.unsafe_offset(g * nent)
@@ -375,6 +427,27 @@ def _invert_cpu[init_blocks: Int, local_blocks: Int](
                         var pos = Int(rp[unsafe_offset=r]) + Int(cnt[unsafe_offset=r])
                         cnt[unsafe_offset=r] += 1
                         ent[unsafe_offset=pos] = Int32(t * topk + s)
+        # work items: each row's entries cut at the query windows, in work order
+        var win = WINDOW_CHUNKS * q_budget
+        for r in range(r_max):
+            cnt[unsafe_offset=r] = rp[unsafe_offset=r]  # the row's next entry
+        for i in range(ceildiv(T, win) * r_max):
+            var wr = _order_row(i, r_max)
+            var r = wr[1]
+            var b0 = Int(cnt[unsafe_offset=r])
+            var b1 = b0
+            while b1 < Int(rp[unsafe_offset=r + 1]) and Int(ent[unsafe_offset=b1]) // topk < (wr[0] + 1) * win:
+                b1 += 1
+            cnt[unsafe_offset=r] = Int32(b1)
+            var c0 = b0
+            while c0 < b1:
+                var w = work.unsafe_offset(nw * 4)
+                w[unsafe_offset=0] = Int32(g)
+                w[unsafe_offset=1] = Int32(r)
+                w[unsafe_offset=2] = Int32(c0)
+                w[unsafe_offset=3] = Int32(min(q_budget, b1 - c0))
+                nw += 1
+                c0 += q_budget
     num_work[unsafe_offset=0] = Int32(nw)
 
 
@@ -409,16 +482,19 @@ struct MSAInvert:
             raise Error("msa_invert: block_ids must have topk slots")
         if entries.dim_size(1) != nent or row_ptr.dim_size(0) != G or work.dim_size(1) != 4:
             raise Error("msa_invert: output shapes do not match block_ids")
-        if scratch.dim_size(0) < G * (3 * R + 1 + nent):
+        var NW = ceildiv(T, WINDOW_CHUNKS * q_budget)
+        if work.dim_size(0) < G * (NW * R + nent // q_budget):
+            raise Error("msa_invert: work has fewer rows than Hkv * (NW * R_max + T * topk // q_budget)")
+        if scratch.dim_size(0) < G * ((2 * NW + 1) * R + nent):
             raise Error("msa_invert: scratch too small")
-        var counts = scratch.unsafe_ptr()
-        var cursor = counts.unsafe_offset(G * R)
+        var wcounts = scratch.unsafe_ptr()  # then the windows' starts
+        var cursor = wcounts.unsafe_offset(G * NW * R)
         var work_off = cursor.unsafe_offset(G * R)
-        var unsorted = work_off.unsafe_offset(G * (R + 1))
+        var unsorted = work_off.unsafe_offset(G * NW * R)
         comptime if is_cpu[target]():
             _invert_cpu[init_blocks, local_blocks](
                 row_offsets.unsafe_ptr(), row_ptr.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(),
-                num_work.unsafe_ptr(), counts, block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                num_work.unsafe_ptr(), cursor, block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
                 cu_seqlens_k.unsafe_ptr(), B, G, T, topk, block_size, R, q_budget,
             )
         else:
@@ -432,13 +508,14 @@ struct MSAInvert:
             ctx.enqueue_memset(entries.to_device_buffer(ctx), Int32(-1))
             if total > 0:
                 ctx.enqueue_function[_count_kernel[init_blocks, local_blocks]](
-                    counts, block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                    wcounts, block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
                     cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(T), Int32(topk), Int32(R), Int32(nq), Int32(block_size),
+                    Int32(WINDOW_CHUNKS * q_budget), Int32(NW),
                     grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
             ctx.enqueue_function[_scan_kernel](
-                row_ptr.unsafe_ptr(), work_off, num_work.unsafe_ptr(), counts,
-                Int32(G), Int32(R), Int32(q_budget),
+                row_ptr.unsafe_ptr(), work_off, num_work.unsafe_ptr(), wcounts,
+                Int32(G), Int32(R), Int32(q_budget), Int32(NW),
                 grid_dim=1, block_dim=SCAN_THREADS,
             )
             if total > 0 and R > 0:
@@ -450,7 +527,7 @@ struct MSAInvert:
                 )
                 ctx.enqueue_function[_sort_rows_kernel](
                     entries.unsafe_ptr(), work.unsafe_ptr(), unsorted, row_ptr.unsafe_ptr(), work_off,
-                    row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(q_budget),
+                    wcounts, row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                    Int32(B), Int32(T), Int32(topk), Int32(R), Int32(q_budget), Int32(NW),
                     grid_dim=G * R, block_dim=SORT_THREADS,
                 )

@@ -13,6 +13,12 @@ import numpy as np
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
+# The inversion's work list walks the queries in windows of this many
+# q_budget chunks (4096 queries at the default q_budget 64): the items of one
+# window run together, so the Q rows they gather stay in L2 (MSA.md step 4
+# leaves the order of the work list open; invert.mojo says why this one).
+WINDOW_CHUNKS = 64
+
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer))
@@ -47,6 +53,11 @@ class Config:
         if self.q_budget < 1:
             raise ValueError(f"q_budget must be >= 1, got {self.q_budget}")
         return self
+
+    @property
+    def q_window(self) -> int:
+        """Queries per window of the work list's order."""
+        return WINDOW_CHUNKS * self.q_budget
 
     def forced_pass_applies(self) -> bool:
         """Whether the selection holds every query's forced blocks (sinks and

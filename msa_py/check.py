@@ -64,6 +64,9 @@ DECODE = [
     ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
 ]
 QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], DECODE[1]]
+# cases with a small q_budget: their work lists span several of the
+# inversion's query windows (WINDOW_CHUNKS * q_budget queries); others use 64
+Q_BUDGET = {"ragged_g4_f32": 3, "ragged_g4_bf16_mma": 4, "g16_d128_bf16": 8}
 
 
 def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
@@ -190,9 +193,9 @@ def _spec(case):
     """The compiled configuration of a case (decode cases carry a 12th field True)."""
     from . import engine as E
 
-    _, _, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
+    name, _, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
     return E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]))
+                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]), q_budget=Q_BUDGET.get(name, 64))
 
 
 def _selected_keys(seqs, topk, bs):

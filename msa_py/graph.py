@@ -291,7 +291,9 @@ def invert(
     B = _num_seqs(cu_seqlens_q)
     r_max = Dim(num_keys) // block_size + B
     nent = T * topk
-    w_max = Hkv * (r_max + nent // q_budget)
+    q_window = V.Config(q_budget=q_budget).q_window
+    n_win = (T + (q_window - 1)) // q_window  # the work order's query windows
+    w_max = Hkv * (n_win * r_max + nent // q_budget)
     i32 = DType.int32
     outs = ops.custom(
         "msa_invert",
@@ -303,7 +305,7 @@ def invert(
             TensorType(i32, [Hkv, nent], device=dev),
             TensorType(i32, [w_max, 4], device=dev),
             TensorType(i32, [1], device=dev),
-            TensorType(i32, [Hkv * (3 * r_max + 1 + nent)], device=dev),  # scratch
+            TensorType(i32, [Hkv * ((2 * n_win + 1) * r_max + nent)], device=dev),  # scratch
         ],
         parameters={"topk": topk, "block_size": block_size, "q_budget": q_budget, "init_blocks": init_blocks,
                     "local_blocks": local_blocks},

@@ -141,7 +141,11 @@ class Inversion(NamedTuple):
     entries [Hkv, T*topk]: t*topk + slot, sorted by t within a row; -1 past
         row_ptr[g, R].
     work [W, 4]: (g, row, begin, count); begin indexes entries[g], count in
-        1..q_budget.
+        1..q_budget. Each row's entries are cut at the query windows
+        (t // q_window, q_window = WINDOW_CHUNKS * q_budget) and into chunks
+        of at most q_budget; items go by group, then window, then row
+        (ascending in even windows, descending in odd ones, so consecutive
+        windows start on the blocks the last one ended on), then begin.
     num_work [1]: W.
     """
 
@@ -204,10 +208,16 @@ def invert(
         counts = np.bincount(r_k, minlength=R)
         row_ptr[g, 1:] = np.cumsum(counts)
         entries[g, : len(order)] = e_k[order]
-        for row in np.nonzero(counts)[0]:
-            b0, n = int(row_ptr[g, row]), int(counts[row])
-            for c in range(0, n, cfg.q_budget):
-                work.append((g, int(row), b0 + c, min(cfg.q_budget, n - c)))
+        # each row's entries in window w: t // q_window == w (sorted by t, so contiguous)
+        win_of = entries[g, : len(order)] // topk // cfg.q_window
+        n_win = -(-T // cfg.q_window)
+        for w in range(n_win):
+            for row in range(R) if w % 2 == 0 else range(R - 1, -1, -1):
+                lo, hi = int(row_ptr[g, row]), int(row_ptr[g, row + 1])
+                b0 = lo + int(np.searchsorted(win_of[lo:hi], w, "left"))
+                n = lo + int(np.searchsorted(win_of[lo:hi], w, "right")) - b0
+                for c in range(0, n, cfg.q_budget):
+                    work.append((g, row, b0 + c, min(cfg.q_budget, n - c)))
     work = np.array(work, np.int32).reshape(-1, 4)
     return Inversion(roff, row_ptr, entries, work, np.array([len(work)], np.int32))
 

@@ -17,10 +17,10 @@ from msa_py.check import make_inputs
 # (id, spec kwargs, [seqs...])
 CONFIGS = [
     ("g1_d64_di32_f32", dict(dtype="float32", num_heads=4, num_kv_heads=4, head_dim=64, idx_dim=32, topk=3,
-                              block_size=16, q_budget=5),
+                              block_size=16, q_budget=2),
      [[(77, 77)], [(40, 40), (1, 1), (33, 50), (0, 9), (70, 70)], [(20, 100), (16, 16)]]),
     ("g4_d128_di128_bf16", dict(dtype="bfloat16", num_heads=8, num_kv_heads=2, head_dim=128, idx_dim=128, topk=4,
-                                 block_size=32, q_budget=16),
+                                 block_size=32, q_budget=3),
      [[(200, 200)], [(31, 100), (65, 65), (1, 7)]]),
     ("g16_d128_di32_f32", dict(dtype="float32", num_heads=16, num_kv_heads=1, head_dim=128, idx_dim=32, topk=2,
                                 block_size=16, init_blocks=2, local_blocks=1, q_budget=64),

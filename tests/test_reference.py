@@ -147,6 +147,34 @@ def test_inversion_round_trip_and_budget():
                 assert (np.diff(e // 4) > 0).all(), "sorted by query within a row"
 
 
+def test_work_order_windows():
+    """Work items go by group, query window (WINDOW_CHUNKS * q_budget queries),
+    row (serpentine), begin; each item stays in one row and one window, and
+    the items of a row tile its entries exactly."""
+    from msa_py._validate import Config
+
+    topk = 4
+    c = make_case(9, [(150, 150), (1, 1), (40, 200), (100, 100)], 4, 2, 64, 32)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=16)
+    for qb in (1, 2, 3):
+        win = Config(q_budget=qb).q_window
+        inv = R.invert(bid, c.cu_q, c.cu_k, block_size=16, q_budget=qb)
+        T, R_rows = c.q.shape[0], inv.row_ptr.shape[1] - 1
+        assert -(-T // win) >= 2  # the case spans several windows
+        keys, covered = [], np.zeros_like(inv.entries, bool)
+        for g, row, b, n in inv.work:
+            lo, hi = inv.row_ptr[g, row], inv.row_ptr[g, row + 1]
+            assert lo <= b and b + n <= hi
+            w = inv.entries[g, b : b + n] // topk // win
+            assert (w == w[0]).all(), "an item stays in one window"
+            assert not covered[g, b : b + n].any()
+            covered[g, b : b + n] = True
+            keys.append((g, w[0], row if w[0] % 2 == 0 else R_rows - 1 - row, b))
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        for g in range(inv.row_ptr.shape[0]):
+            assert covered[g, : inv.row_ptr[g, -1]].all() and not covered[g, inv.row_ptr[g, -1] :].any()
+
+
 def test_combine_equals_one_softmax_over_union():
     rng = np.random.default_rng(9)
     T, H, K, D = 5, 3, 4, 8
