@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from msa_py import _validate as V  # noqa: E402
+
 
 def _gib(n: float) -> float:
     return n / 2**30
@@ -30,13 +32,13 @@ def buffers(T: int, spec) -> dict:
     nent = T * spec.topk
     e = 2 if spec.dtype in ("bfloat16", "float16") else 4
     H, K = spec.num_kv_heads, spec.topk
-    nw = -(-T // (64 * spec.q_budget))  # the work order's query windows (msa_py/_validate.py WINDOW_CHUNKS)
+    nw = V.work_windows(T, spec.q_budget)
     return {
         "o_partial": T * spec.num_heads * K * spec.head_dim * e,
         "lse_partial": T * spec.num_heads * K * 4,
         "block_ids": H * T * K * 4,
         "inversion (entries, row_ptr, work, scratch)": 4 * (2 * H * nent + H * ((2 * nw + 2) * R + 1)
-                                                            + 4 * H * (nw * R + nent // spec.q_budget)),
+                                                            + 4 * V.work_capacity(H, T, K, R, spec.q_budget)),
         "out + lse": T * spec.num_heads * (spec.head_dim * e + 4),
     }
 

@@ -20,6 +20,19 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 WINDOW_CHUNKS = 64
 
 
+def work_windows(T, q_budget: int):
+    """Query windows of the work list's order, ceil(T / (WINDOW_CHUNKS *
+    q_budget)); T an int, a torch SymInt or a graph Dim."""
+    w = WINDOW_CHUNKS * q_budget
+    return (T + (w - 1)) // w
+
+
+def work_capacity(Hkv, T, topk: int, r_max, q_budget: int):
+    """Rows of the inversion's work list (invert.mojo's W_max): at most one
+    partly filled item per (KV group, window, row), the rest full chunks."""
+    return Hkv * (work_windows(T, q_budget) * r_max + T * topk // q_budget)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer))
 

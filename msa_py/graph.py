@@ -291,9 +291,8 @@ def invert(
     B = _num_seqs(cu_seqlens_q)
     r_max = Dim(num_keys) // block_size + B
     nent = T * topk
-    q_window = V.Config(q_budget=q_budget).q_window
-    n_win = (T + (q_window - 1)) // q_window  # the work order's query windows
-    w_max = Hkv * (n_win * r_max + nent // q_budget)
+    n_win = V.work_windows(T, q_budget)
+    w_max = V.work_capacity(Hkv, T, topk, r_max, q_budget)
     i32 = DType.int32
     outs = ops.custom(
         "msa_invert",

@@ -200,6 +200,7 @@ def invert(
     entries = np.full((Hkv, T * topk), -1, np.int32)
     work = []
     ent = np.arange(T * topk, dtype=np.int64).reshape(T, topk)
+    n_win = V.work_windows(T, cfg.q_budget)
     for g in range(Hkv):
         r = rows[g].reshape(-1)
         keep = r >= 0
@@ -210,7 +211,6 @@ def invert(
         entries[g, : len(order)] = e_k[order]
         # each row's entries in window w: t // q_window == w (sorted by t, so contiguous)
         win_of = entries[g, : len(order)] // topk // cfg.q_window
-        n_win = -(-T // cfg.q_window)
         for w in range(n_win):
             for row in range(R) if w % 2 == 0 else range(R - 1, -1, -1):
                 lo, hi = int(row_ptr[g, row]), int(row_ptr[g, row + 1])

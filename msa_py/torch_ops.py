@@ -433,11 +433,9 @@ def _(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys, block_size, q_budget, ini
     Hkv, T, K = block_ids.shape
     B = cu_seqlens_q.shape[0] - 1
     r_max = num_keys // block_size + B
-    q_window = V.Config(q_budget=q_budget).q_window
-    n_win = -(-T // q_window)
     i = dict(dtype=torch.int32)
     return (block_ids.new_empty((B + 1,), **i), block_ids.new_empty((Hkv, r_max + 1), **i),
-            block_ids.new_empty((Hkv, T * K), **i), block_ids.new_empty((Hkv * (n_win * r_max + T * K // q_budget), 4), **i),
+            block_ids.new_empty((Hkv, T * K), **i), block_ids.new_empty((V.work_capacity(Hkv, T, K, r_max, q_budget), 4), **i),
             block_ids.new_empty((1,), **i))
 
 
