@@ -6,7 +6,13 @@
 # lse_partial (natural log). Keys past the query's position are masked
 # (causality inside its own block); K/V rows past the sequence are zero-filled.
 #
-# Two GPU paths:
+# Three GPU paths:
+#   wgmma (Hopper, bf16, D 64 or 128, block_size <= 128): the mma path's
+#        tiling on warpgroup MMA. K, V and two Q tiles sit in shared memory
+#        in wgmma's 128B-swizzled layout; S = Q K^T is one asynchronous
+#        chain per 64-row tile (K read once per tile, not once per warp),
+#        O = P V takes P from registers and V as the MN-major operand, and
+#        tile i+1's S runs on the tensor cores while tile i's output leaves.
 #   mma  (bf16/fp16, D <= 128, block_size <= 128): rows = (entry, head) pairs
 #        packed into the M dimension, 64 per tile (16 per warp);
 #        S = Q K^T and O = P V on tensor cores (mma.sync m16n8k16, fp32
@@ -29,13 +35,18 @@ from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
-from max.gpu.compute.mma import mma
+from max.gpu.compute.mma import mma, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned, wgmma_wait_group_sync
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.memory import (
+    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory, fence_async_view_proxy,
+)
 from max.gpu.primitives import warp
 
-from .common import SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
+from .common import (
+    SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
+    LAYOUT_SW128, score_tile_wgmma, sw128_mnmajor_desc, tile_offset, wgmma_acc_fence,
+)
 
 comptime LOG2E = Float32(1.4426950408889634)
 comptime LN2 = Float32(0.6931471805599453)
@@ -538,6 +549,245 @@ def attention_mma_kernel[
         barrier()  # this tile's q and meta buffers are refilled two tiles on
 
 
+# ----------------------------------------------------------------------------- GPU, Hopper wgmma
+@always_inline
+def _pv_tile_sw128[dtype: DType, D: Int, BS: Int](
+    p_acc: Array[SIMD[DType.float32, 4], BS // 8],
+    v_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    acc_regs: SIMD[DType.float32, D // 2],
+) -> SIMD[DType.float32, D // 2]:
+    """Issues (and commits) the warpgroup's 64 x D output tile O = P V: P from
+    registers (each warp's 16 rows in the m16n8 accumulator layout, which is
+    wgmma's register A layout), V [key][d] in the 128B-swizzled layout read
+    as the MN-major B operand."""
+    var acc = acc_regs
+    # every A fragment converted before the chain: a register written between
+    # two wgmmas makes ptxas fence each one (C7519)
+    var a_frag = Array[SIMD[dtype, 8], BS // 16](fill=SIMD[dtype, 8](0))
+    comptime for kk2 in range(BS // 16):
+        a_frag[kk2] = p_acc[2 * kk2].join(p_acc[2 * kk2 + 1]).cast[dtype]()
+    wgmma_fence_aligned()
+    comptime for kk2 in range(BS // 16):
+        acc = wgmma_async[64, D, 16, a_type=dtype, b_type=dtype, layout_b="row", scale_d=0 if kk2 == 0 else 1](
+            a_frag[kk2], sw128_mnmajor_desc[dtype, BS](v_t.unsafe_offset(kk2 * 16 * SW128_COLS)), acc
+        )
+    wgmma_commit_group_sync()
+    return acc
+
+
+def attention_wgmma_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+](
+    o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
+    lse_p: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+):
+    """The block attention on Hopper's warpgroup MMA: one warpgroup per work
+    item, K, V and two Q tiles in shared memory in the 128B-swizzled layout
+    (no bank conflicts for cp.async writes or wgmma reads, and K/V read
+    once per 64-row tile instead of once per warp). S = Q K^T and O = P V
+    are asynchronous wgmma chains; the next tile's S is issued before this
+    tile's output leaves, so its epilogue (normalize, stage through the Q
+    buffer, 16-byte stores, lse) runs while the tensor cores work."""
+    comptime D = head_dim
+    comptime BS = block_size
+    comptime Hq = num_groups * group
+    comptime NT = MMA_WARPS * WARP_SIZE
+    comptime CPR = D // 8  # 16-byte chunks per row
+    comptime Q_TILE = MMA_BM * D
+    var w = Int(block_idx.x)
+    if w >= Int(num_work[unsafe_offset=0]):
+        return
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
+    if it.count == 0:
+        return
+    # 1024-byte aligned: the swizzle is a function of the shared address
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024]()
+    var k_s = smem
+    var v_s = smem.unsafe_offset(BS * D)
+    var q_s = v_s.unsafe_offset(BS * D)  # two Q tiles
+    var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
+    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    for i in range(tid, BS * CPR, NT):
+        var key = i // CPR
+        var c = (i % CPR) * 8
+        var goff = ((it.kstart + key) * num_groups + it.g) * D + c
+        var so = tile_offset[LAYOUT_SW128, BS, D](key, c)
+        if key < it.nk:
+            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(so))
+            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(so))
+        else:
+            k_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+            v_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+    async_copy_commit_group()
+    var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
+    var nent = Int(T) * topk
+    var rows_total = it.count * group
+    var n_tiles = ceildiv(rows_total, MMA_BM)
+    var g_lane = lane // 4
+    var t2 = (lane % 4) * 2
+    var r0 = wid * 16 + g_lane
+
+    @always_inline
+    def stage(m0: Int, qbuf: type_of(q_s), mbuf: type_of(meta)) {
+        var wid, var lane, var it, var entries, var qg, var nent, var rows_total
+    }:
+        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata,
+        as attention_mma_kernel's stage does, into the swizzled layout."""
+        var r_l = wid * 16 + lane % 16
+        var mr = m0 + r_l
+        var q_row = Int32(-1)
+        var poff = -1
+        var nvis = 0
+        if mr < rows_total:
+            var ent = it.entry(entries, nent, mr // group)
+            var t = ent // topk
+            var h = it.g * group + mr % group
+            q_row = Int32(t * Hq + h)
+            poff = _part_offset(t, h, ent % topk, Hq, topk)
+            nvis = it.visible(t, BS)
+        if lane < 16:
+            mbuf[unsafe_offset=r_l * 2] = Int32(poff)
+            mbuf[unsafe_offset=r_l * 2 + 1] = Int32(nvis)
+        comptime for i in range(ceildiv(16 * CPR, WARP_SIZE)):
+            var c = lane + i * WARP_SIZE
+            var rr = min(c // CPR, 15)
+            var col = (c % CPR) * 8
+            var src = Int(warp.shuffle_idx(q_row, UInt32(rr)))
+            if c < 16 * CPR:
+                var so = tile_offset[LAYOUT_SW128, MMA_BM, D](wid * 16 + rr, col)
+                if src >= 0:
+                    async_copy[16](qg.unsafe_offset(src * D + col), qbuf.unsafe_offset(so))
+                else:
+                    qbuf.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+
+    # tile i uses buffer i % 2; the gather of tile i + 2 starts once tile i's
+    # output has left its buffer. cp.async groups: K/V, Q_0, Q_1, then one per tile.
+    stage(0, q_s, meta)
+    async_copy_commit_group()
+    if n_tiles > 1:
+        stage(MMA_BM, q_s.unsafe_offset(Q_TILE), meta.unsafe_offset(MMA_BM * 2))
+        async_copy_commit_group()
+        async_copy_wait_group(1)  # K, V and Q_0
+    else:
+        async_copy_wait_group(0)
+    fence_async_view_proxy()  # cp.async and st.shared writes -> visible to wgmma's async proxy
+    barrier()
+    var s_wg = SIMD[DType.float32, BS // 2](0)
+    var o_wg = SIMD[DType.float32, D // 2](0)
+    s_wg = score_tile_wgmma[dtype, D, BS, LAYOUT_SW128, MMA_BM](q_s, k_s, s_wg)
+    for i in range(n_tiles):
+        var odd = i % 2 == 1
+        var q_cur = q_s.unsafe_offset(Q_TILE) if odd else q_s
+        var m_cur = meta.unsafe_offset(MMA_BM * 2) if odd else meta
+        var more = i + 1 < n_tiles
+        wgmma_wait_group_sync[0]()  # S_i (the only chain in flight)
+        s_wg = wgmma_acc_fence(s_wg)
+        var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
+        comptime for nj in range(BS // 8):
+            s_acc[nj] = s_wg.slice[4, offset=4 * nj]()
+        var nv0 = Int(m_cur[unsafe_offset=r0 * 2 + 1])
+        var nv1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2 + 1])
+        var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
+        var m_0 = mx[0]
+        var m_1 = mx[1]
+        var mu0 = m_0 if m_0 > f32_neg_inf() else Float32(0)
+        var mu1 = m_1 if m_1 > f32_neg_inf() else Float32(0)
+        var ls = exp2_rows16[BS](s_acc, mu0, mu1)
+        var l_0 = ls[0]
+        var l_1 = ls[1]
+        o_wg = _pv_tile_sw128[dtype, D, BS](s_acc, v_s, o_wg)  # P V_i, in flight
+        # every warp is past its S_i wait (Q_i is read) and Q_{i+1} has landed
+        async_copy_wait_group(0)
+        fence_async_view_proxy()
+        barrier()
+        if more:
+            s_wg = score_tile_wgmma[dtype, D, BS, LAYOUT_SW128, MMA_BM](q_s if odd else q_s.unsafe_offset(Q_TILE), k_s, s_wg)
+            wgmma_wait_group_sync[1]()  # P V_i (S_{i+1} stays in flight)
+        else:
+            wgmma_wait_group_sync[0]()
+        o_wg = wgmma_acc_fence(o_wg)
+        var inv0 = Float32(1) / l_0 if l_0 > 0 else Float32(0)
+        var inv1 = Float32(1) / l_1 if l_1 > 0 else Float32(0)
+        var p0 = Int(m_cur[unsafe_offset=r0 * 2])
+        var p1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2])
+        comptime if part_dtype == dtype:
+            # the output tile through this warp's own rows of Q_i's buffer,
+            # then out as whole rows with 16-byte stores
+            comptime for dn in range(D // 8):
+                q_cur.unsafe_store[alignment=4](
+                    tile_offset[LAYOUT_SW128, MMA_BM, D](r0, dn * 8 + t2),
+                    SIMD[DType.float32, 2](o_wg[4 * dn], o_wg[4 * dn + 1]).__mul__(inv0).cast[dtype](),
+                )
+                q_cur.unsafe_store[alignment=4](
+                    tile_offset[LAYOUT_SW128, MMA_BM, D](r0 + 8, dn * 8 + t2),
+                    SIMD[DType.float32, 2](o_wg[4 * dn + 2], o_wg[4 * dn + 3]).__mul__(inv1).cast[dtype](),
+                )
+            syncwarp()
+            comptime for c0 in range(16 * CPR // WARP_SIZE):
+                var c = lane + c0 * WARP_SIZE
+                var r = wid * 16 + c // CPR
+                var col = (c % CPR) * 8
+                var p = Int(m_cur[unsafe_offset=r * 2])
+                if p >= 0:
+                    o_p.unsafe_store[alignment=16](
+                        p * D + col,
+                        q_cur.unsafe_load[width=8, alignment=16](tile_offset[LAYOUT_SW128, MMA_BM, D](r, col)).cast[part_dtype](),
+                    )
+        else:
+            comptime PAIR_ALIGN = 2 * size_of[part_dtype]()
+            comptime for dn in range(D // 8):
+                var d = dn * 8 + t2
+                if p0 >= 0:
+                    o_p.unsafe_store[alignment=PAIR_ALIGN](
+                        p0 * D + d,
+                        SIMD[DType.float32, 2](o_wg[4 * dn], o_wg[4 * dn + 1]).__mul__(inv0).cast[part_dtype](),
+                    )
+                if p1 >= 0:
+                    o_p.unsafe_store[alignment=PAIR_ALIGN](
+                        p1 * D + d,
+                        SIMD[DType.float32, 2](o_wg[4 * dn + 2], o_wg[4 * dn + 3]).__mul__(inv1).cast[part_dtype](),
+                    )
+        if lane % 4 == 0:
+            if p0 >= 0:
+                lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
+            if p1 >= 0:
+                lse_p[unsafe_offset=p1] = m_1 * LN2 + log(l_1) if l_1 > 0 else f32_neg_inf()
+        if i + 2 < n_tiles:
+            # a warp's rows of the buffer (Q, output staging, metadata) are
+            # its own outside the wgmma, which waited above
+            syncwarp()
+            stage((i + 2) * MMA_BM, q_cur, m_cur)
+            async_copy_commit_group()
+
+
+def wgmma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    """K, V and two Q tiles, 128B-swizzled (no padding)."""
+    return (2 * block_size + 2 * MMA_BM) * head_dim * size_of[dtype]()
+
+
+def wgmma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
+    """bfloat16 (P as wgmma's register A operand), whole 64-column swizzle
+    panels, 16-key steps, S's registers within budget (the caller checks
+    for a Hopper device)."""
+    return (
+        dtype == DType.bfloat16
+        and head_dim % SW128_COLS == 0
+        and head_dim <= 128
+        and block_size % 16 == 0
+        and block_size <= 128
+    )
+
+
 def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
     comptime elems = (2 * block_size + 2 * MMA_BM) * (head_dim + 8)
     return elems * size_of[dtype]()
@@ -581,7 +831,20 @@ def _launch[
         )
         if grid == 0:
             return
-        comptime if use_mma and mma_supported[dtype, head_dim, block_size]():
+        # Hopper (compute 9.x): warpgroup MMA; mma.sync elsewhere
+        comptime hopper = ctx.default_device_info.compute >= 9.0 and ctx.default_device_info.compute < 10.0
+        comptime if use_mma and hopper and wgmma_supported[dtype, head_dim, block_size]():
+            comptime smem = wgmma_smem_bytes[dtype, head_dim, block_size]()
+            comptime kernel = attention_wgmma_kernel[
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk
+            ]
+            ctx.enqueue_function[kernel](
+                o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
+                cu_q, cu_k, scale, Int32(B), Int32(T),
+                grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+            )
+        elif use_mma and mma_supported[dtype, head_dim, block_size]():
             comptime smem = mma_smem_bytes[dtype, head_dim, block_size]()
             comptime kernel = attention_mma_kernel[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk

@@ -3,7 +3,7 @@
 from std.sys import inlined_assembly
 from std.utils.numerics import neg_inf
 
-from max.gpu.compute.mma import WGMMADescriptor, ld_matrix
+from max.gpu.compute.mma import WGMMADescriptor, ld_matrix, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned
 from max.gpu.memory import AddressSpace
 
 comptime SMEM_OPTIN_BYTES = 227 * 1024  # shared memory a thread block may opt into (sm_80, sm_90)
@@ -104,27 +104,93 @@ def frag_b2_trans[dtype: DType, stride: Int](
     return ld_matrix[8, transpose=True](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))
 
 
-# wgmma operands in shared memory (Hopper)
+# Shared-memory tile layouts (16-bit elements) for tensor-core operands.
+#   PADDED: rows of cols + 8 elements (conflict-free ldmatrix for mma.sync).
+#   CORE:   wgmma's no-swizzle K-major canonical layout, 8 x 8 core matrices
+#           of 128 bytes with the ones adjacent along K contiguous (LBO 128
+#           bytes) and row groups cols * 16 bytes apart (SBO).
+#   SW128:  wgmma's 128-byte-swizzled layout: panels of 64 columns (128 bytes
+#           a row), panel p holding rows x 64 elements, the 16-byte chunk j
+#           of row r at chunk j ^ (r % 8). The hardware applies the same XOR
+#           to the addresses it forms (bits 4-6 ^= bits 7-9), so panels start
+#           1024-byte aligned. Read as a K-major operand (K = columns) or an
+#           MN-major one (N = columns, K = rows), each 8-row group is one
+#           1024-byte swizzle atom. cp.async writes and wgmma reads are free
+#           of bank conflicts; the no-swizzle layout reads slower.
+comptime LAYOUT_PADDED = 0
+comptime LAYOUT_CORE = 1
+comptime LAYOUT_SW128 = 2
+comptime SW128_COLS = 64
+
+
 @always_inline
-def tile_offset[core: Bool, cols: Int, stride: Int](r: Int, c: Int) -> Int:
-    """Element offset of (row r, column c), c a multiple of 8, in a tile of
-    `cols` columns. core: wgmma's no-swizzle K-major canonical layout, 8 x 8
-    core matrices of 128 bytes with the ones adjacent along K contiguous
-    (LBO 128 bytes) and row groups cols * 16 bytes apart (SBO); else padded
-    rows of `stride` elements (conflict-free ldmatrix)."""
-    comptime if core:
+def tile_offset[layout: Int, rows: Int, cols: Int](r: Int, c: Int) -> Int:
+    """Element offset of (row r, column c) in a rows x cols tile stored in
+    `layout`; c a multiple of 8 plus an offset inside its 16-byte chunk."""
+    comptime if layout == LAYOUT_SW128:
+        var j = (c % SW128_COLS) // 8
+        return (c // SW128_COLS) * (rows * SW128_COLS) + r * SW128_COLS + (j ^ (r % 8)) * 8 + c % 8
+    elif layout == LAYOUT_CORE:
         return ((r // 8) * (cols // 8) + c // 8) * 64 + (r % 8) * 8 + c % 8
     else:
-        return r * stride + c
+        return r * (cols + 8) + c
 
 
 @always_inline
-def kmajor_desc[dtype: DType, cols: Int](
+def kmajor_desc[dtype: DType, layout: Int, cols: Int](
     base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED]
 ) -> WGMMADescriptor[dtype]:
-    """wgmma descriptor of a K-major operand stored by tile_offset[core=True]
-    (SBO and LBO in 16-byte units); base: its first row, first K column."""
+    """wgmma descriptor of a K-major operand (SBO and LBO in 16-byte units);
+    base: its first row at the K step's first column. CORE: row groups
+    cols * 16 bytes apart, K-adjacent core matrices 128 bytes apart. SW128:
+    8-row groups 1024 bytes apart; a 16-wide K step stays inside one
+    128-byte row (LBO unused), and base is the step's panel plus its column
+    offset (the hardware swizzles the address it forms from it)."""
+    comptime assert layout != LAYOUT_PADDED, "wgmma reads the CORE or SW128 layout"
+    comptime if layout == LAYOUT_SW128:
+        return WGMMADescriptor[dtype](WGMMADescriptor[dtype].create[1024 // 16, 1](base).desc | (Int64(1) << 62))
     return WGMMADescriptor[dtype].create[(cols // 8) * 128 // 16, 128 // 16](base)
+
+
+@always_inline
+def sw128_mnmajor_desc[dtype: DType, rows: Int](
+    base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED]
+) -> WGMMADescriptor[dtype]:
+    """MN-major operand (N = columns, K = rows) in the SW128 layout: 64-wide
+    N panels rows x 128 bytes apart (LBO), 8-row K groups 1024 bytes apart
+    (SBO). base: the K step's first row in panel 0."""
+    return WGMMADescriptor[dtype](
+        WGMMADescriptor[dtype].create[1024 // 16, rows * 128 // 16](base).desc | (Int64(1) << 62)
+    )
+
+
+@always_inline
+def score_tile_wgmma[dtype: DType, K: Int, BN: Int, layout: Int, a_rows: Int](
+    a_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    b_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    acc_regs: SIMD[DType.float32, BN // 2],
+) -> SIMD[DType.float32, BN // 2]:
+    """Issues (and commits, without waiting) the warpgroup's 64 x BN tile
+    A B^T: one wgmma chain over K. A: 64 rows at a_t, inside a tile of
+    a_rows rows (its SW128 panels are a_rows x 64 apart); B: BN rows at b_t,
+    its own tile; both K-major in `layout`. Each warp's share of the result
+    is the mma.sync m16n8 accumulator layout, 4 floats per n8 tile.
+    acc_regs: the registers to accumulate in (ignored: the first wgmma does
+    not add them). Reusing the previous tile's registers, not zeroing new
+    ones, keeps non-wgmma instructions off accumulator registers while
+    other chains are in flight, which would make ptxas serialize every
+    wgmma (C7514)."""
+    var acc = acc_regs
+    wgmma_fence_aligned()
+    comptime for kk in range(K // 16):
+        # row 0 at column kk * 16: the step's start (SW128: its panel plus 32 bytes a step)
+        comptime a_off = tile_offset[layout, a_rows, K](0, kk * 16)
+        comptime b_off = tile_offset[layout, BN, K](0, kk * 16)
+        acc = wgmma_async[
+            64, BN, 16, DType.float32, BN // 2, a_type=dtype, b_type=dtype, layout_b="col", scale_d=0 if kk == 0 else 1
+        ](kmajor_desc[dtype, layout, K](a_t.unsafe_offset(a_off)), kmajor_desc[dtype, layout, K](b_t.unsafe_offset(b_off)), acc)
+    wgmma_commit_group_sync()
+    return acc
 
 
 @always_inline

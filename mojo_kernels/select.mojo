@@ -39,7 +39,7 @@ from extensibility import InputTensor, OutputTensor, register
 from std.sys import size_of
 
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, thread_idx
-from max.gpu.compute.mma import mma, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned, wgmma_wait_group_sync
+from max.gpu.compute.mma import mma, wgmma_wait_group_sync
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import (
@@ -48,7 +48,10 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 from std.sys.info import _is_sm_9x
 
-from .common import SMEM_OPTIN_BYTES, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, kmajor_desc, seq_of, tile_offset, wgmma_acc_fence
+from .common import (
+    LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
+    f32_neg_inf, frag_a, frag_b2, score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
+)
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
 comptime SEL_SUB = 4  # threads per row
@@ -314,29 +317,6 @@ def select_mma_supported[dtype: DType, idx_dim: Int, block_size: Int]() -> Bool:
 
 
 @always_inline
-def _score_tile_wgmma[dtype: DType, DI: Int, BS: Int](
-    q_wg: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    k_blk: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    acc_regs: SIMD[DType.float32, BS // 2],
-) -> SIMD[DType.float32, BS // 2]:
-    """Issues (and commits, without waiting) this warpgroup's 64 x BS score
-    tile: one wgmma chain over DI. Each warp's share is the mma.sync m16n8
-    accumulator layout, one n8 tile per 4 floats. acc_regs: the registers to
-    accumulate in (their values are ignored: the first wgmma does not add
-    them). Reusing the previous tile's registers, not zeroing new ones, keeps
-    non-wgmma instructions off accumulator registers while other chains are
-    in flight, which would make ptxas serialize every wgmma (C7514)."""
-    var acc = acc_regs
-    wgmma_fence_aligned()
-    comptime for kk in range(DI // 16):
-        acc = wgmma_async[
-            64, BS, 16, DType.float32, BS // 2, a_type=dtype, b_type=dtype, layout_b="col", scale_d=0 if kk == 0 else 1
-        ](kmajor_desc[dtype, DI](q_wg.unsafe_offset(kk * 128)), kmajor_desc[dtype, DI](k_blk.unsafe_offset(kk * 128)), acc)
-    wgmma_commit_group_sync()
-    return acc
-
-
-@always_inline
 def _pool_and_rank[BS: Int, topk: Int](
     acc: SIMD[DType.float32, BS // 2],
     j: Int, pos0: Int, pos1: Int, t2: Int, lane: Int, my_valid: Bool, f: Forced, kfree: Int, scale: Float32,
@@ -464,6 +444,8 @@ def select_mma_kernel[
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
     comptime CPR = DI // 8  # 16-byte chunks per row
     comptime WG = wgmma  # wgmma from shared memory (Hopper), else mma.sync
+    # wgmma reads the 128B-swizzled layout where DI fills whole 64-column panels
+    comptime LAY = (LAYOUT_SW128 if DI % SW128_COLS == 0 else LAYOUT_CORE) if WG else LAYOUT_PADDED
     comptime assert not WG or _is_sm_9x(), "msa_select: wgmma needs sm_9x"
     comptime assert not WG or select_k_stages[dtype, idx_dim, topk, block_size, wgmma]() >= 3, "ring of 3+"
 
@@ -472,7 +454,7 @@ def select_mma_kernel[
     var wid = tid // WARP_SIZE
     comptime K_STAGES = select_k_stages[dtype, idx_dim, topk, block_size, wgmma]()
     comptime K_ELEMS = BS * (DI if WG else KS)  # one K block in shared memory
-    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024]()  # SW128 panels
     var q_s = smem
     var k_ring = smem.unsafe_offset(ROWS_CTA * (DI if WG else KS))
     var k_buf0 = k_ring
@@ -501,9 +483,9 @@ def select_mma_kernel[
         var r = i // CPR
         var c = (i % CPR) * 8
         if r < nrows:
-            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(tile_offset[WG, DI, KS](r, c)))
+            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI](r, c)))
         else:
-            q_s.unsafe_store[alignment=16](tile_offset[WG, DI, KS](r, c), SIMD[dtype, 8](0))
+            q_s.unsafe_store[alignment=16](tile_offset[LAY, ROWS_CTA, DI](r, c), SIMD[dtype, 8](0))
     async_copy_commit_group()
     var p_max = tk - tq + i0 + nq - 1
     var jmax = p_max // BS
@@ -516,9 +498,9 @@ def select_mma_kernel[
             var key = i // CPR
             var c = (i % CPR) * 8
             if j * BS + key < tk:
-                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(tile_offset[WG, DI, KS](key, c)))
+                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(tile_offset[LAY, BS, DI](key, c)))
             else:
-                dst.unsafe_store[alignment=16](tile_offset[WG, DI, KS](key, c), SIMD[dtype, 8](0))
+                dst.unsafe_store[alignment=16](tile_offset[LAY, BS, DI](key, c), SIMD[dtype, 8](0))
 
     comptime if WG:  # the first K_STAGES - 2 blocks, a group each (the loop waits for them)
         comptime for i in range(K_STAGES - 2):
@@ -552,8 +534,8 @@ def select_mma_kernel[
         # both warpgroups have waited for its chains (each did, before the
         # barrier).
         comptime assert HALVES == 2, "the wgmma sweep pipelines two halves per warpgroup"
-        var q_h0 = q_s.unsafe_offset((wid // 4) * 2 * 64 * DI)
-        var q_h1 = q_h0.unsafe_offset(64 * DI)
+        var q_h0 = q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI]((wid // 4) * 2 * 64, 0))
+        var q_h1 = q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI]((wid // 4) * 2 * 64 + 64, 0))
         var acc0 = SIMD[DType.float32, BS // 2](0)
         var acc1 = SIMD[DType.float32, BS // 2](0)
 
@@ -579,8 +561,8 @@ def select_mma_kernel[
         if j_lo <= j_hi:
             next_block(j_lo)
             var k_lo = k_ring.unsafe_offset((j_lo % K_STAGES) * K_ELEMS)
-            acc0 = _score_tile_wgmma[dtype, DI, BS](q_h0, k_lo, acc0)
-            acc1 = _score_tile_wgmma[dtype, DI, BS](q_h1, k_lo, acc1)
+            acc0 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h0, k_lo, acc0)
+            acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_lo, acc1)
             wgmma_wait_group_sync[0]()
             acc0 = wgmma_acc_fence(acc0)
             acc1 = wgmma_acc_fence(acc1)
@@ -588,9 +570,9 @@ def select_mma_kernel[
             for j in range(j_lo + 1, j_hi + 1):
                 var k_j = k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
                 next_block(j)
-                acc0 = _score_tile_wgmma[dtype, DI, BS](q_h0, k_j, acc0)  # half 0 of block j
+                acc0 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h0, k_j, acc0)  # half 0 of block j
                 rr1.rank[BS, topk](acc1, j - 1, t2, lane, scale, sc_s, id_s)  # while it runs
-                acc1 = _score_tile_wgmma[dtype, DI, BS](q_h1, k_j, acc1)  # half 1 of block j
+                acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_j, acc1)  # half 1 of block j
                 wgmma_wait_group_sync[0]()
                 acc0 = wgmma_acc_fence(acc0)
                 acc1 = wgmma_acc_fence(acc1)
