@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# A/B of two source trees on one GPU machine, back to back (after pack.sh's
+# set-up, ../shared/gpu/README.md). Make the trees here, in ignored folders:
+#   git archive <branch> | tar x -C .gpu/new ; git archive main | tar x -C .gpu/base
+# then, carrying both, one step per device call if the 10-minute limit needs it:
+#   NEW=.gpu/new BASE=.gpu/base NEW_COMMIT=<sha> BASE_COMMIT=<sha> OUT=$OUT bash benchmarks/ab_trees.sh check bench sanitize
+# check     the new tree against the reference (CHECK_ONLY: the cases)
+# bench     `msa bench` at BENCH_LENGTHS in the new tree, then the base tree
+# sanitize  memcheck and racecheck on the new tree (SANITIZE_ONLY: the cases)
+set -o pipefail
+export PYTHONUNBUFFERED=1 PATH=/tmp/site/modular/bin:$PATH
+OUT="${OUT:-$PWD/msa_out}"; mkdir -p "$OUT"
+ROOT=$PWD
+CHECK_ONLY="${CHECK_ONLY:-ragged_g4_bf16_mma,g16_d128_bf16,g1_d128_f16,di256_bf16,32k_model_shape_bf16}"
+SANITIZE_ONLY="${SANITIZE_ONLY:-ragged_g4_bf16_mma,g16_d128_bf16}"
+BENCH_LENGTHS="${BENCH_LENGTHS:-32k,128k}"
+in_tree() { (cd "$ROOT/$1" && shift && PYTHONPATH=/tmp/site:$PWD "$@"); }
+rc=0
+for s in "$@"; do
+  case "$s" in
+    check) in_tree "$NEW" python3 -m msa_py.check --device gpu --only "$CHECK_ONLY" 2>&1 | tail -8 | tee "$OUT/check.log" || rc=1 ;;
+    bench)
+      for t in NEW BASE; do
+        c="${t}_COMMIT"
+        MSA_COMMIT="${!c:-unknown}" in_tree "${!t}" python3 -m msa_py bench --lengths "$BENCH_LENGTHS" --gather-max 0 --repeats 3 --chunk 0 \
+          --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
+      done ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        in_tree "$NEW" compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all python3 -m msa_py.check \
+          --device gpu --quick --no-time --lean --only "$SANITIZE_ONLY" 2>&1 | tail -3 | tee -a "$OUT/sanitize.log" || rc=1
+      done ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
+exit $rc
