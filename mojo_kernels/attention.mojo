@@ -551,7 +551,7 @@ def attention_mma_kernel[
 
 # ----------------------------------------------------------------------------- GPU, Hopper wgmma
 @always_inline
-def _pv_tile_sw128[dtype: DType, D: Int, BS: Int](
+def pv_tile_wgmma[dtype: DType, D: Int, BS: Int, accumulate: Bool = False](
     p_acc: Array[SIMD[DType.float32, 4], BS // 8],
     v_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     acc_regs: SIMD[DType.float32, D // 2],
@@ -559,7 +559,8 @@ def _pv_tile_sw128[dtype: DType, D: Int, BS: Int](
     """Issues (and commits) the warpgroup's 64 x D output tile O = P V: P from
     registers (each warp's 16 rows in the m16n8 accumulator layout, which is
     wgmma's register A layout), V [key][d] in the 128B-swizzled layout read
-    as the MN-major B operand."""
+    as the MN-major B operand. accumulate: add to acc_regs (else the first
+    wgmma ignores them)."""
     var acc = acc_regs
     # every A fragment converted before the chain: a register written between
     # two wgmmas makes ptxas fence each one (C7519)
@@ -568,7 +569,7 @@ def _pv_tile_sw128[dtype: DType, D: Int, BS: Int](
         a_frag[kk2] = p_acc[2 * kk2].join(p_acc[2 * kk2 + 1]).cast[dtype]()
     wgmma_fence_aligned()
     comptime for kk2 in range(BS // 16):
-        acc = wgmma_async[64, D, 16, a_type=dtype, b_type=dtype, layout_b="row", scale_d=0 if kk2 == 0 else 1](
+        acc = wgmma_async[64, D, 16, a_type=dtype, b_type=dtype, layout_b="row", scale_d=1 if (accumulate or kk2 > 0) else 0](
             a_frag[kk2], sw128_mnmajor_desc[dtype, BS](v_t.unsafe_offset(kk2 * 16 * SW128_COLS)), acc
         )
     wgmma_commit_group_sync()
@@ -705,7 +706,7 @@ def attention_wgmma_kernel[
         var ls = exp2_rows16[BS](s_acc, mu0, mu1)
         var l_0 = ls[0]
         var l_1 = ls[1]
-        o_wg = _pv_tile_sw128[dtype, D, BS](s_acc, v_s, o_wg)  # P V_i, in flight
+        o_wg = pv_tile_wgmma[dtype, D, BS](s_acc, v_s, o_wg)  # P V_i, in flight
         # every warp is past its S_i wait (Q_i is read) and Q_{i+1} has landed
         async_copy_wait_group(0)
         fence_async_view_proxy()

@@ -30,12 +30,21 @@ from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.compute.mma import wgmma_wait_group_sync
+from max.gpu.memory import (
+    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory, fence_async_view_proxy,
+)
 from max.gpu.primitives import warp
 
-from .attention import LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu
+from .attention import (
+    LN2, LOG2E, pv_tile_wgmma, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu,
+    wgmma_supported,
+)
 from .combine import combine_row, combine_vec_width, merge_row_cols
-from .common import F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, position_of, seq_of
+from .common import (
+    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, position_of, score_tile_wgmma, seq_of,
+    tile_offset, wgmma_acc_fence,
+)
 
 comptime FC_WARPS = 4
 comptime FC_BM = 16 * FC_WARPS  # (query, head) rows of a tile
@@ -51,6 +60,17 @@ def _forced_visible[init_blocks: Int, local_blocks: Int, block_size: Int](
     if row_seq != b or j > f.jq or not f.holds(j):
         return 0
     return min(nk, row_pos - j * block_size + 1)
+
+
+@always_inline
+def _row_scales[n: Int](a0: Float32, a1: Float32) -> SIMD[DType.float32, n]:
+    """(a0, a0, a1, a1) repeated: per-row factors for m16n8 accumulators
+    (rows r0 and r0 + 8 of this thread)."""
+    var x = SIMD[DType.float32, n](a0)
+    comptime for i in range(n // 4):
+        x[4 * i + 2] = a1
+        x[4 * i + 3] = a1
+    return x
 
 
 # ----------------------------------------------------------------------------- CPU
@@ -99,7 +119,7 @@ def _forced_combine_cpu[
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def forced_combine_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
-    init_blocks: Int, local_blocks: Int,
+    init_blocks: Int, local_blocks: Int, wgmma: Bool,
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
@@ -114,6 +134,8 @@ def forced_combine_kernel[
     comptime D = head_dim
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride (elements): conflict-free ldmatrix
+    # Hopper: the tile steps on wgmma, Q, K and V 128B-swizzled; else mma.sync on padded rows
+    comptime LAY = LAYOUT_SW128 if wgmma else LAYOUT_PADDED
     comptime Hq = num_groups * group
     comptime NT = FC_WARPS * WARP_SIZE
     comptime CPR = D // 8  # 16-byte chunks per row
@@ -131,10 +153,11 @@ def forced_combine_kernel[
     var wid = tid // WARP_SIZE
     var t_first = r_begin // group
     var nq = (min(rows, r_begin + FC_BM) - 1) // group - t_first + 1
-    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024]()  # SW128 panels
+    comptime ROW_ELEMS = D if wgmma else KS
     var k_s = smem
-    var v_s = smem.unsafe_offset(BS * KS)
-    var q_s = v_s.unsafe_offset(BS * KS)
+    var v_s = smem.unsafe_offset(BS * ROW_ELEMS)
+    var q_s = v_s.unsafe_offset(BS * ROW_ELEMS)
     var q_seq = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var q_pos = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var blocks = unsafe_stack_allocation[2 * QMAX * NF + 1, Int32, address_space=AddressSpace.SHARED]()
@@ -149,9 +172,9 @@ def forced_combine_kernel[
         var gr = r_begin + r
         if gr < rows:
             var src = (gr // group) * Hq + g * group + gr % group
-            async_copy[16](qg.unsafe_offset(src * D + c), q_s.unsafe_offset(r * KS + c))
+            async_copy[16](qg.unsafe_offset(src * D + c), q_s.unsafe_offset(tile_offset[LAY, FC_BM, D](r, c)))
         else:
-            q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+            q_s.unsafe_store[alignment=16](tile_offset[LAY, FC_BM, D](r, c), SIMD[dtype, 8](0))
     # the rows' lse_partial, for the merge at the end (lands during the attention)
     var lse_s = unsafe_stack_allocation[FC_BM * topk, Float32, address_space=AddressSpace.SHARED]()
     var lpg = lse_p.unsafe_address_space_cast[AddressSpace.GLOBAL]()
@@ -207,13 +230,15 @@ def forced_combine_kernel[
     barrier()
     var nblk = Int(blocks[unsafe_offset=2 * QMAX * NF])
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
-    var q_w = q_s.unsafe_offset(wid * 16 * KS)
+    var q_w = q_s.unsafe_offset(wid * 16 * KS)  # mma.sync: this warp's rows
     # online softmax state of rows r0, r0 + 8 (log2 domain)
     var m0 = f32_neg_inf()
     var m1 = f32_neg_inf()
     var l0 = Float32(0)
     var l1 = Float32(0)
     var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
+    var s_wg = SIMD[DType.float32, BS // 2](0)  # wgmma: S and O in the m16n8 layout, 4 floats per n8 tile
+    var o_wg = SIMD[DType.float32, D // 2](0)
     for u in range(nblk):
         var b = Int(blocks[unsafe_offset=2 * u])
         var j = Int(blocks[unsafe_offset=2 * u + 1])
@@ -224,22 +249,33 @@ def forced_combine_kernel[
         for i in range(tid, BS * CPR, NT):
             var key = i // CPR
             var c = (i % CPR) * 8
+            var so = tile_offset[LAY, BS, D](key, c)
             if key < nk:
                 var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
-                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
-                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
+                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(so))
+                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(so))
             else:
-                k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-                v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+                k_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+                v_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
         async_copy_commit_group()
         async_copy_wait_group(0)
+        comptime if wgmma:
+            fence_async_view_proxy()  # cp.async and st.shared writes -> visible to wgmma's async proxy
         barrier()
         var nv0 = _forced_visible[init_blocks, local_blocks, BS](seq0, pos0, b, j, nk)
         var nv1 = _forced_visible[init_blocks, local_blocks, BS](seq1, pos1, b, j, nk)
-        if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
-            continue  # none of this warp's rows has the block
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
-        qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
+        comptime if wgmma:
+            # a warpgroup-wide chain: every warp takes part, its rows seeing the block or not
+            s_wg = score_tile_wgmma[dtype, D, BS, LAYOUT_SW128, FC_BM](q_s, k_s, s_wg)
+            wgmma_wait_group_sync[0]()
+            s_wg = wgmma_acc_fence(s_wg)
+            comptime for nj in range(BS // 8):
+                s_acc[nj] = s_wg.slice[4, offset=4 * nj]()
+        else:
+            if warp.vote[DType.uint32](nv0 > 0 or nv1 > 0) == 0:
+                continue  # none of this warp's rows has the block
+            qk_rows16[dtype, D, BS, KS](q_w, k_s, lane, s_acc)
         var mx = mask_rows16[BS](s_acc, nv0, nv1, scale_log2, t2)
         var mn0 = max(m0, mx[0])
         var mn1 = max(m1, mx[1])
@@ -252,19 +288,34 @@ def forced_combine_kernel[
         var ls = exp2_rows16[BS](s_acc, base0, base1)
         l0 = l0 * a0 + ls[0]
         l1 = l1 * a1 + ls[1]
-        comptime for dn in range(D // 8):
-            o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
-        pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
+        comptime if wgmma:
+            o_wg = o_wg * _row_scales[D // 2](a0, a1)  # no chain in flight here
+            o_wg = pv_tile_wgmma[dtype, D, BS, accumulate=True](s_acc, v_s, o_wg)
+            wgmma_wait_group_sync[0]()
+            o_wg = wgmma_acc_fence(o_wg)
+        else:
+            comptime for dn in range(D // 8):
+                o_acc[dn] = o_acc[dn] * SIMD[DType.float32, 4](a0, a0, a1, a1)
+            pv_rows16[dtype, D, BS, KS](s_acc, v_s, lane, o_acc)
     async_copy_wait_group(0)  # (a tile always has a block; this keeps Q's copy settled regardless)
     # the forced split, normalized, through this warp's own Q rows; its lse
     var inv0 = Float32(1) / l0 if l0 > 0 else Float32(0)
     var inv1 = Float32(1) / l1 if l1 > 0 else Float32(0)
-    syncwarp()  # other lanes' ldmatrix reads of these rows come first
+    comptime if wgmma:
+        barrier()  # the warpgroup's chains read every warp's Q rows
+        comptime for dn in range(D // 8):
+            o_acc[dn] = o_wg.slice[4, offset=4 * dn]()
+    else:
+        syncwarp()  # other lanes' ldmatrix reads of these rows come first
     comptime for dn in range(D // 8):
         var d = dn * 8 + t2
         var o = o_acc[dn]
-        q_w.unsafe_store[alignment=4](g_lane * KS + d, SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[dtype]())
-        q_w.unsafe_store[alignment=4]((g_lane + 8) * KS + d, SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[dtype]())
+        q_s.unsafe_store[alignment=4](
+            tile_offset[LAY, FC_BM, D](r0, d), SIMD[DType.float32, 2](o[0], o[1]).__mul__(inv0).cast[dtype]()
+        )
+        q_s.unsafe_store[alignment=4](
+            tile_offset[LAY, FC_BM, D](r0 + 8, d), SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[dtype]()
+        )
     if lane % 4 == 0:
         lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
         lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
@@ -281,7 +332,7 @@ def forced_combine_kernel[
             var lse_row = Array[Float32, topk](fill=0)
             comptime for s in range(topk):
                 lse_row[s] = lse_s[unsafe_offset=r * topk + s]
-            var extra = q_w.unsafe_load[width=VEC, alignment=16](i * KS + col).cast[DType.float32]()
+            var extra = q_s.unsafe_load[width=VEC, alignment=16](tile_offset[LAY, FC_BM, D](r, col)).cast[DType.float32]()
             merge_row_cols[dtype, part_dtype, topk, D, VEC](
                 output, lse, o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row,
                 lse_f[unsafe_offset=r], extra, lane % LPS == 0,
@@ -298,8 +349,9 @@ def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size:
     )
 
 
-def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    return (2 * block_size + FC_BM) * (head_dim + 8) * size_of[dtype]()
+def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, wgmma: Bool]() -> Int:
+    """K, V and the Q tile: swizzled (no padding) for wgmma, padded rows for mma.sync."""
+    return (2 * block_size + FC_BM) * (head_dim if wgmma else head_dim + 8) * size_of[dtype]()
 
 
 @register("msa_forced_combine")
@@ -354,9 +406,15 @@ struct MSAForcedCombine:
             )
         else:
             comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
-                comptime smem = forced_smem_bytes[dtype, head_dim, block_size]()
+                # Hopper (compute 9.x): the tile steps on wgmma where the block attention uses it
+                comptime wgmma = (
+                    ctx.default_device_info.compute >= 9.0
+                    and ctx.default_device_info.compute < 10.0
+                    and wgmma_supported[dtype, head_dim, block_size]()
+                )
+                comptime smem = forced_smem_bytes[dtype, head_dim, block_size, wgmma]()
                 comptime kernel = forced_combine_kernel[
-                    dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks
+                    dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma
                 ]
                 ctx.enqueue_function[kernel](
                     output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
