@@ -11,7 +11,9 @@
 # other slots only, and this pass, run after it, replaces the combine: one
 # thread block per 64 consecutive (query, head) rows of a KV group loads each
 # forced block of its queries once, runs an online softmax over them on
-# tensor cores (the block attention's tile steps), and merges that split
+# tensor cores (the block attention's tile steps: on Hopper warpgroup MMA
+# chains over 128B-swizzled Q, K and V, elsewhere mma.sync on padded rows),
+# and merges that split
 # with the partials of the other slots into out and lse: the rows'
 # lse_partial is fetched into shared memory at the start, and in the merge
 # each thread reads its 16-byte columns of every slot of its row at once.
