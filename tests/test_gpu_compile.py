@@ -32,20 +32,24 @@ def main():
 # (module, kernel, compile-time parameters at the model shape, an instruction its PTX must hold)
 _KERNELS = [
     ("select", "select_mma_kernel", "DType.bfloat16, 128, 4, 16, 128, 1, 2, True", "wgmma.mma_async"),
-    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2", "mma.sync"),
+    ("attention", "attention_wgmma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16", "wgmma.mma_async"),
+    ("attention", "attention_mma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16", "mma.sync"),
+    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, True", "wgmma.mma_async"),
+    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, False", "mma.sync"),
 ]
+_IDS = ["select_wgmma", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync"]
 
 
-@pytest.mark.parametrize("module,kernel,params,needle", _KERNELS, ids=[k[1] for k in _KERNELS])
+@pytest.mark.parametrize("module,kernel,params,needle", _KERNELS, ids=_IDS)
 def test_hopper_kernel_assembles_without_spills_or_serialization(tmp_path, module, kernel, params, needle):
-    """ptxas -v on the kernel's sm_90a PTX: no spills (the forced pass runs at
-    255 registers), and no wgmma serialization note."""
+    """ptxas -v on the kernel's sm_90a PTX: no spills (the attention and the
+    forced pass run at 254-255 registers), and no wgmma serialization note."""
     ptxas = shutil.which("ptxas")
     if ptxas is None:
         pytest.skip("ptxas (CUDA toolkit) not on PATH: the PTX cannot be assembled here")
     mojo = shutil.which("mojo") or str(Path(sys.executable).parent / "mojo")
     repo = Path(__file__).resolve().parent.parent
-    script = tmp_path / f"ptx_{module}.mojo"
+    script = tmp_path / f"ptx_{module}.mojo"  # (one tmp_path per case)
     script.write_text(_PTX_SCRIPT.format(module=module, kernel=kernel, params=params))
     gen = subprocess.run([mojo, "run", "-I", str(repo), str(script)], capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0 and needle in gen.stdout, gen.stderr[-4000:]
