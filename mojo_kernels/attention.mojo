@@ -35,7 +35,7 @@ from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
-from max.gpu.compute.mma import mma, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned, wgmma_wait_group_sync
+from max.gpu.compute.mma import mma, wgmma_wait_group_sync
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import (
@@ -45,7 +45,7 @@ from max.gpu.primitives import warp
 
 from .common import (
     SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
-    LAYOUT_SW128, score_tile_wgmma, sw128_mnmajor_desc, tile_offset, wgmma_acc_fence,
+    LAYOUT_SW128, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
 )
 
 comptime LOG2E = Float32(1.4426950408889634)
@@ -550,32 +550,6 @@ def attention_mma_kernel[
 
 
 # ----------------------------------------------------------------------------- GPU, Hopper wgmma
-@always_inline
-def pv_tile_wgmma[dtype: DType, D: Int, BS: Int, accumulate: Bool = False](
-    p_acc: Array[SIMD[DType.float32, 4], BS // 8],
-    v_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    acc_regs: SIMD[DType.float32, D // 2],
-) -> SIMD[DType.float32, D // 2]:
-    """Issues (and commits) the warpgroup's 64 x D output tile O = P V: P from
-    registers (each warp's 16 rows in the m16n8 accumulator layout, which is
-    wgmma's register A layout), V [key][d] in the 128B-swizzled layout read
-    as the MN-major B operand. accumulate: add to acc_regs (else the first
-    wgmma ignores them)."""
-    var acc = acc_regs
-    # every A fragment converted before the chain: a register written between
-    # two wgmmas makes ptxas fence each one (C7519)
-    var a_frag = Array[SIMD[dtype, 8], BS // 16](fill=SIMD[dtype, 8](0))
-    comptime for kk2 in range(BS // 16):
-        a_frag[kk2] = p_acc[2 * kk2].join(p_acc[2 * kk2 + 1]).cast[dtype]()
-    wgmma_fence_aligned()
-    comptime for kk2 in range(BS // 16):
-        acc = wgmma_async[64, D, 16, a_type=dtype, b_type=dtype, layout_b="row", scale_d=1 if (accumulate or kk2 > 0) else 0](
-            a_frag[kk2], sw128_mnmajor_desc[dtype, BS](v_t.unsafe_offset(kk2 * 16 * SW128_COLS)), acc
-        )
-    wgmma_commit_group_sync()
-    return acc
-
-
 def attention_wgmma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
 ](

@@ -194,6 +194,32 @@ def score_tile_wgmma[dtype: DType, K: Int, BN: Int, layout: Int, a_rows: Int](
 
 
 @always_inline
+def pv_tile_wgmma[dtype: DType, D: Int, BS: Int, accumulate: Bool = False](
+    p_acc: Array[SIMD[DType.float32, 4], BS // 8],
+    v_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    acc_regs: SIMD[DType.float32, D // 2],
+) -> SIMD[DType.float32, D // 2]:
+    """Issues (and commits) the warpgroup's 64 x D output tile O = P V: P from
+    registers (each warp's 16 rows in the m16n8 accumulator layout, which is
+    wgmma's register A layout), V [key][d] in the 128B-swizzled layout read
+    as the MN-major B operand. accumulate: add to acc_regs (else the first
+    wgmma ignores them)."""
+    var acc = acc_regs
+    # every A fragment converted before the chain: a register written between
+    # two wgmmas makes ptxas fence each one (C7519)
+    var a_frag = Array[SIMD[dtype, 8], BS // 16](fill=SIMD[dtype, 8](0))
+    comptime for kk2 in range(BS // 16):
+        a_frag[kk2] = p_acc[2 * kk2].join(p_acc[2 * kk2 + 1]).cast[dtype]()
+    wgmma_fence_aligned()
+    comptime for kk2 in range(BS // 16):
+        acc = wgmma_async[64, D, 16, a_type=dtype, b_type=dtype, layout_b="row", scale_d=1 if (accumulate or kk2 > 0) else 0](
+            a_frag[kk2], sw128_mnmajor_desc[dtype, BS](v_t.unsafe_offset(kk2 * 16 * SW128_COLS)), acc
+        )
+    wgmma_commit_group_sync()
+    return acc
+
+
+@always_inline
 def wgmma_acc_fence[n: Int](acc: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
     """Passes each accumulator register through an empty volatile asm. Put
     right after a wgmma wait, it keeps LLVM from hoisting reads of the

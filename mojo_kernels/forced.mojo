@@ -39,13 +39,12 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 
 from .attention import (
-    LN2, LOG2E, pv_tile_wgmma, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu,
-    wgmma_supported,
+    LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu, wgmma_supported,
 )
 from .combine import combine_row, combine_vec_width, merge_row_cols
 from .common import (
-    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, position_of, score_tile_wgmma, seq_of,
-    tile_offset, wgmma_acc_fence,
+    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, position_of, pv_tile_wgmma,
+    score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
 )
 
 comptime FC_WARPS = 4
