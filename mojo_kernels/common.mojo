@@ -4,6 +4,7 @@ from std.sys import inlined_assembly
 from std.utils.numerics import neg_inf
 
 from max.gpu.compute.mma import WGMMADescriptor, ld_matrix, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned
+from max.gpu.host.nvidia.tma import TensorMapSwizzle
 from max.gpu.memory import AddressSpace
 
 comptime SMEM_OPTIN_BYTES = 227 * 1024  # shared memory a thread block may opt into (sm_80, sm_90)
@@ -148,7 +149,7 @@ def kmajor_desc[dtype: DType, layout: Int, cols: Int](
     offset (the hardware swizzles the address it forms from it)."""
     comptime assert layout != LAYOUT_PADDED, "wgmma reads the CORE or SW128 layout"
     comptime if layout == LAYOUT_SW128:
-        return WGMMADescriptor[dtype](WGMMADescriptor[dtype].create[1024 // 16, 1](base).desc | (Int64(1) << 62))
+        return WGMMADescriptor[dtype].create[1024 // 16, 1, TensorMapSwizzle.SWIZZLE_128B](base)
     return WGMMADescriptor[dtype].create[(cols // 8) * 128 // 16, 128 // 16](base)
 
 
@@ -159,9 +160,7 @@ def sw128_mnmajor_desc[dtype: DType, rows: Int](
     """MN-major operand (N = columns, K = rows) in the SW128 layout: 64-wide
     N panels rows x 128 bytes apart (LBO), 8-row K groups 1024 bytes apart
     (SBO). base: the K step's first row in panel 0."""
-    return WGMMADescriptor[dtype](
-        WGMMADescriptor[dtype].create[1024 // 16, rows * 128 // 16](base).desc | (Int64(1) << 62)
-    )
+    return WGMMADescriptor[dtype].create[1024 // 16, rows * 128 // 16, TensorMapSwizzle.SWIZZLE_128B](base)
 
 
 @always_inline
