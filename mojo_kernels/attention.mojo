@@ -45,7 +45,7 @@ from max.gpu.primitives import warp
 
 from .common import (
     SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
-    LAYOUT_SW128, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
+    LAYOUT_PADDED, LAYOUT_SW128, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
 )
 
 comptime LOG2E = Float32(1.4426950408889634)
@@ -378,6 +378,81 @@ def pv_rows16[dtype: DType, D: Int, BS: Int, KS: Int](
             o_acc[2 * dn2 + 1] = d1
 
 
+# ----------------------------------------------------------------------------- tile loads
+@always_inline
+def load_kv_tile[dtype: DType, layout: Int, BS: Int, D: Int, NT: Int](
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    v_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    key0: Int, nk: Int, num_groups: Int, g: Int, tid: Int,
+):
+    """Issues the cp.async copies of one K/V block of group g (keys key0 ..
+    key0 + nk - 1) into k_s / v_s in `layout`, zeros for its rows past nk;
+    NT threads, no commit. V is stored [key][d] too: mma.sync reads it
+    transposed by ldmatrix.trans, wgmma as its MN-major operand."""
+    comptime CPR = D // 8  # 16-byte chunks per row
+    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    for i in range(tid, BS * CPR, NT):
+        var key = i // CPR
+        var c = (i % CPR) * 8
+        var so = tile_offset[layout, BS, D](key, c)
+        if key < nk:
+            var goff = ((key0 + key) * num_groups + g) * D + c
+            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(so))
+            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(so))
+        else:
+            k_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+            v_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+
+
+@always_inline
+def gather_q_tile[dtype: DType, layout: Int, D: Int, BS: Int, group: Int, Hq: Int, topk: Int](
+    it: _Item, entries: I32Ptr, nent: Int, rows_total: Int,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    m0: Int,
+    qbuf: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    mbuf: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    wid: Int, lane: Int,
+):
+    """Gathers the Q rows of the 64-row tile starting at row m0 of work item
+    `it` (cp.async, into qbuf in `layout`) and its per-row metadata (mbuf:
+    partial offset, -1 for padding, and visible keys). Warp w fills rows
+    16w .. 16w + 15: each lane looks up one row's entry (all lookups in
+    flight at once), and every cp.async takes its row's source from a
+    shuffle, so no global load waits between two async copies; consecutive
+    lanes copy consecutive 16-byte pieces of a row."""
+    comptime CPR = D // 8
+    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var r_l = wid * 16 + lane % 16
+    var mr = m0 + r_l
+    var q_row = Int32(-1)  # row of q ([T * Hq] rows) gathered into tile row r_l
+    var poff = -1
+    var nvis = 0
+    if mr < rows_total:
+        var ent = it.entry(entries, nent, mr // group)
+        var t = ent // topk
+        var h = it.g * group + mr % group
+        q_row = Int32(t * Hq + h)
+        poff = _part_offset(t, h, ent % topk, Hq, topk)
+        nvis = it.visible(t, BS)
+    if lane < 16:
+        mbuf[unsafe_offset=r_l * 2] = Int32(poff)
+        mbuf[unsafe_offset=r_l * 2 + 1] = Int32(nvis)
+    comptime for i in range(ceildiv(16 * CPR, WARP_SIZE)):
+        var c = lane + i * WARP_SIZE
+        var rr = min(c // CPR, 15)
+        var col = (c % CPR) * 8
+        var src = Int(warp.shuffle_idx(q_row, UInt32(rr)))
+        if c < 16 * CPR:
+            var so = tile_offset[layout, MMA_BM, D](wid * 16 + rr, col)
+            if src >= 0:
+                async_copy[16](qg.unsafe_offset(src * D + col), qbuf.unsafe_offset(so))
+            else:
+                qbuf.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+
+
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def attention_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
@@ -411,20 +486,7 @@ def attention_mma_kernel[
     var q_s = v_s.unsafe_offset(BS * KS)
     # per tile row, two buffers: partial offset (-1: padding), visible keys
     var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
-    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    # K and V rows by cp.async (V is read transposed by ldmatrix.trans); zeros past the sequence
-    for i in range(tid, BS * CPR, NT):
-        var key = i // CPR
-        var c = (i % CPR) * 8
-        var goff = ((it.kstart + key) * num_groups + it.g) * D + c
-        if key < it.nk:
-            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
-            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
-        else:
-            k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-            v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+    load_kv_tile[dtype, LAYOUT_PADDED, BS, D, NT](k, v, k_s, v_s, it.kstart, it.nk, num_groups, it.g, tid)
     async_copy_commit_group()
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var nent = Int(T) * topk
@@ -436,39 +498,11 @@ def attention_mma_kernel[
 
     @always_inline
     def stage(m0: Int, qbuf: type_of(q_s), mbuf: type_of(meta)) {
-        var wid, var lane, var it, var entries, var qg, var nent, var rows_total
+        var wid, var lane, var it, var entries, var q, var nent, var rows_total
     }:
-        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata.
-        Warp w fills rows 16w .. 16w + 15: each lane looks up one row's entry
-        (all lookups in flight at once), and every cp.async takes its row's
-        source from a shuffle, so no global load waits between two async
-        copies; consecutive lanes copy consecutive 16-byte pieces of a row."""
-        var r_l = wid * 16 + lane % 16
-        var mr = m0 + r_l
-        var q_row = Int32(-1)  # row of q ([T * Hq] rows) gathered into tile row r_l
-        var poff = -1
-        var nvis = 0
-        if mr < rows_total:
-            var ent = it.entry(entries, nent, mr // group)
-            var t = ent // topk
-            var h = it.g * group + mr % group
-            q_row = Int32(t * Hq + h)
-            poff = _part_offset(t, h, ent % topk, Hq, topk)
-            nvis = it.visible(t, BS)
-        if lane < 16:
-            mbuf[unsafe_offset=r_l * 2] = Int32(poff)
-            mbuf[unsafe_offset=r_l * 2 + 1] = Int32(nvis)
-        comptime for i in range(ceildiv(16 * CPR, WARP_SIZE)):
-            var c = lane + i * WARP_SIZE
-            var rr = min(c // CPR, 15)
-            var col = (c % CPR) * 8
-            var src = Int(warp.shuffle_idx(q_row, UInt32(rr)))
-            if c < 16 * CPR:
-                var r = wid * 16 + rr
-                if src >= 0:
-                    async_copy[16](qg.unsafe_offset(src * D + col), qbuf.unsafe_offset(r * KS + col))
-                else:
-                    qbuf.unsafe_store[alignment=16](r * KS + col, SIMD[dtype, 8](0))
+        gather_q_tile[dtype, LAYOUT_PADDED, D, BS, group, Hq, topk](
+            it, entries, nent, rows_total, q, m0, qbuf, mbuf, wid, lane
+        )
 
     # Q tiles double-buffered: the gather of tile i+1 overlaps the MMAs of tile i
     stage(0, q_s, meta)
@@ -589,20 +623,7 @@ def attention_wgmma_kernel[
     var v_s = smem.unsafe_offset(BS * D)
     var q_s = v_s.unsafe_offset(BS * D)  # two Q tiles
     var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
-    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    for i in range(tid, BS * CPR, NT):
-        var key = i // CPR
-        var c = (i % CPR) * 8
-        var goff = ((it.kstart + key) * num_groups + it.g) * D + c
-        var so = tile_offset[LAYOUT_SW128, BS, D](key, c)
-        if key < it.nk:
-            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(so))
-            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(so))
-        else:
-            k_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
-            v_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+    load_kv_tile[dtype, LAYOUT_SW128, BS, D, NT](k, v, k_s, v_s, it.kstart, it.nk, num_groups, it.g, tid)
     async_copy_commit_group()
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var nent = Int(T) * topk
@@ -614,36 +635,11 @@ def attention_wgmma_kernel[
 
     @always_inline
     def stage(m0: Int, qbuf: type_of(q_s), mbuf: type_of(meta)) {
-        var wid, var lane, var it, var entries, var qg, var nent, var rows_total
+        var wid, var lane, var it, var entries, var q, var nent, var rows_total
     }:
-        """Gathers the Q rows of tile m0 (cp.async) and its per-row metadata,
-        as attention_mma_kernel's stage does, into the swizzled layout."""
-        var r_l = wid * 16 + lane % 16
-        var mr = m0 + r_l
-        var q_row = Int32(-1)
-        var poff = -1
-        var nvis = 0
-        if mr < rows_total:
-            var ent = it.entry(entries, nent, mr // group)
-            var t = ent // topk
-            var h = it.g * group + mr % group
-            q_row = Int32(t * Hq + h)
-            poff = _part_offset(t, h, ent % topk, Hq, topk)
-            nvis = it.visible(t, BS)
-        if lane < 16:
-            mbuf[unsafe_offset=r_l * 2] = Int32(poff)
-            mbuf[unsafe_offset=r_l * 2 + 1] = Int32(nvis)
-        comptime for i in range(ceildiv(16 * CPR, WARP_SIZE)):
-            var c = lane + i * WARP_SIZE
-            var rr = min(c // CPR, 15)
-            var col = (c % CPR) * 8
-            var src = Int(warp.shuffle_idx(q_row, UInt32(rr)))
-            if c < 16 * CPR:
-                var so = tile_offset[LAYOUT_SW128, MMA_BM, D](wid * 16 + rr, col)
-                if src >= 0:
-                    async_copy[16](qg.unsafe_offset(src * D + col), qbuf.unsafe_offset(so))
-                else:
-                    qbuf.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+        gather_q_tile[dtype, LAYOUT_SW128, D, BS, group, Hq, topk](
+            it, entries, nent, rows_total, q, m0, qbuf, mbuf, wid, lane
+        )
 
     # tile i uses buffer i % 2; the gather of tile i + 2 starts once tile i's
     # output has left its buffer. cp.async groups: K/V, Q_0, Q_1, then one per tile.

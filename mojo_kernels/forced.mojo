@@ -39,7 +39,8 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 
 from .attention import (
-    LN2, LOG2E, exp2_rows16, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu, wgmma_supported,
+    LN2, LOG2E, exp2_rows16, load_kv_tile, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu,
+    wgmma_supported,
 )
 from .combine import combine_row, combine_vec_width, merge_row_cols
 from .common import (
@@ -163,8 +164,6 @@ def forced_combine_kernel[
     var q_pos = unsafe_stack_allocation[QMAX, Int32, address_space=AddressSpace.SHARED]()
     var blocks = unsafe_stack_allocation[2 * QMAX * NF + 1, Int32, address_space=AddressSpace.SHARED]()
     var lse_f = unsafe_stack_allocation[FC_BM, Float32, address_space=AddressSpace.SHARED]()
-    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     # Q rows of the tile (consecutive heads of a query are contiguous)
     for i in range(tid, FC_BM * CPR, NT):
@@ -247,17 +246,7 @@ def forced_combine_kernel[
         var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
         if u > 0:
             barrier()  # every warp is done with the previous block
-        for i in range(tid, BS * CPR, NT):
-            var key = i // CPR
-            var c = (i % CPR) * 8
-            var so = tile_offset[LAY, BS, D](key, c)
-            if key < nk:
-                var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
-                async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(so))
-                async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(so))
-            else:
-                k_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
-                v_s.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+        load_kv_tile[dtype, LAY, BS, D, NT](k, v, k_s, v_s, k0 + j * BS, nk, num_groups, g, tid)
         async_copy_commit_group()
         async_copy_wait_group(0)
         comptime if wgmma:
