@@ -49,7 +49,7 @@ def test_hopper_kernel_assembles_without_spills_or_serialization(tmp_path, modul
         pytest.skip("ptxas (CUDA toolkit) not on PATH: the PTX cannot be assembled here")
     mojo = shutil.which("mojo") or str(Path(sys.executable).parent / "mojo")
     repo = Path(__file__).resolve().parent.parent
-    script = tmp_path / f"ptx_{module}.mojo"  # (one tmp_path per case)
+    script = tmp_path / f"ptx_{module}.mojo"
     script.write_text(_PTX_SCRIPT.format(module=module, kernel=kernel, params=params))
     gen = subprocess.run([mojo, "run", "-I", str(repo), str(script)], capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0 and needle in gen.stdout, gen.stderr[-4000:]
