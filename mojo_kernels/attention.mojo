@@ -45,7 +45,7 @@ from max.gpu.primitives import warp
 
 from .common import (
     SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
-    LAYOUT_PADDED, LAYOUT_SW128, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
+    LAYOUT_PADDED, LAYOUT_SW128, hopper_target, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
 )
 
 comptime LOG2E = Float32(1.4426950408889634)
@@ -802,9 +802,8 @@ def _launch[
         )
         if grid == 0:
             return
-        # Hopper (compute 9.x): warpgroup MMA; mma.sync elsewhere
-        comptime hopper = ctx.default_device_info.compute >= 9.0 and ctx.default_device_info.compute < 10.0
-        comptime if use_mma and hopper and wgmma_supported[dtype, head_dim, block_size]():
+        # Hopper: warpgroup MMA; mma.sync elsewhere
+        comptime if use_mma and hopper_target() and wgmma_supported[dtype, head_dim, block_size]():
             comptime smem = wgmma_smem_bytes[dtype, head_dim, block_size]()
             comptime kernel = attention_wgmma_kernel[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk

@@ -3,6 +3,7 @@
 from std.sys import inlined_assembly
 from std.utils.numerics import neg_inf
 
+from max.gpu.host import DeviceContext
 from max.gpu.compute.mma import WGMMADescriptor, ld_matrix, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned
 from max.gpu.host.nvidia.tma import TensorMapSwizzle
 from max.gpu.memory import AddressSpace
@@ -13,6 +14,14 @@ comptime I32Ptr = Pointer[Int32, ImmutAnyOrigin]
 comptime I32MutPtr = Pointer[Int32, MutAnyOrigin]
 comptime F32Ptr = Pointer[Float32, ImmutAnyOrigin]
 comptime F32MutPtr = Pointer[Float32, MutAnyOrigin]
+
+
+@always_inline
+def hopper_target() -> Bool:
+    """The op is being built for a Hopper GPU (compute capability 9.x), where
+    the wgmma paths apply. Host-side dispatch: the accelerator the graph is
+    compiled for, not the host's own target (`_is_sm_9x()` there is the CPU's)."""
+    return DeviceContext.default_device_info.compute >= 9.0 and DeviceContext.default_device_info.compute < 10.0
 
 
 @always_inline

@@ -44,7 +44,7 @@ from .attention import (
 )
 from .combine import combine_row, combine_vec_width, merge_row_cols
 from .common import (
-    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, position_of, pv_tile_wgmma,
+    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, hopper_target, position_of, pv_tile_wgmma,
     score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
 )
 
@@ -396,12 +396,8 @@ struct MSAForcedCombine:
             )
         else:
             comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
-                # Hopper (compute 9.x): the tile steps on wgmma where the block attention uses it
-                comptime wgmma = (
-                    ctx.default_device_info.compute >= 9.0
-                    and ctx.default_device_info.compute < 10.0
-                    and wgmma_supported[dtype, head_dim, block_size]()
-                )
+                # Hopper: the tile steps on wgmma where the block attention uses it
+                comptime wgmma = hopper_target() and wgmma_supported[dtype, head_dim, block_size]()
                 comptime smem = forced_smem_bytes[dtype, head_dim, block_size, wgmma]()
                 comptime kernel = forced_combine_kernel[
                     dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma

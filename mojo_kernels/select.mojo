@@ -50,7 +50,7 @@ from std.sys.info import _is_sm_9x
 
 from .common import (
     LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
-    f32_neg_inf, frag_a, frag_b2, score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
+    f32_neg_inf, frag_a, frag_b2, hopper_target, score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
 )
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
@@ -689,12 +689,8 @@ struct MSASelect:
                 cu_seqlens_k.unsafe_ptr(), idx_scale[0], B, num_groups, T,
             )
         elif select_mma_supported[dtype, idx_dim, block_size]():
-            # wgmma on Hopper (compute 9.x) where its tile and K ring fit, mma.sync elsewhere
-            comptime wgmma = (
-                ctx.default_device_info.compute >= 9.0
-                and ctx.default_device_info.compute < 10.0
-                and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
-            )
+            # wgmma on Hopper where its tile and K ring fit, mma.sync elsewhere
+            comptime wgmma = hopper_target() and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
             comptime QPT = max(1, select_rows[dtype, idx_dim, topk, block_size, wgmma]() // num_groups)
             comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
             comptime assert smem <= SMEM_OPTIN_BYTES, "msa_select: idx_dim, block_size and topk need too much shared memory"
