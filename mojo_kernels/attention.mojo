@@ -741,9 +741,9 @@ def attention_wgmma_kernel[
             async_copy_commit_group()
 
 
-def wgmma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    """K, V and two Q tiles, 128B-swizzled (no padding)."""
-    return (2 * block_size + 2 * MMA_BM) * head_dim * size_of[dtype]()
+def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, wgmma: Bool]() -> Int:
+    """K, V and two Q tiles: 128B-swizzled (no padding) for wgmma, padded rows for mma.sync."""
+    return (2 * block_size + 2 * MMA_BM) * (head_dim if wgmma else head_dim + 8) * size_of[dtype]()
 
 
 def wgmma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
@@ -757,11 +757,6 @@ def wgmma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
         and block_size % 16 == 0
         and block_size <= 128
     )
-
-
-def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    comptime elems = (2 * block_size + 2 * MMA_BM) * (head_dim + 8)
-    return elems * size_of[dtype]()
 
 
 def mma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
@@ -804,7 +799,7 @@ def _launch[
             return
         # Hopper: warpgroup MMA; mma.sync elsewhere
         comptime if use_mma and hopper_target() and wgmma_supported[dtype, head_dim, block_size]():
-            comptime smem = wgmma_smem_bytes[dtype, head_dim, block_size]()
+            comptime smem = mma_smem_bytes[dtype, head_dim, block_size, True]()
             comptime kernel = attention_wgmma_kernel[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
@@ -815,7 +810,7 @@ def _launch[
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
         elif use_mma and mma_supported[dtype, head_dim, block_size]():
-            comptime smem = mma_smem_bytes[dtype, head_dim, block_size]()
+            comptime smem = mma_smem_bytes[dtype, head_dim, block_size, False]()
             comptime kernel = attention_mma_kernel[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
