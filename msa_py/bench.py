@@ -337,6 +337,9 @@ def table(result: dict) -> str:
         lines.append(" ".join(cells))
     lines.append(f"(ms, median of {result['repeats']}; {_config_text(result['config'])}; scenario "
                  f"{result['scenario']}; matmul peak {result['matmul_peak_tflops']:.0f} TF/s)")
+    if any(r.get("forced_pass") for r in result["rows"]):
+        lines.append("(combine: the forced pass, each query's sink and local blocks attended to and merged with the "
+                     "partials of its other blocks; attn and attn TF/s: the block attention over those other blocks)")
     if result.get("model_load_s"):
         lines.append(f"(models compiled or fetched from MAX's cache in {sum(result['model_load_s'].values()):.1f} s)")
     return "\n".join(lines)
