@@ -741,9 +741,10 @@ def attention_wgmma_kernel[
             async_copy_commit_group()
 
 
-def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, wgmma: Bool]() -> Int:
-    """K, V and two Q tiles: 128B-swizzled (no padding) for wgmma, padded rows for mma.sync."""
-    return (2 * block_size + 2 * MMA_BM) * (head_dim if wgmma else head_dim + 8) * size_of[dtype]()
+def mma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, wgmma: Bool, q_tiles: Int = 2]() -> Int:
+    """K, V and q_tiles 64-row Q tiles: 128B-swizzled (no padding) for
+    wgmma, padded rows for mma.sync (the forced pass holds one Q tile)."""
+    return (2 * block_size + q_tiles * MMA_BM) * (head_dim if wgmma else head_dim + 8) * size_of[dtype]()
 
 
 def wgmma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:

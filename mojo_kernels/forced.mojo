@@ -26,7 +26,6 @@
 
 from std.math import ceildiv, exp2, log
 from std.memory import unsafe_stack_allocation
-from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
@@ -39,8 +38,8 @@ from max.gpu.memory import (
 from max.gpu.primitives import warp
 
 from .attention import (
-    LN2, LOG2E, exp2_rows16, load_kv_tile, mask_rows16, mma_supported, pv_rows16, qk_rows16, softmax_block_cpu,
-    wgmma_supported,
+    LN2, LOG2E, MMA_BM, exp2_rows16, load_kv_tile, mask_rows16, mma_smem_bytes, mma_supported, pv_rows16, qk_rows16,
+    softmax_block_cpu, wgmma_supported,
 )
 from .combine import combine_row, combine_vec_width, merge_row_cols
 from .common import (
@@ -339,11 +338,6 @@ def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size:
     )
 
 
-def forced_smem_bytes[dtype: DType, head_dim: Int, block_size: Int, wgmma: Bool]() -> Int:
-    """K, V and the Q tile: swizzled (no padding) for wgmma, padded rows for mma.sync."""
-    return (2 * block_size + FC_BM) * (head_dim if wgmma else head_dim + 8) * size_of[dtype]()
-
-
 @register("msa_forced_combine")
 struct MSAForcedCombine:
     """Out [T, Hq, D] and lse [T, Hq]: each query's forced blocks (sinks and
@@ -398,7 +392,8 @@ struct MSAForcedCombine:
             comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
                 # Hopper: the tile steps on wgmma where the block attention uses it
                 comptime wgmma = hopper_target() and wgmma_supported[dtype, head_dim, block_size]()
-                comptime smem = forced_smem_bytes[dtype, head_dim, block_size, wgmma]()
+                comptime assert FC_BM == MMA_BM, "the forced pass's Q tile is the attention's"
+                comptime smem = mma_smem_bytes[dtype, head_dim, block_size, wgmma, q_tiles=1]()
                 comptime kernel = forced_combine_kernel[
                     dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma
                 ]
