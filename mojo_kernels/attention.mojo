@@ -408,8 +408,35 @@ def load_kv_tile[dtype: DType, layout: Int, BS: Int, D: Int, NT: Int](
 
 
 @always_inline
+def tile_row_entry[group: Int](it: _Item, entries: I32Ptr, nent: Int, rows_total: Int, m0: Int, wid: Int, lane: Int) -> Int32:
+    """The entry (t * topk + slot) of this lane's row of the 64-row tile at
+    row m0 (lane l: row 16 * wid + l % 16), -1 past the item's rows: the
+    global load gather_q_tile needs, issued early by the caller so the
+    gather does not wait on it."""
+    var mr = m0 + wid * 16 + lane % 16
+    if mr < rows_total:
+        return Int32(it.entry(entries, nent, mr // group))
+    return -1
+
+
+@always_inline
 def gather_q_tile[dtype: DType, layout: Int, D: Int, BS: Int, group: Int, Hq: Int, topk: Int](
     it: _Item, entries: I32Ptr, nent: Int, rows_total: Int,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    m0: Int,
+    qbuf: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    mbuf: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    wid: Int, lane: Int,
+):
+    """gather_q_tile_from_entry with the lane's entry looked up here."""
+    gather_q_tile_from_entry[dtype, layout, D, BS, group, Hq, topk](
+        it, tile_row_entry[group](it, entries, nent, rows_total, m0, wid, lane), q, m0, qbuf, mbuf, wid, lane
+    )
+
+
+@always_inline
+def gather_q_tile_from_entry[dtype: DType, layout: Int, D: Int, BS: Int, group: Int, Hq: Int, topk: Int](
+    it: _Item, ent_row: Int32,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     m0: Int,
     qbuf: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
@@ -419,8 +446,8 @@ def gather_q_tile[dtype: DType, layout: Int, D: Int, BS: Int, group: Int, Hq: In
     """Gathers the Q rows of the 64-row tile starting at row m0 of work item
     `it` (cp.async, into qbuf in `layout`) and its per-row metadata (mbuf:
     partial offset, -1 for padding, and visible keys). Warp w fills rows
-    16w .. 16w + 15: each lane looks up one row's entry (all lookups in
-    flight at once), and every cp.async takes its row's source from a
+    16w .. 16w + 15: ent_row is this lane's row's entry (tile_row_entry;
+    -1 for padding), and every cp.async takes its row's source from a
     shuffle, so no global load waits between two async copies; consecutive
     lanes copy consecutive 16-byte pieces of a row."""
     comptime CPR = D // 8
@@ -430,8 +457,8 @@ def gather_q_tile[dtype: DType, layout: Int, D: Int, BS: Int, group: Int, Hq: In
     var q_row = Int32(-1)  # row of q ([T * Hq] rows) gathered into tile row r_l
     var poff = -1
     var nvis = 0
-    if mr < rows_total:
-        var ent = it.entry(entries, nent, mr // group)
+    if ent_row >= 0:
+        var ent = Int(ent_row)
         var t = ent // topk
         var h = it.g * group + mr % group
         q_row = Int32(t * Hq + h)
@@ -661,6 +688,8 @@ def attention_wgmma_kernel[
         var q_cur = q_s.unsafe_offset(Q_TILE) if odd else q_s
         var m_cur = meta.unsafe_offset(MMA_BM * 2) if odd else meta
         var more = i + 1 < n_tiles
+        # the entry of this lane's row of tile i + 2, in flight through this tile's math
+        var ent_next = tile_row_entry[group](it, entries, nent, rows_total, (i + 2) * MMA_BM, wid, lane)
         wgmma_wait_group_sync[0]()  # S_i (the only chain in flight)
         s_wg = wgmma_acc_fence(s_wg)
         var s_acc = Array[SIMD[DType.float32, 4], BS // 8](fill=SIMD[DType.float32, 4](0))
@@ -737,7 +766,9 @@ def attention_wgmma_kernel[
             # a warp's rows of the buffer (Q, output staging, metadata) are
             # its own outside the wgmma, which waited above
             syncwarp()
-            stage((i + 2) * MMA_BM, q_cur, m_cur)
+            gather_q_tile_from_entry[dtype, LAYOUT_SW128, D, BS, group, Hq, topk](
+                it, ent_next, q, (i + 2) * MMA_BM, q_cur, m_cur, wid, lane
+            )
             async_copy_commit_group()
 
 
