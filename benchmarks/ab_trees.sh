@@ -5,7 +5,8 @@
 # then, carrying both, one step per device call if the 10-minute limit needs it:
 #   NEW=.gpu/new BASE=.gpu/base NEW_COMMIT=<sha> BASE_COMMIT=<sha> OUT=$OUT bash benchmarks/ab_trees.sh check bench sanitize
 # check     the new tree against the reference (CHECK_ONLY: the cases)
-# bench     `msa bench` at BENCH_LENGTHS in the new tree, then the base tree
+# bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
+#           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE")
 # sanitize  memcheck and racecheck on the new tree (SANITIZE_ONLY: the cases)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PATH=/tmp/site/modular/bin:$PATH
@@ -20,7 +21,7 @@ for s in "$@"; do
   case "$s" in
     check) in_tree "$NEW" python3 -m msa_py.check --device gpu --only "$CHECK_ONLY" 2>&1 | tail -8 | tee "$OUT/check.log" || rc=1 ;;
     bench)
-      for t in NEW BASE; do
+      for t in ${BENCH_TREES:-NEW BASE}; do
         c="${t}_COMMIT"
         MSA_COMMIT="${!c:-unknown}" in_tree "${!t}" python3 -m msa_py bench --lengths "$BENCH_LENGTHS" --gather-max 0 --repeats 3 --chunk 0 \
           --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
