@@ -126,54 +126,69 @@ def _combine_row_vec[
                 acc[e] += warp.shuffle_xor(acc[e], UInt32(LPS << i))
     var inv = Float32(1) / den if den > 0 else Float32(0)
     if lane < LPS:
-        output.unsafe_store(row * head_dim + col, (acc * inv).cast[out_dtype]())
+        # naturally aligned (row * head_dim + col is a multiple of vec): one
+        # vector store instead of vec scalar ones
+        output.unsafe_store[alignment=vec * size_of[out_dtype]()](
+            row * head_dim + col, (acc * inv).cast[out_dtype]()
+        )
     if lane == 0:
         lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
 
 
 @always_inline
-def merge_row_cols[
-    out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int
-](
-    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
-    lse: F32MutPtr,
+def load_row_slots[part_dtype: DType, topk: Int, head_dim: Int, vec: Int, n: Int, base: Int](
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     row: Int,
     col: Int,
-    lse_row: Array[Float32, topk],
+    lse_rows: Array[Float32, n],
+    mut vals: Array[SIMD[part_dtype, vec], n],
+):
+    """Issues the loads of columns col .. col + vec of every written slot of
+    one (t, h) row, whose lse_partial is lse_rows[base : base + topk], into
+    vals[base : base + topk], all in flight at once (unused and forced
+    slots, lse -inf, are never written, so never read)."""
+    var orow = o_p.unsafe_offset(row * topk * head_dim + col)
+    comptime for s in range(topk):
+        if lse_rows[base + s] > f32_neg_inf():
+            vals[base + s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
+
+
+@always_inline
+def finish_row_cols[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int, vec: Int, n: Int, base: Int](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    row: Int,
+    col: Int,
+    lse_rows: Array[Float32, n],
+    vals: Array[SIMD[part_dtype, vec], n],
     extra_lse: Float32,
     extra: SIMD[DType.float32, vec],
     write_lse: Bool,
 ):
-    """Columns col .. col + vec of one (t, h) row, every slot by one thread:
-    its topk 16-byte loads all in flight at once, no shuffles. lse_row: the row's lse_partial, already at hand; one more split
-    joins with log-sum-exp extra_lse (-inf: none) and normalized output
-    `extra` (these columns). write_lse: this thread writes lse[row]."""
+    """Merges one (t, h) row's columns col .. col + vec from its slots'
+    values (load_row_slots, at base) and lse_partial, plus one more split:
+    log-sum-exp extra_lse (-inf: none) and normalized output `extra` (these
+    columns). write_lse: this thread writes lse[row]."""
     var m = extra_lse
     comptime for s in range(topk):
-        m = max(m, lse_row[s])
+        m = max(m, lse_rows[base + s])
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
-        # every load issued before any is used: a load next to its use would
-        # wait out a full DRAM round trip per slot
-        var orow = o_p.unsafe_offset(row * topk * head_dim + col)
-        var vals = Array[SIMD[part_dtype, vec], topk](fill=SIMD[part_dtype, vec](0))
         comptime for s in range(topk):
-            if lse_row[s] > f32_neg_inf():  # unused and forced slots are never written: skip the read
-                vals[s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
-        comptime for s in range(topk):
-            var l = lse_row[s]
+            var l = lse_rows[base + s]
             if l > f32_neg_inf():
                 var w = exp(l - m)
                 den += w
-                acc += w * vals[s].cast[DType.float32]()
+                acc += w * vals[base + s].cast[DType.float32]()
         if extra_lse > f32_neg_inf():
             var w = exp(extra_lse - m)
             den += w
             acc += w * extra
     var inv = Float32(1) / den if den > 0 else Float32(0)
-    output.unsafe_store(row * head_dim + col, (acc * inv).cast[out_dtype]())
+    output.unsafe_store[alignment=vec * size_of[out_dtype]()](  # one vector store, naturally aligned
+        row * head_dim + col, (acc * inv).cast[out_dtype]()
+    )
     if write_lse:
         lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
 

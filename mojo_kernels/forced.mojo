@@ -41,7 +41,7 @@ from .attention import (
     LN2, LOG2E, MMA_BM, exp2_rows16, load_kv_tile, mask_rows16, mma_smem_bytes, mma_supported, pv_rows16, qk_rows16,
     softmax_block_cpu, wgmma_supported,
 )
-from .combine import combine_row, combine_vec_width, merge_row_cols
+from .combine import combine_row, combine_vec_width, finish_row_cols, load_row_slots
 from .common import (
     LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, hopper_target, position_of, pv_tile_wgmma,
     score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
@@ -312,20 +312,35 @@ def forced_combine_kernel[
     # merged with the partials of the other slots: LPS lanes per row, each
     # lane its VEC columns of every slot (topk 16-byte loads in flight)
     comptime RPP = WARP_SIZE // LPS  # rows per pass
+    # two passes' loads issued before either is merged (2 * topk 16-byte loads
+    # in flight a lane): the merge waits out half as many DRAM round trips
+    comptime PASSES = 2 if 2 * RPP <= 16 else 1
     var col = (lane % LPS) * VEC
-    comptime for i0 in range(0, 16, RPP):
-        var i = i0 + lane // LPS
-        var r = wid * 16 + i
-        var gr = r_begin + r
-        if gr < rows:
-            var lse_row = Array[Float32, topk](fill=0)
-            comptime for s in range(topk):
-                lse_row[s] = lse_s[unsafe_offset=r * topk + s]
-            var extra = q_s.unsafe_load[width=VEC, alignment=16](tile_offset[LAY, FC_BM, D](r, col)).cast[DType.float32]()
-            merge_row_cols[dtype, part_dtype, topk, D, VEC](
-                output, lse, o_p, (gr // group) * Hq + g * group + gr % group, col, lse_row,
-                lse_f[unsafe_offset=r], extra, lane % LPS == 0,
-            )
+    comptime for i0 in range(0, 16, PASSES * RPP):
+        var r_at = Array[Int, PASSES](fill=0)
+        var row_at = Array[Int, PASSES](fill=-1)  # -1: past the rows
+        var lse_at = Array[Float32, PASSES * topk](fill=f32_neg_inf())
+        var vals_at = Array[SIMD[part_dtype, VEC], PASSES * topk](fill=SIMD[part_dtype, VEC](0))
+        comptime for p in range(PASSES):
+            var r = wid * 16 + i0 + p * RPP + lane // LPS
+            var gr = r_begin + r
+            r_at[p] = r
+            if gr < rows:
+                row_at[p] = (gr // group) * Hq + g * group + gr % group
+                comptime for s in range(topk):
+                    lse_at[p * topk + s] = lse_s[unsafe_offset=r * topk + s]
+                load_row_slots[part_dtype, topk, D, VEC, PASSES * topk, p * topk](
+                    o_p, row_at[p], col, lse_at, vals_at
+                )
+        comptime for p in range(PASSES):
+            if row_at[p] >= 0:
+                var r = r_at[p]
+                var extra = q_s.unsafe_load[width=VEC, alignment=16](tile_offset[LAY, FC_BM, D](r, col)).cast[
+                    DType.float32
+                ]()
+                finish_row_cols[dtype, part_dtype, topk, D, VEC, PASSES * topk, p * topk](
+                    output, lse, row_at[p], col, lse_at, vals_at, lse_f[unsafe_offset=r], extra, lane % LPS == 0,
+                )
 
 
 def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
