@@ -22,8 +22,9 @@
 # one ended on.
 #
 # GPU pipeline (all on the stream, capturable): row offsets, count (atomics,
-# one thread per query, warp-aggregated), scan (one block), scatter (the same
-# atomics, unordered), then one block per row puts
+# one thread per query, warp-aggregated), scan (one block per group), window
+# starts (one thread per row), scatter (the same atomics, unordered), then
+# one block per row puts
 # its entries in query order with a bitmap over the sequence's queries: each
 # entry goes to its query's rank (a popcount prefix), deterministic,
 # O(nnz + rows * Tq/32); the same block writes the row's work items.
@@ -47,7 +48,7 @@ from max.gpu.memory import AddressSpace
 
 from .common import Forced, I32MutPtr, I32Ptr, blocks_of, position_of, seq_of
 
-comptime SCAN_THREADS = 1024
+comptime SCAN_THREADS = 512  # 76 registers a thread (the unrolled loads): 1024 would not launch
 comptime SORT_THREADS = 256
 comptime BITMAP_WORDS = 4096  # 131072 queries per window
 comptime SORT_UNROLL = 4  # entries loaded before any is used: the sink row holds every query
@@ -206,67 +207,121 @@ def _order_row(i: Int, R: Int) -> Tuple[Int, Int]:
     return (w, rr if w % 2 == 0 else R - 1 - rr)
 
 
+@always_inline
+def _row_window_sum(wc: I32MutPtr, r: Int, R: Int, NW: Int) -> Int:
+    """Sum over the NW windows of row r's counts (wc[w * R + r]), eight
+    loads in flight at a time: issued one by one, each would wait out a
+    full memory round trip."""
+    var s = 0
+    var w = 0
+    while w + 8 <= NW:
+        var v = SIMD[DType.int32, 8](0)
+        comptime for u in range(8):
+            v[u] = wc[unsafe_offset=(w + u) * R + r]
+        s += Int(v.reduce_add())
+        w += 8
+    while w < NW:
+        s += Int(wc[unsafe_offset=w * R + r])
+        w += 1
+    return s
+
+
 def _scan_kernel(
     row_ptr: I32MutPtr, work_off: I32MutPtr, num_work: I32MutPtr, wcounts: I32MutPtr,
     num_groups: Int32, r_max: Int32, q_budget: Int32, num_windows: Int32,
 ):
-    """One block, per group: row counts (sums over windows) scanned into
+    """One block per group g: row counts (sums over windows) scanned into
     row_ptr; items per (window, row), ceil(count / q_budget), scanned in work
-    order into work_off[(g * NW + w) * R + row] (offset by the earlier groups'
-    items); then each window count becomes its start in entries[g]."""
+    order into work_off[(g * NW + w) * R + row], offset by the earlier
+    groups' items, which each block counts for itself from their window
+    counts (so those stay counts until _window_starts_kernel, launched
+    after). The last group's block writes num_work."""
     var sums = unsafe_stack_allocation[SCAN_THREADS, Int32, address_space=AddressSpace.SHARED]()
     var tid = Int(thread_idx.x)
+    var g = Int(block_idx.x)
+    var G = Int(num_groups)
+    if g >= G:  # no groups at all (the grid has at least one block)
+        if tid == 0:
+            num_work[unsafe_offset=0] = 0
+        return
     var R = Int(r_max)
     var NW = Int(num_windows)
     var qb = Int(q_budget)
     var per = ceildiv(R, SCAN_THREADS)
     var per_w = ceildiv(NW * R, SCAN_THREADS)
-    var work_base = 0
-    for g in range(Int(num_groups)):
-        var wc = wcounts.unsafe_offset(g * NW * R)
-        var wo = work_off.unsafe_offset(g * NW * R)
-        var rp = row_ptr.unsafe_offset(g * (R + 1))
-        # rows: counts summed over windows, scanned
-        var lo = min(R, tid * per)
-        var hi = min(R, lo + per)
-        var s_cnt = 0
-        for r in range(lo, hi):
-            for w in range(NW):
-                s_cnt += Int(wc[unsafe_offset=w * R + r])
-        var row_scan = _block_exclusive_scan(sums, tid, s_cnt)
-        var run_c = row_scan[0]
-        for r in range(lo, hi):
-            rp[unsafe_offset=r] = Int32(run_c)
-            for w in range(NW):
-                run_c += Int(wc[unsafe_offset=w * R + r])
-        if tid == 0:
-            rp[unsafe_offset=R] = Int32(row_scan[1])
-        # (window, row) places in work order: items scanned
-        var lo_w = min(NW * R, tid * per_w)
-        var hi_w = min(NW * R, lo_w + per_w)
-        var s_wrk = 0
-        for i in range(lo_w, hi_w):
-            var wr = _order_row(i, R)
-            s_wrk += ceildiv(Int(wc[unsafe_offset=wr[0] * R + wr[1]]), qb)
-        var work_scan = _block_exclusive_scan(sums, tid, s_wrk)
-        var run_w = work_base + work_scan[0]
-        for i in range(lo_w, hi_w):
-            var wr = _order_row(i, R)
-            var at = wr[0] * R + wr[1]
-            wo[unsafe_offset=at] = Int32(run_w)
-            run_w += ceildiv(Int(wc[unsafe_offset=at]), qb)
-        work_base += work_scan[1]
-        barrier()  # every thread has read the window counts of its places
-        # window counts -> window starts in entries[g] (rows in this thread's range)
-        for r in range(lo, hi):
-            var run = Int(rp[unsafe_offset=r])
-            for w in range(NW):
-                var c = Int(wc[unsafe_offset=w * R + r])
-                wc[unsafe_offset=w * R + r] = Int32(run)
-                run += c
-        barrier()
+    # the items of the groups before this one: its first item's index
+    var before = 0
+    for g2 in range(g):
+        var wc2 = wcounts.unsafe_offset(g2 * NW * R)
+        for i in range(tid, NW * R, SCAN_THREADS):
+            before += ceildiv(Int(wc2[unsafe_offset=i]), qb)
+    var work_base = _block_exclusive_scan(sums, tid, before)[1]
+    var wc = wcounts.unsafe_offset(g * NW * R)
+    var wo = work_off.unsafe_offset(g * NW * R)
+    var rp = row_ptr.unsafe_offset(g * (R + 1))
+    # rows: counts summed over windows, scanned
+    var lo = min(R, tid * per)
+    var hi = min(R, lo + per)
+    var s_cnt = 0
+    for r in range(lo, hi):
+        s_cnt += _row_window_sum(wc, r, R, NW)
+    var row_scan = _block_exclusive_scan(sums, tid, s_cnt)
+    var run_c = row_scan[0]
+    for r in range(lo, hi):
+        rp[unsafe_offset=r] = Int32(run_c)
+        run_c += _row_window_sum(wc, r, R, NW)
     if tid == 0:
-        num_work[unsafe_offset=0] = Int32(work_base)
+        rp[unsafe_offset=R] = Int32(row_scan[1])
+    # (window, row) places in work order: items scanned, eight counts in flight
+    var lo_w = min(NW * R, tid * per_w)
+    var hi_w = min(NW * R, lo_w + per_w)
+    var s_wrk = 0
+    for i0 in range(lo_w, hi_w, 8):
+        comptime for u in range(8):
+            if i0 + u < hi_w:
+                var wr = _order_row(i0 + u, R)
+                s_wrk += ceildiv(Int(wc[unsafe_offset=wr[0] * R + wr[1]]), qb)
+    var work_scan = _block_exclusive_scan(sums, tid, s_wrk)
+    var run_w = work_base + work_scan[0]
+    for i0 in range(lo_w, hi_w, 8):
+        var items = SIMD[DType.int32, 8](0)
+        comptime for u in range(8):
+            if i0 + u < hi_w:
+                var wr = _order_row(i0 + u, R)
+                items[u] = Int32(ceildiv(Int(wc[unsafe_offset=wr[0] * R + wr[1]]), qb))
+        comptime for u in range(8):
+            if i0 + u < hi_w:
+                var wr = _order_row(i0 + u, R)
+                wo[unsafe_offset=wr[0] * R + wr[1]] = Int32(run_w)
+                run_w += Int(items[u])
+    if g == G - 1 and tid == 0:
+        num_work[unsafe_offset=0] = Int32(work_base + work_scan[1])
+
+
+def _window_starts_kernel(wcounts: I32MutPtr, row_ptr: I32Ptr, num_groups: Int32, r_max: Int32, num_windows: Int32):
+    """One thread per (g, row): the row's window counts become the windows'
+    starts in entries[g] (after _scan_kernel, which reads the counts of
+    every group), eight loads in flight at a time."""
+    var i = Int(global_idx.x)
+    var R = Int(r_max)
+    var NW = Int(num_windows)
+    if i >= Int(num_groups) * R:
+        return
+    var g = i // R
+    var r = i % R
+    var wc = wcounts.unsafe_offset(g * NW * R)
+    var run = Int(row_ptr[unsafe_offset=g * (R + 1) + r])
+    var w = 0
+    while w < NW:
+        var c = SIMD[DType.int32, 8](0)
+        comptime for u in range(8):
+            if w + u < NW:
+                c[u] = wc[unsafe_offset=(w + u) * R + r]
+        comptime for u in range(8):
+            if w + u < NW:
+                wc[unsafe_offset=(w + u) * R + r] = Int32(run)
+                run += Int(c[u])
+        w += 8
 
 
 @always_inline
@@ -516,8 +571,13 @@ struct MSAInvert:
             ctx.enqueue_function[_scan_kernel](
                 row_ptr.unsafe_ptr(), work_off, num_work.unsafe_ptr(), wcounts,
                 Int32(G), Int32(R), Int32(q_budget), Int32(NW),
-                grid_dim=1, block_dim=SCAN_THREADS,
+                grid_dim=max(G, 1), block_dim=SCAN_THREADS,
             )
+            if G * R > 0:
+                ctx.enqueue_function[_window_starts_kernel](
+                    wcounts, row_ptr.unsafe_ptr(), Int32(G), Int32(R), Int32(NW),
+                    grid_dim=ceildiv(G * R, 256), block_dim=256,
+                )
             if total > 0 and R > 0:
                 ctx.enqueue_function[_scatter_kernel[init_blocks, local_blocks]](
                     unsorted, cursor, row_ptr.unsafe_ptr(), block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(),

@@ -40,24 +40,62 @@ _KERNELS = [
 _IDS = ["select_wgmma", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync"]
 
 
-@pytest.mark.parametrize("module,kernel,params,needle", _KERNELS, ids=_IDS)
-def test_hopper_kernel_assembles_without_spills_or_serialization(tmp_path, module, kernel, params, needle):
-    """ptxas -v on the kernel's sm_90a PTX: no spills (the attention and the
-    forced pass run at 254-255 registers), and no wgmma serialization note."""
+def _assemble(tmp_path, script_text: str, name: str, needle: str) -> tuple[str, str]:
+    """Runs a Mojo script printing a kernel's sm_90a PTX (after any lines of
+    its own), assembles the PTX with ptxas -v: (script stdout, ptxas notes)."""
     ptxas = shutil.which("ptxas")
     if ptxas is None:
         pytest.skip("ptxas (CUDA toolkit) not on PATH: the PTX cannot be assembled here")
     mojo = shutil.which("mojo") or str(Path(sys.executable).parent / "mojo")
     repo = Path(__file__).resolve().parent.parent
-    script = tmp_path / f"ptx_{module}.mojo"
-    script.write_text(_PTX_SCRIPT.format(module=module, kernel=kernel, params=params))
+    script = tmp_path / f"ptx_{name}.mojo"
+    script.write_text(script_text)
     gen = subprocess.run([mojo, "run", "-I", str(repo), str(script)], capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0 and needle in gen.stdout, gen.stderr[-4000:]
-    ptx = tmp_path / f"{module}.ptx"
-    ptx.write_text(gen.stdout)
-    asm = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / f"{module}.cubin")],
+    ptx = tmp_path / f"{name}.ptx"
+    ptx.write_text(gen.stdout[gen.stdout.index("//"):])  # the PTX starts at its header comment
+    asm = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / f"{name}.cubin")],
                          capture_output=True, text=True, timeout=300)
     notes = asm.stdout + asm.stderr
     assert asm.returncode == 0, notes[-4000:]
+    return gen.stdout, notes
+
+
+@pytest.mark.parametrize("module,kernel,params,needle", _KERNELS, ids=_IDS)
+def test_hopper_kernel_assembles_without_spills_or_serialization(tmp_path, module, kernel, params, needle):
+    """ptxas -v on the kernel's sm_90a PTX: no spills (the attention and the
+    forced pass run at 254-255 registers), and no wgmma serialization note."""
+    _, notes = _assemble(tmp_path, _PTX_SCRIPT.format(module=module, kernel=kernel, params=params), module, needle)
     assert not any(n in notes for n in _SERIALIZED), notes
     assert " 0 bytes spill stores" in notes, notes
+
+
+_LAUNCH_SCRIPT = """
+from max.gpu.host.compile import _compile_code
+from max.gpu.host import get_gpu_target
+from mojo_kernels.{module} import {kernel}, {threads}
+
+def main():
+    print("THREADS", {threads})
+    print(_compile_code[{kernel}, target=get_gpu_target["sm_90a"]()]().asm)
+"""
+
+
+# (module, kernel, the constant its launch uses as block size)
+_WIDE_BLOCKS = [
+    ("invert", "_scan_kernel", "SCAN_THREADS"),
+    ("invert", "_sort_rows_kernel", "SORT_THREADS"),
+]
+
+
+@pytest.mark.parametrize("module,kernel,threads", _WIDE_BLOCKS, ids=[k for _, k, _ in _WIDE_BLOCKS])
+def test_wide_block_fits_the_register_file(tmp_path, module, kernel, threads):
+    """registers x threads of a one-launch-per-stage kernel within the SM's
+    64K registers: past it the launch fails with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+    on the GPU, which no virtual-device compile shows (a 1024-thread scan at
+    76 registers did, on the H100)."""
+    out, notes = _assemble(tmp_path, _LAUNCH_SCRIPT.format(module=module, kernel=kernel, threads=threads),
+                           kernel.strip("_"), ".entry")
+    n_threads = int(out.split("THREADS", 1)[1].split()[0])
+    regs = int(notes.split("Used ", 1)[1].split(" registers", 1)[0])
+    assert regs * n_threads <= 65536, f"{kernel}: {regs} registers x {n_threads} threads"
