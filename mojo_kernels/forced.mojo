@@ -317,14 +317,12 @@ def forced_combine_kernel[
     comptime PASSES = 2 if 2 * RPP <= 16 else 1
     var col = (lane % LPS) * VEC
     comptime for i0 in range(0, 16, PASSES * RPP):
-        var r_at = Array[Int, PASSES](fill=0)
         var row_at = Array[Int, PASSES](fill=-1)  # -1: past the rows
         var lse_at = Array[Float32, PASSES * topk](fill=f32_neg_inf())
         var vals_at = Array[SIMD[part_dtype, VEC], PASSES * topk](fill=SIMD[part_dtype, VEC](0))
         comptime for p in range(PASSES):
             var r = wid * 16 + i0 + p * RPP + lane // LPS
             var gr = r_begin + r
-            r_at[p] = r
             if gr < rows:
                 row_at[p] = (gr // group) * Hq + g * group + gr % group
                 comptime for s in range(topk):
@@ -334,7 +332,7 @@ def forced_combine_kernel[
                 )
         comptime for p in range(PASSES):
             if row_at[p] >= 0:
-                var r = r_at[p]
+                var r = wid * 16 + i0 + p * RPP + lane // LPS
                 var extra = q_s.unsafe_load[width=VEC, alignment=16](tile_offset[LAY, FC_BM, D](r, col)).cast[
                     DType.float32
                 ]()
