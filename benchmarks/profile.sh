@@ -7,13 +7,21 @@
 # MAX names the kernels it builds mojo_pkg_<hash> (their Mojo names are
 # gone), so the default filter takes every one; tell the stages apart by
 # grid and block size in the report. PROFILE_SKIP skips the warm-up launches.
+# PROFILE_TIMES=1: durations and launch shapes only (fast; e.g. the
+# inversion's kernels at two window sizes).
 set -o pipefail
+if [ "${PROFILE_TIMES:-0}" = 1 ]; then
+  # each kernel's duration and launch shape only: one replay pass per kernel
+  SECTIONS=(--metrics gpu__time_duration.sum,launch__grid_size,launch__block_size,launch__registers_per_thread)
+else
+  SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
+fi
 ARGS=${PROFILE_ARGS:---prefill 32768}
 ncu --clock-control none --target-processes all \
   -k "regex:${PROFILE_KERNELS:-mojo_pkg}" \
   --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
-  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-  --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-  --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+  "${SECTIONS[@]}" \
   python3 benchmarks/ncu_driver.py $ARGS 2>&1 | grep -v "^==PROF==" \
   | grep -E -v "^\s+(-+|Section:.*)$" | cut -c1-160

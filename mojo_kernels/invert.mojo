@@ -208,22 +208,39 @@ def _order_row(i: Int, R: Int) -> Tuple[Int, Int]:
 
 
 @always_inline
+def _window_counts8(wc: I32MutPtr, w: Int, r: Int, R: Int, NW: Int) -> SIMD[DType.int32, 8]:
+    """Row r's counts of windows w .. w + 7 (wc[w * R + r], 0 past NW), the
+    eight loads in flight together: issued one by one, each would wait out
+    a full memory round trip."""
+    var c = SIMD[DType.int32, 8](0)
+    comptime for u in range(8):
+        if w + u < NW:
+            c[u] = wc[unsafe_offset=(w + u) * R + r]
+    return c
+
+
+@always_inline
 def _row_window_sum(wc: I32MutPtr, r: Int, R: Int, NW: Int) -> Int:
-    """Sum over the NW windows of row r's counts (wc[w * R + r]), eight
-    loads in flight at a time: issued one by one, each would wait out a
-    full memory round trip."""
+    """Sum over the NW windows of row r's counts."""
     var s = 0
-    var w = 0
-    while w + 8 <= NW:
-        var v = SIMD[DType.int32, 8](0)
-        comptime for u in range(8):
-            v[u] = wc[unsafe_offset=(w + u) * R + r]
-        s += Int(v.reduce_add())
-        w += 8
-    while w < NW:
-        s += Int(wc[unsafe_offset=w * R + r])
-        w += 1
+    for w in range(0, NW, 8):
+        s += Int(_window_counts8(wc, w, r, R, NW).reduce_add())
     return s
+
+
+@always_inline
+def _work_places8(wc: I32MutPtr, i0: Int, hi: Int, R: Int, qb: Int) -> Tuple[SIMD[DType.int32, 8], SIMD[DType.int32, 8]]:
+    """Places i0 .. i0 + 7 (< hi) of a group's work order: each one's index
+    w * R + row into the (window, row) arrays and its item count,
+    ceil(entries / q_budget) (0 past hi), the eight loads in flight together."""
+    var at = SIMD[DType.int32, 8](0)
+    var items = SIMD[DType.int32, 8](0)
+    comptime for u in range(8):
+        if i0 + u < hi:
+            var wr = _order_row(i0 + u, R)
+            at[u] = Int32(wr[0] * R + wr[1])
+            items[u] = Int32(ceildiv(Int(wc[unsafe_offset=Int(at[u])]), qb))
+    return (at, items)
 
 
 def _scan_kernel(
@@ -277,23 +294,15 @@ def _scan_kernel(
     var hi_w = min(NW * R, lo_w + per_w)
     var s_wrk = 0
     for i0 in range(lo_w, hi_w, 8):
-        comptime for u in range(8):
-            if i0 + u < hi_w:
-                var wr = _order_row(i0 + u, R)
-                s_wrk += ceildiv(Int(wc[unsafe_offset=wr[0] * R + wr[1]]), qb)
+        s_wrk += Int(_work_places8(wc, i0, hi_w, R, qb)[1].reduce_add())
     var work_scan = _block_exclusive_scan(sums, tid, s_wrk)
     var run_w = work_base + work_scan[0]
     for i0 in range(lo_w, hi_w, 8):
-        var items = SIMD[DType.int32, 8](0)
+        var p = _work_places8(wc, i0, hi_w, R, qb)
         comptime for u in range(8):
             if i0 + u < hi_w:
-                var wr = _order_row(i0 + u, R)
-                items[u] = Int32(ceildiv(Int(wc[unsafe_offset=wr[0] * R + wr[1]]), qb))
-        comptime for u in range(8):
-            if i0 + u < hi_w:
-                var wr = _order_row(i0 + u, R)
-                wo[unsafe_offset=wr[0] * R + wr[1]] = Int32(run_w)
-                run_w += Int(items[u])
+                wo[unsafe_offset=Int(p[0][u])] = Int32(run_w)
+                run_w += Int(p[1][u])
     if g == G - 1 and tid == 0:
         num_work[unsafe_offset=0] = Int32(work_base + work_scan[1])
 
@@ -311,17 +320,12 @@ def _window_starts_kernel(wcounts: I32MutPtr, row_ptr: I32Ptr, num_groups: Int32
     var r = i % R
     var wc = wcounts.unsafe_offset(g * NW * R)
     var run = Int(row_ptr[unsafe_offset=g * (R + 1) + r])
-    var w = 0
-    while w < NW:
-        var c = SIMD[DType.int32, 8](0)
-        comptime for u in range(8):
-            if w + u < NW:
-                c[u] = wc[unsafe_offset=(w + u) * R + r]
+    for w in range(0, NW, 8):
+        var c = _window_counts8(wc, w, r, R, NW)
         comptime for u in range(8):
             if w + u < NW:
                 wc[unsafe_offset=(w + u) * R + r] = Int32(run)
                 run += Int(c[u])
-        w += 8
 
 
 @always_inline
