@@ -15,9 +15,12 @@
 # win = WINDOW_CHUNKS * q_budget queries (t // win), and the items go by
 # group, window, row (ascending in even windows, descending in odd ones),
 # begin. The attention runs its thread blocks in this order, so the blocks
-# in flight gather Q rows of one window (16 MB per group at the model shape,
+# in flight gather Q rows of one window (8 MB per group at the model shape,
 # L2-resident) instead of the whole sequence: block by block, every block's
 # queries span the sequence and Q came from DRAM ~11 times at 32K (ncu).
+# 2048 queries (WINDOW_CHUNKS 32 at q_budget 64): against 4096 the
+# attention is 4-7% faster at 16K-64K and the same at 128K, where each
+# window re-reads more K/V than L2 holds (NOTES, fifteenth session).
 # The serpentine row order lets a window start on the K/V blocks the last
 # one ended on.
 #
@@ -31,8 +34,9 @@
 #
 # scratch layout (int32): window counts, then window starts [Hkv*NW*R_max]
 #                         | cursors [Hkv*R_max]
-#                         | work offsets [Hkv*NW*R_max]
+#                         | work offsets in each group [Hkv*NW*R_max]
 #                         | unsorted entries [Hkv*T*topk]
+#                         | work items per group [Hkv]
 
 from std.atomic import Atomic, Ordering
 from std.bit import pop_count
@@ -52,7 +56,7 @@ comptime SCAN_THREADS = 512  # 76 registers a thread (the unrolled loads): 1024 
 comptime SORT_THREADS = 256
 comptime BITMAP_WORDS = 4096  # 131072 queries per window
 comptime SORT_UNROLL = 4  # entries loaded before any is used: the sink row holds every query
-comptime WINDOW_CHUNKS = 64  # queries per work-order window / q_budget (msa_py/_validate.py)
+comptime WINDOW_CHUNKS = 32  # queries per work-order window / q_budget (msa_py/_validate.py)
 
 
 def _row_offsets_kernel(roff: I32MutPtr, cu_k: I32Ptr, num_seqs: Int32, block_size: Int32):
@@ -244,35 +248,24 @@ def _work_places8(wc: I32MutPtr, i0: Int, hi: Int, R: Int, qb: Int) -> Tuple[SIM
 
 
 def _scan_kernel(
-    row_ptr: I32MutPtr, work_off: I32MutPtr, num_work: I32MutPtr, wcounts: I32MutPtr,
+    row_ptr: I32MutPtr, work_off: I32MutPtr, group_items: I32MutPtr, wcounts: I32MutPtr,
     num_groups: Int32, r_max: Int32, q_budget: Int32, num_windows: Int32,
 ):
     """One block per group g: row counts (sums over windows) scanned into
     row_ptr; items per (window, row), ceil(count / q_budget), scanned in work
-    order into work_off[(g * NW + w) * R + row], offset by the earlier
-    groups' items, which each block counts for itself from their window
-    counts (so those stay counts until _window_starts_kernel, launched
-    after). The last group's block writes num_work."""
+    order into work_off[(g * NW + w) * R + row], from 0 in each group (the
+    work list places group g after the earlier groups' group_items, which
+    the sort adds: a group's block does not wait for the others)."""
     var sums = unsafe_stack_allocation[SCAN_THREADS, Int32, address_space=AddressSpace.SHARED]()
     var tid = Int(thread_idx.x)
     var g = Int(block_idx.x)
-    var G = Int(num_groups)
-    if g >= G:  # no groups at all (the grid has at least one block)
-        if tid == 0:
-            num_work[unsafe_offset=0] = 0
+    if g >= Int(num_groups):  # no groups at all (the grid has at least one block)
         return
     var R = Int(r_max)
     var NW = Int(num_windows)
     var qb = Int(q_budget)
     var per = ceildiv(R, SCAN_THREADS)
     var per_w = ceildiv(NW * R, SCAN_THREADS)
-    # the items of the groups before this one: its first item's index
-    var before = 0
-    for g2 in range(g):
-        var wc2 = wcounts.unsafe_offset(g2 * NW * R)
-        for i in range(tid, NW * R, SCAN_THREADS):
-            before += ceildiv(Int(wc2[unsafe_offset=i]), qb)
-    var work_base = _block_exclusive_scan(sums, tid, before)[1]
     var wc = wcounts.unsafe_offset(g * NW * R)
     var wo = work_off.unsafe_offset(g * NW * R)
     var rp = row_ptr.unsafe_offset(g * (R + 1))
@@ -296,24 +289,32 @@ def _scan_kernel(
     for i0 in range(lo_w, hi_w, 8):
         s_wrk += Int(_work_places8(wc, i0, hi_w, R, qb)[1].reduce_add())
     var work_scan = _block_exclusive_scan(sums, tid, s_wrk)
-    var run_w = work_base + work_scan[0]
+    var run_w = work_scan[0]
     for i0 in range(lo_w, hi_w, 8):
         var p = _work_places8(wc, i0, hi_w, R, qb)
         comptime for u in range(8):
             if i0 + u < hi_w:
                 wo[unsafe_offset=Int(p[0][u])] = Int32(run_w)
                 run_w += Int(p[1][u])
-    if g == G - 1 and tid == 0:
-        num_work[unsafe_offset=0] = Int32(work_base + work_scan[1])
+    if tid == 0:
+        group_items[unsafe_offset=g] = Int32(work_scan[1])
 
 
-def _window_starts_kernel(wcounts: I32MutPtr, row_ptr: I32Ptr, num_groups: Int32, r_max: Int32, num_windows: Int32):
+def _window_starts_kernel(
+    wcounts: I32MutPtr, num_work: I32MutPtr, row_ptr: I32Ptr, group_items: I32Ptr,
+    num_groups: Int32, r_max: Int32, num_windows: Int32,
+):
     """One thread per (g, row): the row's window counts become the windows'
-    starts in entries[g] (after _scan_kernel, which reads the counts of
-    every group), eight loads in flight at a time."""
+    starts in entries[g], eight loads in flight at a time. Thread 0 also
+    writes num_work, the groups' items summed (after _scan_kernel)."""
     var i = Int(global_idx.x)
     var R = Int(r_max)
     var NW = Int(num_windows)
+    if i == 0:
+        var n = 0
+        for g in range(Int(num_groups)):
+            n += Int(group_items[unsafe_offset=g])
+        num_work[unsafe_offset=0] = Int32(n)
     if i >= Int(num_groups) * R:
         return
     var g = i // R
@@ -341,7 +342,7 @@ def _load_entries(src: I32Ptr, i0: Int, n: Int) -> SIMD[DType.int32, SORT_UNROLL
 
 def _sort_rows_kernel(
     entries: I32MutPtr, work: I32MutPtr, unsorted: I32Ptr, row_ptr: I32Ptr, work_off: I32Ptr,
-    wstart: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
+    group_items: I32Ptr, wstart: I32Ptr, roff: I32Ptr, cu_q: I32Ptr,
     num_seqs: Int32, T: Int32, topk: Int32, r_max: Int32, q_budget: Int32, num_windows: Int32,
 ):
     """One block per (g, row): entries in query order, and the row's work items."""
@@ -361,10 +362,13 @@ def _sort_rows_kernel(
     var NW = Int(num_windows)
     var ws = wstart.unsafe_offset(g * NW * R + row)
     var wo = work_off.unsafe_offset(g * NW * R + row)
+    var work_base = 0  # the earlier groups' items
+    for g2 in range(g):
+        work_base += Int(group_items[unsafe_offset=g2])
     for w in range(tid, NW, SORT_THREADS):
         var b0 = Int(ws[unsafe_offset=w * R])
         var b1 = Int(ws[unsafe_offset=(w + 1) * R]) if w + 1 < NW else begin + n
-        var i0 = Int(wo[unsafe_offset=w * R])
+        var i0 = work_base + Int(wo[unsafe_offset=w * R])
         for c in range(ceildiv(b1 - b0, qb)):
             var it = work.unsafe_offset((i0 + c) * 4)
             it[unsafe_offset=0] = Int32(g)
@@ -544,12 +548,13 @@ struct MSAInvert:
         var NW = ceildiv(T, WINDOW_CHUNKS * q_budget)
         if work.dim_size(0) < G * (NW * R + nent // q_budget):
             raise Error("msa_invert: work has fewer rows than Hkv * (NW * R_max + T * topk // q_budget)")
-        if scratch.dim_size(0) < G * ((2 * NW + 1) * R + nent):
+        if scratch.dim_size(0) < G * ((2 * NW + 1) * R + nent + 1):
             raise Error("msa_invert: scratch too small")
         var wcounts = scratch.unsafe_ptr()  # then the windows' starts
         var cursor = wcounts.unsafe_offset(G * NW * R)
         var work_off = cursor.unsafe_offset(G * R)
         var unsorted = work_off.unsafe_offset(G * NW * R)
+        var group_items = unsorted.unsafe_offset(G * nent)
         comptime if is_cpu[target]():
             _invert_cpu[init_blocks, local_blocks](
                 row_offsets.unsafe_ptr(), row_ptr.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(),
@@ -573,15 +578,14 @@ struct MSAInvert:
                     grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
             ctx.enqueue_function[_scan_kernel](
-                row_ptr.unsafe_ptr(), work_off, num_work.unsafe_ptr(), wcounts,
+                row_ptr.unsafe_ptr(), work_off, group_items, wcounts,
                 Int32(G), Int32(R), Int32(q_budget), Int32(NW),
                 grid_dim=max(G, 1), block_dim=SCAN_THREADS,
             )
-            if G * R > 0:
-                ctx.enqueue_function[_window_starts_kernel](
-                    wcounts, row_ptr.unsafe_ptr(), Int32(G), Int32(R), Int32(NW),
-                    grid_dim=ceildiv(G * R, 256), block_dim=256,
-                )
+            ctx.enqueue_function[_window_starts_kernel](
+                wcounts, num_work.unsafe_ptr(), row_ptr.unsafe_ptr(), group_items, Int32(G), Int32(R), Int32(NW),
+                grid_dim=max(ceildiv(G * R, 256), 1), block_dim=256,
+            )
             if total > 0 and R > 0:
                 ctx.enqueue_function[_scatter_kernel[init_blocks, local_blocks]](
                     unsorted, cursor, row_ptr.unsafe_ptr(), block_ids.unsafe_ptr(), row_offsets.unsafe_ptr(),
@@ -590,7 +594,7 @@ struct MSAInvert:
                     grid_dim=ceildiv(nq, 256), block_dim=256,
                 )
                 ctx.enqueue_function[_sort_rows_kernel](
-                    entries.unsafe_ptr(), work.unsafe_ptr(), unsorted, row_ptr.unsafe_ptr(), work_off,
+                    entries.unsafe_ptr(), work.unsafe_ptr(), unsorted, row_ptr.unsafe_ptr(), work_off, group_items,
                     wcounts, row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
                     Int32(B), Int32(T), Int32(topk), Int32(R), Int32(q_budget), Int32(NW),
                     grid_dim=G * R, block_dim=SORT_THREADS,

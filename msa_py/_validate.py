@@ -14,10 +14,10 @@ import numpy as np
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 # The inversion's work list walks the queries in windows of this many
-# q_budget chunks (4096 queries at the default q_budget 64): the items of one
+# q_budget chunks (2048 queries at the default q_budget 64): the items of one
 # window run together, so the Q rows they gather stay in L2 (MSA.md step 4
 # leaves the order of the work list open; invert.mojo says why this one).
-WINDOW_CHUNKS = 64
+WINDOW_CHUNKS = 32
 
 
 def work_windows(T, q_budget: int):

@@ -304,7 +304,7 @@ def invert(
             TensorType(i32, [Hkv, nent], device=dev),
             TensorType(i32, [w_max, 4], device=dev),
             TensorType(i32, [1], device=dev),
-            TensorType(i32, [Hkv * ((2 * n_win + 1) * r_max + nent)], device=dev),  # scratch
+            TensorType(i32, [Hkv * ((2 * n_win + 1) * r_max + nent + 1)], device=dev),  # scratch
         ],
         parameters={"topk": topk, "block_size": block_size, "q_budget": q_budget, "init_blocks": init_blocks,
                     "local_blocks": local_blocks},
