@@ -7,12 +7,12 @@
 # MAX names the kernels it builds mojo_pkg_<hash> (their Mojo names are
 # gone), so the default filter takes every one; tell the stages apart by
 # grid and block size in the report. PROFILE_SKIP skips the warm-up launches.
-# PROFILE_TIMES=1: durations and launch shapes only (fast; e.g. the
+# PROFILE_TIMES=1: durations, DRAM bytes and launch shapes only (fast; e.g. the
 # inversion's kernels at two window sizes).
 set -o pipefail
 if [ "${PROFILE_TIMES:-0}" = 1 ]; then
-  # each kernel's duration and launch shape only: one replay pass per kernel
-  SECTIONS=(--metrics gpu__time_duration.sum,launch__grid_size,launch__block_size,launch__registers_per_thread)
+  # each kernel's duration, DRAM bytes and launch shape: a pass or two per kernel
+  SECTIONS=(--metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size,launch__block_size,launch__registers_per_thread)
 else
   SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
     --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
