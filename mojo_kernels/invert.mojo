@@ -25,12 +25,13 @@
 # one ended on.
 #
 # GPU pipeline (all on the stream, capturable): row offsets, count (atomics,
-# one thread per query, warp-aggregated), scan (one block per group), window
-# starts (one thread per row), scatter (the same atomics, unordered), then
-# one block per row puts
-# its entries in query order with a bitmap over the sequence's queries: each
-# entry goes to its query's rank (a popcount prefix), deterministic,
-# O(nnz + rows * Tq/32); the same block writes the row's work items.
+# one thread per query, warp-aggregated), scan (one block per group, its
+# items counted from 0), window starts (one thread per row; thread 0 sums
+# the groups' items into num_work), scatter (the same atomics, unordered),
+# then one block per row puts its entries in query order with a bitmap over
+# the sequence's queries: each entry goes to its query's rank (a popcount
+# prefix), deterministic, O(nnz + rows * Tq/32); the same block writes the
+# row's work items, after the earlier groups' items.
 #
 # scratch layout (int32): window counts, then window starts [Hkv*NW*R_max]
 #                         | cursors [Hkv*R_max]
