@@ -301,6 +301,16 @@ def _scan_kernel(
         group_items[unsafe_offset=g] = Int32(work_scan[1])
 
 
+@always_inline
+def _items_before(group_items: I32Ptr, g: Int) -> Int:
+    """Work items of the groups before g: where group g's items start in the
+    work list (g = the group count: num_work)."""
+    var n = 0
+    for g2 in range(g):
+        n += Int(group_items[unsafe_offset=g2])
+    return n
+
+
 def _window_starts_kernel(
     wcounts: I32MutPtr, num_work: I32MutPtr, row_ptr: I32Ptr, group_items: I32Ptr,
     num_groups: Int32, r_max: Int32, num_windows: Int32,
@@ -312,10 +322,7 @@ def _window_starts_kernel(
     var R = Int(r_max)
     var NW = Int(num_windows)
     if i == 0:
-        var n = 0
-        for g in range(Int(num_groups)):
-            n += Int(group_items[unsafe_offset=g])
-        num_work[unsafe_offset=0] = Int32(n)
+        num_work[unsafe_offset=0] = Int32(_items_before(group_items, Int(num_groups)))
     if i >= Int(num_groups) * R:
         return
     var g = i // R
@@ -363,9 +370,7 @@ def _sort_rows_kernel(
     var NW = Int(num_windows)
     var ws = wstart.unsafe_offset(g * NW * R + row)
     var wo = work_off.unsafe_offset(g * NW * R + row)
-    var work_base = 0  # the earlier groups' items
-    for g2 in range(g):
-        work_base += Int(group_items[unsafe_offset=g2])
+    var work_base = _items_before(group_items, g)
     for w in range(tid, NW, SORT_THREADS):
         var b0 = Int(ws[unsafe_offset=w * R])
         var b1 = Int(ws[unsafe_offset=(w + 1) * R]) if w + 1 < NW else begin + n
