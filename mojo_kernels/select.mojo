@@ -40,13 +40,17 @@ from std.sys import size_of
 
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, thread_idx
 from max.gpu.compute.mma import mma, wgmma_wait_group_sync
-from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.host import DeviceBuffer, DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
+from max.gpu.host.nvidia.tma import TMADescriptor, TensorMapSwizzle, create_tma_descriptor
 from max.gpu.memory import (
-    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory, fence_async_view_proxy,
+    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, cp_async_bulk_tensor_shared_cluster_global,
+    external_memory, fence_async_view_proxy, fence_mbarrier_init,
 )
 from max.gpu.primitives import warp
+from layout.tma_async import SharedMemBarrier
 from std.sys.info import _is_sm_9x
+from std.utils.index import Index
 
 from .common import (
     LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
@@ -422,6 +426,14 @@ struct _RowRank(TrivialRegisterPassable):
             )
 
 
+def select_tma_k[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: Bool]() -> Bool:
+    """The wgmma sweep loads its K blocks through the TMA: one thread issues
+    a block's 64-column panels (128B swizzle, the layout wgmma reads), and
+    mbarriers replace the per-block barrier (Di a multiple of 64)."""
+    return wgmma and idx_dim % SW128_COLS == 0
+
+
+@__llvm_arg_metadata(k_desc, `nvvm.grid_constant`)
 def select_mma_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
     wgmma: Bool,
@@ -435,6 +447,7 @@ def select_mma_kernel[
     num_seqs: Int32,
     T: Int32,
     num_tiles: Int32,
+    k_desc: TMADescriptor,
 ):
     comptime ROWS_CTA = select_rows[dtype, idx_dim, topk, block_size, wgmma]()  # tile rows (multiple of 64 per warpgroup)
     comptime QPT = max(1, ROWS_CTA // num_groups)
@@ -448,6 +461,7 @@ def select_mma_kernel[
     comptime LAY = (LAYOUT_SW128 if DI % SW128_COLS == 0 else LAYOUT_CORE) if WG else LAYOUT_PADDED
     comptime assert not WG or _is_sm_9x(), "msa_select: wgmma needs sm_9x"
     comptime assert not WG or select_k_stages[dtype, idx_dim, topk, block_size, wgmma]() >= 3, "ring of 3+"
+    comptime TMA_K = select_tma_k[dtype, idx_dim, topk, block_size, wgmma]()
 
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
@@ -502,7 +516,38 @@ def select_mma_kernel[
             else:
                 dst.unsafe_store[alignment=16](tile_offset[LAY, BS, DI](key, c), SIMD[dtype, 8](0))
 
-    comptime if WG:  # the first K_STAGES - 2 blocks, a group each (the loop waits for them)
+    # TMA_K: block j_lo + i lands in stage i % K_STAGES; k_full[s] completes
+    # when its bytes have landed, k_empty[s] when all 8 warps have waited
+    # for the chains that read it (one arrival each)
+    var k_full = unsafe_stack_allocation[K_STAGES, SharedMemBarrier, address_space=AddressSpace.SHARED, alignment=8]()
+    var k_empty = unsafe_stack_allocation[K_STAGES, SharedMemBarrier, address_space=AddressSpace.SHARED, alignment=8]()
+    var k_desc_p = Pointer(to=k_desc).bitcast[NoneType]()
+    comptime K_LA = K_STAGES - 2  # blocks of look-ahead
+
+    @always_inline
+    def tma_k(i: Int) {var k_ring, var k_full, var k_desc_p, var k0, var j_lo}:
+        """Block j_lo + i into stage i % K_STAGES (one thread)."""
+        var st = i % K_STAGES
+        k_full[st].expect_bytes(Int32(BS * DI * size_of[dtype]()))
+        comptime for p in range(DI // SW128_COLS):
+            cp_async_bulk_tensor_shared_cluster_global(
+                k_ring.unsafe_offset(st * K_ELEMS + p * BS * SW128_COLS), k_desc_p, k_full.unsafe_offset(st),
+                Index(p * SW128_COLS, k0 + (j_lo + i) * BS),
+            )
+
+    comptime if TMA_K:
+        if tid == 0:
+            comptime for s in range(K_STAGES):
+                k_full[s].init(1)
+                k_empty[s].init(Int32(SEL_MMA_THREADS // WARP_SIZE))
+            fence_mbarrier_init()
+            comptime for i in range(K_LA):
+                if j_lo + i <= j_hi:
+                    tma_k(i)
+        async_copy_wait_group(0)  # Q
+        fence_async_view_proxy()  # cp.async and st.shared writes of Q -> visible to wgmma's async proxy
+        barrier()  # and the mbarriers initialized
+    elif WG:  # the first K_STAGES - 2 blocks, a group each (the loop waits for them)
         comptime for i in range(K_STAGES - 2):
             if j_lo + i <= j_hi:
                 load_k(j_lo + i, k_ring.unsafe_offset(((j_lo + i) % K_STAGES) * K_ELEMS))
@@ -540,14 +585,33 @@ def select_mma_kernel[
         var acc1 = SIMD[DType.float32, BS // 2](0)
 
         @always_inline
-        def next_block(j: Int) {var k_ring, var j_hi, var load_k}:
+        def next_block(j: Int) {var k_ring, var j_hi, var j_lo, var load_k, var tma_k, var k_full, var k_empty, var tid}:
             """Waits for block j's K, then starts block j + K_STAGES - 2's."""
-            async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
-            fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
-            barrier()
-            if j + K_STAGES - 2 <= j_hi:
-                load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
-            async_copy_commit_group()  # one group per iteration, empty or not
+            comptime if TMA_K:
+                # thread 0 refills the stage of block j - 2 once every warp is
+                # done with it; the warps meet only there and at k_full, so a
+                # warpgroup may run up to a block ahead of the other
+                var i = j - j_lo
+                var i2 = i + K_LA
+                if tid == 0 and j + K_LA <= j_hi:
+                    if i2 >= K_STAGES:
+                        k_empty[i2 % K_STAGES].wait(UInt32((i2 // K_STAGES - 1) % 2))
+                    tma_k(i2)
+                k_full[i % K_STAGES].wait(UInt32((i // K_STAGES) % 2))
+            else:
+                async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
+                fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
+                barrier()
+                if j + K_STAGES - 2 <= j_hi:
+                    load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
+                async_copy_commit_group()  # one group per iteration, empty or not
+
+        @always_inline
+        def kv_done(j: Int) {var k_empty, var j_lo, var lane}:
+            """This warp's chains that read block j's K are complete."""
+            comptime if TMA_K:
+                if lane == 0:
+                    _ = k_empty[(j - j_lo) % K_STAGES].arrive()
 
         # Per block: half 0 is issued, half 1 of the previous block (done)
         # is ranked while it runs, half 1 is issued, both are awaited, half 0
@@ -558,17 +622,24 @@ def select_mma_kernel[
         # Block j_lo is peeled off so that nothing in the loop is
         # conditional around a wgmma (a divergent-looking path makes ptxas
         # serialize them too, C7518).
+        @always_inline
+        def k_stage(j: Int) {var k_ring, var j_lo} -> type_of(k_ring):
+            comptime if TMA_K:
+                return k_ring.unsafe_offset(((j - j_lo) % K_STAGES) * K_ELEMS)
+            return k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
+
         if j_lo <= j_hi:
             next_block(j_lo)
-            var k_lo = k_ring.unsafe_offset((j_lo % K_STAGES) * K_ELEMS)
+            var k_lo = k_stage(j_lo)
             acc0 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h0, k_lo, acc0)
             acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_lo, acc1)
             wgmma_wait_group_sync[0]()
             acc0 = wgmma_acc_fence(acc0)
             acc1 = wgmma_acc_fence(acc1)
+            kv_done(j_lo)
             rr0.rank[BS, topk](acc0, j_lo, t2, lane, scale, sc_s, id_s)
             for j in range(j_lo + 1, j_hi + 1):
-                var k_j = k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
+                var k_j = k_stage(j)
                 next_block(j)
                 acc0 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h0, k_j, acc0)  # half 0 of block j
                 rr1.rank[BS, topk](acc1, j - 1, t2, lane, scale, sc_s, id_s)  # while it runs
@@ -576,6 +647,7 @@ def select_mma_kernel[
                 wgmma_wait_group_sync[0]()
                 acc0 = wgmma_acc_fence(acc0)
                 acc1 = wgmma_acc_fence(acc1)
+                kv_done(j)
                 rr0.rank[BS, topk](acc0, j, t2, lane, scale, sc_s, id_s)
             rr1.rank[BS, topk](acc1, j_hi, t2, lane, scale, sc_s, id_s)
         async_copy_wait_group(0)  # nothing left in flight (tiles with no free block never waited)
@@ -698,9 +770,17 @@ struct MSASelect:
                 dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma
             ]
             var num_tiles = T // QPT + B
+            var k_desc = TMADescriptor()  # unused unless the sweep takes K through the TMA
+            comptime if select_tma_k[dtype, idx_dim, topk, block_size, wgmma]():
+                # k_idx as [S, Di] rows; a box is one block of keys by one 64-column panel
+                var S = k_idx.dim_size(0)
+                var k_buf = DeviceBuffer[dtype](ctx, k_idx.unsafe_ptr().unsafe_mut_cast[True](), S * idx_dim, owning=False)
+                k_desc = create_tma_descriptor[dtype, 2, TensorMapSwizzle.SWIZZLE_128B](
+                    k_buf, Index(S, idx_dim), Index(idx_dim, 1), Index(block_size, SW128_COLS)
+                )
             ctx.enqueue_function[kernel](
                 block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), Int32(B), Int32(T), Int32(num_tiles),
+                cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), Int32(B), Int32(T), Int32(num_tiles), k_desc,
                 grid_dim=num_tiles,
                 block_dim=SEL_MMA_THREADS,
                 shared_mem_bytes=smem,
