@@ -15,6 +15,9 @@ ROOT=$PWD
 CHECK_ONLY="${CHECK_ONLY:-ragged_g4_bf16_mma,g16_d128_bf16,g1_d128_f16,di256_bf16,32k_model_shape_bf16}"
 SANITIZE_ONLY="${SANITIZE_ONLY:-ragged_g4_bf16_mma,g16_d128_bf16}"
 BENCH_LENGTHS="${BENCH_LENGTHS:-32k,128k}"
+# SM clock, temperature and active clock-event reasons (0x20 / 0x40: thermal
+# slowdown), so a throttled card's timings are seen as such, not compared.
+gpu_state() { echo "gpu $1: $(nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw,clocks_event_reasons.active --format=csv,noheader)" | tee -a "$OUT/gpu_state.log"; }
 in_tree() { (cd "$ROOT/$1" && shift && PYTHONPATH=/tmp/site:$PWD "$@"); }
 rc=0
 for s in "$@"; do
@@ -23,8 +26,10 @@ for s in "$@"; do
     bench)
       for t in ${BENCH_TREES:-NEW BASE}; do
         c="${t}_COMMIT"
+        gpu_state "before $t"
         MSA_COMMIT="${!c:-unknown}" in_tree "${!t}" python3 -m msa_py bench --lengths "$BENCH_LENGTHS" --gather-max 0 --repeats 3 --chunk 0 \
           --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
+        gpu_state "after $t"
       done ;;
     sanitize)
       for tool in memcheck racecheck; do

@@ -2,7 +2,8 @@
 # Nsight Compute over the MSA kernels at the model shape (second launch of
 # each, after compile and warm-up): speed of light, warp stall reasons,
 # occupancy, memory, each stall reason's warps per issued instruction.
-# Clocks left alone (--clock-control none, METHOD.md).
+# Clocks left alone (--clock-control none, METHOD.md); PROFILE_CLOCK=base locks
+# them at base for an A/B of one kernel's duration on a card that throttles.
 #   PROFILE_ARGS="--prefill 32768" bash benchmarks/profile.sh > log
 # MAX names the kernels it builds mojo_pkg_<hash> (their Mojo names are
 # gone), so the default filter takes every one; tell the stages apart by
@@ -19,7 +20,7 @@ else
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
 fi
 ARGS=${PROFILE_ARGS:---prefill 32768}
-ncu --clock-control none --target-processes all \
+ncu --clock-control "${PROFILE_CLOCK:-none}" --target-processes all \
   -k "regex:${PROFILE_KERNELS:-mojo_pkg}" \
   --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
   "${SECTIONS[@]}" \

@@ -24,9 +24,13 @@
 #        max-pool happens in registers (a quad shuffle per row).
 #        Hopper (sm_9x): two warpgroups of 2 x 64 rows, each 64-row half one
 #        chain of wgmma.mma_async m64 x block_size x 16 reading Q and K
-#        straight from shared memory (no-swizzle canonical layout: 8 x 8 core
-#        matrices of 128 bytes), K in a ring of 4 buffers; half 1 of the
-#        previous block is pooled and ranked while half 0's chain runs, one
+#        straight from shared memory (128B-swizzled 64-column panels where
+#        Di allows, else the no-swizzle canonical layout of 8 x 8 core
+#        matrices), K in a ring of 4 buffers; half 1 of the previous block
+#        is pooled and ranked while half 0's chain runs. With Di a multiple
+#        of 64 one thread loads each K block as TMA boxes and full/empty
+#        mbarriers pace the ring, so the warpgroups drift apart and one
+#        ranks while the other's chains run; otherwise cp.async and one
 #        barrier per block.
 #        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers, K
 #        double-buffered.
