@@ -525,14 +525,14 @@ def select_mma_kernel[
     # for the chains that read it (one arrival each)
     var k_full = unsafe_stack_allocation[K_STAGES, SharedMemBarrier, address_space=AddressSpace.SHARED, alignment=8]()
     var k_empty = unsafe_stack_allocation[K_STAGES, SharedMemBarrier, address_space=AddressSpace.SHARED, alignment=8]()
-    var k_desc_p = Pointer(to=k_desc).bitcast[NoneType]()
+    var k_desc_p = Pointer(to=k_desc).unsafe_bitcast[NoneType]()
     comptime K_LA = K_STAGES - 2  # blocks of look-ahead
 
     @always_inline
     def tma_k(i: Int) {var k_ring, var k_full, var k_desc_p, var k0, var j_lo}:
         """Block j_lo + i into stage i % K_STAGES (one thread)."""
         var st = i % K_STAGES
-        k_full[st].expect_bytes(Int32(BS * DI * size_of[dtype]()))
+        k_full[unsafe_offset=st].expect_bytes(Int32(BS * DI * size_of[dtype]()))
         comptime for p in range(DI // SW128_COLS):
             cp_async_bulk_tensor_shared_cluster_global(
                 k_ring.unsafe_offset(st * K_ELEMS + p * BS * SW128_COLS), k_desc_p, k_full.unsafe_offset(st),
@@ -542,8 +542,8 @@ def select_mma_kernel[
     comptime if TMA_K:
         if tid == 0:
             comptime for s in range(K_STAGES):
-                k_full[s].init(1)
-                k_empty[s].init(Int32(SEL_MMA_THREADS // WARP_SIZE))
+                k_full[unsafe_offset=s].init(1)
+                k_empty[unsafe_offset=s].init(Int32(SEL_MMA_THREADS // WARP_SIZE))
             fence_mbarrier_init()
             comptime for i in range(K_LA):
                 if j_lo + i <= j_hi:
@@ -599,9 +599,9 @@ def select_mma_kernel[
                 var i2 = i + K_LA
                 if tid == 0 and j + K_LA <= j_hi:
                     if i2 >= K_STAGES:
-                        k_empty[i2 % K_STAGES].wait(UInt32((i2 // K_STAGES - 1) % 2))
+                        k_empty[unsafe_offset=i2 % K_STAGES].wait(UInt32((i2 // K_STAGES - 1) % 2))
                     tma_k(i2)
-                k_full[i % K_STAGES].wait(UInt32((i // K_STAGES) % 2))
+                k_full[unsafe_offset=i % K_STAGES].wait(UInt32((i // K_STAGES) % 2))
             else:
                 async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
                 fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
@@ -615,7 +615,7 @@ def select_mma_kernel[
             """This warp's chains that read block j's K are complete."""
             comptime if TMA_K:
                 if lane == 0:
-                    _ = k_empty[(j - j_lo) % K_STAGES].arrive()
+                    _ = k_empty[unsafe_offset=(j - j_lo) % K_STAGES].arrive()
 
         # Per block: half 0 is issued, half 1 of the previous block (done)
         # is ranked while it runs, half 1 is issued, both are awaited, half 0
