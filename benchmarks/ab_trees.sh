@@ -7,6 +7,9 @@
 # check     the new tree against the reference (CHECK_ONLY: the cases)
 # bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
 #           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE")
+# select    the indexer alone (benchmarks/select_bench.py) at BENCH_LENGTHS in each
+#           tree of BENCH_TREES, SELECT_ROUNDS times round the trees (default 2),
+#           so a drifting card shows up as a spread, not as a difference
 # sanitize  memcheck and racecheck on the new tree (SANITIZE_ONLY: the cases)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PATH=/tmp/site/modular/bin:$PATH
@@ -30,6 +33,14 @@ for s in "$@"; do
         MSA_COMMIT="${!c:-unknown}" in_tree "${!t}" python3 -m msa_py bench --lengths "$BENCH_LENGTHS" --gather-max 0 --repeats 3 --chunk 0 \
           --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
         gpu_state "after $t"
+      done ;;
+    select)
+      for r in $(seq "${SELECT_ROUNDS:-2}"); do
+        for t in ${BENCH_TREES:-NEW BASE}; do
+          gpu_state "before select $t round $r"
+          in_tree "${!t}" python3 "$ROOT/${!t}/benchmarks/select_bench.py" --lengths "$BENCH_LENGTHS" \
+            --out "$OUT/select_${t,,}_r$r.json" 2>&1 | grep -v "^\[" | tail -6 | sed "s/^/$t r$r: /" || rc=1
+        done
       done ;;
     sanitize)
       for tool in memcheck racecheck; do
