@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msa_py import engine as E  # noqa: E402
-from msa_py.bench import MSARunner, _timer, causal_pairs, commit, make_inputs  # noqa: E402
+from msa_py.bench import MSARunner, _timer, commit, make_inputs, select_tflops, time_stage  # noqa: E402
 from msa_py.cli import _lengths  # noqa: E402
 
 
@@ -44,15 +44,8 @@ def main() -> None:
     for T in _lengths(a.lengths):
         bufs = [run.buffers(torch, *make_inputs(torch, spec, T, T, tdev, a.scenario, s), T, T)
                 for s in range(a.rotate)]
-        outs = [run.run("select", b) for b in bufs]  # compiles, warms up, allocates each set's block_ids
-        k_it = iter(range(10**9))
-
-        def call():
-            i = next(k_it) % a.rotate
-            return run.run("select", bufs[i], outputs=outs[i])
-
-        ms = tm(call, a.repeats)
-        tflops = 2 * causal_pairs(T, T) * spec.num_kv_heads * spec.idx_dim / (ms * 1e-3) / 1e12
+        ms = time_stage(run, tm, "select", bufs, a.repeats)
+        tflops = select_tflops(spec, T, T, ms)
         rows.append(dict(T=T, select_ms=ms, select_tflops=tflops))
         print(f"  T {T:7d}  select {ms:8.3f} ms  {tflops:6.1f} TF/s", flush=True)
     if a.out:

@@ -219,6 +219,25 @@ def run_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, rotate_se
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def time_stage(runner, tm, kind, bufs, repeats: int) -> float:
+    """Median ms of one stage, the input sets `bufs` rotated between runs;
+    destination buffers allocated once per set, outside the timed region
+    (that first call also compiles and warms up)."""
+    outs = [runner.run(kind, b) if kind in E.DPS_KINDS else None for b in bufs]
+    k_it = iter(range(10**9))
+
+    def call():
+        i = next(k_it) % len(bufs)
+        return runner.run(kind, bufs[i], outputs=outs[i])
+
+    return tm(call, repeats)
+
+
+def select_tflops(spec: E.Spec, T: int, S: int, ms: float) -> float:
+    """The indexer's effective rate: 2 x causal pairs x Hkv x Di."""
+    return 2 * causal_pairs(T, S) * spec.num_kv_heads * spec.idx_dim / (ms * 1e-3) / 1e12
+
+
 def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev, repeats, rotate_sets, scenario,
               chunk, gather_max, dense_max) -> dict:
     _progress(li, steps, f"T={L}: compiling / warming up")
@@ -251,22 +270,14 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
             for b in bufs:
                 b.pop("o_partial", None), b.pop("lse_partial", None)
             parts = None
-        # destination buffers allocated once per input set, outside the timed region
-        outs = [runner.run(kind, b) if kind in E.DPS_KINDS else None for b in bufs]
-        k_it = iter(range(10**9))
-
-        def call(kind=kind, outs=outs, k_it=k_it):
-            i = next(k_it) % rotate
-            return runner.run(kind, bufs[i], outputs=outs[i])
-
-        row[f"{stage}_ms"] = tm(call, repeats)
+        row[f"{stage}_ms"] = time_stage(runner, tm, kind, bufs, repeats)
     if chunk:
         row["msa_chunked_ms"] = tm(lambda: _chunked(runner, torch, sets[0], T, chunk), max(1, repeats // 2))
     pairs = causal_pairs(T, S)
     bid_t = torch.from_dlpack(bids[0])
     keys = attended_keys(torch, bid_t, T, S, spec.block_size)
     row["keys_per_query"] = keys / T
-    row["select_tflops"] = 2 * pairs * spec.num_kv_heads * spec.idx_dim / (row["select_ms"] * 1e-3) / 1e12
+    row["select_tflops"] = select_tflops(spec, T, S, row["select_ms"])
     # the block attention's own keys: without the forced blocks where the forced pass takes them
     forced = (spec.init_blocks, spec.local_blocks)
     block_keys = keys - (attended_keys(torch, bid_t, T, S, spec.block_size, forced) if row["forced_pass"] else 0)
