@@ -471,6 +471,7 @@ def select_mma_kernel[
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
     comptime K_STAGES = select_k_stages[dtype, idx_dim, topk, block_size, wgmma]()
+    comptime K_LA = K_STAGES - 2  # blocks of K look-ahead in the wgmma sweep
     comptime K_ELEMS = BS * (DI if WG else KS)  # one K block in shared memory
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024]()  # SW128 panels
     var q_s = smem
@@ -526,7 +527,6 @@ def select_mma_kernel[
     var k_full = unsafe_stack_allocation[K_STAGES, SharedMemBarrier, address_space=AddressSpace.SHARED, alignment=8]()
     var k_empty = unsafe_stack_allocation[K_STAGES, SharedMemBarrier, address_space=AddressSpace.SHARED, alignment=8]()
     var k_desc_p = Pointer(to=k_desc).unsafe_bitcast[NoneType]()
-    comptime K_LA = K_STAGES - 2  # blocks of look-ahead
 
     @always_inline
     def tma_k(i: Int) {var k_ring, var k_full, var k_desc_p, var k0, var j_lo}:
@@ -551,8 +551,8 @@ def select_mma_kernel[
         async_copy_wait_group(0)  # Q
         fence_async_view_proxy()  # cp.async and st.shared writes of Q -> visible to wgmma's async proxy
         barrier()  # and the mbarriers initialized
-    elif WG:  # the first K_STAGES - 2 blocks, a group each (the loop waits for them)
-        comptime for i in range(K_STAGES - 2):
+    elif WG:  # the first K_LA blocks, a group each (the loop waits for them)
+        comptime for i in range(K_LA):
             if j_lo + i <= j_hi:
                 load_k(j_lo + i, k_ring.unsafe_offset(((j_lo + i) % K_STAGES) * K_ELEMS))
             async_copy_commit_group()
@@ -579,7 +579,7 @@ def select_mma_kernel[
         # Each warpgroup scores 2 x 64 rows against every K block, so a K
         # block read from L2 serves 256 rows (one accumulator set per half).
         # K sits in a ring of K_STAGES buffers, one barrier per block; block
-        # j + K_STAGES - 2 is loaded into block j - 2's buffer, free once
+        # j + K_LA is loaded into block j - 2's buffer, free once
         # both warpgroups have waited for its chains (each did, before the
         # barrier).
         comptime assert HALVES == 2, "the wgmma sweep pipelines two halves per warpgroup"
@@ -590,7 +590,7 @@ def select_mma_kernel[
 
         @always_inline
         def next_block(j: Int) {var k_ring, var j_hi, var j_lo, var load_k, var tma_k, var k_full, var k_empty, var tid}:
-            """Waits for block j's K, then starts block j + K_STAGES - 2's."""
+            """Waits for block j's K, then starts block j + K_LA's."""
             comptime if TMA_K:
                 # thread 0 refills the stage of block j - 2 once every warp is
                 # done with it; the warps meet only there and at k_full, so a
@@ -606,8 +606,8 @@ def select_mma_kernel[
                 async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
                 fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
                 barrier()
-                if j + K_STAGES - 2 <= j_hi:
-                    load_k(j + K_STAGES - 2, k_ring.unsafe_offset(((j + K_STAGES - 2) % K_STAGES) * K_ELEMS))
+                if j + K_LA <= j_hi:
+                    load_k(j + K_LA, k_ring.unsafe_offset(((j + K_LA) % K_STAGES) * K_ELEMS))
                 async_copy_commit_group()  # one group per iteration, empty or not
 
         @always_inline
