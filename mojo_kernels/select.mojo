@@ -603,7 +603,7 @@ def select_mma_kernel[
                     tma_k(i2)
                 k_full[unsafe_offset=i % K_STAGES].wait(UInt32((i // K_STAGES) % 2))
             else:
-                async_copy_wait_group(Int32(K_STAGES - 3))  # block j (later ones may be in flight)
+                async_copy_wait_group(Int32(K_LA - 1))  # block j (the K_LA - 1 after it may be in flight)
                 fence_async_view_proxy()  # cp.async writes -> visible to wgmma's async proxy
                 barrier()
                 if j + K_LA <= j_hi:
