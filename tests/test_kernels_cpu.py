@@ -99,3 +99,58 @@ def test_msa_graph_end_to_end_and_topk_covering_all_is_dense():
         # 3 blocks of 16 cover 48 keys: topk 3 selects everything -> dense causal
         do, dl = R.dense_attention(a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], scale=0.1)
         assert Vf.rel_err(out, do) < 1e-5 and Vf.rel_err(lse, dl) < 1e-5
+
+
+# int8 partials (partial_dtype="int8"): the forced-pass layer and the plain
+# invert / attention / combine pipeline (forced_pass=False)
+Q8_CONFIGS = [
+    ("q8_forced_g4_d64_bf16", dict(dtype="bfloat16", num_heads=8, num_kv_heads=2, head_dim=64, idx_dim=32, topk=5,
+                                   block_size=16, q_budget=3, partial_dtype="int8"),
+     [[(90, 90), (1, 1), (20, 60)]]),
+    ("q8_combine_g2_d128_f16", dict(dtype="float16", num_heads=4, num_kv_heads=2, head_dim=128, idx_dim=64, topk=3,
+                                    block_size=32, q_budget=64, forced_pass=False, partial_dtype="int8"),
+     [[(100, 130)]]),
+]
+
+
+@pytest.mark.parametrize("cid,kw,shapes", Q8_CONFIGS, ids=[c[0] for c in Q8_CONFIGS])
+def test_int8_partials_against_reference(cid, kw, shapes):
+    spec = E.Spec(**kw)
+    forced = E.uses_forced_pass(spec, "cpu")
+    assert forced == kw.get("forced_pass", True)
+    for i, seqs in enumerate(shapes):
+        a, outs, scale, idx_scale = _run(spec, seqs, seed=20 + i)
+        bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse, p_sc = outs
+        assert o_p.dtype == np.int8 and p_sc.dtype == np.float32 and p_sc.shape == lse_p.shape
+        skip = dict(init_blocks=spec.init_blocks, local_blocks=spec.local_blocks) if forced else {}
+        inv = R.invert(bid, a["cu_q"], a["cu_k"], block_size=spec.block_size, q_budget=spec.q_budget, **skip)
+        ref_op, ref_lp = R.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], topk=spec.topk,
+                                           block_size=spec.block_size, scale=scale)
+        used = np.isfinite(ref_lp)
+        assert np.array_equal(np.isfinite(lse_p), used)
+        assert used.sum() > 100
+        o_p = np.where(used[..., None], o_p, 0).astype(np.int8)
+        p_sc = np.where(used, p_sc, 0).astype(np.float32)
+        # the rows' scales are absmax / 127 of the float64 partials, and every
+        # value is within half a step of them (the CPU path accumulates in fp32)
+        ref_q, ref_sc = R.quantize_partials(ref_op)
+        np.testing.assert_allclose(p_sc[used], ref_sc[used], rtol=1e-5)
+        deq = R.dequantize_partials(o_p, p_sc)
+        err = np.abs(deq - ref_op)[used]
+        assert (err <= 0.5 * p_sc[used][..., None] * (1 + 1e-3) + 1e-6).all(), float(err.max())
+        diff = np.abs(o_p.astype(np.int32) - ref_q)[used]
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # only near-ties may round the other way
+        assert 126 <= np.abs(o_p[used]).max(-1).min()  # each row's absmax is +-127 (a round-off below at most)
+        assert Vf.rel_err(deq, np.where(used[..., None], ref_op, 0)) < Vf.tolerance(spec.dtype, "int8")
+        # the merge on the kernel's int8 partials, then end to end against the float64 truth
+        if forced:
+            ref_out, ref_lse = R.forced_combine(a["q"], a["k"], a["v"], o_p, lse_p, a["cu_q"], a["cu_k"],
+                                                block_size=spec.block_size, scale=scale, partial_scale=p_sc, **skip)
+        else:
+            ref_out, ref_lse = R.combine(o_p, lse_p, partial_scale=p_sc)
+        assert Vf.rel_err(out, ref_out) < max(Vf.tolerance(spec.dtype) / 4, 1e-5)
+        assert Vf.rel_err(lse, ref_lse) < 1e-5
+        ro, rl = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=spec.block_size,
+                                    scale=scale)
+        assert Vf.rel_err(out, ro) < Vf.tolerance(spec.dtype, "int8")
+        assert Vf.rel_err(lse, rl) < 1e-5
