@@ -6,7 +6,8 @@
 #   NEW=.gpu/new BASE=.gpu/base NEW_COMMIT=<sha> BASE_COMMIT=<sha> OUT=$OUT bash benchmarks/ab_trees.sh check bench sanitize
 # check     the new tree against the reference (CHECK_ONLY: the cases)
 # bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
-#           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE")
+#           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE"),
+#           <TREE>_ARGS more `msa bench` options for that tree (e.g. NEW_ARGS="--partial-dtype int8")
 # select    the indexer alone (benchmarks/select_bench.py) at BENCH_LENGTHS in each
 #           tree of BENCH_TREES, SELECT_ROUNDS times round the trees (default 2),
 #           so a drifting card shows up as a spread, not as a difference
@@ -30,8 +31,9 @@ for s in "$@"; do
       for t in ${BENCH_TREES:-NEW BASE}; do
         c="${t}_COMMIT"
         gpu_state "before $t"
+        a="${t}_ARGS"
         MSA_COMMIT="${!c:-unknown}" in_tree "${!t}" python3 -m msa_py bench --lengths "$BENCH_LENGTHS" --gather-max 0 --repeats 3 --chunk 0 \
-          --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
+          ${!a} --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
         gpu_state "after $t"
       done ;;
     select)
