@@ -7,7 +7,7 @@
 # check     the new tree against the reference (CHECK_ONLY: the cases)
 # bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
 #           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE"),
-#           <TREE>_ARGS more `msa bench` options for that tree (e.g. NEW_ARGS="--partial-dtype int8")
+#           <TREE>_ARGS more `msa bench` options for that tree (e.g. NEW_ARGS="--no-forced-pass")
 # select    the indexer alone (benchmarks/select_bench.py) at BENCH_LENGTHS in each
 #           tree of BENCH_TREES, SELECT_ROUNDS times round the trees (default 2),
 #           so a drifting card shows up as a spread, not as a difference

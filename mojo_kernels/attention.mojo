@@ -24,11 +24,6 @@
 #        tile written back through the warp's own Q rows as whole rows with
 #        16-byte stores (when o_partial has q's dtype).
 #   simt (any float dtype): one warp per (entry, head) row.
-# o_partial is q's dtype for 16-bit inputs (fp32 otherwise), or, as an opt-in
-# on the tensor-core paths (msa_block_attention_q8), int8 with one fp32 scale
-# per (query, head, slot) row in partial_scale: half the bytes of the
-# partials' write here and their read in the merge, at about 4x the bf16
-# rounding error (benchmarks/partial_precision.py).
 # lse_partial is filled with -inf first, so slots no work item touches read
 # as unused in the combine.
 #
@@ -110,18 +105,6 @@ def _part_offset(t: Int, h: Int, slot: Int, num_heads: Int, topk: Int) -> Int:
     return (t * num_heads + h) * topk + slot
 
 
-def int8_partials_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
-    """int8 partials: the tensor-core paths (16-bit q), whose 16 rows of a
-    warp stage through 128-byte rows of its own Q rows (D >= 64)."""
-    return mma_supported[dtype, head_dim, block_size]() and head_dim >= 64
-
-
-@always_inline
-def int8_row_factor(amax: Float32) -> Float32:
-    """127 / absmax: a row's values to int8 steps (0 for an all-zero row)."""
-    return Float32(127) / amax if amax > 0 else Float32(0)
-
-
 def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
     var i = Int(block_idx.x) * 256 + Int(thread_idx.x)
     if i < Int(n):
@@ -173,7 +156,6 @@ def _attention_cpu[
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
-    o_scale: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -201,17 +183,8 @@ def _attention_cpu[
                 )
                 var off = _part_offset(t, h, slot, Hq, topk)
                 var inv = Float32(1) / den if den > 0 else Float32(0)
-                comptime if part_dtype == DType.int8:
-                    var amax = Float32(0)
-                    for d in range(head_dim):
-                        amax = max(amax, abs(acc[unsafe_offset=d]))
-                    var f = int8_row_factor(amax)
-                    for d in range(head_dim):
-                        o_p[unsafe_offset=off * head_dim + d] = round(acc[unsafe_offset=d] * f).cast[part_dtype]()
-                    o_scale[unsafe_offset=off] = amax * inv / 127
-                else:
-                    for d in range(head_dim):
-                        o_p[unsafe_offset=off * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[part_dtype]()
+                for d in range(head_dim):
+                    o_p[unsafe_offset=off * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[part_dtype]()
                 lse_p[unsafe_offset=off] = m + log(den) if den > 0 else f32_neg_inf()
 
 
@@ -221,7 +194,6 @@ def attention_simt_kernel[
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
-    o_scale: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -406,67 +378,6 @@ def pv_rows16[dtype: DType, D: Int, BS: Int, KS: Int](
             o_acc[2 * dn2 + 1] = d1
 
 
-@always_inline
-def store_rows16_int8[D: Int](
-    o_acc: Array[SIMD[DType.float32, 4], D // 8],
-    inv0: Float32,
-    inv1: Float32,
-    stage: Pointer[Int8, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    meta_w: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    o_p: Pointer[Int8, MutAnyOrigin],
-    o_scale: F32MutPtr,
-    p0: Int,
-    p1: Int,
-    lane: Int,
-):
-    """A warp's 16 output rows (m16n8 accumulators, not normalized; inv0 /
-    inv1: 1 / softmax sum of this thread's rows lane // 4 and lane // 4 + 8)
-    as int8 partials with one scale per row: q = round(o * 127 / absmax(o)),
-    o_partial = q * partial_scale. Staged in `stage` (16 rows 128 bytes
-    apart, 16-byte chunks XOR-swizzled by row, so the pair writes of a warp
-    hit 32 different banks), then out as whole rows with 16-byte stores.
-    meta_w[2 r]: row r's partial offset (-1: padding); p0 / p1: this
-    thread's two rows'."""
-    comptime assert D % 16 == 0 and D <= 128, "int8 partial rows are whole 16-byte chunks of a 128-byte staging row"
-    comptime CPR8 = D // 16  # 16-byte chunks per int8 row
-    var g_lane = lane // 4
-    var t2 = (lane % 4) * 2
-    var a0 = Float32(0)
-    var a1 = Float32(0)
-    comptime for dn in range(D // 8):
-        var o = abs(o_acc[dn])
-        a0 = max(a0, max(o[0], o[1]))
-        a1 = max(a1, max(o[2], o[3]))
-    comptime for i in range(2):  # the four lanes of a row
-        a0 = max(a0, warp.shuffle_xor(a0, UInt32(1 << i)))
-        a1 = max(a1, warp.shuffle_xor(a1, UInt32(1 << i)))
-    var f = SIMD[DType.float32, 4](int8_row_factor(a0), int8_row_factor(a0), int8_row_factor(a1), int8_row_factor(a1))
-    comptime for dn in range(D // 8):
-        var qv = round(o_acc[dn] * f).cast[DType.int8]()
-        comptime c = dn // 2  # the pair's 16-byte chunk and its byte in it
-        var byte = (dn % 2) * 8 + t2
-        stage.unsafe_store[alignment=2](g_lane * 128 + (c ^ (g_lane % 8)) * 16 + byte, SIMD[DType.int8, 2](qv[0], qv[1]))
-        stage.unsafe_store[alignment=2](
-            (g_lane + 8) * 128 + (c ^ (g_lane % 8)) * 16 + byte, SIMD[DType.int8, 2](qv[2], qv[3])
-        )
-    if lane % 4 == 0:
-        if p0 >= 0:
-            o_scale[unsafe_offset=p0] = a0 * inv0 / 127
-        if p1 >= 0:
-            o_scale[unsafe_offset=p1] = a1 * inv1 / 127
-    syncwarp()
-    comptime for i in range(ceildiv(16 * CPR8, WARP_SIZE)):
-        var c = lane + i * WARP_SIZE
-        var r = c // CPR8
-        var cc = c % CPR8
-        if c < 16 * CPR8:
-            var p = Int(meta_w[unsafe_offset=r * 2])
-            if p >= 0:
-                o_p.unsafe_store[alignment=16](
-                    p * D + cc * 16, stage.unsafe_load[width=16, alignment=16](r * 128 + (cc ^ (r % 8)) * 16)
-                )
-
-
 # ----------------------------------------------------------------------------- tile loads
 @always_inline
 def load_kv_tile[dtype: DType, layout: Int, BS: Int, D: Int, NT: Int](
@@ -575,7 +486,6 @@ def attention_mma_kernel[
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
-    o_scale: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -657,13 +567,7 @@ def attention_mma_kernel[
         var p1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2])
         var inv0 = Float32(1) / l_0 if l_0 > 0 else Float32(0)
         var inv1 = Float32(1) / l_1 if l_1 > 0 else Float32(0)
-        comptime if part_dtype == DType.int8:
-            syncwarp()  # other lanes' ldmatrix reads of this warp's Q rows come first
-            store_rows16_int8[D](
-                o_acc, inv0, inv1, q_cur.unsafe_offset(wid * 16 * KS).unsafe_bitcast[Int8](),
-                m_cur.unsafe_offset(wid * 16 * 2), rebind[Pointer[Int8, MutAnyOrigin]](o_p), o_scale, p0, p1, lane,
-            )
-        elif part_dtype == dtype:
+        comptime if part_dtype == dtype:
             # through this warp's own Q rows (free once its S is computed), then
             # out as whole rows with 16-byte stores: full 32-byte sectors
             var o_w = q_cur.unsafe_offset(wid * 16 * KS)
@@ -712,7 +616,6 @@ def attention_wgmma_kernel[
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
-    o_scale: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -817,16 +720,7 @@ def attention_wgmma_kernel[
         var inv1 = Float32(1) / l_1 if l_1 > 0 else Float32(0)
         var p0 = Int(m_cur[unsafe_offset=r0 * 2])
         var p1 = Int(m_cur[unsafe_offset=(r0 + 8) * 2])
-        comptime if part_dtype == DType.int8:
-            var o_stage = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
-            comptime for dn in range(D // 8):
-                o_stage[dn] = o_wg.slice[4, offset=4 * dn]()
-            # staged in this warp's own rows of Q_i's first 64-column panel
-            store_rows16_int8[D](
-                o_stage, inv0, inv1, q_cur.unsafe_offset(wid * 16 * SW128_COLS).unsafe_bitcast[Int8](),
-                m_cur.unsafe_offset(wid * 16 * 2), rebind[Pointer[Int8, MutAnyOrigin]](o_p), o_scale, p0, p1, lane,
-            )
-        elif part_dtype == dtype:
+        comptime if part_dtype == dtype:
             # the output tile through this warp's own rows of Q_i's buffer,
             # then out as whole rows with 16-byte stores
             comptime for dn in range(D // 8):
@@ -913,7 +807,6 @@ def _launch[
 ](
     o_partial: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_partial: F32MutPtr,
-    partial_scale: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -921,14 +814,13 @@ def _launch[
     cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, B: Int, T: Int, grid: Int, ctx: DeviceContext,
 ) raises:
     """Fills lse_partial with -inf, then one thread block per work item (`grid`
-    is the work list's capacity; blocks past num_work exit). partial_scale:
-    the int8 rows' scales (read only for int8 o_partial)."""
+    is the work list's capacity; blocks past num_work exit)."""
     var n_part = T * group * num_groups * topk
     comptime if is_cpu[target]():
         for i in range(n_part):
             lse_partial[unsafe_offset=i] = f32_neg_inf()
         _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk](
-            o_partial, lse_partial, partial_scale, q, k, v, row_offsets, entries, work, Int(num_work[unsafe_offset=0]),
+            o_partial, lse_partial, q, k, v, row_offsets, entries, work, Int(num_work[unsafe_offset=0]),
             cu_q, cu_k, scale[unsafe_offset=0], B, num_groups, T,
         )
     else:
@@ -944,7 +836,7 @@ def _launch[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
             ctx.enqueue_function[kernel](
-                o_partial, lse_partial, partial_scale, q, k, v, row_offsets, entries, work, num_work,
+                o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
                 cu_q, cu_k, scale, Int32(B), Int32(T),
                 grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
@@ -955,23 +847,19 @@ def _launch[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
             ctx.enqueue_function[kernel](
-                o_partial, lse_partial, partial_scale, q, k, v, row_offsets, entries, work, num_work,
+                o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
                 cu_q, cu_k, scale, Int32(B), Int32(T),
                 grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
         else:
-            comptime assert part_dtype != DType.int8, (
-                "msa_block_attention_q8: int8 partials need the tensor-core paths (16-bit q, D a multiple of 16 in"
-                " 64..128, block_size a multiple of 16 up to 128)"
-            )
             comptime smem = simt_smem_bytes[head_dim, block_size]()
             comptime assert smem <= SMEM_OPTIN_BYTES, "msa_block_attention: block_size * head_dim too large for the SIMT path"
             comptime kernel = attention_simt_kernel[
                 dtype, part_dtype, head_dim, block_size, group, num_groups, topk
             ]
             ctx.enqueue_function[kernel](
-                o_partial, lse_partial, partial_scale, q, k, v, row_offsets, entries, work, num_work,
+                o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
                 cu_q, cu_k, scale, Int32(B), Int32(T),
                 grid_dim=grid, block_dim=SIMT_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
@@ -984,38 +872,6 @@ def _check_shapes[group: Int, num_groups: Int, head_dim: Int](name: StaticString
         raise Error(String(name, ": q must be [T, Hq, D] with the op's Hq and D"))
     if k_heads != num_groups or k_dim != head_dim:
         raise Error(String(name, ": k must be [S, Hkv, D] with the op's Hkv and D"))
-
-
-def _execute[
-    dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, block_size: Int, group: Int,
-    num_groups: Int, head_dim: Int, use_mma: Bool,
-](
-    name: StaticString,
-    o_partial: Pointer[Scalar[part_dtype], MutAnyOrigin],
-    lse_partial: F32MutPtr,
-    partial_scale: F32MutPtr,
-    q: InputTensor[dtype=dtype, rank=3, ...],
-    k: InputTensor[dtype=dtype, rank=3, ...],
-    v: InputTensor[dtype=dtype, rank=3, ...],
-    row_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
-    entries: InputTensor[dtype=DType.int32, rank=2, ...],
-    work: InputTensor[dtype=DType.int32, rank=2, ...],
-    num_work: InputTensor[dtype=DType.int32, rank=1, ...],
-    cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
-    cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
-    scale: InputTensor[dtype=DType.float32, rank=1, ...],
-    ctx: DeviceContext,
-) raises:
-    _check_shapes[group, num_groups, head_dim](name, q.dim_size(1), q.dim_size(2), k.dim_size(1), k.dim_size(2))
-    var T = q.dim_size(0)
-    if T == 0:
-        return
-    _launch[target, topk, block_size, group, num_groups, head_dim, use_mma](
-        o_partial, lse_partial, partial_scale, q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-        row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
-        cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
-        cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), ctx,
-    )
 
 
 @register("msa_block_attention")
@@ -1047,50 +903,15 @@ struct MSABlockAttention:
         scale: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert part_dtype != DType.int8, "msa_block_attention: int8 partials are msa_block_attention_q8's"
-        _execute[target, topk, block_size, group, num_groups, head_dim, use_mma](
-            "msa_block_attention", o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q, k, v,
-            row_offsets, entries, work, num_work, cu_seqlens_q, cu_seqlens_k, scale, ctx,
+        _check_shapes[group, num_groups, head_dim](
+            "msa_block_attention", q.dim_size(1), q.dim_size(2), k.dim_size(1), k.dim_size(2)
         )
-
-
-@register("msa_block_attention_q8")
-struct MSABlockAttentionQ8:
-    """msa_block_attention with int8 partials: o_partial [T, Hq, topk, D] int8
-    and partial_scale [T, Hq, topk] fp32, o_partial * partial_scale the
-    normalized partial (tensor-core paths: int8_partials_supported)."""
-
-    @staticmethod
-    def execute[
-        dtype: DType,
-        //,
-        target: StaticString,
-        topk: Int,
-        block_size: Int,
-        group: Int,
-        num_groups: Int,
-        head_dim: Int,
-    ](
-        o_partial: OutputTensor[dtype=DType.int8, rank=4, ...],
-        lse_partial: OutputTensor[dtype=DType.float32, rank=3, ...],
-        partial_scale: OutputTensor[dtype=DType.float32, rank=3, ...],
-        q: InputTensor[dtype=dtype, rank=3, ...],
-        k: InputTensor[dtype=dtype, rank=3, ...],
-        v: InputTensor[dtype=dtype, rank=3, ...],
-        row_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
-        entries: InputTensor[dtype=DType.int32, rank=2, ...],
-        work: InputTensor[dtype=DType.int32, rank=2, ...],
-        num_work: InputTensor[dtype=DType.int32, rank=1, ...],
-        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
-        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
-        scale: InputTensor[dtype=DType.float32, rank=1, ...],
-        ctx: DeviceContext,
-    ) raises:
-        comptime assert int8_partials_supported[dtype, head_dim, block_size](), (
-            "msa_block_attention_q8: int8 partials need 16-bit q, D a multiple of 16 in 64..128, block_size a"
-            " multiple of 16 up to 128"
-        )
-        _execute[target, topk, block_size, group, num_groups, head_dim, True](
-            "msa_block_attention_q8", o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), partial_scale.unsafe_ptr(),
-            q, k, v, row_offsets, entries, work, num_work, cu_seqlens_q, cu_seqlens_k, scale, ctx,
+        var T = q.dim_size(0)
+        if T == 0:
+            return
+        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma](
+            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
+            cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
+            cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), ctx,
         )

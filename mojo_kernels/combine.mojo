@@ -5,8 +5,6 @@
 #
 # Unused slots carry lse_p = -inf and are skipped without reading o_p (their
 # o_p is never written). A row with no visible key gets out 0, lse -inf.
-# int8 partials (msa_combine_q8) are o_p * partial_scale[t, h, s]: the scale
-# joins the slot's weight.
 # GPU: one warp per (t, h) row, fp32 accumulation. When a 16-byte vector
 # divides D and D / vector divides the warp, each lane reads 16 bytes per
 # slot (the row's topk x D partials are contiguous, so a warp load covers
@@ -37,7 +35,6 @@ def combine_row[
     lse: F32MutPtr,
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    p_scale: F32Ptr,
     row: Int,
     lane: Int,
     extra_lse: Float32,
@@ -45,8 +42,7 @@ def combine_row[
 ):
     """Merges one (t, h) row; `lanes` threads cooperate (32 on GPU, 1 on CPU).
     One more split may join: extra[0 .. head_dim) (normalized) with log-sum-exp
-    extra_lse (-inf: none, extra is not read). p_scale: the int8 partials'
-    row scales (read only for int8)."""
+    extra_lse (-inf: none, extra is not read)."""
     var lrow = lse_p.unsafe_offset(row * topk)
     var m = extra_lse
     for s in range(topk):
@@ -69,8 +65,6 @@ def combine_row[
                 continue
             var w = exp(l - m)
             den += w
-            comptime if part_dtype == DType.int8:
-                w *= p_scale[unsafe_offset=row * topk + s]
             comptime for i in range(PER_LANE):
                 var d = lane + i * lanes
                 if d < head_dim:
@@ -101,7 +95,6 @@ def _combine_row_vec[
     lse: F32MutPtr,
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    p_scale: F32Ptr,
     row: Int,
     lane: Int,
 ):
@@ -125,8 +118,6 @@ def _combine_row_vec[
                 if l > f32_neg_inf():  # unused slots are never written: skip the read
                     var w = exp(l - m)
                     den += w
-                    comptime if part_dtype == DType.int8:
-                        w *= p_scale[unsafe_offset=row * topk + s]
                     acc += w * orow.unsafe_load[width=vec, alignment=16](s * head_dim).cast[DType.float32]()
     comptime for i in range(5):  # lanes LPS, 2 LPS, ... apart hold the same columns
         comptime if (LPS << i) < WARP_SIZE:
@@ -159,7 +150,7 @@ def load_row_slots[part_dtype: DType, topk: Int, head_dim: Int, vec: Int, n: Int
     var orow = o_p.unsafe_offset(row * topk * head_dim + col)
     comptime for s in range(topk):
         if lse_rows[base + s] > f32_neg_inf():
-            vals[base + s] = orow.unsafe_load[width=vec, alignment=vec * size_of[part_dtype]()](s * head_dim)
+            vals[base + s] = orow.unsafe_load[width=vec, alignment=16](s * head_dim)
 
 
 @always_inline
@@ -170,7 +161,6 @@ def finish_row_cols[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: In
     col: Int,
     lse_rows: Array[Float32, n],
     vals: Array[SIMD[part_dtype, vec], n],
-    scales: Array[Float32, n],
     extra_lse: Float32,
     extra: SIMD[DType.float32, vec],
     write_lse: Bool,
@@ -178,8 +168,7 @@ def finish_row_cols[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: In
     """Merges one (t, h) row's columns col .. col + vec from its slots'
     values (load_row_slots, at base) and lse_partial, plus one more split:
     log-sum-exp extra_lse (-inf: none) and normalized output `extra` (these
-    columns). write_lse: this thread writes lse[row]. scales: the int8
-    partials' row scales (read only for int8)."""
+    columns). write_lse: this thread writes lse[row]."""
     var m = extra_lse
     comptime for s in range(topk):
         m = max(m, lse_rows[base + s])
@@ -191,8 +180,6 @@ def finish_row_cols[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: In
             if l > f32_neg_inf():
                 var w = exp(l - m)
                 den += w
-                comptime if part_dtype == DType.int8:
-                    w *= scales[base + s]
                 acc += w * vals[base + s].cast[DType.float32]()
         if extra_lse > f32_neg_inf():
             var w = exp(extra_lse - m)
@@ -213,7 +200,6 @@ def combine_kernel[
     lse: F32MutPtr,
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    p_scale: F32Ptr,
     rows: Int32,
 ):
     var row = Int(block_idx.x) * COMBINE_WARPS + Int(thread_idx.x) // WARP_SIZE
@@ -221,48 +207,10 @@ def combine_kernel[
         return
     comptime vec = combine_vec_width[part_dtype, head_dim]()
     comptime if vec > 0:
-        _combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](
-            output, lse, o_p, lse_p, p_scale, row, Int(lane_id())
-        )
+        _combine_row_vec[out_dtype, part_dtype, topk, head_dim, vec](output, lse, o_p, lse_p, row, Int(lane_id()))
     else:
         combine_row[out_dtype, part_dtype, topk, head_dim, WARP_SIZE](
-            output, lse, o_p, lse_p, p_scale, row, Int(lane_id()), f32_neg_inf(), unsafe_stack_allocation[1, Float32]()
-        )
-
-
-def _combine[out_dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, head_dim: Int](
-    name: StaticString,
-    output: OutputTensor[dtype=out_dtype, rank=3, ...],
-    lse: OutputTensor[dtype=DType.float32, rank=2, ...],
-    o_partial: InputTensor[dtype=part_dtype, rank=4, ...],
-    lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
-    p_scale: F32Ptr,
-    ctx: DeviceContext,
-) raises:
-    var T = o_partial.dim_size(0)
-    var H = o_partial.dim_size(1)
-    if o_partial.dim_size(2) != topk or o_partial.dim_size(3) != head_dim:
-        raise Error(String(name, ": o_partial must be [T, Hq, topk, D] with the op's topk and D"))
-    var rows = T * H
-    if rows == 0:
-        return
-    comptime if is_cpu[target]():
-        var none = unsafe_stack_allocation[1, Float32]()
-        for r in range(rows):
-            combine_row[out_dtype, part_dtype, topk, head_dim, 1](
-                output.unsafe_ptr(), lse.unsafe_ptr(), o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), p_scale, r,
-                0, f32_neg_inf(), none,
-            )
-    else:
-        ctx.enqueue_function[combine_kernel[out_dtype, part_dtype, topk, head_dim]](
-            output.unsafe_ptr(),
-            lse.unsafe_ptr(),
-            o_partial.unsafe_ptr(),
-            lse_partial.unsafe_ptr(),
-            p_scale,
-            Int32(rows),
-            grid_dim=ceildiv(rows, COMBINE_WARPS),
-            block_dim=COMBINE_WARPS * WARP_SIZE,
+            output, lse, o_p, lse_p, row, Int(lane_id()), f32_neg_inf(), unsafe_stack_allocation[1, Float32]()
         )
 
 
@@ -283,31 +231,27 @@ struct MSACombine:
         lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert part_dtype != DType.int8, "msa_combine: int8 partials are msa_combine_q8's"
-        _combine[target, topk, head_dim](
-            "msa_combine", output, lse, o_partial, lse_partial, lse_partial.unsafe_ptr(), ctx
-        )
-
-
-@register("msa_combine_q8")
-struct MSACombineQ8:
-    """msa_combine of int8 partials: o_partial * partial_scale."""
-
-    @staticmethod
-    def execute[
-        out_dtype: DType,
-        //,
-        target: StaticString,
-        topk: Int,
-        head_dim: Int,
-    ](
-        output: OutputTensor[dtype=out_dtype, rank=3, ...],
-        lse: OutputTensor[dtype=DType.float32, rank=2, ...],
-        o_partial: InputTensor[dtype=DType.int8, rank=4, ...],
-        lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
-        partial_scale: InputTensor[dtype=DType.float32, rank=3, ...],
-        ctx: DeviceContext,
-    ) raises:
-        _combine[target, topk, head_dim](
-            "msa_combine_q8", output, lse, o_partial, lse_partial, partial_scale.unsafe_ptr(), ctx
-        )
+        var T = o_partial.dim_size(0)
+        var H = o_partial.dim_size(1)
+        if o_partial.dim_size(2) != topk or o_partial.dim_size(3) != head_dim:
+            raise Error("msa_combine: o_partial must be [T, Hq, topk, D] with the op's topk and D")
+        var rows = T * H
+        if rows == 0:
+            return
+        comptime if is_cpu[target]():
+            var none = unsafe_stack_allocation[1, Float32]()
+            for r in range(rows):
+                combine_row[out_dtype, part_dtype, topk, head_dim, 1](
+                    output.unsafe_ptr(), lse.unsafe_ptr(), o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), r, 0,
+                    f32_neg_inf(), none,
+                )
+        else:
+            ctx.enqueue_function[combine_kernel[out_dtype, part_dtype, topk, head_dim]](
+                output.unsafe_ptr(),
+                lse.unsafe_ptr(),
+                o_partial.unsafe_ptr(),
+                lse_partial.unsafe_ptr(),
+                Int32(rows),
+                grid_dim=ceildiv(rows, COMBINE_WARPS),
+                block_dim=COMBINE_WARPS * WARP_SIZE,
+            )

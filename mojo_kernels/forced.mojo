@@ -17,9 +17,7 @@
 # with the partials of the other slots into out and lse: the rows'
 # lse_partial is fetched into shared memory at the start, and in the merge
 # each thread reads its 16-byte columns of every slot of its row at once.
-# Unused and forced slots carry lse_partial -inf and are not read. int8
-# partials (msa_forced_combine_q8) come with a scale per row and slot,
-# fetched beside lse_partial; the merge reads 8 bytes a lane instead of 16.
+# Unused and forced slots carry lse_partial -inf and are not read.
 #
 # A tile's rows nearly always belong to one query block (one set of forced
 # blocks); where they straddle a query block or a sequence, the thread block
@@ -88,7 +86,6 @@ def _forced_combine_cpu[
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    p_scale: F32Ptr,
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int,
 ):
     var Hq = num_groups * group
@@ -116,7 +113,7 @@ def _forced_combine_cpu[
                 for d in range(head_dim):
                     acc[unsafe_offset=d] *= inv
                 combine_row[dtype, part_dtype, topk, head_dim, 1](
-                    output, lse, o_p, lse_p, p_scale, t * Hq + h, 0, m + log(den) if den > 0 else f32_neg_inf(), acc
+                    output, lse, o_p, lse_p, t * Hq + h, 0, m + log(den) if den > 0 else f32_neg_inf(), acc
                 )
 
 
@@ -132,10 +129,9 @@ def forced_combine_kernel[
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    p_scale: F32Ptr,
     cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
 ):
-    comptime assert part_dtype == dtype or part_dtype == DType.int8, "partials in q's dtype or int8"
+    comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
     comptime D = head_dim
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride (elements): conflict-free ldmatrix
@@ -146,8 +142,7 @@ def forced_combine_kernel[
     comptime CPR = D // 8  # 16-byte chunks per row
     comptime NF = init_blocks + local_blocks
     comptime QMAX = ceildiv(FC_BM, group) + 1  # queries a tile's rows can touch
-    comptime VEC = combine_vec_width[dtype, D]()  # columns a lane merges (int8 partials: 8-byte loads)
-    comptime Q8 = part_dtype == DType.int8
+    comptime VEC = combine_vec_width[dtype, D]()
     comptime LPS = D // VEC  # lanes per row slot in the merge
     var g = Int(block_idx.y)
     var rows = Int(T) * group  # row = t * group + head within the group
@@ -189,15 +184,6 @@ def forced_combine_kernel[
             async_copy[4](lpg.unsafe_offset(src * topk + i % topk), lse_s.unsafe_offset(i))
         else:
             lse_s[unsafe_offset=i] = f32_neg_inf()
-    # and the int8 partials' row scales
-    var psc_s = unsafe_stack_allocation[FC_BM * topk if Q8 else 1, Float32, address_space=AddressSpace.SHARED]()
-    comptime if Q8:
-        var psg = p_scale.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-        for i in range(tid, FC_BM * topk, NT):
-            var gr = r_begin + i // topk
-            if gr < rows:
-                var src = (gr // group) * Hq + g * group + gr % group
-                async_copy[4](psg.unsafe_offset(src * topk + i % topk), psc_s.unsafe_offset(i))
     async_copy_commit_group()
     # each query of the tile: its sequence and key position
     if tid < nq:
@@ -333,7 +319,6 @@ def forced_combine_kernel[
     comptime for i0 in range(0, 16, PASSES * RPP):
         var row_at = Array[Int, PASSES](fill=-1)  # -1: past the rows
         var lse_at = Array[Float32, PASSES * topk](fill=f32_neg_inf())
-        var scale_at = Array[Float32, PASSES * topk](fill=Float32(0))
         var vals_at = Array[SIMD[part_dtype, VEC], PASSES * topk](fill=SIMD[part_dtype, VEC](0))
         comptime for p in range(PASSES):
             var r = wid * 16 + i0 + p * RPP + lane // LPS
@@ -342,8 +327,6 @@ def forced_combine_kernel[
                 row_at[p] = (gr // group) * Hq + g * group + gr % group
                 comptime for s in range(topk):
                     lse_at[p * topk + s] = lse_s[unsafe_offset=r * topk + s]
-                    comptime if Q8:
-                        scale_at[p * topk + s] = psc_s[unsafe_offset=r * topk + s]
                 load_row_slots[part_dtype, topk, D, VEC, PASSES * topk, p * topk](
                     o_p, row_at[p], col, lse_at, vals_at
                 )
@@ -354,80 +337,18 @@ def forced_combine_kernel[
                     DType.float32
                 ]()
                 finish_row_cols[dtype, part_dtype, topk, D, VEC, PASSES * topk, p * topk](
-                    output, lse, row_at[p], col, lse_at, vals_at, scale_at, lse_f[unsafe_offset=r], extra,
-                    lane % LPS == 0,
+                    output, lse, row_at[p], col, lse_at, vals_at, lse_f[unsafe_offset=r], extra, lane % LPS == 0,
                 )
 
 
 def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
     """The GPU kernel: the block attention's tensor-core tile steps, partials
-    in the inputs' dtype (16-byte merge loads) or int8."""
+    in the inputs' dtype, 16-byte merge loads."""
     return (
         mma_supported[dtype, head_dim, block_size]()
-        and (part_dtype == dtype or part_dtype == DType.int8)
+        and part_dtype == dtype
         and combine_vec_width[dtype, head_dim]() > 0
     )
-
-
-def _forced_combine[
-    dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, block_size: Int, group: Int,
-    num_groups: Int, head_dim: Int, init_blocks: Int, local_blocks: Int,
-](
-    name: StaticString,
-    output: OutputTensor[dtype=dtype, rank=3, ...],
-    lse: OutputTensor[dtype=DType.float32, rank=2, ...],
-    q: InputTensor[dtype=dtype, rank=3, ...],
-    k: InputTensor[dtype=dtype, rank=3, ...],
-    v: InputTensor[dtype=dtype, rank=3, ...],
-    o_partial: InputTensor[dtype=part_dtype, rank=4, ...],
-    lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
-    p_scale: F32Ptr,
-    cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
-    cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
-    scale: InputTensor[dtype=DType.float32, rank=1, ...],
-    ctx: DeviceContext,
-) raises:
-    comptime assert init_blocks + local_blocks > 0, "msa_forced_combine: no forced blocks"
-    var T = q.dim_size(0)
-    if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
-        raise Error(String(name, ": q must be [T, Hq, D] with the op's Hq and D"))
-    if k.dim_size(1) != num_groups or k.dim_size(2) != head_dim:
-        raise Error(String(name, ": k must be [S, Hkv, D] with the op's Hkv and D"))
-    if (o_partial.dim_size(0) != T or o_partial.dim_size(1) != group * num_groups
-            or o_partial.dim_size(2) != topk or o_partial.dim_size(3) != head_dim):
-        raise Error(String(name, ": o_partial must be [T, Hq, topk, D]"))
-    if T == 0:
-        return
-    var B = cu_seqlens_q.dim_size(0) - 1
-    comptime if is_cpu[target]():
-        _forced_combine_cpu[dtype, part_dtype, head_dim, block_size, group, topk, init_blocks, local_blocks](
-            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), p_scale, cu_seqlens_q.unsafe_ptr(),
-            cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr()[unsafe_offset=0], B, num_groups,
-        )
-    else:
-        comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
-            # Hopper: the tile steps on wgmma where the block attention uses it
-            comptime wgmma = hopper_target() and wgmma_supported[dtype, head_dim, block_size]()
-            comptime assert FC_BM == MMA_BM, "the forced pass's Q tile is the attention's"
-            comptime smem = mma_smem_bytes[dtype, head_dim, block_size, wgmma, q_tiles=1]()
-            comptime kernel = forced_combine_kernel[
-                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma
-            ]
-            ctx.enqueue_function[kernel](
-                output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), p_scale,
-                cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
-                grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
-                shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-            )
-        else:
-            raise Error(
-                String(
-                    name, ": the GPU path needs 16-bit q, k, v with partials in the same dtype or int8, D and",
-                    " block_size multiples of 16 up to 128",
-                )
-            )
 
 
 @register("msa_forced_combine")
@@ -462,44 +383,42 @@ struct MSAForcedCombine:
         scale: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert part_dtype != DType.int8, "msa_forced_combine: int8 partials are msa_forced_combine_q8's"
-        _forced_combine[target, topk, block_size, group, num_groups, head_dim, init_blocks, local_blocks](
-            "msa_forced_combine", output, lse, q, k, v, o_partial, lse_partial, lse_partial.unsafe_ptr(),
-            cu_seqlens_q, cu_seqlens_k, scale, ctx,
-        )
-
-
-@register("msa_forced_combine_q8")
-struct MSAForcedCombineQ8:
-    """msa_forced_combine of int8 partials: o_partial * partial_scale."""
-
-    @staticmethod
-    def execute[
-        dtype: DType,
-        //,
-        target: StaticString,
-        topk: Int,
-        block_size: Int,
-        group: Int,
-        num_groups: Int,
-        head_dim: Int,
-        init_blocks: Int,
-        local_blocks: Int,
-    ](
-        output: OutputTensor[dtype=dtype, rank=3, ...],
-        lse: OutputTensor[dtype=DType.float32, rank=2, ...],
-        q: InputTensor[dtype=dtype, rank=3, ...],
-        k: InputTensor[dtype=dtype, rank=3, ...],
-        v: InputTensor[dtype=dtype, rank=3, ...],
-        o_partial: InputTensor[dtype=DType.int8, rank=4, ...],
-        lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
-        partial_scale: InputTensor[dtype=DType.float32, rank=3, ...],
-        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
-        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
-        scale: InputTensor[dtype=DType.float32, rank=1, ...],
-        ctx: DeviceContext,
-    ) raises:
-        _forced_combine[target, topk, block_size, group, num_groups, head_dim, init_blocks, local_blocks](
-            "msa_forced_combine_q8", output, lse, q, k, v, o_partial, lse_partial, partial_scale.unsafe_ptr(),
-            cu_seqlens_q, cu_seqlens_k, scale, ctx,
-        )
+        comptime assert init_blocks + local_blocks > 0, "msa_forced_combine: no forced blocks"
+        var T = q.dim_size(0)
+        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
+            raise Error("msa_forced_combine: q must be [T, Hq, D] with the op's Hq and D")
+        if k.dim_size(1) != num_groups or k.dim_size(2) != head_dim:
+            raise Error("msa_forced_combine: k must be [S, Hkv, D] with the op's Hkv and D")
+        if (o_partial.dim_size(0) != T or o_partial.dim_size(1) != group * num_groups
+                or o_partial.dim_size(2) != topk or o_partial.dim_size(3) != head_dim):
+            raise Error("msa_forced_combine: o_partial must be [T, Hq, topk, D]")
+        if T == 0:
+            return
+        var B = cu_seqlens_q.dim_size(0) - 1
+        comptime if is_cpu[target]():
+            _forced_combine_cpu[dtype, part_dtype, head_dim, block_size, group, topk, init_blocks, local_blocks](
+                output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+                cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr()[unsafe_offset=0], B, num_groups,
+            )
+        else:
+            comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
+                # Hopper: the tile steps on wgmma where the block attention uses it
+                comptime wgmma = hopper_target() and wgmma_supported[dtype, head_dim, block_size]()
+                comptime assert FC_BM == MMA_BM, "the forced pass's Q tile is the attention's"
+                comptime smem = mma_smem_bytes[dtype, head_dim, block_size, wgmma, q_tiles=1]()
+                comptime kernel = forced_combine_kernel[
+                    dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma
+                ]
+                ctx.enqueue_function[kernel](
+                    output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(),
+                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
+                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
+                    shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                )
+            else:
+                raise Error(
+                    "msa_forced_combine: the GPU path needs 16-bit q, k, v with partials in the same dtype, D and"
+                    " block_size multiples of 16 up to 128"
+                )

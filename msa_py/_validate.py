@@ -84,29 +84,6 @@ class Config:
         return self
 
 
-# partial_dtype: None keeps o_partial in q's 16-bit dtype (fp32 for fp32
-# inputs); "int8" stores it as int8 with one fp32 scale per (query, head,
-# slot) row: half the bytes the block attention writes and the merge reads,
-# at about 4x bf16's rounding error (benchmarks/partial_precision.py).
-PARTIAL_DTYPES = (None, "int8")
-
-
-def check_partial_dtype(partial_dtype, dtype_name: str, head_dim: int, block_size: int, use_mma: bool = True) -> bool:
-    """Validates partial_dtype for these shapes; True when the partials are int8."""
-    if partial_dtype not in PARTIAL_DTYPES:
-        raise ValueError(f"partial_dtype must be None (q's 16-bit dtype, fp32 for fp32 inputs) or 'int8', "
-                         f"got {partial_dtype!r}")
-    if partial_dtype is None:
-        return False
-    if not (dtype_name in ("bfloat16", "float16") and head_dim % 16 == 0 and 64 <= head_dim <= 128
-            and block_size % 16 == 0 and block_size <= 128 and use_mma):
-        raise ValueError(
-            f"partial_dtype='int8' needs the tensor-core kernels: 16-bit q, k, v, D a multiple of 16 in 64..128, "
-            f"block_size a multiple of 16 up to 128 and use_mma=True; got {dtype_name}, D={head_dim}, "
-            f"block_size={block_size}, use_mma={use_mma}")
-    return True
-
-
 def check_rank(name: str, shape, rank: int, what: str) -> None:
     if len(shape) != rank:
         raise ValueError(f"{name} must have rank {rank} ({what}), got shape {tuple(shape)}")

@@ -136,13 +136,7 @@ class MSARunner:
                                             idx_scale=isc, keys=keys).items()}
 
     def run(self, kind, ins, outputs=None):
-        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.input_names(kind, self.spec)},
-                     outputs=outputs)
-
-
-def partials_of(outs) -> dict:
-    """The block_attention kind's outputs by input name (partial_scale with int8 partials)."""
-    return dict(zip(("o_partial", "lse_partial", "partial_scale"), outs))
+        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.INPUTS[kind]}, outputs=outputs)
 
 
 def dense_sdpa(torch, q, k, v, S: int):
@@ -249,8 +243,7 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
     _progress(li, steps, f"T={L}: compiling / warming up")
     T = S = L
     rotate = rotate_sets
-    part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (
-        1 if spec.partial_dtype == "int8" else 4 if spec.dtype == "float32" else 2)
+    part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (4 if spec.dtype == "float32" else 2)
     if part_bytes > (8 << 30):  # partials of several sets would not fit; far past L2 anyway
         rotate = 1
     sets = [make_inputs(torch, spec, T, S, tdev, scenario, seed=s) for s in range(rotate)]
@@ -268,14 +261,14 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
         b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
     parts = [runner.run("block_attention", b) for b in bufs]
     for b, pr in zip(bufs, parts):
-        b.update(partials_of(pr))
+        b.update(o_partial=pr[0], lse_partial=pr[1])
     del pr  # the loop variable would keep one o_partial alive (34 GB at 128K) past the pop below
     _progress(li, steps, f"T={L}: timing MSA stages")
     for stage in ("select", "invert", "combine", "block_attention", "msa"):
         kind = kinds.get(stage, stage)
         if kind == "block_attention":  # free the stored partials: each timed call makes its own
             for b in bufs:
-                b.pop("o_partial", None), b.pop("lse_partial", None), b.pop("partial_scale", None)
+                b.pop("o_partial", None), b.pop("lse_partial", None)
             parts = None
         row[f"{stage}_ms"] = time_stage(runner, tm, kind, bufs, repeats)
     if chunk:
@@ -340,7 +333,7 @@ COLUMNS = [
 
 def _config_text(c: dict) -> str:
     return (f"{c['dtype']} Hq {c['num_heads']} Hkv {c['num_kv_heads']} D {c['head_dim']} Di {c['idx_dim']} "
-            f"topk {c['topk']} block {c['block_size']}{', int8 partials' if c.get('partial_dtype') else ''}")
+            f"topk {c['topk']} block {c['block_size']}")
 
 
 def table(result: dict) -> str:

@@ -46,15 +46,10 @@ SMALL = [
     ("chunked_g16_f32", [(64, 1000), (3, 131)], 32, 2, 128, 64, 5, 128, "float32", True, None),
     # Di 256: the largest index head dim; on Hopper its wgmma ring does not fit in shared memory (mma.sync instead)
     ("di256_bf16", [(300, 300), (40, 200)], 16, 2, 128, 256, 8, 128, "bfloat16", True, None),
-    # int8 partials (a case name ending in _q8: partial_dtype="int8")
-    ("ragged_g4_d64_bf16_q8", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 4, 64, "bfloat16", True,
-     None),
-    ("g16_d128_f16_q8", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "float16", True, None),
 ]
 LARGE = [
     ("32k_model_shape_bf16", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
     ("128k_model_shape_bf16", [(131072, 131072)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
-    ("32k_model_shape_bf16_q8", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
 ]
 LEAN_T = 65536  # from here on only final outputs are fetched (o_partial alone is 34 GB at 128K)
 # decode kernels: a few new queries per sequence over caches from 1 token to
@@ -68,10 +63,10 @@ DECODE = [
      True),
     ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
 ]
-QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], SMALL[7], DECODE[1]]
+QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], DECODE[1]]
 # cases with a small q_budget: their work lists span several of the
 # inversion's query windows (WINDOW_CHUNKS * q_budget queries); others use 64
-Q_BUDGET = {"ragged_g4_f32": 3, "ragged_g4_bf16_mma": 4, "g16_d128_bf16": 8, "ragged_g4_d64_bf16_q8": 4}
+Q_BUDGET = {"ragged_g4_f32": 3, "ragged_g4_bf16_mma": 4, "g16_d128_bf16": 8}
 
 
 def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
@@ -113,9 +108,8 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         bid, out, lse = (E.to_numpy(o) for o in E.run("decode_stages", spec, device, ins))
     else:
         outs = [E.to_numpy(o) for o in E.run("stages", spec, device, ins)]
-        bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs[:10]
-        p_sc = outs[10] if len(outs) > 10 else None  # int8 partials' row scales
-    tol = Vf.tolerance(dtype, spec.partial_dtype)
+        bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = outs
+    tol = Vf.tolerance(dtype)
     ok = True
     rows = None if sample is None else np.sort(np.random.default_rng(seed + 1).choice(T, sample, replace=False))
     if rows is not None:  # always include the first and last query
@@ -147,17 +141,14 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     elif rows is None:
         ref_op, ref_lp = R.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], topk=topk,
                                            block_size=bs, scale=scale)
-        used = np.isfinite(lse_p)[..., None]  # o_partial (and its scale) is unspecified in unused slots
-        o_p = np.where(used, o_p, 0).astype(o_p.dtype)
-        if p_sc is not None:
-            p_sc = np.where(used[..., 0], p_sc, 0)
-        e_part = Vf.rel_err(o_p if p_sc is None else R.dequantize_partials(o_p, p_sc), ref_op)
+        used = np.isfinite(lse_p)[..., None]  # o_partial is unspecified in unused slots
+        e_part = Vf.rel_err(np.where(used, o_p, 0), ref_op)
         e_lsep = Vf.rel_err(lse_p, ref_lp)
         if forced:  # the forced pass alone, on the kernel's partials
-            ref_out, ref_lse = R.forced_combine(a["q"], a["k"], a["v"], o_p, lse_p, a["cu_q"], a["cu_k"], block_size=bs,
-                                                scale=scale, partial_scale=p_sc, **skip)
+            ref_out, ref_lse = R.forced_combine(a["q"], a["k"], a["v"], np.where(used, o_p, 0), lse_p, a["cu_q"],
+                                                a["cu_k"], block_size=bs, scale=scale, **skip)
         else:  # combine alone, on the kernel's partials
-            ref_out, ref_lse = R.combine(o_p, lse_p, partial_scale=p_sc)
+            ref_out, ref_lse = R.combine(o_p, lse_p)
         e_comb = max(Vf.rel_err(out, ref_out), Vf.rel_err(lse, ref_lse))
         ref_o, ref_l = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=bs,
                                           scale=scale)
@@ -190,8 +181,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
         timing = stages + f" | msa {tm['median']:.3f} ms (host {tm['host_median']:.3f}) {flops / tm['median'] / 1e9:.1f} TFLOP/s attn-eff"
     log(
         f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} "
-        f"bs={bs} {dtype}{' mma' if use_mma else ' simt'}{' decode' if decode else ''}"
-        f"{' int8-partials' if spec.partial_dtype else ''} | select exact {sel['exact']}/{sel['rows']} "
+        f"bs={bs} {dtype}{' mma' if use_mma else ' simt'}{' decode' if decode else ''} | select exact {sel['exact']}/{sel['rows']} "
         f"ties {sel['near_ties']} bad {len(sel['bad'])} | invert {'-' if decode or lean else ('ok' if inv_ok else 'MISMATCH')} (work {nw}) | "
         f"rel err partial {_err(e_part)} lse_p {_err(e_lsep)} {'forced+combine' if forced else 'combine'} {_err(e_comb)} out {_err(e_out)} lse {_err(e_lse)} "
         f"(tol {tol:g}){timing}"
@@ -205,8 +195,7 @@ def _spec(case):
 
     name, _, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
     return E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]), q_budget=Q_BUDGET.get(name, 64),
-                  partial_dtype="int8" if name.endswith("_q8") else None)
+                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]), q_budget=Q_BUDGET.get(name, 64))
 
 
 def _selected_keys(seqs, topk, bs):

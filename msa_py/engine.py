@@ -21,9 +21,6 @@ Graph kinds (inputs -> outputs):
           `uses_forced_pass`)
   decode_stages the msa inputs -> block_ids, out, lse
           (decode kernels: indexer split over keys, query-major attention, merge fused)
-Spec.partial_dtype "int8": the block attention's partials as int8 with a
-scale per row; the combine and forced_combine kinds then take partial_scale
-after lse_partial, and block_attention and stages return it last.
 Spec.decode picks the decode kernels for msa / sparse / select (the torch
 layer sets it when a batch has at most DECODE_MAX_Q queries per sequence).
 The first four write into caller-allocated buffers (destination-passing
@@ -66,7 +63,6 @@ class Spec:
     use_mma: bool = True
     decode: bool = False  # decode kernels (few queries per sequence)
     forced_pass: bool = True  # the layer's forced blocks query-major, fused with the merge (graph.msa_attention)
-    partial_dtype: str | None = None  # "int8": 1-byte partials with a scale per row (graph.block_attention)
 
 
 def _dt(name: str):
@@ -95,10 +91,8 @@ def _types(spec: Spec, dev):
         "scale": TensorType(DType.float32, [1], device=dev),
         "idx_scale": TensorType(DType.float32, [1], device=dev),
         "block_ids": TensorType(i32, [Hkv, T, K], device=dev),
-        "o_partial": TensorType(DType.int8 if spec.partial_dtype == "int8" else G.partial_dtype_for(x), [T, Hq, K, D],
-                                device=dev),
+        "o_partial": TensorType(G.partial_dtype_for(x), [T, Hq, K, D], device=dev),
         "lse_partial": TensorType(DType.float32, [T, Hq, K], device=dev),
-        "partial_scale": TensorType(DType.float32, [T, Hq, K], device=dev),
         "out": TensorType(x, [T, Hq, D], device=dev),
         "lse": TensorType(DType.float32, [T, Hq], device=dev),
         "keys": TensorType(DType.int8, [S], device=dev),
@@ -131,21 +125,6 @@ OUTPUTS = {
 }
 
 
-def input_names(kind: str, spec: Spec) -> tuple:
-    """INPUTS[kind], with partial_scale after lse_partial for int8 partials."""
-    ins = INPUTS[kind]
-    if spec.partial_dtype == "int8" and "lse_partial" in ins:
-        i = ins.index("lse_partial") + 1
-        ins = ins[:i] + ("partial_scale",) + ins[i:]
-    return ins
-
-
-def _combine_out_dtype(spec: Spec):
-    """combine on its own emits the partials' dtype (q's for int8 partials)."""
-    x = _dt(spec.dtype)
-    return x if spec.partial_dtype == "int8" else G.partial_dtype_for(x)
-
-
 def uses_forced_pass(spec: Spec, device: str) -> bool:
     """Whether the msa and stages kinds run the forced pass for this spec."""
     from max.graph import DeviceRef
@@ -153,7 +132,7 @@ def uses_forced_pass(spec: Spec, device: str) -> bool:
     dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(gpu_index(device))
     return spec.forced_pass and not spec.decode and G.forced_pass_fits(
         _dt(spec.dtype), dev, head_dim=spec.head_dim, block_size=spec.block_size, topk=spec.topk,
-        init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, int8_partials=spec.partial_dtype == "int8")
+        init_blocks=spec.init_blocks, local_blocks=spec.local_blocks)
 
 
 def build_graph(kind: str, spec: Spec, device: str):
@@ -161,11 +140,10 @@ def build_graph(kind: str, spec: Spec, device: str):
 
     dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(gpu_index(device))
     types = _types(spec, dev)
-    ins = input_names(kind, spec)
+    ins = INPUTS[kind]
     dps = OUTPUTS.get(kind, ())
-    if kind == "combine":
-        types["out"] = type(types["out"])(_combine_out_dtype(spec), types["out"].shape, device=dev)
-    pd = dict(partial_dtype=spec.partial_dtype)
+    if kind == "combine":  # combine on its own emits the partials' dtype
+        types["out"] = type(types["out"])(types["o_partial"].dtype, types["out"].shape, device=dev)
     in_types = [types[n].as_buffer() for n in dps] + [types[n] for n in ins]
     kw = dict(topk=spec.topk, block_size=spec.block_size)
     sel_kw = dict(kw, init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, decode=spec.decode)
@@ -177,18 +155,17 @@ def build_graph(kind: str, spec: Spec, device: str):
             res = G.msa_attention(
                 a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], scale=a["scale"],
                 idx_scale=a["idx_scale"], q_budget=spec.q_budget, use_mma=spec.use_mma,
-                forced_pass=spec.forced_pass, **pd, **sel_kw,
+                forced_pass=spec.forced_pass, **sel_kw,
             )
         elif kind == "sparse":
             res = G.sparse_attention(
                 a["q"], a["k"], a["v"], a["block_ids"], a["cu_q"], a["cu_k"], block_size=spec.block_size,
-                scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, decode=spec.decode, **pd,
+                scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, decode=spec.decode,
             )
         elif kind == "select":
             res = [G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)]
         elif kind == "combine":
-            res = G.combine(a["o_partial"], a["lse_partial"], out_dtype=_combine_out_dtype(spec),
-                            partial_scale=a.get("partial_scale"))
+            res = G.combine(a["o_partial"], a["lse_partial"])
         elif kind in ("invert", "invert_skip_forced"):
             skip = dict(init_blocks=spec.init_blocks, local_blocks=spec.local_blocks) if kind != "invert" else {}
             res = list(G.invert(a["block_ids"], a["cu_q"], a["cu_k"], num_keys=a["keys"].shape[0],
@@ -196,28 +173,26 @@ def build_graph(kind: str, spec: Spec, device: str):
         elif kind == "forced_combine":
             res = G.forced_combine(a["q"], a["k"], a["v"], a["o_partial"], a["lse_partial"], a["cu_q"], a["cu_k"],
                                    block_size=spec.block_size, init_blocks=spec.init_blocks,
-                                   local_blocks=spec.local_blocks, scale=a["scale"],
-                                   partial_scale=a.get("partial_scale"))
+                                   local_blocks=spec.local_blocks, scale=a["scale"])
         elif kind == "block_attention":
             inv = G.Inversion(a["row_offsets"], None, a["entries"], a["work"], a["num_work"])
             res = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
-                                    use_mma=spec.use_mma, **pd, **kw)
+                                    use_mma=spec.use_mma, **kw)
         elif kind == "stages":
             bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
                                   **dict(sel_kw, decode=False))
             if uses_forced_pass(spec, device):
-                inv, o_p, lse_p, p_sc, out, lse = G.forced_layer(
+                inv, o_p, lse_p, out, lse = G.forced_layer(
                     a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=spec.block_size,
                     init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, scale=a["scale"],
-                    q_budget=spec.q_budget, use_mma=spec.use_mma, **pd)
+                    q_budget=spec.q_budget, use_mma=spec.use_mma)
             else:
                 inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
                                q_budget=spec.q_budget)
-                o_p, lse_p, *p_sc = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"],
-                                                      scale=a["scale"], use_mma=spec.use_mma, **pd, **kw)
-                p_sc = p_sc[0] if p_sc else None
-                out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype, partial_scale=p_sc)
-            res = [bid, *inv, o_p, lse_p, out, lse] + ([p_sc] if p_sc is not None else [])
+                o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"],
+                                               scale=a["scale"], use_mma=spec.use_mma, **kw)
+                out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
+            res = [bid, *inv, o_p, lse_p, out, lse]
         elif kind == "decode_stages":
             bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
                                   **dict(sel_kw, decode=True))
@@ -340,12 +315,12 @@ def run(kind: str, spec: Spec, device: str, inputs: dict, outputs=None):
     from max.dtype import DType
 
     m = model(kind, spec, device)
-    args = [inputs[n] for n in input_names(kind, spec)]
+    args = [inputs[n] for n in INPUTS[kind]]
     if kind in OUTPUTS:
         if outputs is None:
             T = args[0].shape[0]  # every DPS kind's first input is token-major
             x = _dt(spec.dtype)
-            shapes = {"out": ((T, spec.num_heads, spec.head_dim), _combine_out_dtype(spec) if kind == "combine" else x),
+            shapes = {"out": ((T, spec.num_heads, spec.head_dim), G.partial_dtype_for(x) if kind == "combine" else x),
                       "lse": ((T, spec.num_heads), DType.float32),
                       "block_ids": ((spec.num_kv_heads, T, spec.topk), DType.int32)}
             outputs = [empty_buffer(shapes[n][1], shapes[n][0], device) for n in OUTPUTS[kind]]
@@ -357,12 +332,11 @@ def run(kind: str, spec: Spec, device: str, inputs: dict, outputs=None):
 def numpy_inputs(spec: Spec, device: str, **arrays) -> dict:
     """NumPy arrays -> device Buffers for the named graph inputs."""
     kinds = {"q": spec.dtype, "k": spec.dtype, "v": spec.dtype, "q_idx": spec.dtype, "k_idx": spec.dtype,
-             "scale": "float32", "idx_scale": "float32", "lse_partial": "float32", "partial_scale": "float32",
-             "keys": "int8"}
+             "scale": "float32", "idx_scale": "float32", "lse_partial": "float32", "keys": "int8"}
     out = {}
     for name, arr in arrays.items():
         if name == "o_partial":
-            dt = "int8" if spec.partial_dtype == "int8" else "float32" if spec.dtype == "float32" else spec.dtype
+            dt = "float32" if spec.dtype == "float32" else spec.dtype
         else:
             dt = kinds.get(name, "int32")
         out[name] = to_buffer(np.asarray(arr), dt, device)

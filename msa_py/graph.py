@@ -332,36 +332,14 @@ def block_attention(
     block_size: int = 128,
     scale=None,
     use_mma: bool = True,
-    partial_dtype: str | None = None,
 ):
-    """Step 5. Returns o_partial [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32).
-
-    partial_dtype="int8": o_partial is int8 and a third value,
-    partial_scale [T, Hq, topk] fp32, holds each row's scale (the partial is
-    o_partial * partial_scale[..., None]); half the partials' bytes, about
-    4x bf16's rounding error. Tensor-core shapes only (V.check_partial_dtype).
-    """
+    """Step 5. Returns o_partial [T, Hq, topk, D] and lse_partial [T, Hq, topk] (fp32)."""
     T, Hq, Hkv, D = _attention_operands(q, k, v)
     V.Config(topk, block_size).check()
-    q8 = V.check_partial_dtype(partial_dtype, _dtype_name("q", q), D, block_size, use_mma)
     dev = q.device
     _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
     inv = inversion
-    params = {"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv, "head_dim": D}
-    if q8:
-        o_p, lse_p, p_sc = ops.custom(
-            "msa_block_attention_q8",
-            device=dev,
-            values=[q, k, v, inv.row_offsets, inv.entries, inv.work, inv.num_work, cu_seqlens_q, cu_seqlens_k, sc],
-            out_types=[
-                TensorType(DType.int8, [q.shape[0], Hq, topk, D], device=dev),
-                TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
-                TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
-            ],
-            parameters=params,
-        )
-        return o_p.tensor, lse_p.tensor, p_sc.tensor
     o_p, lse_p = ops.custom(
         "msa_block_attention",
         device=dev,
@@ -370,7 +348,8 @@ def block_attention(
             TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
             TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev),
         ],
-        parameters=dict(params, use_mma=use_mma),
+        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv,
+                    "head_dim": D, "use_mma": use_mma},
     )
     return o_p.tensor, lse_p.tensor
 
@@ -412,37 +391,14 @@ def decode_attention(
     return out.tensor, lse.tensor
 
 
-def _check_partial_scale(o_partial: TensorValue, partial_scale) -> bool:
-    """Whether o_partial is int8 (then partial_scale [T, Hq, topk] fp32 must come with it)."""
-    if o_partial.dtype != DType.int8:
-        if partial_scale is not None:
-            raise ValueError(f"partial_scale goes with int8 o_partial only, got o_partial {o_partial.dtype}")
-        return False
-    osh = _shape(o_partial)
-    if partial_scale is None:
-        raise ValueError("int8 o_partial needs its partial_scale [T, Hq, topk] (block_attention's third output)")
-    psh = _shape(partial_scale)
-    if (partial_scale.dtype != DType.float32 or len(psh) != 3
-            or not all(V._eq(a, b) for a, b in zip(psh, osh[:3]))):
-        raise ValueError(f"partial_scale must be float32 [T, Hq, topk] matching o_partial {osh}, got {partial_scale.type}")
-    return True
-
-
-def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DType | None = None,
-            partial_scale: TensorValue | None = None):
-    """Step 6. Returns out [T, Hq, D] (out_dtype, default o_partial's) and lse [T, Hq] fp32.
-    int8 o_partial (block_attention's partial_dtype="int8") takes its
-    partial_scale and needs out_dtype."""
+def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DType | None = None):
+    """Step 6. Returns out [T, Hq, D] (out_dtype, default o_partial's) and lse [T, Hq] fp32."""
     osh, lsh = _shape(o_partial), _shape(lse_partial)
     V.check_rank("o_partial", osh, 4, "[T, Hq, topk, D]")
     V.check_rank("lse_partial", lsh, 3, "[T, Hq, topk]")
     if lse_partial.dtype != DType.float32:
         raise ValueError(f"lse_partial must be float32, got {lse_partial.dtype}")
-    q8 = _check_partial_scale(o_partial, partial_scale)
-    if q8 and out_dtype is None:
-        raise ValueError("combine of int8 o_partial needs out_dtype (bfloat16 or float16)")
-    if not q8:
-        _dtype_name("o_partial", o_partial)
+    _dtype_name("o_partial", o_partial)
     topk = _static("o_partial topk", osh[2])
     D = _static("o_partial head dim", osh[3])
     if not (V._eq(lsh[1], osh[1]) and V._eq(lsh[2], osh[2])):
@@ -450,9 +406,9 @@ def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DTyp
     dev = o_partial.device
     out_dtype = out_dtype or o_partial.dtype
     out, lse = ops.custom(
-        "msa_combine_q8" if q8 else "msa_combine",
+        "msa_combine",
         device=dev,
-        values=[o_partial, lse_partial, partial_scale] if q8 else [o_partial, lse_partial],
+        values=[o_partial, lse_partial],
         out_types=[
             TensorType(out_dtype, [o_partial.shape[0], o_partial.shape[1], D], device=dev),
             TensorType(DType.float32, [o_partial.shape[0], o_partial.shape[1]], device=dev),
@@ -463,7 +419,7 @@ def combine(o_partial: TensorValue, lse_partial: TensorValue, *, out_dtype: DTyp
 
 
 def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_size: int, topk: int,
-                     init_blocks: int, local_blocks: int, int8_partials: bool = False) -> bool:
+                     init_blocks: int, local_blocks: int) -> bool:
     """Whether the layer runs the forced pass: the selection always holds each
     query's forced blocks (topk >= init_blocks + local_blocks > 0) and, on the
     GPU, the tensor-core kernel takes the shapes (16-bit inputs, D and
@@ -472,16 +428,16 @@ def forced_pass_fits(dtype: DType, device: DeviceRef, *, head_dim: int, block_si
         return False
     if str(device.device_type) == "cpu":
         return True
-    return forced_gpu_fits(dtype in (DType.bfloat16, DType.float16), head_dim, block_size, topk, int8_partials)
+    return forced_gpu_fits(dtype in (DType.bfloat16, DType.float16), head_dim, block_size, topk)
 
 
-def forced_gpu_fits(sixteen_bit: bool, head_dim: int, block_size: int, topk: int, int8_partials: bool = False) -> bool:
+def forced_gpu_fits(sixteen_bit: bool, head_dim: int, block_size: int, topk: int) -> bool:
     """The GPU forced pass's shapes: the tensor-core tiles', and its shared
     memory (forced.mojo): K, V and 64 Q rows (16-bit, padded rows) dynamic,
-    the tile's lse_partial (64 x topk fp32; and as many scales for int8
-    partials) static, under the 48 KB static limit."""
+    the tile's lse_partial (64 x topk fp32) static, under the 48 KB static
+    limit."""
     dynamic = (2 * block_size + 64) * (head_dim + 8) * 2
-    static = 64 * topk * 4 * (2 if int8_partials else 1) + 1024  # lse_partial (+ scales), small per-tile arrays
+    static = 64 * topk * 4 + 1024  # lse_partial, plus the small per-tile arrays
     return (mma_attention_fits(sixteen_bit, head_dim, block_size) and static <= _STATIC_SMEM_LIMIT
             and dynamic + static <= _SMEM_LIMIT)
 
@@ -499,14 +455,12 @@ def forced_combine(
     init_blocks: int = 1,
     local_blocks: int = 2,
     scale=None,
-    partial_scale: TensorValue | None = None,
 ):
     """The layer's forced pass (steps 5-6 for each query's sinks and local
     blocks, fused with the merge): attends to the forced blocks and merges
     them with o_partial / lse_partial, the block attention's partials of the
     other slots (an inversion made with the same init_blocks / local_blocks).
-    int8 o_partial takes its partial_scale. Returns out [T, Hq, D] (q's
-    dtype) and lse [T, Hq] fp32."""
+    Returns out [T, Hq, D] (q's dtype) and lse [T, Hq] fp32."""
     T, Hq, Hkv, D = _attention_operands(q, k, v)
     osh, lsh = _shape(o_partial), _shape(lse_partial)
     V.check_rank("o_partial", osh, 4, "[T, Hq, topk, D]")
@@ -516,25 +470,20 @@ def forced_combine(
         raise ValueError(f"o_partial must be [T, Hq, topk, D] = [{T}, {Hq}, topk, {D}], got {osh}")
     if not (V._eq(lsh[0], T) and V._eq(lsh[1], Hq) and V._eq(lsh[2], topk)) or lse_partial.dtype != DType.float32:
         raise ValueError(f"lse_partial must be float32 [T, Hq, topk] matching o_partial, got {lse_partial.type}")
-    q8 = _check_partial_scale(o_partial, partial_scale)
-    if q8:
-        V.check_partial_dtype("int8", _dtype_name("q", q), D, block_size)
-    elif o_partial.dtype != partial_dtype_for(q.dtype):
-        raise ValueError(f"o_partial must be {partial_dtype_for(q.dtype)} (or int8) for {q.dtype} inputs, "
-                         f"got {o_partial.dtype}")
+    if o_partial.dtype != partial_dtype_for(q.dtype):
+        raise ValueError(f"o_partial must be {partial_dtype_for(q.dtype)} for {q.dtype} inputs, got {o_partial.dtype}")
     V.Config(topk, block_size, init_blocks, local_blocks).check().check_forced_pass()
     dev = q.device
     if not forced_pass_fits(q.dtype, dev, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
-                            local_blocks=local_blocks, int8_partials=q8):
+                            local_blocks=local_blocks):
         raise ValueError(f"forced_combine on the GPU needs 16-bit inputs with D and block_size multiples of 16 up "
                          f"to 128 and topk small enough for the shared memory (forced_gpu_fits); got topk={topk}, "
                          f"D={D}, block_size={block_size}, {q.dtype}")
     sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
-    parts = [o_partial, lse_partial, partial_scale] if q8 else [o_partial, lse_partial]
     out, lse = ops.custom(
-        "msa_forced_combine_q8" if q8 else "msa_forced_combine",
+        "msa_forced_combine",
         device=dev,
-        values=[q, k, v, *parts, cu_seqlens_q, cu_seqlens_k, sc],
+        values=[q, k, v, o_partial, lse_partial, cu_seqlens_q, cu_seqlens_k, sc],
         out_types=[
             TensorType(q.dtype, [q.shape[0], Hq, D], device=dev),
             TensorType(DType.float32, [q.shape[0], Hq], device=dev),
@@ -559,15 +508,13 @@ def sparse_attention(
     q_budget: int = 64,
     use_mma: bool = True,
     decode: bool | None = None,
-    partial_dtype: str | None = None,
 ):
     """Invert, block attention, combine. Returns out [T, Hq, D], lse [T, Hq].
 
     decode: None takes the decode path (query-major, merge fused, no
     inversion: decode_attention) when T <= DECODE_MAX_Q * B with static T
     and B (on the GPU: 16-bit inputs, D and block_size multiples of 16 <= 128);
-    True/False force it. partial_dtype: block_attention's (the decode path
-    stores no partials).
+    True/False force it.
     """
     T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     _check_int32("block_ids", block_ids)
@@ -578,11 +525,10 @@ def sparse_attention(
                   block_size=block_size):
         return decode_attention(q, k, v, block_ids, cu_q, cu_k, block_size=block_size, scale=scale)
     inv = invert(block_ids, cu_q, cu_k, num_keys=k.shape[0], block_size=block_size, q_budget=q_budget)
-    o_p, lse_p, *p_sc = block_attention(
-        q, k, v, inv, cu_q, cu_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma,
-        partial_dtype=partial_dtype,
+    o_p, lse_p = block_attention(
+        q, k, v, inv, cu_q, cu_k, topk=topk, block_size=block_size, scale=scale, use_mma=use_mma
     )
-    return combine(o_p, lse_p, out_dtype=q.dtype, partial_scale=p_sc[0] if p_sc else None)
+    return combine(o_p, lse_p, out_dtype=q.dtype)
 
 
 def msa_attention(
@@ -604,7 +550,6 @@ def msa_attention(
     use_mma: bool = True,
     decode: bool | None = None,
     forced_pass: bool = True,
-    partial_dtype: str | None = None,
 ):
     """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq].
 
@@ -617,9 +562,7 @@ def msa_attention(
     (`forced_combine`), where `forced_pass_fits`; False: the plain
     invert / block attention / combine pipeline. use_mma picks the block
     attention's GPU path (False: SIMT, for testing); the forced pass always
-    runs on tensor cores. partial_dtype="int8": the block attention's
-    partials as int8 with a scale per row (block_attention), half their
-    bytes, about 4x bf16's rounding error in them.
+    runs on tensor cores.
     """
     _, _, _, _, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
@@ -628,32 +571,29 @@ def msa_attention(
         init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale, decode=decode,
     )
     D = _static("q head dim D", D)
-    q8 = V.check_partial_dtype(partial_dtype, _dtype_name("q", q), D, block_size, use_mma)
     if forced_pass and not use_decode(decode, _shape(q)[0], _shape(cu_q)[0], q.dtype, q.device, stage="attention",
                                       dim=D, block_size=block_size) and forced_pass_fits(
             q.dtype, q.device, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
-            local_blocks=local_blocks, int8_partials=q8):
+            local_blocks=local_blocks):
         return forced_layer(q, k, v, bid, cu_q, cu_k, block_size=block_size, init_blocks=init_blocks,
-                            local_blocks=local_blocks, scale=scale, q_budget=q_budget, use_mma=use_mma,
-                            partial_dtype=partial_dtype)[-2:]
+                            local_blocks=local_blocks, scale=scale, q_budget=q_budget, use_mma=use_mma)[-2:]
     return sparse_attention(
         q, k, v, bid, cu_q, cu_k, block_size=block_size, scale=scale, q_budget=q_budget, use_mma=use_mma,
-        decode=decode, partial_dtype=partial_dtype,
+        decode=decode,
     )
 
 
 def forced_layer(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, *, block_size: int, init_blocks: int,
-                 local_blocks: int, scale, q_budget: int, use_mma: bool = True, partial_dtype: str | None = None):
+                 local_blocks: int, scale, q_budget: int, use_mma: bool = True):
     """Steps 4-6 with the forced pass, on a selection's block_ids: the
     inversion without the forced blocks, the block attention of the other
     slots, then forced_combine. Returns (Inversion, o_partial, lse_partial,
-    partial_scale (None unless partial_dtype="int8"), out, lse)."""
+    out, lse)."""
     topk = _static("block_ids topk", _shape(block_ids)[2])
     inv = invert(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys=k.shape[0], block_size=block_size,
                  q_budget=q_budget, init_blocks=init_blocks, local_blocks=local_blocks)
-    o_p, lse_p, *p_sc = block_attention(q, k, v, inv, cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size,
-                                        scale=scale, use_mma=use_mma, partial_dtype=partial_dtype)
-    p_sc = p_sc[0] if p_sc else None
+    o_p, lse_p = block_attention(q, k, v, inv, cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size,
+                                 scale=scale, use_mma=use_mma)
     out, lse = forced_combine(q, k, v, o_p, lse_p, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
-                              init_blocks=init_blocks, local_blocks=local_blocks, scale=scale, partial_scale=p_sc)
-    return inv, o_p, lse_p, p_sc, out, lse
+                              init_blocks=init_blocks, local_blocks=local_blocks, scale=scale)
+    return inv, o_p, lse_p, out, lse

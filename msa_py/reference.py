@@ -328,46 +328,13 @@ def block_attention(
     return _block_partials(q, k, v, bid, cu_q, cu_k, block_size, scale)
 
 
-def quantize_partials(o_partial):
-    """The int8 partials (partial_dtype="int8"): each [D] row as
-    round(o * 127 / absmax(o)) with partial_scale = absmax / 127 (0 for an
-    all-zero row). Returns (o_partial int8 [T, Hq, topk, D], partial_scale
-    float32 [T, Hq, topk]); dequantize_partials inverts it up to half a step."""
-    o = _f64("o_partial", o_partial)
-    V.check_rank("o_partial", o.shape, 4, "[T, Hq, topk, D]")
-    amax = np.abs(o).max(-1)
-    f = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1.0), 0.0)
-    return np.rint(o * f[..., None]).astype(np.int8), (amax / 127.0).astype(np.float32)
-
-
-def dequantize_partials(o_partial, partial_scale):
-    """int8 o_partial [T, Hq, topk, D] times its row scales [T, Hq, topk], in float64."""
-    o = np.asarray(o_partial)
-    if o.dtype != np.int8:
-        raise ValueError(f"o_partial must be int8 to go with partial_scale, got {o.dtype}")
-    sc = _f64("partial_scale", partial_scale)
-    if sc.shape != o.shape[:3]:
-        raise ValueError(f"partial_scale must have shape {o.shape[:3]} (o_partial's first three dims), got {sc.shape}")
-    return o.astype(np.float64) * sc[..., None]
-
-
-def _partials(o_partial, partial_scale):
-    """o_partial in float64: as given, or dequantized when partial_scale comes with int8 values."""
-    if partial_scale is None:
-        if np.asarray(o_partial).dtype == np.int8:
-            raise ValueError("int8 o_partial needs its partial_scale")
-        return _f64("o_partial", o_partial)
-    return dequantize_partials(o_partial, partial_scale)
-
-
 # --------------------------------------------------------------------------- 6 combine
-def combine(o_partial, lse_partial, partial_scale=None):
+def combine(o_partial, lse_partial):
     """Merges partials by log-sum-exp. Returns out [T, Hq, D], lse [T, Hq].
 
-    A (query, head) with no visible key gets out 0 and lse -inf. int8
-    o_partial comes with its partial_scale (quantize_partials).
+    A (query, head) with no visible key gets out 0 and lse -inf.
     """
-    o = _partials(o_partial, partial_scale)
+    o = _f64("o_partial", o_partial)
     lp = _f64("lse_partial", lse_partial)
     V.check_rank("o_partial", o.shape, 4, "[T, Hq, topk, D]")
     V.check_rank("lse_partial", lp.shape, 3, "[T, Hq, topk]")
@@ -397,15 +364,14 @@ def forced_combine(
     init_blocks: int = 1,
     local_blocks: int = 2,
     scale: float | None = None,
-    partial_scale=None,
 ):
     """Steps 5-6 for the forced blocks, fused with the merge: each query's
     forced blocks (sinks and local, `forced_blocks`) attended to as one
     more split, merged with the partials of the other blocks (as left by
-    `block_attention` on an inversion that skipped them; int8 ones with
-    their partial_scale). Returns out [T, Hq, D], lse [T, Hq]."""
+    `block_attention` on an inversion that skipped them). Returns out
+    [T, Hq, D], lse [T, Hq]."""
     q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    o_partial, lse_partial = _partials(o_partial, partial_scale), _f64("lse_partial", lse_partial)
+    o_partial, lse_partial = _f64("o_partial", o_partial), _f64("lse_partial", lse_partial)
     V.check_rank("o_partial", o_partial.shape, 4, "[T, Hq, topk, D]")
     if o_partial.shape[:2] != q.shape[:2] or o_partial.shape[3] != D:
         raise ValueError(f"o_partial must be [T, Hq, topk, D] with q's T, Hq, D {q.shape}, got {o_partial.shape}")

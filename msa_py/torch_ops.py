@@ -255,7 +255,7 @@ def _attention_checks(q, k, v, cu_q, cu_k):
 def _sparse_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    block_size: int, scale: float, q_budget: int, partial_dtype: Optional[str] = None,
+    block_size: int, scale: float, q_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -266,9 +266,8 @@ def _sparse_op(
     lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    decode = _decode(T, cu_seqlens_q, q, block_size, D=D)
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget,
-                 decode=decode, partial_dtype=None if decode else partial_dtype)  # decode stores no partials
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D))
     _run("sparse", spec, _device_key(q),
          dict(q=q, k=k, v=v, block_ids=block_ids, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q)), [out, lse])
@@ -276,7 +275,7 @@ def _sparse_op(
 
 
 @_sparse_op.register_fake
-def _(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, scale, q_budget, partial_dtype=None):
+def _(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, scale, q_budget):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -291,14 +290,12 @@ def sparse_attention(
     block_size: int = 128,
     scale: Optional[float] = None,
     q_budget: int = 64,
-    partial_dtype: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over selected blocks: out [T, Hq, D] (q's dtype), lse [T, Hq] fp32.
 
     q [T, Hq, D], k/v [S, Hkv, D], block_ids [Hkv, T, topk] int32 (from
     select_blocks or your own selector: ascending per row, -1 padded, each id
-    at most the query's own block). partial_dtype="int8": the per-block
-    partials stored as int8 with a scale per row (msa_attention).
+    at most the query's own block).
     """
     _check_tensors(q=q, k=k, v=v, block_ids=block_ids, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     T, S, Hq, Hkv, D, _ = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
@@ -308,10 +305,8 @@ def sparse_attention(
     V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
     V.check_int32_range(T, S, block_ids.shape[2], Hq, Hkv)
     V.check_scale("scale", scale)
-    V.check_partial_dtype(partial_dtype, _DTYPES[q.dtype], D, block_size)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return torch.ops.msa.sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, sc, q_budget,
-                                          partial_dtype)
+    return torch.ops.msa.sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, sc, q_budget)
 
 
 @torch.library.custom_op("msa::msa_attention", mutates_args=())
@@ -319,7 +314,6 @@ def _msa_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], topk: int,
     block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, q_budget: int,
-    partial_dtype: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -330,10 +324,9 @@ def _msa_op(
     lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    decode = _decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2], topk=topk)
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget, decode=decode,
-                 partial_dtype=None if decode else partial_dtype)  # decode stores no partials
+                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2], topk=topk))
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse])
@@ -342,7 +335,7 @@ def _msa_op(
 
 @_msa_op.register_fake
 def _(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size, init_blocks, local_blocks,
-      scale, idx_scale, q_budget, partial_dtype=None):
+      scale, idx_scale, q_budget):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -362,7 +355,6 @@ def msa_attention(
     scale: Optional[float] = None,
     idx_scale: Optional[float] = None,
     q_budget: int = 64,
-    partial_dtype: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA: select blocks with the indexer, then attend over them.
 
@@ -370,11 +362,6 @@ def msa_attention(
     (bf16, fp16 or fp32); cu_seqlens_q/k [B+1] int32 prefix sums (None: one
     sequence whose queries are the last T of its S keys). Returns
     out [T, Hq, D] (q's dtype) and lse [T, Hq] (fp32, natural log).
-
-    partial_dtype="int8" (opt-in, 16-bit inputs, D 64..128): the block
-    attention's per-(query, block) partials are stored as int8 with one
-    scale per row instead of q's dtype: half their memory traffic, at about
-    4x bf16's rounding error in the partials (benchmarks/partial_precision.py).
     """
     _check_tensors(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     T, S, Hq, Hkv, D, dn = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
@@ -387,11 +374,10 @@ def msa_attention(
     V.check_int32_range(T, S, topk, Hq, Hkv)
     V.check_scale("scale", scale)
     V.check_scale("idx_scale", idx_scale)
-    V.check_partial_dtype(partial_dtype, dn, D, block_size)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
     return torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
-                                       init_blocks, local_blocks, sc, isc, q_budget, partial_dtype)
+                                       init_blocks, local_blocks, sc, isc, q_budget)
 
 
 # --------------------------------------------------------------------------- stage ops

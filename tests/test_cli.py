@@ -50,3 +50,11 @@ def test_bench_decode_tiny(tmp_path, capsys):
         for key in ("msa_ms", "dense_ms", "speedup_vs_dense", "gbps", "gbytes_moved"):
             assert key in r and r[key] > 0, key
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_options_are_usage_errors(capsys):
+    """A bad configuration stops before any compile, as argparse's usage error (exit 2) naming the option."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--tokens", "64", *TINY[:-4], "--block-size", "24", "--dtype", "float32"])
+    assert e.value.code == 2
+    assert "block_size" in capsys.readouterr().err

@@ -51,31 +51,6 @@ def test_graph_time_errors():
             msa.select_blocks(qi, ki, block_size=100)
 
 
-def test_int8_partials_graph_errors():
-    dev = DeviceRef.CPU()
-    i8, f32, bf = DType.int8, DType.float32, DType.bfloat16
-    with Graph("bad_q8", input_types=[TensorType(i8, ["T", 4, 3, 64], device=dev),
-                                      TensorType(f32, ["T", 4, 3], device=dev),
-                                      TensorType(bf, ["T", 4, 3, 64], device=dev),
-                                      TensorType(f32, ["T", 4, 2], device=dev),
-                                      TensorType(bf, ["T", 4, 48], device=dev)],
-               custom_extensions=[msa.kernels_path()]) as g:
-        o8, lp, o16, bad_sc, q48 = (x.tensor for x in g.inputs)
-        with pytest.raises(ValueError, match="needs its partial_scale"):
-            msa.combine(o8, lp, out_dtype=bf)
-        with pytest.raises(ValueError, match="needs out_dtype"):
-            msa.combine(o8, lp, partial_scale=lp)
-        with pytest.raises(ValueError, match="partial_scale must be float32"):
-            msa.combine(o8, lp, out_dtype=bf, partial_scale=bad_sc)
-        with pytest.raises(ValueError, match="int8 o_partial only"):
-            msa.combine(o16, lp, partial_scale=lp)
-        with pytest.raises(ValueError, match="D a multiple of 16 in 64..128"):
-            msa.msa_attention(q48, q48[:, :2], q48[:, :2], q48[:, :2], q48[:, 0], topk=4, block_size=64,
-                              partial_dtype="int8")
-        with pytest.raises(ValueError, match="partial_dtype must be"):
-            msa.msa_attention(q48, q48[:, :2], q48[:, :2], q48[:, :2], q48[:, 0], partial_dtype="int4")
-
-
 def test_gpu_shared_memory_limits_are_checked_before_compiling():
     gpu = DeviceRef.GPU(0)
     f = DType.float32

@@ -81,28 +81,6 @@ def test_16bit_inputs(dtype, torch_device):
     assert Vf.rel_err(np64(lse), rl) < 1e-4
 
 
-def test_int8_partials(torch_device):
-    """partial_dtype="int8": msa_attention and sparse_attention against the
-    float64 truth within int8's bound, and bad values refused up front."""
-    c = make_case(27, [(60, 90), (45, 45)], HQ, HKV, D, DI)
-    q, k, v, qi, ki, cq, ck = tensors(c, torch_device, "bfloat16")
-    out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK + 2, block_size=BS, partial_dtype="int8")
-    assert out.dtype == torch.bfloat16
-    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK + 2, block_size=BS)
-    r = [np64(x) for x in (q, k, v)]
-    ro, rl = R.sparse_attention(*r, bid.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS)
-    assert Vf.rel_err(np64(out), ro) < Vf.tolerance("bfloat16", "int8")
-    assert Vf.rel_err(np64(lse), rl) < 1e-4
-    o2, l2 = msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS, partial_dtype="int8")
-    assert Vf.rel_err(np64(o2), ro) < Vf.tolerance("bfloat16", "int8")
-    assert Vf.rel_err(np64(l2), rl) < 1e-4
-    with pytest.raises(ValueError, match="partial_dtype must be"):
-        msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, partial_dtype="fp8")
-    with pytest.raises(ValueError, match="16-bit q"):
-        msa_py.msa_attention(q.float(), k.float(), v.float(), qi.float(), ki.float(), cq, ck, topk=TOPK,
-                             block_size=BS, partial_dtype="int8")
-
-
 def test_no_recompile_for_new_lengths(torch_device):
     outs = []
     for seqs in ([(33, 33)], [(100, 140), (7, 7)], [(5, 300)]):
