@@ -46,6 +46,12 @@ SMALL = [
     ("chunked_g16_f32", [(64, 1000), (3, 131)], 32, 2, 128, 64, 5, 128, "float32", True, None),
     # Di 256: the largest index head dim; on Hopper its wgmma ring does not fit in shared memory (mma.sync instead)
     ("di256_bf16", [(300, 300), (40, 200)], 16, 2, 128, 256, 8, 128, "bfloat16", True, None),
+    # the plain pipeline (a name ending in _plain: no forced pass): the block
+    # attention also takes each query's own, partly visible block, and the
+    # last, short block of a sequence; the combine merges
+    ("ragged_g4_bf16_plain", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 4, 64, "bfloat16", True,
+     None),
+    ("g16_d128_bf16_plain", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "bfloat16", True, None),
 ]
 LARGE = [
     ("32k_model_shape_bf16", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
@@ -63,10 +69,10 @@ DECODE = [
      True),
     ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
 ]
-QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], DECODE[1]]
+QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], SMALL[8], DECODE[1]]
 # cases with a small q_budget: their work lists span several of the
 # inversion's query windows (WINDOW_CHUNKS * q_budget queries); others use 64
-Q_BUDGET = {"ragged_g4_f32": 3, "ragged_g4_bf16_mma": 4, "g16_d128_bf16": 8}
+Q_BUDGET = {"ragged_g4_f32": 3, "ragged_g4_bf16_mma": 4, "g16_d128_bf16": 8, "ragged_g4_bf16_plain": 4}
 
 
 def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
@@ -195,7 +201,8 @@ def _spec(case):
 
     name, _, Hq, Hkv, D, Di, topk, bs, dtype, use_mma, _, *rest = case
     return E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk,
-                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]), q_budget=Q_BUDGET.get(name, 64))
+                  block_size=bs, use_mma=use_mma, decode=bool(rest and rest[0]), q_budget=Q_BUDGET.get(name, 64),
+                  forced_pass=not name.endswith("_plain"))
 
 
 def _selected_keys(seqs, topk, bs):
