@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     b.add_argument("--n-new", type=int, default=1, help="decode: new tokens per sequence (speculative: up to 8)")
     args = ap.parse_args(argv)
     try:
-        _spec(args, "cpu" if args.device == "cpu" else "gpu")  # bad options: a usage error, before any compile
+        _spec(args, _device(args.device))  # bad options: a usage error, before any compile
     except ValueError as e:
         ap.error(str(e))
     return demo(args) if args.cmd == "demo" else bench(args)
