@@ -8,9 +8,11 @@
 # bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
 #           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE"),
 #           <TREE>_ARGS more `msa bench` options for that tree (e.g. NEW_ARGS="--no-forced-pass")
-# select    the indexer alone (benchmarks/select_bench.py) at BENCH_LENGTHS in each
+# select    the indexer alone (benchmarks/stage_bench.py) at BENCH_LENGTHS in each
 #           tree of BENCH_TREES, SELECT_ROUNDS times round the trees (default 2),
 #           so a drifting card shows up as a spread, not as a difference
+# attn      the same for the block attention and the forced pass (stage_bench.py
+#           --stages attention): no full-layer model, no dense baseline
 # sanitize  memcheck and racecheck on the new tree (SANITIZE_ONLY: the cases)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PATH=/tmp/site/modular/bin:$PATH
@@ -36,12 +38,13 @@ for s in "$@"; do
           ${!a} --out "$OUT/bench_${t,,}" 2>&1 | grep -v "^\[" | tail -8 || rc=1
         gpu_state "after $t"
       done ;;
-    select)
+    select|attn)
+      stages=$([ "$s" = attn ] && echo attention || echo select)
       for r in $(seq "${SELECT_ROUNDS:-2}"); do
         for t in ${BENCH_TREES:-NEW BASE}; do
-          gpu_state "before select $t round $r"
-          in_tree "${!t}" python3 "$ROOT/${!t}/benchmarks/select_bench.py" --lengths "$BENCH_LENGTHS" \
-            --out "$OUT/select_${t,,}_r$r.json" 2>&1 | grep -v "^\[" | tail -6 | sed "s/^/$t r$r: /" || rc=1
+          gpu_state "before $s $t round $r"
+          in_tree "${!t}" python3 "$ROOT/${!t}/benchmarks/stage_bench.py" --stages "$stages" --lengths "$BENCH_LENGTHS" \
+            --out "$OUT/${s}_${t,,}_r$r.json" 2>&1 | grep -v "^\[" | tail -6 | sed "s/^/$t r$r: /" || rc=1
         done
       done ;;
     sanitize)

@@ -233,6 +233,47 @@ def time_stage(runner, tm, kind, bufs, repeats: int) -> float:
     return tm(call, repeats)
 
 
+def rotations(spec: E.Spec, T: int, rotate_sets: int) -> int:
+    """Input sets to rotate: one where the stored partials of several would not fit (far past L2 anyway)."""
+    part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (4 if spec.dtype == "float32" else 2)
+    return 1 if part_bytes > (8 << 30) else rotate_sets
+
+
+def prepare_layer(runner, bufs, kinds: dict) -> list:
+    """Runs the selection and the layer's inversion once on each input set,
+    adding block_ids and the work list to it (the later stages' inputs);
+    returns the block_ids."""
+    bids = [runner.run("select", b)[0] for b in bufs]
+    for b, bid in zip(bufs, bids):
+        b["block_ids"] = bid
+        inv = runner.run(kinds["invert"], b)
+        b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
+    return bids
+
+
+def store_partials(runner, bufs) -> None:
+    """One block attention per input set, its partials kept for the merge."""
+    for b in bufs:
+        o_p, lse_p = runner.run("block_attention", b)
+        b.update(o_partial=o_p, lse_partial=lse_p)
+
+
+def drop_partials(bufs) -> None:
+    """Frees the stored partials (34 GB at 128K): each timed block attention makes its own."""
+    for b in bufs:
+        b.pop("o_partial", None), b.pop("lse_partial", None)
+
+
+def attention_tflops(torch, spec: E.Spec, block_ids, T: int, S: int, ms: float, forced_pass: bool) -> float:
+    """The block attention's effective rate over its own keys: without each
+    query's forced blocks where the forced pass takes them."""
+    bid_t = torch.from_dlpack(block_ids)
+    keys = attended_keys(torch, bid_t, T, S, spec.block_size)
+    if forced_pass:
+        keys -= attended_keys(torch, bid_t, T, S, spec.block_size, (spec.init_blocks, spec.local_blocks))
+    return 4 * keys * spec.num_heads * spec.head_dim / (ms * 1e-3) / 1e12
+
+
 def select_tflops(spec: E.Spec, T: int, S: int, ms: float) -> float:
     """The indexer's effective rate: 2 x causal pairs x Hkv x Di."""
     return 2 * causal_pairs(T, S) * spec.num_kv_heads * spec.idx_dim / (ms * 1e-3) / 1e12
@@ -242,46 +283,28 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
               chunk, gather_max, dense_max) -> dict:
     _progress(li, steps, f"T={L}: compiling / warming up")
     T = S = L
-    rotate = rotate_sets
-    part_bytes = T * spec.num_heads * spec.topk * spec.head_dim * (4 if spec.dtype == "float32" else 2)
-    if part_bytes > (8 << 30):  # partials of several sets would not fit; far past L2 anyway
-        rotate = 1
+    rotate = rotations(spec, T, rotate_sets)
     sets = [make_inputs(torch, spec, T, S, tdev, scenario, seed=s) for s in range(rotate)]
     bufs = [runner.buffers(torch, *x, T, S) for x in sets]
     it = iter(range(10**9))
     row = dict(T=T, S=S)
-    # selection, once per set (also feeds the later stages)
-    bids = [runner.run("select", b)[0] for b in bufs]
-    for b, bid in zip(bufs, bids):
-        b["block_ids"] = bid
     kinds = layer_stage_kinds(spec, device)
     row["forced_pass"] = kinds["combine"] == "forced_combine"
-    invs = [runner.run(kinds["invert"], dict(b, block_ids=bid)) for b, bid in zip(bufs, bids)]
-    for b, inv in zip(bufs, invs):
-        b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
-    parts = [runner.run("block_attention", b) for b in bufs]
-    for b, pr in zip(bufs, parts):
-        b.update(o_partial=pr[0], lse_partial=pr[1])
-    del pr  # the loop variable would keep one o_partial alive (34 GB at 128K) past the pop below
+    bids = prepare_layer(runner, bufs, kinds)  # selection and inversion once per set: the later stages' inputs
+    store_partials(runner, bufs)
     _progress(li, steps, f"T={L}: timing MSA stages")
     for stage in ("select", "invert", "combine", "block_attention", "msa"):
         kind = kinds.get(stage, stage)
-        if kind == "block_attention":  # free the stored partials: each timed call makes its own
-            for b in bufs:
-                b.pop("o_partial", None), b.pop("lse_partial", None)
-            parts = None
+        if kind == "block_attention":
+            drop_partials(bufs)
         row[f"{stage}_ms"] = time_stage(runner, tm, kind, bufs, repeats)
     if chunk:
         row["msa_chunked_ms"] = tm(lambda: _chunked(runner, torch, sets[0], T, chunk), max(1, repeats // 2))
     pairs = causal_pairs(T, S)
-    bid_t = torch.from_dlpack(bids[0])
-    keys = attended_keys(torch, bid_t, T, S, spec.block_size)
+    keys = attended_keys(torch, torch.from_dlpack(bids[0]), T, S, spec.block_size)
     row["keys_per_query"] = keys / T
     row["select_tflops"] = select_tflops(spec, T, S, row["select_ms"])
-    # the block attention's own keys: without the forced blocks where the forced pass takes them
-    forced = (spec.init_blocks, spec.local_blocks)
-    block_keys = keys - (attended_keys(torch, bid_t, T, S, spec.block_size, forced) if row["forced_pass"] else 0)
-    row["attention_tflops"] = 4 * block_keys * spec.num_heads * spec.head_dim / (row["block_attention_ms"] * 1e-3) / 1e12
+    row["attention_tflops"] = attention_tflops(torch, spec, bids[0], T, S, row["block_attention_ms"], row["forced_pass"])
     row["attention_pct_peak"] = 100 * row["attention_tflops"] / peak
     # issue 8 asks inversion + combine to stay under 15% of the layer
     row["invert_combine_pct"] = 100 * (row["invert_ms"] + row["combine_ms"]) / row["msa_ms"]

@@ -95,12 +95,8 @@ def demo(args) -> int:
     for stage in Bn.STAGES:
         E.model(kinds[stage], spec, device)
     print(f"  ready in {time.time() - t0:.1f} s")
-    bid = runner.run("select", bufs)[0]
-    bufs["block_ids"] = bid
-    inv = runner.run(kinds["invert"], bufs)
-    bufs.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
-    o_p, lse_p = runner.run("block_attention", bufs)
-    bufs.update(o_partial=o_p, lse_partial=lse_p)
+    bid = Bn.prepare_layer(runner, [bufs], kinds)[0]
+    Bn.store_partials(runner, [bufs])
     out, lse = runner.run(kinds["combine"], bufs)
     tm = Bn._timer(device)
     reps = 3 if device == "cpu" else 10

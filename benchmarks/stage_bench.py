@@ -1,0 +1,90 @@
+"""One layer stage alone at the model shape: the indexer (select, MSA.md
+steps 1-3), or the attention (the block attention and the forced pass with
+its merge, steps 5-6, on the indexer's selection). Only the models those
+stages need are compiled and there is no dense baseline, so an A/B of kernel
+changes costs a fraction of `msa bench`'s device time (`benchmarks/ab_trees.sh
+select` / `attn`).
+
+  python benchmarks/stage_bench.py --stages select --lengths 32k,128k [--repeats 5] [--out results.json]
+  python benchmarks/stage_bench.py --stages attention --lengths 32k,128k
+
+Prints one line per length: median ms of device-event timings after warm-up
+(input sets rotated between runs, as `msa bench` does) and effective TFLOP/s
+with `msa bench`'s counts (indexer: 2 x causal pairs x Hkv x Di; block
+attention: 4 x its own keys x Hq x D)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from msa_py import engine as E  # noqa: E402
+from msa_py.bench import (  # noqa: E402
+    MSARunner, _timer, attention_tflops, commit, drop_partials, layer_stage_kinds, make_inputs, prepare_layer,
+    rotations, select_tflops, store_partials, time_stage,
+)
+from msa_py.cli import _lengths  # noqa: E402
+
+
+def _select(torch, spec, run, tm, bufs, T, repeats) -> dict:
+    ms = time_stage(run, tm, "select", bufs, repeats)
+    return dict(select_ms=ms, select_tflops=select_tflops(spec, T, T, ms))
+
+
+def _attention(torch, spec, run, tm, bufs, T, repeats, device) -> dict:
+    kinds = layer_stage_kinds(spec, device)
+    bids = prepare_layer(run, bufs, kinds)
+    store_partials(run, bufs)
+    row = dict(combine_kind=kinds["combine"])
+    row["combine_ms"] = time_stage(run, tm, kinds["combine"], bufs, repeats)
+    drop_partials(bufs)
+    row["block_attention_ms"] = ms = time_stage(run, tm, "block_attention", bufs, repeats)
+    row["attention_tflops"] = attention_tflops(torch, spec, bids[0], T, T, ms, kinds["combine"] == "forced_combine")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stages", choices=("select", "attention"), default="select")
+    ap.add_argument("--lengths", default="32k,128k")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rotate", type=int, default=2, help="input sets rotated between timed runs")
+    ap.add_argument("--scenario", choices=("uniform", "hot"), default="uniform")
+    ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: a smoke test of this script")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    import torch
+
+    spec, device = E.Spec(), a.device
+    tdev = "cuda" if device == "gpu" else "cpu"
+    run, tm = MSARunner(spec, device), _timer(device)
+    rows = []
+    print(f"{a.stages} on {torch.cuda.get_device_name() if device == 'gpu' else 'cpu'}, commit {commit()}")
+    for T in _lengths(a.lengths):
+        bufs = [run.buffers(torch, *make_inputs(torch, spec, T, T, tdev, a.scenario, s), T, T)
+                for s in range(rotations(spec, T, a.rotate))]
+        if a.stages == "select":
+            row = _select(torch, spec, run, tm, bufs, T, a.repeats)
+            print(f"  T {T:7d}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
+        else:
+            row = _attention(torch, spec, run, tm, bufs, T, a.repeats, device)
+            print(f"  T {T:7d}  block attention {row['block_attention_ms']:8.3f} ms  {row['attention_tflops']:6.1f} "
+                  f"TF/s  {row['combine_kind']} {row['combine_ms']:8.3f} ms", flush=True)
+        rows.append(dict(T=T, **row))
+        del bufs
+        if device == "gpu":
+            torch.cuda.empty_cache()
+    if a.out:
+        Path(a.out).write_text(json.dumps(dict(config=asdict(spec), device=device, stages=a.stages,
+                                               scenario=a.scenario, repeats=a.repeats, rows=rows, commit=commit(),
+                                               date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1))
+
+
+if __name__ == "__main__":
+    main()
