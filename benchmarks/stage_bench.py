@@ -32,7 +32,7 @@ from msa_py.bench import (  # noqa: E402
 from msa_py.cli import _lengths  # noqa: E402
 
 
-def _select(torch, spec, run, tm, bufs, T, repeats) -> dict:
+def _select(spec, run, tm, bufs, T, repeats) -> dict:
     ms = time_stage(run, tm, "select", bufs, repeats)
     return dict(select_ms=ms, select_tflops=select_tflops(spec, T, T, ms))
 
@@ -70,7 +70,7 @@ def main() -> None:
         bufs = [run.buffers(torch, *make_inputs(torch, spec, T, T, tdev, a.scenario, s), T, T)
                 for s in range(rotations(spec, T, a.rotate))]
         if a.stages == "select":
-            row = _select(torch, spec, run, tm, bufs, T, a.repeats)
+            row = _select(spec, run, tm, bufs, T, a.repeats)
             print(f"  T {T:7d}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
         else:
             row = _attention(torch, spec, run, tm, bufs, T, a.repeats, device)

@@ -71,14 +71,12 @@ def _spec(args, device: str) -> E.Spec:
 
 
 # --------------------------------------------------------------------------- demo
-def demo(args) -> int:
+def demo(args, device: str, spec: E.Spec) -> int:
     import torch
 
     from . import bench as Bn
     from . import verify as Vf
 
-    device = _device(args.device)
-    spec = _spec(args, device)
     T = args.tokens or (32768 if device != "cpu" else 2048)
     S = T
     tdev = "cpu" if device == "cpu" else "cuda"
@@ -143,11 +141,9 @@ def demo(args) -> int:
 
 
 # --------------------------------------------------------------------------- bench
-def bench(args) -> int:
+def bench(args, device: str, spec: E.Spec) -> int:
     from . import bench as Bn
 
-    device = _device(args.device)
-    spec = _spec(args, device)
     if args.decode:
         return _bench_decode(args, device, spec)
     if args.lengths:
@@ -203,11 +199,12 @@ def main(argv=None) -> int:
     b.add_argument("--contexts", help="decode: comma list of cache lengths (GPU default 16k,32k,64k,128k)")
     b.add_argument("--n-new", type=int, default=1, help="decode: new tokens per sequence (speculative: up to 8)")
     args = ap.parse_args(argv)
+    device = _device(args.device)
     try:
-        _spec(args, _device(args.device))  # bad options: a usage error, before any compile
+        spec = _spec(args, device)  # bad options: a usage error, before any compile
     except ValueError as e:
         ap.error(str(e))
-    return demo(args) if args.cmd == "demo" else bench(args)
+    return (demo if args.cmd == "demo" else bench)(args, device, spec)
 
 
 if __name__ == "__main__":
