@@ -147,14 +147,15 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     elif rows is None:
         ref_op, ref_lp = R.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], topk=topk,
                                            block_size=bs, scale=scale)
-        used = np.isfinite(lse_p)[..., None]  # o_partial is unspecified in unused slots
-        e_part = Vf.rel_err(np.where(used, o_p, 0), ref_op)
+        # o_partial is unspecified in unused slots (any bits, NaN included): zeroed before any use
+        o_used = np.where(np.isfinite(lse_p)[..., None], o_p, 0)
+        e_part = Vf.rel_err(o_used, ref_op)
         e_lsep = Vf.rel_err(lse_p, ref_lp)
         if forced:  # the forced pass alone, on the kernel's partials
-            ref_out, ref_lse = R.forced_combine(a["q"], a["k"], a["v"], np.where(used, o_p, 0), lse_p, a["cu_q"],
+            ref_out, ref_lse = R.forced_combine(a["q"], a["k"], a["v"], o_used, lse_p, a["cu_q"],
                                                 a["cu_k"], block_size=bs, scale=scale, **skip)
         else:  # combine alone, on the kernel's partials
-            ref_out, ref_lse = R.combine(o_p, lse_p)
+            ref_out, ref_lse = R.combine(o_used, lse_p)
         e_comb = max(Vf.rel_err(out, ref_out), Vf.rel_err(lse, ref_lse))
         ref_o, ref_l = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=bs,
                                           scale=scale)
