@@ -118,13 +118,14 @@ def demo(args, device: str, spec: E.Spec) -> int:
     ok = not sel["bad"] and rel < Vf.tolerance(spec.dtype)
     keys = Bn.attended_keys(torch, torch.from_dlpack(bid), T, S, spec.block_size) / T
     dense_keys = (S + 1) / 2
-    print("\n  stage                  ms")
     forced = kinds["combine"] == "forced_combine"
-    for kind, label in (("select", "select (indexer, top-k)"), ("invert", "invert (block -> queries)"),
-                        ("block_attention", "block attention"),
-                        ("combine", "sinks+local, merge" if forced else "combine")):
-        print(f"  {label:24s} {stage_ms[kind]:9.3f}")
-    print(f"  {'MSA total':24s} {total:9.3f}")
+    labels = (("select", "select (indexer, top-k)"), ("invert", "invert (block -> queries)"),
+              ("block_attention", "block attention"), ("combine", "sinks+local, merge" if forced else "combine"))
+    w = max(len(label) for _, label in labels)
+    print(f"\n  {'stage':{w}s} {'ms':>9s}")
+    for kind, label in labels:
+        print(f"  {label:{w}s} {stage_ms[kind]:9.3f}")
+    print(f"  {'MSA total':{w}s} {total:9.3f}")
     print(f"\n  keys attended per query: {keys:.0f} on average (dense causal: {dense_keys:.0f}, "
           f"{dense_keys / keys:.1f}x more)")
     print(f"  check vs float64 reference on {len(rows)} queries: selection {sel['exact']}/{sel['rows']} exact"
