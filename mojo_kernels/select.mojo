@@ -618,41 +618,42 @@ def select_mma_kernel[
                     _ = k_empty[unsafe_offset=(j - j_lo) % K_STAGES].arrive()
 
         # Per block: half 0 is issued, half 1 of the previous block (done)
-        # is ranked while it runs, half 1 is issued, both are awaited, half 0
-        # is ranked. Ranking half 0 under half 1's chain (wait_group 1) would
-        # overlap more, but ptxas then serializes every wgmma of the kernel
-        # (C7514: it takes the reads for reads of in-flight accumulators),
-        # which is what v12 and v13 ran: one k16 step at a time.
-        # Block j_lo is peeled off so that nothing in the loop is
-        # conditional around a wgmma (a divergent-looking path makes ptxas
-        # serialize them too, C7518).
+        # is ranked while it runs, half 1 is issued, half 0 is awaited
+        # (wait_group 1) and ranked while half 1 runs, then half 1 is
+        # awaited. Every wait retires chains committed since the loop's
+        # top: a wait_group 1 that retires a chain of the previous trip (the
+        # deeper order) makes ptxas serialize every wgmma of the kernel
+        # (C7514), as it did for v12 and v13. Block j_lo is peeled off so
+        # that nothing in the loop is conditional around a wgmma (a
+        # divergent-looking path makes ptxas serialize them too, C7518).
         @always_inline
         def k_stage(j: Int) {var k_ring, var j_lo} -> type_of(k_ring):
             comptime if TMA_K:
                 return k_ring.unsafe_offset(((j - j_lo) % K_STAGES) * K_ELEMS)
             return k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
 
+        @always_inline
+        def both_halves(j: Int, k_j: type_of(k_ring)) {mut acc0, mut acc1, mut rr0, var q_h0, var q_h1, var t2, var lane, var scale, var sc_s, var id_s, var kv_done}:
+            """Block j's two chains, half 0 ranked under half 1."""
+            acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_j, acc1)  # half 1 of block j
+            wgmma_wait_group_sync[1]()  # half 0
+            acc0 = wgmma_acc_fence(acc0)
+            rr0.rank[BS, topk](acc0, j, t2, lane, scale, sc_s, id_s)  # while half 1 runs
+            wgmma_wait_group_sync[0]()  # half 1
+            acc1 = wgmma_acc_fence(acc1)
+            kv_done(j)
+
         if j_lo <= j_hi:
             next_block(j_lo)
             var k_lo = k_stage(j_lo)
             acc0 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h0, k_lo, acc0)
-            acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_lo, acc1)
-            wgmma_wait_group_sync[0]()
-            acc0 = wgmma_acc_fence(acc0)
-            acc1 = wgmma_acc_fence(acc1)
-            kv_done(j_lo)
-            rr0.rank[BS, topk](acc0, j_lo, t2, lane, scale, sc_s, id_s)
+            both_halves(j_lo, k_lo)
             for j in range(j_lo + 1, j_hi + 1):
                 var k_j = k_stage(j)
                 next_block(j)
                 acc0 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h0, k_j, acc0)  # half 0 of block j
                 rr1.rank[BS, topk](acc1, j - 1, t2, lane, scale, sc_s, id_s)  # while it runs
-                acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_j, acc1)  # half 1 of block j
-                wgmma_wait_group_sync[0]()
-                acc0 = wgmma_acc_fence(acc0)
-                acc1 = wgmma_acc_fence(acc1)
-                kv_done(j)
-                rr0.rank[BS, topk](acc0, j, t2, lane, scale, sc_s, id_s)
+                both_halves(j, k_j)
             rr1.rank[BS, topk](acc1, j_hi, t2, lane, scale, sc_s, id_s)
         async_copy_wait_group(0)  # nothing left in flight (tiles with no free block never waited)
     else:
