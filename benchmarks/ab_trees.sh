@@ -5,6 +5,10 @@
 # then, carrying both, one step per device call if the 10-minute limit needs it:
 #   NEW=.gpu/new BASE=.gpu/base NEW_COMMIT=<sha> BASE_COMMIT=<sha> OUT=$OUT bash benchmarks/ab_trees.sh check bench sanitize
 # check     the new tree against the reference (CHECK_ONLY: the cases)
+# checks    several trees side by side (CHECK_TREES, e.g. "NEW NEW2"; <TREE>_CHECK
+#           that tree's cases, default CHECK_ONLY): the checks are mostly compile,
+#           so two or three share the machine's cores in about the time of one;
+#           logs in $OUT/check_<tree>.log
 # bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
 #           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE"),
 #           <TREE>_ARGS more `msa bench` options for that tree (e.g. NEW_ARGS="--no-forced-pass")
@@ -29,6 +33,15 @@ rc=0
 for s in "$@"; do
   case "$s" in
     check) in_tree "$NEW" python3 -m msa_py.check --device gpu --only "$CHECK_ONLY" 2>&1 | tail -8 | tee "$OUT/check.log" || rc=1 ;;
+    checks)
+      pids=()
+      for t in ${CHECK_TREES:-NEW}; do
+        c="${t}_CHECK"
+        (in_tree "${!t}" python3 -m msa_py.check --device gpu --only "${!c:-$CHECK_ONLY}" > "$OUT/check_${t,,}.log" 2>&1) &
+        pids+=($!)
+      done
+      for p in "${pids[@]}"; do wait "$p" || rc=1; done
+      for t in ${CHECK_TREES:-NEW}; do echo "== $t"; grep -E "^(PASS|FAIL)|CHECK (PASSED|FAILED)|^[A-Za-z]*Error" "$OUT/check_${t,,}.log" | cut -c1-240; done ;;
     bench)
       for t in ${BENCH_TREES:-NEW BASE}; do
         c="${t}_COMMIT"
