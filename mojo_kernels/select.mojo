@@ -633,7 +633,9 @@ def select_mma_kernel[
             return k_ring.unsafe_offset((j % K_STAGES) * K_ELEMS)
 
         @always_inline
-        def both_halves(j: Int, k_j: type_of(k_ring)) {mut acc0, mut acc1, mut rr0, var q_h0, var q_h1, var t2, var lane, var scale, var sc_s, var id_s, var kv_done}:
+        def both_halves(j: Int, k_j: type_of(k_ring)) {
+            mut acc0, mut acc1, mut rr0, var q_h1, var t2, var lane, var scale, var sc_s, var id_s, var kv_done
+        }:
             """Block j's two chains, half 0 ranked under half 1."""
             acc1 = score_tile_wgmma[dtype, DI, BS, LAY, ROWS_CTA](q_h1, k_j, acc1)  # half 1 of block j
             wgmma_wait_group_sync[1]()  # half 0
