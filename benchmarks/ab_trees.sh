@@ -4,10 +4,9 @@
 #   git archive <branch> | tar x -C .gpu/new ; git archive main | tar x -C .gpu/base
 # then, carrying both, one step per device call if the 10-minute limit needs it:
 #   NEW=.gpu/new BASE=.gpu/base NEW_COMMIT=<sha> BASE_COMMIT=<sha> OUT=$OUT bash benchmarks/ab_trees.sh check bench sanitize
-# check     the new tree against the reference (CHECK_ONLY: the cases)
-# checks    several trees side by side (CHECK_TREES, e.g. "NEW NEW2"; <TREE>_CHECK
-#           that tree's cases, default CHECK_ONLY): the checks are mostly compile,
-#           so two or three share the machine's cores in about the time of one;
+# check     the trees of CHECK_TREES (default "NEW") against the reference, side by
+#           side (mostly compile: two or three share the machine's cores in about
+#           the time of one); CHECK_ONLY the cases, <TREE>_CHECK one tree's own;
 #           logs in $OUT/check_<tree>.log
 # bench     `msa bench` at BENCH_LENGTHS in each tree of BENCH_TREES (default
 #           "NEW BASE"; more trees: e.g. NEW2=.gpu/new2 BENCH_TREES="NEW NEW2 BASE"),
@@ -32,8 +31,7 @@ in_tree() { (cd "$ROOT/$1" && shift && PYTHONPATH=/tmp/site:$PWD "$@"); }
 rc=0
 for s in "$@"; do
   case "$s" in
-    check) in_tree "$NEW" python3 -m msa_py.check --device gpu --only "$CHECK_ONLY" 2>&1 | tail -8 | tee "$OUT/check.log" || rc=1 ;;
-    checks)
+    check)
       pids=()
       for t in ${CHECK_TREES:-NEW}; do
         c="${t}_CHECK"
