@@ -15,7 +15,8 @@
 #           tree of BENCH_TREES, SELECT_ROUNDS times round the trees (default 2),
 #           so a drifting card shows up as a spread, not as a difference
 # attn      the same for the block attention and the forced pass (stage_bench.py
-#           --stages attention): no full-layer model, no dense baseline
+#           --stages attention): no full-layer model, no dense baseline;
+#           <TREE>_STAGE_ARGS more stage_bench.py options (e.g. BASE_STAGE_ARGS=--empty-grid)
 # sanitize  memcheck and racecheck on the new tree (SANITIZE_ONLY: the cases)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PATH=/tmp/site/modular/bin:$PATH
@@ -54,7 +55,8 @@ for s in "$@"; do
       for r in $(seq "${SELECT_ROUNDS:-2}"); do
         for t in ${BENCH_TREES:-NEW BASE}; do
           gpu_state "before $s $t round $r"
-          in_tree "${!t}" python3 "$ROOT/${!t}/benchmarks/stage_bench.py" --stages "$stages" --lengths "$BENCH_LENGTHS" \
+          a="${t}_STAGE_ARGS"
+          in_tree "${!t}" python3 "$ROOT/${!t}/benchmarks/stage_bench.py" --stages "$stages" --lengths "$BENCH_LENGTHS" ${!a} \
             --out "$OUT/${s}_${t,,}_r$r.json" 2>&1 | grep -v "^\[" | tail -6 | sed "s/^/$t r$r: /" || rc=1
         done
       done ;;

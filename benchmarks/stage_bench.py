@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from msa_py import engine as E  # noqa: E402
@@ -37,7 +39,7 @@ def _select(spec, run, tm, bufs, T, repeats) -> dict:
     return dict(select_ms=ms, select_tflops=select_tflops(spec, T, T, ms))
 
 
-def _attention(torch, spec, run, tm, bufs, T, repeats, device) -> dict:
+def _attention(torch, spec, run, tm, bufs, T, repeats, device, empty_grid=False) -> dict:
     kinds = layer_stage_kinds(spec, device)
     bids = prepare_layer(run, bufs, kinds)
     store_partials(run, bufs)
@@ -46,6 +48,16 @@ def _attention(torch, spec, run, tm, bufs, T, repeats, device) -> dict:
     drop_partials(bufs)
     row["block_attention_ms"] = ms = time_stage(run, tm, "block_attention", bufs, repeats)
     row["attention_tflops"] = attention_tflops(torch, spec, bids[0], T, T, ms, kinds["combine"] == "forced_combine")
+    row["work_items"] = int(E.to_numpy(bufs[0]["num_work"])[0])
+    row["work_capacity"] = int(bufs[0]["work"].shape[0])
+    if empty_grid:
+        # the same launch with num_work 0: what the grid costs with no item to run
+        full = [b["num_work"] for b in bufs]
+        for b in bufs:
+            b["num_work"] = E.to_buffer(np.zeros(1, np.int32), "int32", device)
+        row["empty_grid_ms"] = time_stage(run, tm, "block_attention", bufs, repeats)
+        for b, nw in zip(bufs, full):
+            b["num_work"] = nw
     return row
 
 
@@ -57,6 +69,8 @@ def main() -> None:
     ap.add_argument("--rotate", type=int, default=2, help="input sets rotated between timed runs")
     ap.add_argument("--scenario", choices=("uniform", "hot"), default="uniform")
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: a smoke test of this script")
+    ap.add_argument("--empty-grid", action="store_true",
+                    help="attention: also time the block attention with num_work 0 (the cost of its grid alone)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     import torch
@@ -73,9 +87,11 @@ def main() -> None:
             row = _select(spec, run, tm, bufs, T, a.repeats)
             print(f"  T {T:7d}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
         else:
-            row = _attention(torch, spec, run, tm, bufs, T, a.repeats, device)
+            row = _attention(torch, spec, run, tm, bufs, T, a.repeats, device, a.empty_grid)
             print(f"  T {T:7d}  block attention {row['block_attention_ms']:8.3f} ms  {row['attention_tflops']:6.1f} "
-                  f"TF/s  {row['combine_kind']} {row['combine_ms']:8.3f} ms", flush=True)
+                  f"TF/s  {row['combine_kind']} {row['combine_ms']:8.3f} ms  items {row['work_items']} of "
+                  f"{row['work_capacity']}" + (f"  empty grid {row['empty_grid_ms']:.3f} ms" if a.empty_grid else ""),
+                  flush=True)
         rows.append(dict(T=T, **row))
         del bufs
         if device == "gpu":
