@@ -7,6 +7,7 @@ select` / `attn`).
 
   python benchmarks/stage_bench.py --stages select --lengths 32k,128k [--repeats 5] [--out results.json]
   python benchmarks/stage_bench.py --stages attention --lengths 32k,128k
+  python benchmarks/stage_bench.py --stages attention --lengths 16k,16k --keys 64k,128k  # prefill chunks
 
 Prints one line per length: median ms of device-event timings after warm-up
 (input sets rotated between runs, as `msa bench` does) and effective TFLOP/s
@@ -34,20 +35,21 @@ from msa_py.bench import (  # noqa: E402
 from msa_py.cli import _lengths  # noqa: E402
 
 
-def _select(spec, run, tm, bufs, T, repeats) -> dict:
+def _select(spec, run, tm, bufs, T, S, repeats) -> dict:
     ms = time_stage(run, tm, "select", bufs, repeats)
-    return dict(select_ms=ms, select_tflops=select_tflops(spec, T, T, ms))
+    return dict(select_ms=ms, select_tflops=select_tflops(spec, T, S, ms))
 
 
-def _attention(torch, spec, run, tm, bufs, T, repeats, device, empty_grid=False) -> dict:
+def _attention(torch, spec, run, tm, bufs, T, S, repeats, device, empty_grid=False) -> dict:
     kinds = layer_stage_kinds(spec, device)
     bids = prepare_layer(run, bufs, kinds)
     store_partials(run, bufs)
     row = dict(combine_kind=kinds["combine"])
+    row["invert_ms"] = time_stage(run, tm, kinds["invert"], bufs, repeats)
     row["combine_ms"] = time_stage(run, tm, kinds["combine"], bufs, repeats)
     drop_partials(bufs)
     row["block_attention_ms"] = ms = time_stage(run, tm, "block_attention", bufs, repeats)
-    row["attention_tflops"] = attention_tflops(torch, spec, bids[0], T, T, ms, kinds["combine"] == "forced_combine")
+    row["attention_tflops"] = attention_tflops(torch, spec, bids[0], T, S, ms, kinds["combine"] == "forced_combine")
     row["work_items"] = int(E.to_numpy(bufs[0]["num_work"])[0])
     row["work_capacity"] = int(bufs[0]["work"].shape[0])
     if empty_grid:
@@ -64,7 +66,10 @@ def _attention(torch, spec, run, tm, bufs, T, repeats, device, empty_grid=False)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", choices=("select", "attention"), default="select")
-    ap.add_argument("--lengths", default="32k,128k")
+    ap.add_argument("--lengths", default="32k,128k", help="queries per call")
+    ap.add_argument("--keys", default="",
+                    help="keys per call (the queries are the last of them, as in a prefill chunk over its prefix): "
+                         "one length, or one per --lengths entry; default the query count")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rotate", type=int, default=2, help="input sets rotated between timed runs")
     ap.add_argument("--scenario", choices=("uniform", "hot"), default="uniform")
@@ -80,19 +85,25 @@ def main() -> None:
     run, tm = MSARunner(spec, device), _timer(device)
     rows = []
     print(f"{a.stages} on {torch.cuda.get_device_name() if device == 'gpu' else 'cpu'}, commit {commit()}")
-    for T in _lengths(a.lengths):
-        bufs = [run.buffers(torch, *make_inputs(torch, spec, T, T, tdev, a.scenario, s), T, T)
+    lengths = _lengths(a.lengths)
+    keys = _lengths(a.keys) if a.keys else lengths
+    if len(keys) == 1:
+        keys = keys * len(lengths)
+    if len(keys) != len(lengths) or any(S < T for T, S in zip(lengths, keys)):
+        ap.error("--keys: one length, or one per --lengths entry, each >= its query count")
+    for T, S in zip(lengths, keys):
+        bufs = [run.buffers(torch, *make_inputs(torch, spec, T, S, tdev, a.scenario, s), T, S)
                 for s in range(rotations(spec, T, a.rotate))]
         if a.stages == "select":
-            row = _select(spec, run, tm, bufs, T, a.repeats)
-            print(f"  T {T:7d}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
+            row = _select(spec, run, tm, bufs, T, S, a.repeats)
+            print(f"  T {T:7d} S {S:7d}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
         else:
-            row = _attention(torch, spec, run, tm, bufs, T, a.repeats, device, a.empty_grid)
-            print(f"  T {T:7d}  block attention {row['block_attention_ms']:8.3f} ms  {row['attention_tflops']:6.1f} "
-                  f"TF/s  {row['combine_kind']} {row['combine_ms']:8.3f} ms  items {row['work_items']} of "
+            row = _attention(torch, spec, run, tm, bufs, T, S, a.repeats, device, a.empty_grid)
+            print(f"  T {T:7d} S {S:7d}  block attention {row['block_attention_ms']:8.3f} ms  {row['attention_tflops']:6.1f} "
+                  f"TF/s  {row['combine_kind']} {row['combine_ms']:8.3f} ms  invert {row['invert_ms']:.3f} ms  items {row['work_items']} of "
                   f"{row['work_capacity']}" + (f"  empty grid {row['empty_grid_ms']:.3f} ms" if a.empty_grid else ""),
                   flush=True)
-        rows.append(dict(T=T, **row))
+        rows.append(dict(T=T, S=S, **row))
         del bufs
         if device == "gpu":
             torch.cuda.empty_cache()
