@@ -333,8 +333,8 @@ def _chunk_calls(runner, torch, inputs, T: int, chunk: int) -> list:
     the device) are made here, before the timed calls, as a serving engine
     has them ready."""
     q, k, v, qi, ki = inputs
-    return [runner.buffers(torch, q[c0:c1], k[:c1], v[:c1], qi[c0:c1], ki[:c1], min(T, c0 + chunk) - c0, c1)
-            for c0 in range(0, T, chunk) for c1 in [min(T, c0 + chunk)]]
+    bounds = [(c0, min(T, c0 + chunk)) for c0 in range(0, T, chunk)]
+    return [runner.buffers(torch, q[c0:c1], k[:c1], v[:c1], qi[c0:c1], ki[:c1], c1 - c0, c1) for c0, c1 in bounds]
 
 
 # --------------------------------------------------------------------------- output
