@@ -94,15 +94,18 @@ def main() -> None:
     for T, S in zip(lengths, keys):
         bufs = [run.buffers(torch, *make_inputs(torch, spec, T, S, tdev, a.scenario, s), T, S)
                 for s in range(rotations(spec, T, a.rotate))]
+        head = f"  T {T:7d} S {S:7d}"
         if a.stages == "select":
             row = _select(spec, run, tm, bufs, T, S, a.repeats)
-            print(f"  T {T:7d} S {S:7d}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
+            print(f"{head}  select {row['select_ms']:8.3f} ms  {row['select_tflops']:6.1f} TF/s", flush=True)
         else:
             row = _attention(torch, spec, run, tm, bufs, T, S, a.repeats, device, a.empty_grid)
-            print(f"  T {T:7d} S {S:7d}  block attention {row['block_attention_ms']:8.3f} ms  {row['attention_tflops']:6.1f} "
-                  f"TF/s  {row['combine_kind']} {row['combine_ms']:8.3f} ms  invert {row['invert_ms']:.3f} ms  items {row['work_items']} of "
-                  f"{row['work_capacity']}" + (f"  empty grid {row['empty_grid_ms']:.3f} ms" if a.empty_grid else ""),
-                  flush=True)
+            line = (f"{head}  block attention {row['block_attention_ms']:8.3f} ms  {row['attention_tflops']:6.1f} TF/s"
+                    f"  {row['combine_kind']} {row['combine_ms']:8.3f} ms  invert {row['invert_ms']:.3f} ms"
+                    f"  items {row['work_items']} of {row['work_capacity']}")
+            if a.empty_grid:
+                line += f"  empty grid {row['empty_grid_ms']:.3f} ms"
+            print(line, flush=True)
         rows.append(dict(T=T, S=S, **row))
         del bufs
         if device == "gpu":
