@@ -32,6 +32,7 @@
 from std.math import ceildiv, exp, exp2, log
 from std.memory import unsafe_stack_allocation
 from std.sys import size_of
+from std.utils.numerics import isnan, nan
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
@@ -130,6 +131,7 @@ def softmax_block_cpu[dtype: DType, head_dim: Int, block_size: Int](
         return
     var s = unsafe_stack_allocation[block_size, Float32]()
     var mb = f32_neg_inf()
+    var has_nan = False
     for key in range(nvis):
         var krow = k.unsafe_offset(((kstart + key) * num_groups + g) * head_dim)
         var dot = Float32(0)
@@ -137,6 +139,15 @@ def softmax_block_cpu[dtype: DType, head_dim: Int, block_size: Int](
             dot += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
         s[unsafe_offset=key] = dot * scale
         mb = max(mb, dot * scale)
+        has_nan = has_nan or isnan(dot)
+    if has_nan:
+        # a NaN score makes the softmax NaN, as on the GPU (whose ex2 keeps
+        # NaN); the CPU's exp would turn it into inf, and max() skips it
+        m = max(m, mb)
+        den = nan[DType.float32]()
+        for d in range(head_dim):
+            acc[unsafe_offset=d] = nan[DType.float32]()
+        return
     var mn = max(m, mb)
     var alpha = exp(m - mn) if m > f32_neg_inf() else Float32(0)  # the empty state holds nothing to rescale
     den *= alpha
@@ -185,7 +196,7 @@ def _attention_cpu[
                 var inv = Float32(1) / den if den > 0 else Float32(0)
                 for d in range(head_dim):
                     o_p[unsafe_offset=off * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[part_dtype]()
-                lse_p[unsafe_offset=off] = m + log(den) if den > 0 else f32_neg_inf()
+                lse_p[unsafe_offset=off] = f32_neg_inf() if den == 0 else m + log(den)
 
 
 # ----------------------------------------------------------------------------- GPU, SIMT
@@ -274,7 +285,7 @@ def attention_simt_kernel[
                     a += p_s[unsafe_offset=key] * v_s[unsafe_offset=key * head_dim + d]
                 o_p[unsafe_offset=off * head_dim + d] = (a * inv).cast[part_dtype]()
         if lane == 0:
-            lse_p[unsafe_offset=off] = m + log(den) if den > 0 else f32_neg_inf()
+            lse_p[unsafe_offset=off] = f32_neg_inf() if den == 0 else m + log(den)
         syncwarp()
 
 
@@ -604,9 +615,9 @@ def attention_mma_kernel[
                     )
         if lane % 4 == 0:
             if p0 >= 0:
-                lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
+                lse_p[unsafe_offset=p0] = f32_neg_inf() if l_0 == 0 else m_0 * LN2 + log(l_0)
             if p1 >= 0:
-                lse_p[unsafe_offset=p1] = m_1 * LN2 + log(l_1) if l_1 > 0 else f32_neg_inf()
+                lse_p[unsafe_offset=p1] = f32_neg_inf() if l_1 == 0 else m_1 * LN2 + log(l_1)
         barrier()  # this tile's q and meta buffers are refilled two tiles on
 
 
@@ -759,9 +770,9 @@ def attention_wgmma_kernel[
                     )
         if lane % 4 == 0:
             if p0 >= 0:
-                lse_p[unsafe_offset=p0] = m_0 * LN2 + log(l_0) if l_0 > 0 else f32_neg_inf()
+                lse_p[unsafe_offset=p0] = f32_neg_inf() if l_0 == 0 else m_0 * LN2 + log(l_0)
             if p1 >= 0:
-                lse_p[unsafe_offset=p1] = m_1 * LN2 + log(l_1) if l_1 > 0 else f32_neg_inf()
+                lse_p[unsafe_offset=p1] = f32_neg_inf() if l_1 == 0 else m_1 * LN2 + log(l_1)
         if i + 2 < n_tiles:
             # a warp's rows of the buffer (Q, output staging, metadata) are
             # its own outside the wgmma, which waited above

@@ -4,7 +4,8 @@
 #   lse[t, h] = logsumexp_s lse_p[t, h, s]
 #
 # Unused slots carry lse_p = -inf and are skipped without reading o_p (their
-# o_p is never written). A row with no visible key gets out 0, lse -inf.
+# o_p is never written). A row with no visible key gets out 0, lse -inf; a
+# NaN lse_p (a NaN score in that block) makes the row's out and lse NaN.
 # GPU: one warp per (t, h) row, fp32 accumulation. When a 16-byte vector
 # divides D and D / vector divides the warp, each lane reads 16 bytes per
 # slot (the row's topk x D partials are contiguous, so a warp load covers
@@ -15,6 +16,7 @@
 from std.math import ceildiv, exp, log
 from std.memory import unsafe_stack_allocation
 from std.sys import size_of
+from std.utils.numerics import isnan, nan
 
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, block_idx, lane_id, thread_idx
@@ -45,8 +47,10 @@ def combine_row[
     extra_lse (-inf: none, extra is not read)."""
     var lrow = lse_p.unsafe_offset(row * topk)
     var m = extra_lse
+    var bad = isnan(extra_lse)  # a NaN split makes the row NaN (max() would skip it)
     for s in range(topk):
         m = max(m, lrow[unsafe_offset=s])
+        bad = bad or isnan(lrow[unsafe_offset=s])
     comptime PER_LANE = ceildiv(head_dim, lanes)
     var acc = Array[Float32, PER_LANE](fill=0)
     var den = Float32(0)
@@ -73,9 +77,9 @@ def combine_row[
     comptime for i in range(PER_LANE):
         var d = lane + i * lanes
         if d < head_dim:
-            output[unsafe_offset=row * head_dim + d] = (acc[i] * inv).cast[out_dtype]()
+            output[unsafe_offset=row * head_dim + d] = (nan[DType.float32]() if bad else acc[i] * inv).cast[out_dtype]()
     if lane == 0:
-        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
+        lse[unsafe_offset=row] = nan[DType.float32]() if bad else (f32_neg_inf() if den == 0 else m + log(den))
 
 
 def combine_vec_width[part_dtype: DType, head_dim: Int]() -> Int:
@@ -104,8 +108,10 @@ def _combine_row_vec[
     comptime SPP = WARP_SIZE // LPS
     var lrow = lse_p.unsafe_offset(row * topk)
     var m = f32_neg_inf()
+    var bad = False  # a NaN slot makes the row NaN (max() would skip it)
     comptime for s in range(topk):
         m = max(m, lrow[unsafe_offset=s])
+        bad = bad or isnan(lrow[unsafe_offset=s])
     var col = (lane % LPS) * vec
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
@@ -129,10 +135,10 @@ def _combine_row_vec[
         # naturally aligned (row * head_dim + col is a multiple of vec): one
         # vector store instead of vec scalar ones
         output.unsafe_store[alignment=vec * size_of[out_dtype]()](
-            row * head_dim + col, (acc * inv).cast[out_dtype]()
+            row * head_dim + col, (SIMD[DType.float32, vec](nan[DType.float32]()) if bad else acc * inv).cast[out_dtype]()
         )
     if lane == 0:
-        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
+        lse[unsafe_offset=row] = nan[DType.float32]() if bad else (f32_neg_inf() if den == 0 else m + log(den))
 
 
 @always_inline
@@ -170,8 +176,10 @@ def finish_row_cols[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: In
     log-sum-exp extra_lse (-inf: none) and normalized output `extra` (these
     columns). write_lse: this thread writes lse[row]."""
     var m = extra_lse
+    var bad = isnan(extra_lse)  # a NaN split makes the row NaN (max() would skip it)
     comptime for s in range(topk):
         m = max(m, lse_rows[base + s])
+        bad = bad or isnan(lse_rows[base + s])
     var acc = SIMD[DType.float32, vec](0)
     var den = Float32(0)
     if m > f32_neg_inf():
@@ -187,10 +195,10 @@ def finish_row_cols[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: In
             acc += w * extra
     var inv = Float32(1) / den if den > 0 else Float32(0)
     output.unsafe_store[alignment=vec * size_of[out_dtype]()](  # one vector store, naturally aligned
-        row * head_dim + col, (acc * inv).cast[out_dtype]()
+        row * head_dim + col, (SIMD[DType.float32, vec](nan[DType.float32]()) if bad else acc * inv).cast[out_dtype]()
     )
     if write_lse:
-        lse[unsafe_offset=row] = m + log(den) if den > 0 else f32_neg_inf()
+        lse[unsafe_offset=row] = nan[DType.float32]() if bad else (f32_neg_inf() if den == 0 else m + log(den))
 
 
 def combine_kernel[

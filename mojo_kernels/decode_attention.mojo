@@ -97,7 +97,7 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
             var inv = Float32(1) / l if l > 0 else Float32(0)
             for d in range(head_dim):
                 output[unsafe_offset=(t * Hq + h) * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[dtype]()
-            lse[unsafe_offset=t * Hq + h] = m + log(l) if l > 0 else f32_neg_inf()
+            lse[unsafe_offset=t * Hq + h] = f32_neg_inf() if l == 0 else m + log(l)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -309,7 +309,7 @@ def decode_attention_kernel[
             m_w[unsafe_offset=ww * DA_ROWS + tid] = exp2(m_w[unsafe_offset=ww * DA_ROWS + tid] - base) * inv
         var hh = mt * DA_ROWS + tid
         if hh < group:
-            lse[unsafe_offset=t * Hq + g * group + hh] = mm * LN2 + log(ll) if ll > 0 else f32_neg_inf()
+            lse[unsafe_offset=t * Hq + g * group + hh] = f32_neg_inf() if ll == 0 else mm * LN2 + log(ll)
     barrier()
     for i in range(tid, DA_ROWS * CPR, NT):
         var r = i // CPR

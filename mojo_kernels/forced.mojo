@@ -113,7 +113,7 @@ def _forced_combine_cpu[
                 for d in range(head_dim):
                     acc[unsafe_offset=d] *= inv
                 combine_row[dtype, part_dtype, topk, head_dim, 1](
-                    output, lse, o_p, lse_p, t * Hq + h, 0, m + log(den) if den > 0 else f32_neg_inf(), acc
+                    output, lse, o_p, lse_p, t * Hq + h, 0, f32_neg_inf() if den == 0 else m + log(den), acc
                 )
 
 
@@ -306,8 +306,8 @@ def forced_combine_kernel[
             tile_offset[LAY, FC_BM, D](r0 + 8, d), SIMD[DType.float32, 2](o[2], o[3]).__mul__(inv1).cast[dtype]()
         )
     if lane % 4 == 0:
-        lse_f[unsafe_offset=r0] = m0 * LN2 + log(l0) if l0 > 0 else f32_neg_inf()
-        lse_f[unsafe_offset=r0 + 8] = m1 * LN2 + log(l1) if l1 > 0 else f32_neg_inf()
+        lse_f[unsafe_offset=r0] = f32_neg_inf() if l0 == 0 else m0 * LN2 + log(l0)
+        lse_f[unsafe_offset=r0 + 8] = f32_neg_inf() if l1 == 0 else m1 * LN2 + log(l1)
     syncwarp()
     # merged with the partials of the other slots: LPS lanes per row, each
     # lane its VEC columns of every slot (topk 16-byte loads in flight)

@@ -52,6 +52,8 @@ SMALL = [
     ("ragged_g4_bf16_plain", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 4, 64, "bfloat16", True,
      None),
     ("g16_d128_bf16_plain", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "bfloat16", True, None),
+    # NaN in q, k and v (a name with _nan: _inject_nan): the outputs that read one are NaN, exactly as the reference
+    ("g16_d128_bf16_nan", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "bfloat16", True, None),
 ]
 LARGE = [
     ("32k_model_shape_bf16", [(32768, 32768)], 64, 4, 128, 128, 16, 128, "bfloat16", True, 48),
@@ -92,6 +94,18 @@ def make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype):
                 cu_q=cu_q, cu_k=cu_k), T, S, len(seqs)
 
 
+def _inject_nan(a):
+    """NaN in one (query, head) row of q, in one key of k past the first
+    queries that share its block (masked for them) and in one value at the
+    first key of a block (seen by every query that selects that block): the
+    positions where the GPU kernels' NaN must match the reference exactly.
+    (A NaN value in the middle of a block also reaches, through 0 * NaN in
+    the tensor-core product, rows of the same tile whose mask hides it.)"""
+    a["q"][5, 3, 7] = np.nan
+    a["k"][300, 0, 11] = np.nan
+    a["v"][384, 0, 5] = np.nan
+
+
 def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print, lean: bool = False) -> bool:
     """lean (or T >= LEAN_T): run the select and whole-layer graphs only and check
     their outputs (every buffer fetched is fully specified: initcheck-clean)."""
@@ -103,6 +117,8 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     spec = _spec(case)
     decode = spec.decode
     a, T, S, B = make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype)
+    if "_nan" in name:
+        _inject_nan(a)
     scale, idx_scale = 1.0 / math.sqrt(D), 1.0 / math.sqrt(Di)
     ins = E.numpy_inputs(spec, device, **a, scale=np.array([scale], np.float32),
                          idx_scale=np.array([idx_scale], np.float32))
@@ -147,8 +163,8 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     elif rows is None:
         ref_op, ref_lp = R.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], topk=topk,
                                            block_size=bs, scale=scale)
-        # o_partial is unspecified in unused slots (any bits, NaN included): zeroed before any use
-        o_used = np.where(np.isfinite(lse_p)[..., None], o_p, 0)
+        # o_partial is unspecified in unused slots (lse -inf; any bits, NaN included): zeroed before any use
+        o_used = np.where(np.isneginf(lse_p)[..., None], 0, o_p)
         e_part = Vf.rel_err(o_used, ref_op)
         e_lsep = Vf.rel_err(lse_p, ref_lp)
         if forced:  # the forced pass alone, on the kernel's partials

@@ -284,13 +284,13 @@ def _block_partials(q, k, v, block_ids, cu_q, cu_k, block_size, scale):
         s = s.reshape(n, Hkv, G, topk, block_size)
         s = np.where(vis[:, :, None], s, NEG_INF)
         m = s.max(-1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0)
+        m = np.where(np.isneginf(m), 0.0, m)  # no visible key; a NaN score keeps m NaN
         e = np.exp(s - m)
         den = e.sum(-1, keepdims=True)
-        has = den[..., 0] > 0
-        pr = e / np.where(den > 0, den, 1.0)
+        empty = den == 0  # no visible key: lse -inf, o 0; a NaN den (NaN score) stays NaN
+        pr = e / np.where(empty, 1.0, den)
         oc = np.matmul(pr.transpose(0, 1, 3, 2, 4), vv).transpose(0, 1, 3, 2, 4)  # [t,g,q,s,D]
-        lc = np.where(has, m[..., 0] + np.log(np.where(has, den[..., 0], 1.0)), NEG_INF)
+        lc = np.where(empty[..., 0], NEG_INF, m[..., 0] + np.log(np.where(empty, 1.0, den)[..., 0]))
         o[c0:c1] = oc.reshape(c1 - c0, Hq, topk, D)
         lse[c0:c1] = lc.reshape(c1 - c0, Hq, topk)
     return o, lse
@@ -332,7 +332,9 @@ def block_attention(
 def combine(o_partial, lse_partial):
     """Merges partials by log-sum-exp. Returns out [T, Hq, D], lse [T, Hq].
 
-    A (query, head) with no visible key gets out 0 and lse -inf.
+    A (query, head) with no visible key gets out 0 and lse -inf; one with a
+    NaN (or +inf) lse_partial, from a NaN score in that block, gets out and
+    lse NaN.
     """
     o = _f64("o_partial", o_partial)
     lp = _f64("lse_partial", lse_partial)
@@ -348,6 +350,9 @@ def combine(o_partial, lse_partial):
     lse = np.where(finite, ms + np.log(np.where(finite, den, 1.0)), NEG_INF)
     safe_o = np.where(np.isneginf(lp)[..., None], 0.0, o)
     out = np.einsum("ths,thsd->thd", w, safe_o) / np.where(finite, den, 1.0)[..., None]
+    bad = (np.isnan(lp) | np.isposinf(lp)).any(-1)  # as exp(inf - inf) in the kernels
+    out[bad] = np.nan
+    lse[bad] = np.nan
     return out, lse
 
 
@@ -471,7 +476,11 @@ def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, scale=None
         m = s.max(-1, keepdims=True)
         e = np.exp(s - m)
         den = e.sum(-1, keepdims=True)
-        out[q0:q1] = np.einsum("thk,khd->thd", e / den, vv)
+        # a NaN value reaches the queries that see its key, not the masked ones (0 * NaN)
+        vnan = np.isnan(vv)
+        out[q0:q1] = np.einsum("thk,khd->thd", e / den, np.where(vnan, 0.0, vv))
+        seen = np.einsum("tk,khd->thd", mask.astype(np.float64), vnan.astype(np.float64)) > 0
+        out[q0:q1][seen] = np.nan
         lse[q0:q1] = (m + np.log(den))[..., 0]
     return out, lse
 

@@ -19,7 +19,10 @@ def rel_err(got, ref) -> float:
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
     fin = np.isfinite(ref)
-    if not np.array_equal(np.isfinite(got), fin):
+    # finite where the reference is, and non-finite entries equal: NaN with NaN, -inf with -inf
+    if not np.array_equal(np.isfinite(got), fin) or not np.array_equal(
+        np.where(fin, 0, got), np.where(fin, 0, ref), equal_nan=True
+    ):
         return math.inf
     a, b = np.where(fin, got, 0), np.where(fin, ref, 0)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

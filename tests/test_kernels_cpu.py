@@ -99,3 +99,40 @@ def test_msa_graph_end_to_end_and_topk_covering_all_is_dense():
         # 3 blocks of 16 cover 48 keys: topk 3 selects everything -> dense causal
         do, dl = R.dense_attention(a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], scale=0.1)
         assert Vf.rel_err(out, do) < 1e-5 and Vf.rel_err(lse, dl) < 1e-5
+
+
+@pytest.mark.parametrize("cid", ["g1_d64_di32_f32", "g16_d128_di32_f32"])
+def test_nan_inputs_propagate_as_in_dense_attention(cid):
+    """A NaN in q, k or v reaches exactly the outputs that dense attention
+    makes NaN (no row silently dropped to 0 / -inf): through the forced pass
+    (g1) and through the plain pipeline's combine (g16)."""
+    kw = dict(next(c[1] for c in CONFIGS if c[0] == cid))
+    spec = E.Spec(**kw)
+    a, T, S, B = make_inputs(4, [(48, 48)], spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.idx_dim,
+                             spec.dtype)
+    G = spec.num_heads // spec.num_kv_heads
+    a["q"][5, 1, 3] = np.nan  # one (query, head) row
+    a["k"][20, 0, 7] = np.nan  # a key of group 0: every later query of its heads
+    # a value at the first key of a block: column 2 of the queries that see it
+    # (mid-block, the GPU's tensor cores would also reach the block's earlier
+    # queries, 0 * NaN, as in FlashAttention)
+    a["v"][32, spec.num_kv_heads - 1, 2] = np.nan
+    ins = E.numpy_inputs(spec, "cpu", **a, scale=np.array([0.1], np.float32), idx_scale=np.array([0.3], np.float32))
+    bid, roff, row_ptr, entries, work, num_work, o_p, lse_p, out, lse = (
+        E.to_numpy(o) for o in E.run("stages", spec, "cpu", ins)
+    )
+    ro, rl = R.sparse_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=spec.block_size,
+                                scale=0.1)
+    t = np.arange(T)[:, None]
+    h = np.arange(spec.num_heads)[None, :]
+    want_row_nan = ((t == 5) & (h == 1)) | ((t >= 20) & (h // G == 0))
+    np.testing.assert_array_equal(np.isnan(rl), want_row_nan)
+    col2 = (t >= 32) & (h // G == spec.num_kv_heads - 1)
+    np.testing.assert_array_equal(np.isnan(ro).any(-1), want_row_nan | col2)
+    if spec.topk * spec.block_size >= T:  # every block selected: dense attention, NaN for NaN
+        do, dl = R.dense_attention(a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], scale=0.1)
+        np.testing.assert_array_equal(np.isnan(do), np.isnan(ro))
+        np.testing.assert_array_equal(np.isnan(dl), np.isnan(rl))
+    # the kernels: the same NaN entries, the rest within tolerance
+    assert Vf.rel_err(out, ro) < Vf.tolerance(spec.dtype)
+    assert Vf.rel_err(lse, rl) < 1e-5
