@@ -67,6 +67,8 @@ DECODE = [
      64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
     ("decode_spec8_bf16", [(8, 5000), (8, 8), (3, 700), (8, 2100), (5, 129)],
      64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
+    ("decode_spec8_bf16_nan", [(8, 5000), (8, 8), (3, 700), (8, 2100), (5, 129)],
+     64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
     ("decode_overflow_f16", [(20, 3000), (1, 100), (1, 1), (2, 300)], 16, 2, 64, 64, 4, 64, "float16", True, None,
      True),
     ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
