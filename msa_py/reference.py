@@ -476,11 +476,13 @@ def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, scale=None
         m = s.max(-1, keepdims=True)
         e = np.exp(s - m)
         den = e.sum(-1, keepdims=True)
-        # a NaN value reaches the queries that see its key, not the masked ones (0 * NaN)
         vnan = np.isnan(vv)
-        out[q0:q1] = np.einsum("thk,khd->thd", e / den, np.where(vnan, 0.0, vv))
-        seen = np.einsum("tk,khd->thd", mask.astype(np.float64), vnan.astype(np.float64)) > 0
-        out[q0:q1][seen] = np.nan
+        if not vnan.any():
+            out[q0:q1] = np.einsum("thk,khd->thd", e / den, vv)
+        else:  # a NaN value reaches the queries that see its key, not the masked ones (0 * NaN)
+            out[q0:q1] = np.einsum("thk,khd->thd", e / den, np.where(vnan, 0.0, vv))
+            seen = np.einsum("tk,khd->thd", mask.astype(np.float64), vnan.astype(np.float64)) > 0
+            out[q0:q1][seen] = np.nan
         lse[q0:q1] = (m + np.log(den))[..., 0]
     return out, lse
 

@@ -112,6 +112,8 @@ def test_nan_inputs_propagate_as_in_dense_attention(cid):
                              spec.dtype)
     G = spec.num_heads // spec.num_kv_heads
     a["q"][5, 1, 3] = np.nan  # one (query, head) row
+    # (block 1 holds key 20, block 2 key 32: both are forced for every query
+    # past them in these configurations, so "sees the key" is position alone)
     a["k"][20, 0, 7] = np.nan  # a key of group 0: every later query of its heads
     # a value at the first key of a block: column 2 of the queries that see it
     # (mid-block, the GPU's tensor cores would also reach the block's earlier
