@@ -97,26 +97,28 @@ def _warp_fetch_add(ctr: I32MutPtr, key: Int, lane: Int) -> Int:
 
 
 @always_inline
-def _query_row_base[with_position: Bool](
+def _query_row_base(
     roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int, T: Int, q: Int, nq: Int, mut key_pos: Int
 ) -> Int:
     """Row of block 0 of query q's sequence (q = g * T + t), -1 past the end;
-    key_pos: the query's key position (looked up only with_position: the
-    forced blocks need it, the plain inversion does not)."""
+    key_pos: the query's key position (its own block bounds the ids, and the
+    forced blocks need it)."""
     if q >= nq:
         return -1
     var t = q % T
     var b = seq_of(cu_q, num_seqs, t)
-    comptime if with_position:
-        key_pos = position_of(cu_q, cu_k, b, t)
+    key_pos = position_of(cu_q, cu_k, b, t)
     return Int(roff[unsafe_offset=b])
 
 
 @always_inline
 def _skipped[init_blocks: Int, local_blocks: Int](j: Int, f: Forced) -> Bool:
-    """Unused slot, or one of the query's forced blocks f, which the layer's
-    forced pass attends to instead (init_blocks and local_blocks both 0: none)."""
-    if j < 0:
+    """Unused slot (-1), an id outside [0, the query's own block f.jq] (no
+    row of it to count: the callers' value checks refuse such ids, and the
+    graph ops ignore them rather than index past the sequence's rows), or one
+    of the query's forced blocks f, which the layer's forced pass attends to
+    instead (init_blocks and local_blocks both 0: none)."""
+    if j < 0 or j > f.jq:
         return True
     comptime if init_blocks + local_blocks > 0:
         return f.holds(j)
@@ -150,7 +152,7 @@ def _count_kernel[init_blocks: Int, local_blocks: Int](
     # (g, w) base of this query's counters; the row key g * R + row adds to it
     var wbase = (g * (Int(num_windows) - 1) + (q % Int(T)) // Int(window)) * R
     var key_pos = 0
-    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
+    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
     var f = Forced(key_pos, Int(block_size), init_blocks, local_blocks)
     for s in range(Int(topk)):
         var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, Int(topk), rbase, f, Int(T), R)
@@ -169,7 +171,7 @@ def _scatter_kernel[init_blocks: Int, local_blocks: Int](
     var nent = Int(T) * K
     var g = q // Int(T)
     var key_pos = 0
-    var rbase = _query_row_base[init_blocks + local_blocks > 0](roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
+    var rbase = _query_row_base(roff, cu_q, cu_k, Int(num_seqs), Int(T), q, Int(nq), key_pos)
     var f = Forced(key_pos, Int(block_size), init_blocks, local_blocks)
     for s in range(K):
         var key = _slot_key[init_blocks, local_blocks](block_ids, q, s, K, rbase, f, Int(T), R)

@@ -191,9 +191,8 @@ def invert(
     roff = row_offsets_of(cu_k, cfg.block_size)
     R = int(roff[-1])
     jq = p // cfg.block_size
+    V.check_block_ids_values(bid, jq)
     valid = bid >= 0
-    if np.any(valid & (bid > jq[None, :, None])):
-        raise ValueError("block_ids holds a block after the query's own block (not causal)")
     valid &= ~is_forced(bid, jq[None, :, None], init_blocks, local_blocks)
     rows = np.where(valid, roff[seq][None, :, None] + bid, -1)
     row_ptr = np.zeros((Hkv, R + 1), np.int32)
@@ -419,8 +418,7 @@ def sparse_attention(
     V.check_scale("scale", scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     _, p, _ = _positions(cu_q, cu_k)
-    if np.any(bid > (p // block_size)[None, :, None]):
-        raise ValueError("block_ids holds a block after the query's own block (not causal)")
+    V.check_block_ids_values(bid, p // block_size)
     o, lse = _block_partials(q, k, v, bid, cu_q, cu_k, block_size, scale)
     return combine(o, lse)
 

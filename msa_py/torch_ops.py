@@ -23,6 +23,7 @@ import math
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import _validate as V
@@ -83,6 +84,27 @@ def _check_cu_values(cu_q, cu_k, T: int, S: int) -> None:
     if cu_q.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     V.check_cu_seqlens_values(cu_q.cpu().numpy(), cu_k.cpu().numpy(), T, S)
+
+
+def _check_block_ids_values(block_ids: torch.Tensor, cu_q, cu_k, T: int, S: int, block_size: int) -> None:
+    """V.check_block_ids_values on the device, one sync (skipped like
+    _check_cu_values); the numbers come to the host only to name a bad id."""
+    if os.environ.get("MSA_SKIP_VALUE_CHECKS") or T == 0:
+        return
+    if block_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if cu_q is None:
+        pos = np.arange(T, dtype=np.int64) + (S - T)
+    else:
+        from .reference import _positions
+
+        _, pos, _ = _positions(cu_q.cpu().numpy().astype(np.int64), cu_k.cpu().numpy().astype(np.int64))
+    jq = torch.from_numpy(pos // block_size).to(device=block_ids.device, dtype=torch.int32)
+    srt = block_ids.sort(dim=-1).values
+    bad = (block_ids < -1).any() | (block_ids > jq[None, :, None]).any()
+    bad = bad | ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()
+    if bool(bad):
+        V.check_block_ids_values(block_ids.cpu().numpy(), pos // block_size)
 
 
 def _spec(dtype: str, Hq: int, Hkv: int, D: int, Di: int, **kw) -> E.Spec:
@@ -260,6 +282,7 @@ def _sparse_op(
     T, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
     _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
+    _check_block_ids_values(block_ids, cu_seqlens_q, cu_seqlens_k, T, S, block_size)
     if cu_seqlens_q is None:
         cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
     out = torch.empty_like(q)
@@ -419,6 +442,7 @@ def _invert_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     Hkv, T, K = block_ids.shape
     _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, num_keys)
+    _check_block_ids_values(block_ids, cu_seqlens_q, cu_seqlens_k, T, num_keys, block_size)
     skip = init_blocks + local_blocks > 0
     spec = _spec("float32", Hkv, Hkv, 16, 16, topk=K, block_size=block_size, q_budget=q_budget,
                  **(dict(init_blocks=init_blocks, local_blocks=local_blocks) if skip else {}))

@@ -115,3 +115,14 @@ def test_forced_pass_gpu_fit():
     assert not forced_gpu_fits(True, 128, 128, 256)  # 64 KB of lse_partial
     assert not forced_gpu_fits(False, 128, 128, 16)  # fp32: no tensor-core tiles
     assert not forced_gpu_fits(True, 256, 128, 16)
+
+
+def test_block_ids_value_errors():
+    ok = R.select_blocks(C.q_idx, C.k_idx, C.cu_q, C.cu_k, topk=2, block_size=16)
+    for g, t, s, val, msg in ((0, 3, 0, -2, ">= -1"), (1, 19, 0, int(ok[1, 19, 1]), "twice")):
+        bad = ok.copy()
+        bad[g, t, s] = val
+        with pytest.raises(ValueError, match=msg):
+            R.sparse_attention(C.q, C.k, C.v, bad, C.cu_q, C.cu_k, block_size=16)
+        with pytest.raises(ValueError, match=msg):
+            R.invert(bad, C.cu_q, C.cu_k, block_size=16)

@@ -264,3 +264,46 @@ def test_int32_limit_refused_on_real_tensors(torch_device):
     ki = torch.empty((T, 16), dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="int32"):
         msa_py.msa_attention(q, kv, kv, qi, ki, topk=topk)
+
+
+def test_block_ids_values(torch_device, monkeypatch):
+    """Ids past the query's own block, below -1 or twice in a row are refused
+    before any kernel runs; with the value checks off (MSA_SKIP_VALUE_CHECKS,
+    or under CUDA-graph capture) the kernels ignore out-of-range ids, as -1,
+    and read nothing past a sequence's keys."""
+    c = make_case(3, SHAPES[2], HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device)
+    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    out, lse = msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS)
+    b = bid.cpu().numpy()
+    # query 0 sits at key 80 of 100 (own block 5) and fills its 3 slots; the
+    # first sequence's last query t_last sits at key 99 (own block 6)
+    assert (b[:, 0] >= 0).all()
+    t_last = int(c.cu_q[1]) - 1
+    bad_cases = [
+        (0, 0, 2, 6),  # after query 0's own block
+        (0, 0, 2, int(b[0, 0, 1])),  # a block twice in a row
+        (1, 3, 0, -7),  # below -1
+    ]
+    for g, t, s, val in bad_cases:
+        x = b.copy()
+        x[g, t, s] = val
+        xt = torch.from_numpy(x).to(torch_device)
+        with pytest.raises(ValueError, match="block_ids"):
+            msa_py.sparse_attention(q, k, v, xt, cq, ck, block_size=BS)
+        with pytest.raises(ValueError, match="block_ids"):
+            msa_py.invert(xt, cq, ck, block_size=BS)
+        with pytest.raises(ValueError, match="block_ids"):
+            R.sparse_attention(c.q, c.k, c.v, x, c.cu_q, c.cu_k, block_size=BS)
+    # checks off: ids past the own block (even past the sequence: block 40) act as -1
+    monkeypatch.setenv("MSA_SKIP_VALUE_CHECKS", "1")
+    x = b.copy()
+    x[:, 0, 2] = 40
+    x[:, t_last, 1] = 7
+    as_pad = b.copy()
+    as_pad[:, 0, 2] = -1
+    as_pad[:, t_last, 1] = -1
+    o_x, l_x = msa_py.sparse_attention(q, k, v, torch.from_numpy(x).to(torch_device), cq, ck, block_size=BS)
+    o_p, l_p = msa_py.sparse_attention(q, k, v, torch.from_numpy(as_pad).to(torch_device), cq, ck, block_size=BS)
+    assert torch.equal(o_x, o_p) and torch.equal(l_x, l_p)
+    assert not torch.equal(l_p, lse)  # the replaced slots mattered
