@@ -76,29 +76,35 @@ def _check_cu(name: str, cu: Optional[torch.Tensor]) -> None:
         raise ValueError(f"{name} must be int32, got {cu.dtype}")
 
 
-def _check_cu_values(cu_q, cu_k, T: int, S: int) -> None:
-    """Value checks need the numbers on the host: skipped while a CUDA graph is
-    being captured (the shapes were checked already)."""
-    if cu_q is None or os.environ.get("MSA_SKIP_VALUE_CHECKS"):
-        return
-    if cu_q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    V.check_cu_seqlens_values(cu_q.cpu().numpy(), cu_k.cpu().numpy(), T, S)
+def _value_checks_off(x: torch.Tensor) -> bool:
+    """Value checks need the numbers on the host (a device sync): off with
+    MSA_SKIP_VALUE_CHECKS and while a CUDA graph is being captured (the
+    shapes were checked already)."""
+    return bool(os.environ.get("MSA_SKIP_VALUE_CHECKS")) or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _check_block_ids_values(block_ids: torch.Tensor, cu_q, cu_k, T: int, S: int, block_size: int) -> None:
-    """V.check_block_ids_values on the device, one sync (skipped like
-    _check_cu_values); the numbers come to the host only to name a bad id."""
-    if os.environ.get("MSA_SKIP_VALUE_CHECKS") or T == 0:
+def _check_cu_values(cu_q, cu_k, T: int, S: int):
+    """V.check_cu_seqlens_values; returns the two prefix sums on the host (None
+    without cu_seqlens or with the checks off) for the checks that follow."""
+    if cu_q is None or _value_checks_off(cu_q):
+        return None
+    cu = (cu_q.cpu().numpy(), cu_k.cpu().numpy())
+    V.check_cu_seqlens_values(*cu, T, S)
+    return cu
+
+
+def _check_block_ids_values(block_ids: torch.Tensor, cu, T: int, S: int, block_size: int) -> None:
+    """V.check_block_ids_values on the device, one sync; cu: _check_cu_values'
+    host prefix sums (None: one sequence). The numbers come to the host only
+    to name a bad id."""
+    if T == 0 or _value_checks_off(block_ids):
         return
-    if block_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if cu_q is None:
+    if cu is None:
         pos = np.arange(T, dtype=np.int64) + (S - T)
     else:
         from .reference import _positions
 
-        _, pos, _ = _positions(cu_q.cpu().numpy().astype(np.int64), cu_k.cpu().numpy().astype(np.int64))
+        _, pos, _ = _positions(*(c.astype(np.int64) for c in cu))
     jq = torch.from_numpy(pos // block_size).to(device=block_ids.device, dtype=torch.int32)
     if bool((block_ids < -1).any() | (block_ids > jq[None, :, None]).any()):
         V.check_block_ids_values(block_ids.cpu().numpy(), pos // block_size)
@@ -278,8 +284,8 @@ def _sparse_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
-    _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
-    _check_block_ids_values(block_ids, cu_seqlens_q, cu_seqlens_k, T, S, block_size)
+    cu = _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
+    _check_block_ids_values(block_ids, cu, T, S, block_size)
     if cu_seqlens_q is None:
         cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
     out = torch.empty_like(q)
@@ -438,8 +444,8 @@ def _invert_op(
     block_size: int, q_budget: int, init_blocks: int, local_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     Hkv, T, K = block_ids.shape
-    _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, num_keys)
-    _check_block_ids_values(block_ids, cu_seqlens_q, cu_seqlens_k, T, num_keys, block_size)
+    cu = _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, num_keys)
+    _check_block_ids_values(block_ids, cu, T, num_keys, block_size)
     skip = init_blocks + local_blocks > 0
     spec = _spec("float32", Hkv, Hkv, 16, 16, topk=K, block_size=block_size, q_budget=q_budget,
                  **(dict(init_blocks=init_blocks, local_blocks=local_blocks) if skip else {}))
