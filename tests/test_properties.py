@@ -197,3 +197,29 @@ def test_decode_attention_on_any_causal_block_ids(seqs, seed):
     fin = np.isfinite(rl)
     np.testing.assert_allclose(lse[fin], rl[fin], rtol=1e-5, atol=1e-5)
     assert not np.isnan(out).any() and (out[~fin] == 0).all()
+
+
+def test_decode_attention_propagates_nan_inputs():
+    """A NaN in q, k or v reaches exactly the outputs the reference makes NaN
+    through the fused decode attention (out and lse of the row for a NaN
+    score, the column for a NaN value); no split is dropped as empty."""
+    from dataclasses import replace
+
+    seqs = [(3, 40), (1, 130), (8, 300)]
+    c = make_case(11, seqs, SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim, SPEC.idx_dim)
+    bs, G = SPEC.block_size, SPEC.num_heads // SPEC.num_kv_heads  # keys of the sequences start at 0, 40, 170
+    q, k, v = c.q.copy(), c.k.copy(), c.v.copy()
+    q[1, G, 2] = np.nan  # sequence 0, query 1, a head of group 1
+    k[40 + 5, 0, 3] = np.nan  # sequence 1, key 5 (block 0, a sink): every head of group 0
+    v[170, SPEC.num_kv_heads - 1, 4] = np.nan  # sequence 2, key 0 (the sink): column 4 of the last group
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=SPEC.topk, block_size=bs,
+                          init_blocks=SPEC.init_blocks, local_blocks=SPEC.local_blocks, idx_scale=0.25)
+    spec = replace(SPEC, decode=True)
+    ins = E.numpy_inputs(spec, "cpu", q=q, k=k, v=v, block_ids=bid, cu_q=c.cu_q, cu_k=c.cu_k,
+                         scale=np.array([0.2], np.float32))
+    out, lse = (E.to_numpy(o) for o in E.run("sparse", spec, "cpu", ins))
+    ro, rl = R.sparse_attention(q, k, v, bid, c.cu_q, c.cu_k, block_size=bs, scale=0.2)
+    assert np.isnan(rl[1, G]) and np.isnan(rl[3, :G]).all()  # the reference sees the NaNs
+    assert np.isnan(ro[4:, -G:, 4]).all() and not np.isnan(ro[4:, -G:, 5]).any()
+    assert Vf.rel_err(out, ro) < 1e-5  # NaN exactly where the reference has it, the rest close
+    assert Vf.rel_err(lse, rl) < 1e-5
