@@ -99,15 +99,13 @@ def _check_block_ids_values(block_ids: torch.Tensor, cu, T: int, S: int, block_s
     to name a bad id."""
     if T == 0 or _value_checks_off(block_ids):
         return
-    if cu is None:
-        pos = np.arange(T, dtype=np.int64) + (S - T)
-    else:
-        from .reference import _positions
+    from .reference import _positions
 
-        _, pos, _ = _positions(*(c.astype(np.int64) for c in cu))
-    jq = torch.from_numpy(pos // block_size).to(device=block_ids.device, dtype=torch.int32)
+    cu_q, cu_k = cu if cu is not None else (np.array([0, T]), np.array([0, S]))
+    own_block = _positions(cu_q.astype(np.int64), cu_k.astype(np.int64))[1] // block_size
+    jq = torch.from_numpy(own_block).to(device=block_ids.device, dtype=torch.int32)
     if bool((block_ids < -1).any() | (block_ids > jq[None, :, None]).any()):
-        V.check_block_ids_values(block_ids.cpu().numpy(), pos // block_size)
+        V.check_block_ids_values(block_ids.cpu().numpy(), own_block)
 
 
 def _spec(dtype: str, Hq: int, Hkv: int, D: int, Di: int, **kw) -> E.Spec:
