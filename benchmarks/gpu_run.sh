@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
+#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
 # Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
 # (this machine's `git rev-parse --short HEAD`): the device's copy of the
 # working tree may carry another branch's git metadata.
@@ -18,6 +18,8 @@ for step in "$@"; do
     mef) mkdir -p ~/.cache/modular/.max_cache/mof/mef/26.7.0 && cp .gpu/mef/* ~/.cache/modular/.max_cache/mof/mef/26.7.0/ \
            && echo "installed $(ls .gpu/mef | wc -l) precompiled models (benchmarks/precompile.py)" ;;
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    ties) python3 -m msa_py.check --device gpu --ties ${TIES_CASES:-400} 2>&1 | tee "$OUT/ties.log" || rc=1 ;;
+    sanitize-ties) SAN_CHECK_ARGS="--ties ${SAN_TIES_CASES:-64} --seed 1" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-32k) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16 2>&1 | tee "$OUT/check_32k.log" || rc=1 ;;
     check-large) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16,128k_model_shape_bf16,decode_128k_b8_bf16 2>&1 | tee "$OUT/check_large.log" || rc=1 ;;

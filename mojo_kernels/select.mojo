@@ -34,7 +34,11 @@
 #        barrier per block.
 #        Other GPUs: mma.sync m16n8k16, Q fragments kept in registers, K
 #        double-buffered.
-#   simt (fp32): scores chunk by chunk from shared memory.
+#   simt (fp32, and index dims that are not tensor-core shapes): scores
+#        chunk by chunk from shared memory.
+# Every path applies idx_scale to the unscaled block max (it is > 0, so it
+# commutes with max): scores that tie exactly stay tied, and the tie rule
+# decides, as in the reference.
 
 from std.math import ceildiv
 from std.memory import unsafe_stack_allocation
@@ -253,14 +257,17 @@ def select_kernel[
     var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
     var scale = scale_p[unsafe_offset=0]
     var nq = min(QPT, tq - i0)
-    # query tile, scaled, in shared memory: row r = qi * num_groups + g
+    # query tile, unscaled, in shared memory: row r = qi * num_groups + g.
+    # idx_scale multiplies the block max, as in every other path: scaling q
+    # first rounds each product differently, so blocks whose scores tie
+    # exactly could come out unequal and break the tie rule.
     for i in range(tid, ROWS * idx_dim, SEL_THREADS):
         var r = i // idx_dim
         var d = i % idx_dim
         var qi = r // num_groups
         var v = Float32(0)
         if qi < nq:
-            v = q_idx[unsafe_offset=(q0 + i0) * num_groups * idx_dim + i].cast[DType.float32]() * scale
+            v = q_idx[unsafe_offset=(q0 + i0) * num_groups * idx_dim + i].cast[DType.float32]()
         q_s[unsafe_offset=r * DP + d] = v
     var r = tid // SEL_SUB
     var l = tid % SEL_SUB
@@ -303,7 +310,7 @@ def select_kernel[
         m = max(m, warp.shuffle_xor(m, 1))
         m = max(m, warp.shuffle_xor(m, 2))
         if l == 0 and valid and kfree > 0 and j >= f.nsink and j < f.local_lo:
-            _topk_insert[cap=topk](my_sc, my_id, cnt, worst, kfree, m, j)
+            _topk_insert[cap=topk](my_sc, my_id, cnt, worst, kfree, m * scale, j)
     if l == 0 and valid:
         var g = r % num_groups
         var t = q0 + i0 + qi

@@ -3,6 +3,7 @@
     python -m msa_py.check --device gpu          # the H100 check (small + 32K shapes)
     python -m msa_py.check --device cpu --quick  # CPU paths, small shapes
     python -m msa_py.check --device virtual      # compile the GPU path for sm_90 only
+    python -m msa_py.check --device gpu --ties 400   # the exact-tie selection family
 
 For each case it runs the "stages" graph (every stage's output; the
 "decode_stages" graph for decode cases) and compares:
@@ -214,6 +215,116 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     return bool(ok)
 
 
+# --------------------------------------------------------------------------- the exact-tie family
+# Index inputs that are small integer multiples of a power of two: every
+# product and sum is exact in fp32 (and the inputs in bf16 / fp16), so block
+# scores tie exactly where the float64 reference's tie. The selection must
+# then equal the reference's EXACTLY: the tie rule (lower block id) decides.
+# The configurations cover every GPU selection path: SIMT (fp32, index dims
+# that are not tensor-core shapes), mma.sync / wgmma with the no-swizzle
+# layout (Di not a multiple of 64), wgmma with TMA K loads (Di a multiple of
+# 64), and the decode indexer (score pass, top-k pass, and the queries past
+# its max_q that the top-k pass scores itself). The selection runs per
+# (query, KV group): the Hkv groups (1 to 16) are the rows a select tile
+# packs; the G query heads of a group share its selection and never reach
+# the indexer.
+# (name, dtype, Hkv, Di, topk, block_size, init_blocks, local_blocks, decode)
+TIE_CONFIGS = [
+    ("t_simt_di8_f32", "float32", 3, 8, 2, 16, 0, 1, False),  # the shape of the reported mismatch
+    ("t_simt_di8_bf16", "bfloat16", 3, 8, 2, 16, 0, 1, False),
+    ("t_simt_di24_f16", "float16", 5, 24, 3, 64, 2, 0, False),
+    ("t_simt_di64_f32", "float32", 16, 64, 5, 128, 0, 2, False),
+    ("t_core_di16_bf16", "bfloat16", 2, 16, 6, 16, 2, 2, False),
+    ("t_core_di32_f16", "float16", 7, 32, 3, 32, 1, 1, False),
+    ("t_core_di96_bf16", "bfloat16", 3, 96, 2, 16, 0, 1, False),
+    ("t_tma_di64_bf16", "bfloat16", 4, 64, 8, 128, 1, 2, False),
+    ("t_tma_di128_bf16", "bfloat16", 16, 128, 4, 64, 0, 0, False),
+    ("t_tma_di128_f16", "float16", 1, 128, 16, 128, 2, 1, False),
+    ("t_core_di48_bf16_k1", "bfloat16", 8, 48, 1, 128, 0, 0, False),
+    ("t_simt_di128_f32", "float32", 2, 128, 7, 32, 1, 0, False),
+    ("t_dec_di128_bf16", "bfloat16", 4, 128, 16, 128, 1, 2, True),
+    ("t_dec_di16_f16", "float16", 1, 16, 3, 16, 0, 1, True),
+    ("t_dec_di64_bf16", "bfloat16", 16, 64, 5, 64, 2, 2, True),
+    ("t_dec_di32_bf16", "bfloat16", 3, 32, 2, 32, 0, 0, True),
+]
+
+
+def tie_inputs(rng, Hkv, Di, block_size, decode, max_q):
+    """A random ragged batch with exact-tie index inputs: (q_idx, k_idx,
+    cu_q, cu_k). Keys come from a small pool of rows (so many blocks hold the
+    same maximum) or are drawn freely from a few values; queries are the last
+    Tq_b keys of their sequence (prefill, chunked prefill, decode)."""
+    B = int(rng.integers(1, 9 if decode else 5))
+    tq, tk = [], []
+    for _ in range(B):
+        k = int(rng.integers(1, (40 if decode else 10) * block_size + 1))
+        if decode:  # mostly within the indexer's max_q queries, sometimes past it
+            q = int(rng.integers(1, max_q + 1)) if rng.random() < 0.8 else int(rng.integers(max_q + 1, 3 * max_q + 2))
+        else:
+            q = k if rng.random() < 0.6 else int(rng.integers(0, k + 1))
+        q = min(q, k, 400)
+        tq.append(q)
+        tk.append(k)
+    cu_q = np.concatenate([[0], np.cumsum(tq)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(tk)]).astype(np.int32)
+    T, S = int(cu_q[-1]), int(cu_k[-1])
+    if rng.random() < 0.6:
+        pool = rng.integers(-3, 4, (int(rng.choice([1, 2, 3, 5, 8, 32])), Di)) * 0.25
+        k_idx = pool[rng.integers(0, len(pool), S)]
+    else:
+        k_idx = rng.integers(-2, 3, (S, Di)) * 0.5
+    q_idx = rng.integers(-4, 5, (T, Hkv, Di)) * 0.125
+    return q_idx.astype(np.float32), k_idx.astype(np.float32), cu_q, cu_k
+
+
+def check_ties(device: str, cases: int = 400, seed: int = 0, configs=None, log=print) -> bool:
+    """The exact-tie family: `cases` random batches spread over the
+    configurations (one compiled select model each); each selection must
+    equal the float64 reference's exactly. Returns True when all pass."""
+    from . import engine as E
+    from . import reference as R
+    from .graph import _decode_max_q
+
+    configs = TIE_CONFIGS if configs is None else configs
+    rng = np.random.default_rng(seed)
+    ok_all = True
+    total = bad_cases = 0
+    per = max(1, cases // len(configs))
+    for name, dtype, Hkv, Di, topk, bs, init, local, decode in configs:
+        spec = E.Spec(dtype=dtype, num_heads=Hkv, num_kv_heads=Hkv, head_dim=16, idx_dim=Di, topk=topk,
+                      block_size=bs, init_blocks=init, local_blocks=local, decode=decode)
+        idx_scale = np.float32(1.0 / math.sqrt(Di))
+        rows = n_bad = 0
+        first = ""
+        t0 = time.time()
+        for _ in range(per):
+            q_idx, k_idx, cu_q, cu_k = tie_inputs(rng, Hkv, Di, bs, decode, _decode_max_q(Hkv))
+            if cu_q[-1] == 0:
+                continue
+            ins = E.numpy_inputs(spec, device, q_idx=q_idx, k_idx=k_idx, cu_q=cu_q, cu_k=cu_k,
+                                 idx_scale=np.array([idx_scale], np.float32))
+            got = E.to_numpy(E.run("select", spec, device, ins)[0])
+            ref = R.select_blocks(q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=bs, init_blocks=init,
+                                  local_blocks=local, idx_scale=float(idx_scale))
+            wrong = np.nonzero((got != ref).any(-1))
+            total += 1
+            rows += ref.shape[0] * ref.shape[1]
+            if len(wrong[0]):
+                bad_cases += 1
+                n_bad += len(wrong[0])
+                if not first:
+                    g, t = int(wrong[0][0]), int(wrong[1][0])
+                    first = (f" first: group {g} query {t} of cu_q {cu_q.tolist()} cu_k {cu_k.tolist()}: "
+                             f"{got[g, t].tolist()} vs reference {ref[g, t].tolist()}")
+        ok = n_bad == 0
+        ok_all &= ok
+        log(f"{'PASS' if ok else 'FAIL'} {name:22s} {dtype:8s} Hkv={Hkv:<2d} Di={Di:<3d} topk={topk:<2d} bs={bs:<3d} "
+            f"init={init} local={local}{' decode' if decode else ''}: {per} cases, {rows} rows, {n_bad} wrong "
+            f"({time.time() - t0:.1f} s){first}")
+    log(f"tie family: {total} cases, {bad_cases} with a wrong selection")
+    return ok_all
+
+
 def _spec(case):
     """The compiled configuration of a case (decode cases carry a 12th field True)."""
     from . import engine as E
@@ -240,9 +351,18 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma list of case names to run")
     ap.add_argument("--lean", action="store_true",
                     help="fetch only fully specified outputs (select, whole layer): for compute-sanitizer initcheck")
+    ap.add_argument("--ties", type=int, metavar="N", default=0,
+                    help="run the exact-tie selection family instead: N random batches over TIE_CONFIGS")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tie family's batches")
     args = ap.parse_args(argv)
     if args.device == "virtual":
         _set_virtual()
+    if args.ties:
+        dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
+        print(f"msa_py.check --device {args.device} --ties {args.ties}: {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        ok = check_ties(dev, args.ties, seed=args.seed)
+        print("CHECK PASSED" if ok else "CHECK FAILED")
+        return 0 if ok else 1
     every = SMALL + DECODE + LARGE
     large = {"decode_128k_b8_bf16"} | {c[0] for c in LARGE}
     cases = QUICK if args.quick else [c for c in every if not (c[0] in large and (args.no_large or args.device == "cpu"))]

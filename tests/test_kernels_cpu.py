@@ -138,3 +138,17 @@ def test_nan_inputs_propagate_as_in_dense_attention(cid):
     # the kernels: the same NaN entries, the rest within tolerance
     assert Vf.rel_err(out, ro) < Vf.tolerance(spec.dtype)
     assert Vf.rel_err(lse, rl) < 1e-5
+
+
+def test_exact_tie_family_selects_as_the_reference():
+    """msa_py.check's exact-tie family (index inputs that are small multiples
+    of a power of two, so block scores tie exactly) on the CPU kernels: the
+    selection equals the float64 reference's exactly, ties to the lower block
+    id, for the prefill indexer at the shape where the GPU's SIMT indexer once
+    broke a tie and for the decode indexer past its max_q queries too."""
+    from msa_py.check import TIE_CONFIGS, check_ties
+
+    lines = []
+    configs = [c for c in TIE_CONFIGS if c[0] in ("t_simt_di8_f32", "t_dec_di16_f16")]
+    assert check_ties("cpu", cases=16, seed=5, configs=configs, log=lines.append), "\n".join(lines)
+    assert lines[-1].startswith("tie family: 16 cases, 0 with")
