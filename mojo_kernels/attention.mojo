@@ -44,6 +44,9 @@ from max.gpu.memory import (
 )
 from max.gpu.primitives import warp
 
+from max.algorithm import sync_parallelize
+
+from .cpu_tiles import CPU_R, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
 from .common import (
     SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
     LAYOUT_PADDED, LAYOUT_SW128, hopper_target, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
@@ -113,55 +116,6 @@ def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
 
 
 # ----------------------------------------------------------------------------- CPU
-@always_inline
-def softmax_block_cpu[dtype: DType, head_dim: Int, block_size: Int](
-    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    kstart: Int, num_groups: Int, g: Int, nvis: Int, scale: Float32,
-    mut m: Float32,
-    mut den: Float32,
-    acc: Pointer[Float32, MutUntrackedOrigin],
-):
-    """Folds keys kstart .. kstart + nvis - 1 (group g) into a running softmax
-    of qrow: max m, sum den, unnormalised acc = sum p v. From the empty state
-    (m -inf, den 0, acc 0) it gives one block's partial; called block after
-    block, the online softmax of several (the decode path)."""
-    if nvis == 0:
-        return
-    var s = unsafe_stack_allocation[block_size, Float32]()
-    var mb = f32_neg_inf()
-    var has_nan = False
-    for key in range(nvis):
-        var krow = k.unsafe_offset(((kstart + key) * num_groups + g) * head_dim)
-        var dot = Float32(0)
-        for d in range(head_dim):
-            dot += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
-        s[unsafe_offset=key] = dot * scale
-        mb = max(mb, dot * scale)
-        has_nan = has_nan or isnan(dot)
-    if has_nan:
-        # a NaN score makes the softmax NaN, as on the GPU (whose ex2 keeps
-        # NaN); the CPU's exp would turn it into inf, and max() skips it
-        m = max(m, mb)
-        den = nan[DType.float32]()
-        for d in range(head_dim):
-            acc[unsafe_offset=d] = nan[DType.float32]()
-        return
-    var mn = max(m, mb)
-    var alpha = exp(m - mn) if m > f32_neg_inf() else Float32(0)  # the empty state holds nothing to rescale
-    den *= alpha
-    for d in range(head_dim):
-        acc[unsafe_offset=d] *= alpha
-    m = mn
-    for key in range(nvis):
-        var pr = exp(s[unsafe_offset=key] - m)
-        den += pr
-        var vrow = v.unsafe_offset(((kstart + key) * num_groups + g) * head_dim)
-        for d in range(head_dim):
-            acc[unsafe_offset=d] += pr * vrow[unsafe_offset=d].cast[DType.float32]()
-
-
 def _attention_cpu[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int
 ](
@@ -173,30 +127,52 @@ def _attention_cpu[
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: Int,
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int,
 ):
+    """Work items in parallel: each packs its K/V block once (cpu_tiles) and
+    streams its (entry, head) rows through it, CPU_R at a time."""
+    comptime D = head_dim
+    comptime DP = padded(D)
+    comptime BP = padded(block_size)
     var Hq = num_groups * group
-    var acc = unsafe_stack_allocation[head_dim, Float32]()
-    for w in range(num_work):
+
+    def item(w: Int) {o_p, lse_p, q, k, v, row_offsets, entries, work, cu_q, cu_k, scale, num_seqs, num_groups, T, Hq}:
         var it = _Item(work, w, row_offsets, cu_q, cu_k, num_seqs, block_size)
-        for e in range(it.count):
-            var ent = it.entry(entries, T * topk, e)
-            var t = ent // topk
-            var slot = ent % topk
-            var nvis = it.visible(t, block_size)
-            for hh in range(group):
-                var h = it.g * group + hh
-                var m = f32_neg_inf()
-                var den = Float32(0)
-                for d in range(head_dim):
-                    acc[unsafe_offset=d] = 0
-                softmax_block_cpu[dtype, head_dim, block_size](
-                    q.unsafe_offset((t * Hq + h) * head_dim), k, v, it.kstart, num_groups, it.g, nvis, scale, m, den,
-                    acc,
-                )
-                var off = _part_offset(t, h, slot, Hq, topk)
-                var inv = Float32(1) / den if den > 0 else Float32(0)
-                for d in range(head_dim):
-                    o_p[unsafe_offset=off * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[part_dtype]()
-                lse_p[unsafe_offset=off] = f32_neg_inf() if den == 0 else m + log(den)
+        var buf = scratch(2 * DP * BP + CPU_R * (2 * DP + BP + 2))
+        var pos = int_scratch(CPU_R)
+        var part = int_scratch(CPU_R)
+        var kt = buf
+        var vs = kt.unsafe_offset(DP * BP)
+        var qs = vs.unsafe_offset(DP * BP)
+        var pr = qs.unsafe_offset(CPU_R * DP)
+        var st = RowState(pr.unsafe_offset(CPU_R * BP), pr.unsafe_offset(CPU_R * BP + CPU_R),
+                          pr.unsafe_offset(CPU_R * BP + 2 * CPU_R), pos)
+        var kv_off = (it.kstart * num_groups + it.g) * D
+        var blk = pack_block[dtype, D, block_size](kt, vs, k.unsafe_offset(kv_off), v.unsafe_offset(kv_off),
+                                                   num_groups * D, it.j * block_size, it.nk)
+        var rows = it.count * group
+        for r0 in range(0, rows, CPU_R):
+            st.reset[D]()
+            for r in range(CPU_R):
+                if r0 + r < rows:
+                    var ent = it.entry(entries, T * topk, (r0 + r) // group)
+                    var t = ent // topk
+                    var h = it.g * group + (r0 + r) % group
+                    pack_rows[dtype](qs.unsafe_offset(r * DP), DP, q.unsafe_offset((t * Hq + h) * D), D, 1, D)
+                    pos[unsafe_offset=r] = it.pos0 + t - it.q0
+                    part[unsafe_offset=r] = _part_offset(t, h, ent % topk, Hq, topk)
+                else:
+                    pos[unsafe_offset=r] = -1
+            attend_tile[D, block_size](qs, blk, scale, pr, st)
+            for r in range(min(CPU_R, rows - r0)):
+                var off = part[unsafe_offset=r]
+                var inv = st.inv_l(r)
+                for d in range(D):
+                    o_p[unsafe_offset=off * D + d] = (st.o[unsafe_offset=r * DP + d] * inv).cast[part_dtype]()
+                lse_p[unsafe_offset=off] = st.lse(r)
+        release(buf)
+        release(pos)
+        release(part)
+
+    sync_parallelize(item, num_work)
 
 
 # ----------------------------------------------------------------------------- GPU, SIMT

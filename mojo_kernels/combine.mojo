@@ -6,6 +6,7 @@
 # Unused slots carry lse_p = -inf and are skipped without reading o_p (their
 # o_p is never written). A row with no visible key gets out 0, lse -inf; a
 # NaN lse_p (a NaN score in that block) makes the row's out and lse NaN.
+# CPU: rows in parallel chunks, SIMD over the columns (combine_row_cpu).
 # GPU: one warp per (t, h) row, fp32 accumulation. When a 16-byte vector
 # divides D and D / vector divides the warp, each lane reads 16 bytes per
 # slot (the row's topk x D partials are contiguous, so a warp load covers
@@ -24,7 +25,10 @@ from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.primitives import warp
 
+from max.algorithm import sync_parallelize
+
 from .common import F32MutPtr, F32Ptr, f32_neg_inf
+from .cpu_tiles import CPU_W, F32Buf
 
 comptime COMBINE_WARPS = 8
 
@@ -80,6 +84,62 @@ def combine_row[
             output[unsafe_offset=row * head_dim + d] = (nan[DType.float32]() if bad else acc[i] * inv).cast[out_dtype]()
     if lane == 0:
         lse[unsafe_offset=row] = nan[DType.float32]() if bad else (f32_neg_inf() if den == 0 else m + log(den))
+
+
+def combine_row_cpu[out_dtype: DType, part_dtype: DType, topk: Int, head_dim: Int](
+    output: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    lse: F32MutPtr,
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
+    lse_p: F32Ptr,
+    row: Int,
+    extra_lse: Float32,
+    extra: F32Buf,
+):
+    """combine_row on a CPU core: one (t, h) row, SIMD over the columns (the
+    CPU's fp32 width), one more split `extra` (normalized, fp32) joining with
+    log-sum-exp extra_lse (-inf: none, not read)."""
+    comptime W = CPU_W
+    var lrow = lse_p.unsafe_offset(row * topk)
+    var m = extra_lse
+    var bad = isnan(extra_lse)
+    for s in range(topk):
+        m = max(m, lrow[unsafe_offset=s])
+        bad = bad or isnan(lrow[unsafe_offset=s])
+    var orow = o_p.unsafe_offset(row * topk * head_dim)
+    var out_row = output.unsafe_offset(row * head_dim)
+    if bad or not (m > f32_neg_inf()):
+        for d in range(head_dim):
+            out_row[unsafe_offset=d] = (nan[DType.float32]() if bad else Float32(0)).cast[out_dtype]()
+        lse[unsafe_offset=row] = nan[DType.float32]() if bad else f32_neg_inf()
+        return
+    var w = Array[Float32, topk + 1](fill=0)
+    var den = Float32(0)
+    for s in range(topk):
+        var l = lrow[unsafe_offset=s]
+        w[s] = exp(l - m) if l > f32_neg_inf() else Float32(-1)  # -1: unused (never written, never read)
+        den += max(w[s], 0)
+    w[topk] = exp(extra_lse - m) if extra_lse > f32_neg_inf() else Float32(-1)
+    den += max(w[topk], 0)
+    var inv = Float32(1) / den
+    var d = 0
+    while d + W <= head_dim:
+        var acc = SIMD[DType.float32, W](0)
+        for s in range(topk):
+            if w[s] >= 0:
+                acc += w[s] * orow.unsafe_load[width=W](s * head_dim + d).cast[DType.float32]()
+        if w[topk] >= 0:
+            acc += w[topk] * extra.unsafe_load[width=W](d)
+        out_row.unsafe_store(d, (acc * inv).cast[out_dtype]())
+        d += W
+    for dd in range(d, head_dim):
+        var acc = Float32(0)
+        for s in range(topk):
+            if w[s] >= 0:
+                acc += w[s] * orow[unsafe_offset=s * head_dim + dd].cast[DType.float32]()
+        if w[topk] >= 0:
+            acc += w[topk] * extra[unsafe_offset=dd]
+        out_row[unsafe_offset=dd] = (acc * inv).cast[out_dtype]()
+    lse[unsafe_offset=row] = m + log(den)
 
 
 def combine_vec_width[part_dtype: DType, head_dim: Int]() -> Int:
@@ -247,12 +307,19 @@ struct MSACombine:
         if rows == 0:
             return
         comptime if is_cpu[target]():
-            var none = unsafe_stack_allocation[1, Float32]()
-            for r in range(rows):
-                combine_row[out_dtype, part_dtype, topk, head_dim, 1](
-                    output.unsafe_ptr(), lse.unsafe_ptr(), o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), r, 0,
-                    f32_neg_inf(), none,
-                )
+            var out_p = output.unsafe_ptr()
+            var lse_o = lse.unsafe_ptr()
+            var o_in = o_partial.unsafe_ptr()
+            var l_in = lse_partial.unsafe_ptr()
+            comptime CHUNK = 256  # rows per task
+
+            def chunk(c: Int) {out_p, lse_o, o_in, l_in, rows}:
+                var none = unsafe_stack_allocation[1, Float32]().unsafe_origin_cast[MutUntrackedOrigin]()
+                for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+                    combine_row_cpu[out_dtype, part_dtype, topk, head_dim](out_p, lse_o, o_in, l_in, r, f32_neg_inf(),
+                                                                         none)
+
+            sync_parallelize(chunk, ceildiv(rows, CHUNK))
         else:
             ctx.enqueue_function[combine_kernel[out_dtype, part_dtype, topk, head_dim]](
                 output.unsafe_ptr(),

@@ -24,6 +24,8 @@
 from std.math import ceildiv
 from std.memory import unsafe_stack_allocation
 
+from max.algorithm import sync_parallelize
+
 from extensibility import InputTensor, OutputTensor, register
 from std.sys import size_of
 
@@ -36,7 +38,8 @@ from max.gpu.primitives import warp
 
 from .common import F32MutPtr, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
 from .invert import _row_offsets_kernel
-from .select import _topk_insert, _write_selection, block_max_cpu, select_mma_supported
+from .cpu_tiles import CPU_R, pack_rows, pack_transposed, padded, int_scratch, release, scratch
+from .select import _topk_insert, _write_selection, block_max_cpu, select_mma_supported, tile_block_max, topk_push
 
 comptime DEC_WARPS = 4
 comptime DEC_THREADS = DEC_WARPS * WARP_SIZE
@@ -69,42 +72,79 @@ def _decode_select_cpu[
     k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int, r_max: Int,
 ):
-    """The GPU's two passes, sequentially: block scores of the first max_q
-    queries per sequence into `scores`, then the top-k of each row."""
+    """The GPU's two passes on the CPU's cores: block scores of the first
+    max_q queries per sequence into `scores` (tasks of DEC_BLOCKS block rows,
+    each block's keys transposed once and scored on register tiles against
+    the sequence's (query, group) rows), then the top-k of each (query, group)
+    row (tasks of rows; queries past max_q score their blocks there)."""
+    comptime DI = idx_dim
+    comptime BP = padded(block_size)
     roff[unsafe_offset=0] = 0
     for b in range(num_seqs):
         var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
         roff[unsafe_offset=b + 1] = roff[unsafe_offset=b] + Int32(blocks_of(tk, block_size))
-    for b in range(num_seqs):
-        var q0 = Int(cu_q[unsafe_offset=b])
-        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
-        if tq == 0:
-            continue
-        var k_seq = k_idx.unsafe_offset(k0 * idx_dim)
-        var fr = _free_range(tq, tk, block_size, init_blocks, local_blocks)
-        for j in range(fr[0], fr[1] + 1):
-            for i in range(min(tq, max_q)):
-                for g in range(num_groups):
-                    var qrow = q_idx.unsafe_offset(((q0 + i) * num_groups + g) * idx_dim)
-                    var off = _score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)
-                    scores[unsafe_offset=off] = block_max_cpu[dtype, idx_dim, block_size](qrow, k_seq, j, tk - tq + i)
-    var sc = unsafe_stack_allocation[topk, Float32]()
-    var ids = unsafe_stack_allocation[topk, Int32]()
-    for t in range(T):
-        var b = seq_of(cu_q, num_seqs, t)
-        var q0 = Int(cu_q[unsafe_offset=b])
-        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
-        var i = t - q0
-        var p = tk - tq + i
-        var f = Forced(p, block_size, init_blocks, local_blocks)
-        var kfree = topk - f.num_forced()
-        for g in range(num_groups):
+    var R = Int(roff[unsafe_offset=num_seqs])
+    var ROWS = ceildiv(max_q * num_groups, CPU_R) * CPU_R  # (query, group) rows scored per sequence
+
+    def score_task(c: Int) {scores, roff, q_idx, k_idx, cu_q, cu_k, num_seqs, num_groups, r_max, R, ROWS}:
+        var buf = scratch(DI * BP + ROWS * (DI + 1))
+        var kt = buf
+        var qs = kt.unsafe_offset(DI * BP)
+        var bm = qs.unsafe_offset(ROWS * DI)
+        var pos = int_scratch(ROWS)
+        var cur_b = -1
+        var nr = 0
+        for row in range(c * DEC_BLOCKS, min(R, (c + 1) * DEC_BLOCKS)):
+            var b = seq_of(roff, num_seqs, row)
+            while row >= Int(roff[unsafe_offset=b + 1]):  # past empty sequences
+                b += 1
+            var j = row - Int(roff[unsafe_offset=b])
+            var q0 = Int(cu_q[unsafe_offset=b])
+            var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+            var k0 = Int(cu_k[unsafe_offset=b])
+            var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+            var fr = _free_range(tq, tk, block_size, init_blocks, local_blocks)
+            if tq == 0 or j < fr[0] or j > fr[1]:
+                continue
+            if b != cur_b:  # the sequence's first max_q queries x groups, as rows
+                cur_b = b
+                nr = min(tq, max_q) * num_groups
+                for i in range(ROWS * DI):
+                    qs[unsafe_offset=i] = 0
+                pack_rows[dtype](qs, DI, q_idx.unsafe_offset(q0 * num_groups * DI), DI, nr, DI)
+                for r in range(ROWS):
+                    pos[unsafe_offset=r] = tk - tq + r // num_groups if r < nr else -1
+            pack_transposed[dtype](kt, BP, k_idx.unsafe_offset((k0 + j * block_size) * DI), DI,
+                                   min(block_size, tk - j * block_size), DI)
+            for r in range(nr):
+                bm[unsafe_offset=r] = f32_neg_inf()
+            for rt in range(ceildiv(nr, CPU_R)):
+                tile_block_max[DI, block_size](qs.unsafe_offset(rt * CPU_R * DI), kt, j * block_size,
+                                               pos.unsafe_offset(rt * CPU_R), bm.unsafe_offset(rt * CPU_R))
+            for r in range(nr):
+                scores[unsafe_offset=_score_offset(r % num_groups, r // num_groups, row, max_q, r_max)] = bm[unsafe_offset=r]
+        release(buf)
+        release(pos)
+
+    sync_parallelize(score_task, ceildiv(R, DEC_BLOCKS))
+    comptime TOPK_CHUNK = 16  # (query, group) rows per top-k task
+
+    def topk_task(c: Int) {block_ids, scores, roff, q_idx, k_idx, cu_q, cu_k, scale, num_seqs, num_groups, T, r_max}:
+        var sc = unsafe_stack_allocation[topk, Float32]().unsafe_origin_cast[MutUntrackedOrigin]()
+        var ids = unsafe_stack_allocation[topk, Int32]().unsafe_origin_cast[MutUntrackedOrigin]()
+        for rr in range(c * TOPK_CHUNK, min(T * num_groups, (c + 1) * TOPK_CHUNK)):
+            var t = rr // num_groups
+            var g = rr % num_groups
+            var b = seq_of(cu_q, num_seqs, t)
+            var q0 = Int(cu_q[unsafe_offset=b])
+            var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+            var k0 = Int(cu_k[unsafe_offset=b])
+            var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+            var i = t - q0
+            var p = tk - tq + i
+            var f = Forced(p, block_size, init_blocks, local_blocks)
+            var kfree = topk - f.num_forced()
             var cnt = 0
-            var worst = 0
             if kfree > 0:
                 for j in range(f.nsink, f.local_lo):
                     var m: Float32
@@ -114,8 +154,10 @@ def _decode_select_cpu[
                         m = block_max_cpu[dtype, idx_dim, block_size](
                             q_idx.unsafe_offset((t * num_groups + g) * idx_dim), k_idx.unsafe_offset(k0 * idx_dim), j, p
                         )
-                    _topk_insert[cap=topk](sc, ids, cnt, worst, kfree, m * scale, j)
+                    topk_push(sc, ids, cnt, kfree, m * scale, j)
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
+
+    sync_parallelize(topk_task, ceildiv(T * num_groups, TOPK_CHUNK))
 
 
 # ----------------------------------------------------------------------------- GPU, pass 2: scores

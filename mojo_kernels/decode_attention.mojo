@@ -19,6 +19,8 @@
 
 from std.math import ceildiv, exp, exp2, log
 from std.memory import unsafe_stack_allocation
+
+from max.algorithm import sync_parallelize
 from std.sys import size_of
 
 from extensibility import InputTensor, OutputTensor, register
@@ -29,7 +31,8 @@ from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .attention import LN2, LOG2E, mma_supported, softmax_block_cpu
+from .attention import LN2, LOG2E, mma_supported
+from .cpu_tiles import CPU_R, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
 from .common import SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
 
 comptime DA_WARPS = 4
@@ -73,31 +76,64 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, T: Int,
 ):
-    """Same online softmax over the selected blocks as the GPU kernel, in fp32."""
+    """(query, KV group) tasks in parallel: the online softmax of the group's
+    G heads (CPU_R rows a register tile) over the query's selected blocks in
+    slot order, each block packed once (cpu_tiles), as the GPU kernel's splits."""
+    comptime D = head_dim
+    comptime DP = padded(D)
+    comptime BP = padded(block_size)
     comptime Hq = group * num_groups
-    var acc = unsafe_stack_allocation[head_dim, Float32]()
-    for t in range(T):
+    comptime NTILE = ceildiv(group, CPU_R)
+    comptime ROWS = NTILE * CPU_R
+
+    def task(i: Int) {output, lse, q, k, v, block_ids, cu_q, cu_k, scale, num_seqs, T}:
+        var t = i // num_groups
+        var g = i % num_groups
         var b = seq_of(cu_q, num_seqs, t)
         var q0 = Int(cu_q[unsafe_offset=b])
         var k0 = Int(cu_k[unsafe_offset=b])
         var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
         var pos = tk - (Int(cu_q[unsafe_offset=b + 1]) - q0) + (t - q0)
-        for h in range(Hq):
-            var g = h // group
-            var m = f32_neg_inf()
-            var l = Float32(0)
-            for d in range(head_dim):
-                acc[unsafe_offset=d] = 0
-            for slot in range(topk):
-                var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + slot])
-                softmax_block_cpu[dtype, head_dim, block_size](
-                    q.unsafe_offset((t * Hq + h) * head_dim), k, v, k0 + j * block_size, num_groups, g,
-                    _visible(j, pos, block_size) if j >= 0 else 0, scale, m, l, acc,
-                )
-            var inv = Float32(1) / l if l > 0 else Float32(0)
-            for d in range(head_dim):
-                output[unsafe_offset=(t * Hq + h) * head_dim + d] = (acc[unsafe_offset=d] * inv).cast[dtype]()
-            lse[unsafe_offset=t * Hq + h] = f32_neg_inf() if l == 0 else m + log(l)
+        var buf = scratch(2 * DP * BP + CPU_R * BP + ROWS * (2 * DP + 2))
+        var ps = int_scratch(ROWS)
+        var kt = buf
+        var vs = kt.unsafe_offset(DP * BP)
+        var pr = vs.unsafe_offset(DP * BP)
+        var qs = pr.unsafe_offset(CPU_R * BP)
+        var o = qs.unsafe_offset(ROWS * DP)
+        var ml = o.unsafe_offset(ROWS * DP)
+        for r in range(ROWS):
+            ps[unsafe_offset=r] = pos if r < group else -1
+        pack_rows[dtype](qs, DP, q.unsafe_offset((t * Hq + g * group) * D), D, group, D)
+
+        @always_inline
+        def state(tile: Int) {o, ml, ps} -> RowState:
+            return RowState(ml.unsafe_offset(tile * CPU_R), ml.unsafe_offset(ROWS + tile * CPU_R),
+                            o.unsafe_offset(tile * CPU_R * DP), ps.unsafe_offset(tile * CPU_R))
+
+        comptime for tile in range(NTILE):
+            state(tile).reset[D]()
+        for slot in range(topk):
+            var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + slot])
+            if j < 0 or _visible(j, pos, block_size) == 0:
+                continue
+            var kv_off = ((k0 + j * block_size) * num_groups + g) * D
+            var blk = pack_block[dtype, D, block_size](kt, vs, k.unsafe_offset(kv_off), v.unsafe_offset(kv_off),
+                                                      num_groups * D, j * block_size, min(block_size, tk - j * block_size))
+            comptime for tile in range(NTILE):
+                attend_tile[D, block_size](qs.unsafe_offset(tile * CPU_R * DP), blk, scale, pr, state(tile))
+        for h in range(group):
+            var st = state(h // CPU_R)
+            var r = h % CPU_R
+            var inv = st.inv_l(r)
+            var row = (t * Hq + g * group + h)
+            for d in range(D):
+                output[unsafe_offset=row * D + d] = (st.o[unsafe_offset=r * DP + d] * inv).cast[dtype]()
+            lse[unsafe_offset=row] = st.lse(r)
+        release(buf)
+        release(ps)
+
+    sync_parallelize(task, T * num_groups)
 
 
 # ----------------------------------------------------------------------------- GPU

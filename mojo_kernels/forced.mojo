@@ -27,6 +27,8 @@
 from std.math import ceildiv, exp2, log
 from std.memory import unsafe_stack_allocation
 
+from max.algorithm import sync_parallelize
+
 from extensibility import InputTensor, OutputTensor, register
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, syncwarp, thread_idx
 from max.gpu.host import DeviceContext, FuncAttribute
@@ -39,9 +41,10 @@ from max.gpu.primitives import warp
 
 from .attention import (
     LN2, LOG2E, MMA_BM, exp2_rows16, load_kv_tile, mask_rows16, mma_smem_bytes, mma_supported, pv_rows16, qk_rows16,
-    softmax_block_cpu, wgmma_supported,
+    wgmma_supported,
 )
-from .combine import combine_row, combine_vec_width, finish_row_cols, load_row_slots
+from .combine import combine_row, combine_row_cpu, combine_vec_width, finish_row_cols, load_row_slots
+from .cpu_tiles import CPU_R, AttendBlock, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
 from .common import (
     LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, hopper_target, position_of, pv_tile_wgmma,
     score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
@@ -88,33 +91,78 @@ def _forced_combine_cpu[
     lse_p: F32Ptr,
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int,
 ):
+    """Tasks of (sequence, query block, KV group) in parallel: the queries of
+    one query block share their forced blocks, so each task packs them once
+    (cpu_tiles) and streams its (query, head) rows through them, CPU_R at a
+    time, then merges each row's forced split with its partials."""
+    comptime D = head_dim
+    comptime DP = padded(D)
+    comptime BP = padded(block_size)
+    comptime NF = init_blocks + local_blocks
     var Hq = num_groups * group
-    var acc = unsafe_stack_allocation[head_dim, Float32]()
+    var toff = int_scratch(num_seqs + 1)  # first query block task of each sequence
+    toff[unsafe_offset=0] = 0
     for b in range(num_seqs):
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+        var n = (tk - 1) // block_size - (tk - tq) // block_size + 1 if tq > 0 else 0
+        toff[unsafe_offset=b + 1] = toff[unsafe_offset=b] + n
+
+    def task(i: Int) {output, lse, q, k, v, o_p, lse_p, cu_q, cu_k, scale, num_seqs, num_groups, Hq, toff}:
+        var g = i % num_groups
+        var qb = i // num_groups
+        var b = 0
+        while qb >= toff[unsafe_offset=b + 1]:
+            b += 1
         var q0 = Int(cu_q[unsafe_offset=b])
         var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
         var k0 = Int(cu_k[unsafe_offset=b])
         var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
-        for t in range(q0, q0 + tq):
-            var pos = tk - tq + t - q0
-            var f = Forced(pos, block_size, init_blocks, local_blocks)
-            for h in range(Hq):
-                var m = f32_neg_inf()
-                var den = Float32(0)
-                for d in range(head_dim):
-                    acc[unsafe_offset=d] = 0
-                for i in range(f.num_forced()):
-                    var j = f.block(i)
-                    softmax_block_cpu[dtype, head_dim, block_size](
-                        q.unsafe_offset((t * Hq + h) * head_dim), k, v, k0 + j * block_size, num_groups,
-                        h // group, min(block_size, pos - j * block_size + 1), scale, m, den, acc,
-                    )
-                var inv = Float32(1) / den if den > 0 else Float32(0)
-                for d in range(head_dim):
-                    acc[unsafe_offset=d] *= inv
-                combine_row[dtype, part_dtype, topk, head_dim, 1](
-                    output, lse, o_p, lse_p, t * Hq + h, 0, f32_neg_inf() if den == 0 else m + log(den), acc
-                )
+        var jq = (tk - tq) // block_size + qb - toff[unsafe_offset=b]
+        var p0 = max(tk - tq, jq * block_size)  # the block's first and last query positions
+        var p1 = min(tk, (jq + 1) * block_size) - 1
+        var f = Forced(p0, block_size, init_blocks, local_blocks)
+        var nf = f.num_forced()
+        var buf = scratch(2 * NF * DP * BP + CPU_R * (2 * DP + BP + 2))
+        var pos = int_scratch(CPU_R)
+        var blks = List[AttendBlock]()
+        for fi in range(nf):
+            var j = f.block(fi)
+            var kv_off = ((k0 + j * block_size) * num_groups + g) * D
+            blks.append(pack_block[dtype, D, block_size](
+                buf.unsafe_offset(2 * fi * DP * BP), buf.unsafe_offset((2 * fi + 1) * DP * BP), k.unsafe_offset(kv_off),
+                v.unsafe_offset(kv_off), num_groups * D, j * block_size, min(block_size, tk - j * block_size),
+            ))
+        var qs = buf.unsafe_offset(2 * NF * DP * BP)
+        var pr = qs.unsafe_offset(CPU_R * DP)
+        var st = RowState(pr.unsafe_offset(CPU_R * BP), pr.unsafe_offset(CPU_R * BP + CPU_R),
+                          pr.unsafe_offset(CPU_R * BP + 2 * CPU_R), pos)
+        var t0 = q0 + p0 - (tk - tq)  # the block's first query token
+        var rows = (p1 - p0 + 1) * group  # row = query * group + head within the group
+        for r0 in range(0, rows, CPU_R):
+            st.reset[D]()
+            for r in range(CPU_R):
+                if r0 + r < rows:
+                    var t = t0 + (r0 + r) // group
+                    pack_rows[dtype](qs.unsafe_offset(r * DP), DP, q.unsafe_offset((t * Hq + g * group + (r0 + r) % group) * D), D, 1, D)
+                    pos[unsafe_offset=r] = p0 + (r0 + r) // group
+                else:
+                    pos[unsafe_offset=r] = -1
+            for fi in range(nf):
+                attend_tile[D, block_size](qs, blks[fi], scale, pr, st)
+            for r in range(min(CPU_R, rows - r0)):
+                var row_o = st.o.unsafe_offset(r * DP)
+                var inv = st.inv_l(r)
+                for d in range(DP):
+                    row_o[unsafe_offset=d] *= inv
+                var t = t0 + (r0 + r) // group
+                combine_row_cpu[dtype, part_dtype, topk, D](output, lse, o_p, lse_p, t * Hq + g * group + (r0 + r) % group,
+                                                            st.lse(r), row_o)
+        release(buf)
+        release(pos)
+
+    sync_parallelize(task, toff[unsafe_offset=num_seqs] * num_groups)
+    release(toff)
 
 
 # ----------------------------------------------------------------------------- GPU, tensor cores

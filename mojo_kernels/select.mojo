@@ -40,8 +40,10 @@
 # commutes with max): scores that tie exactly stay tied, and the tie rule
 # decides, as in the reference.
 
-from std.math import ceildiv
+from std.math import ceildiv, iota
 from std.memory import unsafe_stack_allocation
+
+from max.algorithm import sync_parallelize
 
 from extensibility import InputTensor, OutputTensor, register
 from std.sys import size_of
@@ -60,6 +62,10 @@ from layout.tma_async import SharedMemBarrier
 from std.sys.info import _is_sm_9x
 from std.utils.index import Index
 
+from .cpu_tiles import (
+    CPU_R, CPU_W, F32Buf, FVec, IntBuf, int_scratch, mm_tile, pack_rows, pack_transposed, padded, release, scratch,
+    tile_cols,
+)
 from .common import (
     LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
     f32_neg_inf, frag_a, frag_b2, hopper_target, score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
@@ -155,7 +161,8 @@ def block_max_cpu[dtype: DType, idx_dim: Int, block_size: Int](
 ) -> Float32:
     """Unscaled max over block j's keys at positions <= p of <qrow, k_seq[key]>
     (k_seq: the sequence's first index key); -inf when none is visible, and
-    NaN never wins (idx_scale > 0 is applied after the max)."""
+    NaN never wins (idx_scale > 0 is applied after the max). One row, scalar:
+    for the few decode queries past the score pass's max_q."""
     var m = f32_neg_inf()
     for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
         var krow = k_seq.unsafe_offset(key * idx_dim)
@@ -165,6 +172,66 @@ def block_max_cpu[dtype: DType, idx_dim: Int, block_size: Int](
         if s > m:
             m = s
     return m
+
+
+@always_inline
+def tile_block_max[idx_dim: Int, block_size: Int](
+    qs: F32Buf, kt: F32Buf, key0: Int, pos: IntBuf, bm: F32Buf
+):
+    """CPU: folds the unscaled index scores of CPU_R rows (qs [CPU_R][Di] fp32)
+    against one key block (kt [Di][BS_pad], K^T, its first key at position
+    key0) into their block maxima bm[r], over the keys at positions <= pos[r]
+    only; NaN never wins."""
+    comptime BP = padded(block_size)
+    comptime NVK = tile_cols(BP)
+    comptime KC = NVK * CPU_W
+    var p_last = pos[unsafe_offset=0]
+    comptime for r in range(1, CPU_R):
+        p_last = max(p_last, pos[unsafe_offset=r])
+    var lanes = iota[DType.int32, CPU_W]()
+    for c in range(0, block_size, KC):
+        if key0 + c > p_last:
+            break
+        var acc = mm_tile[CPU_R, NVK](qs, idx_dim, kt.unsafe_offset(c), BP, idx_dim)
+        comptime for r in range(CPU_R):
+            var m = FVec(f32_neg_inf())
+            var lim = pos[unsafe_offset=r] - key0 - c  # last visible column of this chunk
+            comptime for v in range(NVK):
+                var x = acc[r * NVK + v]
+                var take = x.gt(m)  # false for NaN
+                if lim < (v + 1) * CPU_W - 1:
+                    take &= (lanes + Int32(v * CPU_W)).le(SIMD[DType.int32, CPU_W](Int32(lim)))
+                m = take.select(x, m)
+            var mr = m.reduce_max()
+            if mr > bm[unsafe_offset=r]:
+                bm[unsafe_offset=r] = mr
+
+
+@always_inline
+def topk_push(sc: F32Buf, ids: Pointer[Int32, MutUntrackedOrigin], mut cnt: Int, kfree: Int, s: Float32, j: Int):
+    """CPU: a row's running top-kfree free blocks, best first (score
+    descending; equal scores in the order they came, so ascending ids): block
+    j enters when the list has room or is strictly better than the last, and
+    takes its place by one backward shift; nothing is rescanned. Blocks
+    offered in ascending id give the tie rule; a NaN score never moves up
+    (NaN counts as -inf)."""
+    var i: Int
+    if cnt < kfree:
+        i = cnt
+        cnt += 1
+    elif kfree > 0 and s > sc[unsafe_offset=cnt - 1]:
+        i = cnt - 1
+    else:
+        return
+    while i > 0 and s > sc[unsafe_offset=i - 1]:
+        sc[unsafe_offset=i] = sc[unsafe_offset=i - 1]
+        ids[unsafe_offset=i] = ids[unsafe_offset=i - 1]
+        i -= 1
+    sc[unsafe_offset=i] = s
+    ids[unsafe_offset=i] = Int32(j)
+
+
+comptime SEL_CPU_TILES = 4  # register tiles of rows per CPU task: they share each K chunk while it is in L1
 
 
 def _select_cpu[
@@ -180,25 +247,89 @@ def _select_cpu[
     num_groups: Int,
     T: Int,
 ):
-    var sc = unsafe_stack_allocation[topk, Float32]()
-    var ids = unsafe_stack_allocation[topk, Int32]()
-    for t in range(T):
-        var b = seq_of(cu_q, num_seqs, t)
+    """The CPU indexer: every sequence's index keys transposed once into
+    blocks of K^T (fp32), then tasks of SEL_CPU_TILES * CPU_R consecutive
+    (query, group) rows of one sequence, in parallel: each sweeps its free
+    blocks on register tiles (tile_block_max) and keeps each row's top-k
+    (TopKList); scores tie exactly as the reference's (unscaled fp32 sums,
+    scaled after the max)."""
+    comptime DI = idx_dim
+    comptime BP = padded(block_size)
+    comptime ROWS = SEL_CPU_TILES * CPU_R
+    var roff = int_scratch(num_seqs + 1)  # first block row of each sequence
+    var toff = int_scratch(num_seqs + 1)  # first task of each sequence
+    roff[unsafe_offset=0] = 0
+    toff[unsafe_offset=0] = 0
+    for b in range(num_seqs):
         var tq = Int(cu_q[unsafe_offset=b + 1]) - Int(cu_q[unsafe_offset=b])
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+        roff[unsafe_offset=b + 1] = roff[unsafe_offset=b] + blocks_of(tk, block_size)
+        toff[unsafe_offset=b + 1] = toff[unsafe_offset=b] + ceildiv(tq * num_groups, ROWS)
+    var R = roff[unsafe_offset=num_seqs]
+    var kt = scratch(max(1, R) * DI * BP)
+
+    def pack(row: Int) {kt, roff, k_idx, cu_k, num_seqs}:
+        var b = 0
+        while row >= roff[unsafe_offset=b + 1]:
+            b += 1
+        var j = row - roff[unsafe_offset=b]
         var k0 = Int(cu_k[unsafe_offset=b])
-        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
-        var p = tk - tq + (t - Int(cu_q[unsafe_offset=b]))
-        var f = Forced(p, block_size, init_blocks, local_blocks)
-        var kfree = topk - f.num_forced()
-        for g in range(num_groups):
-            var qrow = q_idx.unsafe_offset((t * num_groups + g) * idx_dim)
-            var cnt = 0
-            var worst = 0
-            if kfree > 0:
-                for j in range(f.nsink, f.local_lo):
-                    var m = block_max_cpu[dtype, idx_dim, block_size](qrow, k_idx.unsafe_offset(k0 * idx_dim), j, p)
-                    _topk_insert[cap=topk](sc, ids, cnt, worst, kfree, m * scale, j)
-            _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
+        var nk = min(block_size, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * block_size)
+        pack_transposed[dtype](kt.unsafe_offset(row * DI * BP), BP, k_idx.unsafe_offset((k0 + j * block_size) * DI), DI,
+                               nk, DI)
+
+    sync_parallelize(pack, R)
+
+    def task(i: Int) {block_ids, q_idx, cu_q, cu_k, scale, num_seqs, num_groups, T, kt, roff, toff}:
+        var b = 0
+        while i >= toff[unsafe_offset=b + 1]:
+            b += 1
+        var q0 = Int(cu_q[unsafe_offset=b])
+        var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+        var row0 = q0 * num_groups + (i - toff[unsafe_offset=b]) * ROWS  # q_idx row (t * Hkv + g) of the task's first row
+        var n = min(ROWS, (q0 + tq) * num_groups - row0)
+        var buf = scratch(ROWS * (DI + 2 * topk + 1))
+        var qs = buf
+        var sc = qs.unsafe_offset(ROWS * DI)
+        var ids = sc.unsafe_offset(ROWS * topk).unsafe_bitcast[Int32]()
+        var bm = sc.unsafe_offset(2 * ROWS * topk)
+        var pos = int_scratch(2 * ROWS)
+        var cnt = pos.unsafe_offset(ROWS)
+        pack_rows[dtype](qs, DI, q_idx.unsafe_offset(row0 * DI), DI, n, DI)
+        var p_last = 0
+        for r in range(ROWS):
+            pos[unsafe_offset=r] = tk - tq + (row0 + r) // num_groups - q0 if r < n else -1
+            cnt[unsafe_offset=r] = 0
+            p_last = max(p_last, pos[unsafe_offset=r])
+        var j_hi = p_last // block_size - local_blocks if local_blocks > 0 else p_last // block_size
+        var kt_seq = kt.unsafe_offset(roff[unsafe_offset=b] * DI * BP)
+        for j in range(init_blocks, j_hi + 1):
+            for r in range(ROWS):
+                bm[unsafe_offset=r] = f32_neg_inf()
+            for rt in range(ceildiv(n, CPU_R)):
+                tile_block_max[DI, block_size](qs.unsafe_offset(rt * CPU_R * DI), kt_seq.unsafe_offset(j * DI * BP),
+                                               j * block_size, pos.unsafe_offset(rt * CPU_R), bm.unsafe_offset(rt * CPU_R))
+            for r in range(n):
+                var f = Forced(pos[unsafe_offset=r], block_size, init_blocks, local_blocks)
+                if j >= f.nsink and j < f.local_lo:
+                    var c = cnt[unsafe_offset=r]
+                    topk_push(sc.unsafe_offset(r * topk), ids.unsafe_offset(r * topk), c, topk - f.num_forced(),
+                              bm[unsafe_offset=r] * scale, j)
+                    cnt[unsafe_offset=r] = c
+        for r in range(n):
+            var t = (row0 + r) // num_groups
+            var g = (row0 + r) % num_groups
+            var f = Forced(pos[unsafe_offset=r], block_size, init_blocks, local_blocks)
+            _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids.unsafe_offset(r * topk),
+                                        cnt[unsafe_offset=r])
+        release(buf)
+        release(pos)
+
+    sync_parallelize(task, toff[unsafe_offset=num_seqs])
+    release(kt)
+    release(roff)
+    release(toff)
 
 
 @always_inline

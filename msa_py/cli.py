@@ -77,7 +77,7 @@ def demo(args, device: str, spec: E.Spec) -> int:
     from . import bench as Bn
     from . import verify as Vf
 
-    T = args.tokens or (32768 if device != "cpu" else 2048)
+    T = args.tokens or (32768 if device != "cpu" else 16384)
     S = T
     tdev = "cpu" if device == "cpu" else "cuda"
     print(f"MSA demo on {_device_name(device)}")
@@ -150,7 +150,7 @@ def bench(args, device: str, spec: E.Spec) -> int:
     if args.lengths:
         lengths = _lengths(args.lengths)
     else:
-        lengths = [4096, 16384, 32768, 65536, 131072] if device != "cpu" else [256, 512]
+        lengths = [4096, 16384, 32768, 65536, 131072] if device != "cpu" else [4096, 8192, 16384, 32768]
     res = Bn.run_bench(spec, lengths, device=device, repeats=args.repeats, rotate_sets=args.rotate,
                        scenario=args.scenario, chunk=args.chunk, gather_max=args.gather_max)
     res["device_name"] = _device_name(device)
@@ -185,10 +185,10 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run a built-in example, check it, compare with dense attention")
     _spec_args(d)
-    d.add_argument("--tokens", type=int, help="sequence length (GPU default 32768, CPU 2048)")
+    d.add_argument("--tokens", type=int, help="sequence length (GPU default 32768, CPU 16384)")
     b = sub.add_parser("bench", help="sweep sequence lengths against dense SDPA and a gather baseline")
     _spec_args(b)
-    b.add_argument("--lengths", help="comma list, e.g. 4k,16k,32k (GPU default 4k..128k)")
+    b.add_argument("--lengths", help="comma list, e.g. 4k,16k,32k (GPU default 4k..128k, CPU 4k..32k)")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--rotate", type=int, default=2, help="input sets rotated between timed runs")
     b.add_argument("--scenario", choices=["uniform", "hot"], default="uniform")
