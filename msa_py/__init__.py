@@ -1,7 +1,9 @@
 """MSA block-sparse attention: Mojo kernels on MAX, called from PyTorch.
 
 The torch functions (select_blocks, invert, block_attention, combine,
-forced_combine, sparse_attention, msa_attention) live here; `msa_py.reference` is the NumPy
+forced_combine, sparse_attention, msa_attention; for training
+sparse_attention_backward, block_mass, index_block_scores,
+indexer_kl_loss) live here; `msa_py.reference` is the NumPy
 float64 truth and `msa_py.graph` the MAX-graph layer, with the same names.
 torch is imported on first use, so the reference works without it.
 """
@@ -9,7 +11,7 @@ torch is imported on first use, so the reference works without it.
 __version__ = "0.1.0"
 
 _TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_combine", "sparse_attention",
-              "msa_attention")
+              "msa_attention", "sparse_attention_backward", "block_mass", "index_block_scores", "indexer_kl_loss")
 __all__ = list(_TORCH_API)
 
 

@@ -128,7 +128,7 @@ def check_case(case, device: str, seed: int = 0, time_it: bool = True, log=print
     lean = lean or T >= LEAN_T
     if lean:
         bid = E.to_numpy(E.run("select", spec, device, {n: ins[n] for n in E.INPUTS["select"]})[0])
-        out, lse = (E.to_numpy(o) for o in E.run("msa", spec, device, {n: ins[n] for n in E.INPUTS["msa"]}))
+        out, lse = (E.to_numpy(o) for o in E.run("msa", spec, device, {n: ins[n] for n in E.INPUTS["msa"]})[:2])
     elif decode:
         bid, out, lse = (E.to_numpy(o) for o in E.run("decode_stages", spec, device, ins))
     else:

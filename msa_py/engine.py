@@ -5,8 +5,9 @@ counts T, S and the batch B are symbolic, so every sequence length and batch
 composition reuses it. Scales are graph inputs, so they never recompile.
 
 Graph kinds (inputs -> outputs):
-  msa     q, k, v, q_idx, k_idx, cu_q, cu_k, scale, idx_scale -> out, lse
+  msa     q, k, v, q_idx, k_idx, cu_q, cu_k, scale, idx_scale -> out, lse, block_ids
   sparse  q, k, v, block_ids, cu_q, cu_k, scale               -> out, lse
+  sparse_backward q, k, v, block_ids, out, lse, dout, dlse, cu_q, cu_k, scale -> dq, dk, dv
   select  q_idx, k_idx, cu_q, cu_k, idx_scale                  -> block_ids
   combine o_partial, lse_partial                               -> out, lse
   invert  block_ids, cu_q, cu_k, keys[S] (a shape carrier)     -> Inversion
@@ -41,9 +42,9 @@ import numpy as np
 from . import graph as G
 from .build import kernels_path
 
-KINDS = ("msa", "sparse", "select", "combine", "invert", "invert_skip_forced", "block_attention", "forced_combine",
+KINDS = ("msa", "sparse", "sparse_backward", "select", "combine", "invert", "invert_skip_forced", "block_attention", "forced_combine",
          "stages", "decode_stages")
-DPS_KINDS = ("msa", "sparse", "select", "combine", "forced_combine")
+DPS_KINDS = ("msa", "sparse", "sparse_backward", "select", "combine", "forced_combine")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ def _types(spec: Spec, dev):
         "lse_partial": TensorType(DType.float32, [T, Hq, K], device=dev),
         "out": TensorType(x, [T, Hq, D], device=dev),
         "lse": TensorType(DType.float32, [T, Hq], device=dev),
+        "dout": TensorType(x, [T, Hq, D], device=dev),
+        "dlse": TensorType(DType.float32, [T, Hq], device=dev),
+        "dq": TensorType(x, [T, Hq, D], device=dev),
+        "dk": TensorType(x, [S, Hkv, D], device=dev),
+        "dv": TensorType(x, [S, Hkv, D], device=dev),
         "keys": TensorType(DType.int8, [S], device=dev),
         "row_offsets": TensorType(i32, ["B1"], device=dev),
         "entries": TensorType(i32, [Hkv, "NE"], device=dev),  # NE = T * topk
@@ -109,6 +115,7 @@ INPUTS = {
     "stages": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
     "decode_stages": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
     "sparse": ("q", "k", "v", "block_ids", "cu_q", "cu_k", "scale"),
+    "sparse_backward": ("q", "k", "v", "block_ids", "out", "lse", "dout", "dlse", "cu_q", "cu_k", "scale"),
     "select": ("q_idx", "k_idx", "cu_q", "cu_k", "idx_scale"),
     "combine": ("o_partial", "lse_partial"),
     "invert": ("block_ids", "cu_q", "cu_k", "keys"),
@@ -117,8 +124,9 @@ INPUTS = {
     "block_attention": ("q", "k", "v", "row_offsets", "entries", "work", "num_work", "cu_q", "cu_k", "scale"),
 }
 OUTPUTS = {
-    "msa": ("out", "lse"),
+    "msa": ("out", "lse", "block_ids"),
     "sparse": ("out", "lse"),
+    "sparse_backward": ("dq", "dk", "dv"),
     "select": ("block_ids",),
     "combine": ("out", "lse"),
     "forced_combine": ("out", "lse"),
@@ -151,12 +159,16 @@ def build_graph(kind: str, spec: Spec, device: str):
     with Graph(name, input_types=in_types, custom_extensions=[kernels_path()]) as g:
         bufs = [g.inputs[i].buffer for i in range(len(dps))]
         a = {n: g.inputs[len(dps) + i].tensor for i, n in enumerate(ins)}
-        if kind == "msa":
-            res = G.msa_attention(
-                a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], scale=a["scale"],
-                idx_scale=a["idx_scale"], q_budget=spec.q_budget, use_mma=spec.use_mma,
-                forced_pass=spec.forced_pass, **sel_kw,
-            )
+        if kind == "msa":  # G.msa_attention, with its selection as a third output
+            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)
+            res = [*G.layer_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                      q_budget=spec.q_budget, use_mma=spec.use_mma, forced_pass=spec.forced_pass,
+                                      block_size=spec.block_size, init_blocks=spec.init_blocks,
+                                      local_blocks=spec.local_blocks, decode=spec.decode), bid]
+        elif kind == "sparse_backward":
+            res = G.sparse_attention_backward(
+                a["q"], a["k"], a["v"], a["block_ids"], a["out"], a["lse"], a["dout"], a["cu_q"], a["cu_k"],
+                dlse=a["dlse"], block_size=spec.block_size, scale=a["scale"], q_budget=spec.q_budget)
         elif kind == "sparse":
             res = G.sparse_attention(
                 a["q"], a["k"], a["v"], a["block_ids"], a["cu_q"], a["cu_k"], block_size=spec.block_size,
@@ -320,9 +332,12 @@ def run(kind: str, spec: Spec, device: str, inputs: dict, outputs=None):
         if outputs is None:
             T = args[0].shape[0]  # every DPS kind's first input is token-major
             x = _dt(spec.dtype)
+            S = args[1].shape[0] if kind == "sparse_backward" else 0
+            kv = ((S, spec.num_kv_heads, spec.head_dim), x)
             shapes = {"out": ((T, spec.num_heads, spec.head_dim), G.partial_dtype_for(x) if kind == "combine" else x),
                       "lse": ((T, spec.num_heads), DType.float32),
-                      "block_ids": ((spec.num_kv_heads, T, spec.topk), DType.int32)}
+                      "block_ids": ((spec.num_kv_heads, T, spec.topk), DType.int32),
+                      "dq": ((T, spec.num_heads, spec.head_dim), x), "dk": kv, "dv": kv}
             outputs = [empty_buffer(shapes[n][1], shapes[n][0], device) for n in OUTPUTS[kind]]
         m.execute(*outputs, *args)
         return list(outputs)
@@ -332,7 +347,8 @@ def run(kind: str, spec: Spec, device: str, inputs: dict, outputs=None):
 def numpy_inputs(spec: Spec, device: str, **arrays) -> dict:
     """NumPy arrays -> device Buffers for the named graph inputs."""
     kinds = {"q": spec.dtype, "k": spec.dtype, "v": spec.dtype, "q_idx": spec.dtype, "k_idx": spec.dtype,
-             "scale": "float32", "idx_scale": "float32", "lse_partial": "float32", "keys": "int8"}
+             "out": spec.dtype, "dout": spec.dtype, "scale": "float32", "idx_scale": "float32",
+             "lse_partial": "float32", "lse": "float32", "dlse": "float32", "keys": "int8"}
     out = {}
     for name, arr in arrays.items():
         if name == "o_partial":

@@ -41,6 +41,9 @@ __all__ = [
     "forced_layer",
     "sparse_attention",
     "msa_attention",
+    "layer_attention",
+    "sparse_attention_backward",
+    "backward_gpu_fits",
     "decode_attention",
     "partial_dtype_for",
     "use_decode",
@@ -564,23 +567,116 @@ def msa_attention(
     attention's GPU path (False: SIMT, for testing); the forced pass always
     runs on tensor cores.
     """
-    _, _, _, _, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
     bid = select_blocks(
         q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=block_size,
         init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale, decode=decode,
     )
+    return layer_attention(q, k, v, bid, cu_q, cu_k, block_size=block_size, init_blocks=init_blocks,
+                           local_blocks=local_blocks, scale=scale, q_budget=q_budget, use_mma=use_mma, decode=decode,
+                           forced_pass=forced_pass)
+
+
+def layer_attention(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    block_ids: TensorValue,
+    cu_seqlens_q: TensorValue,
+    cu_seqlens_k: TensorValue,
+    *,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale=None,
+    q_budget: int = 64,
+    use_mma: bool = True,
+    decode: bool | None = None,
+    forced_pass: bool = True,
+):
+    """msa_attention's attention over a selection from select_blocks (which
+    holds every query's forced blocks): the decode kernels, the forced pass
+    or the plain pipeline, as msa_attention picks them. Returns out, lse."""
+    _, _, _, _, D = V.attention_dims(_shape(q), _shape(k), _shape(v))
     D = _static("q head dim D", D)
-    if forced_pass and not use_decode(decode, _shape(q)[0], _shape(cu_q)[0], q.dtype, q.device, stage="attention",
-                                      dim=D, block_size=block_size) and forced_pass_fits(
+    topk = _static("block_ids topk", _shape(block_ids)[2])
+    if forced_pass and not use_decode(decode, _shape(q)[0], _shape(cu_seqlens_q)[0], q.dtype, q.device,
+                                      stage="attention", dim=D, block_size=block_size) and forced_pass_fits(
             q.dtype, q.device, head_dim=D, block_size=block_size, topk=topk, init_blocks=init_blocks,
             local_blocks=local_blocks):
-        return forced_layer(q, k, v, bid, cu_q, cu_k, block_size=block_size, init_blocks=init_blocks,
-                            local_blocks=local_blocks, scale=scale, q_budget=q_budget, use_mma=use_mma)[-2:]
+        return forced_layer(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                            init_blocks=init_blocks, local_blocks=local_blocks, scale=scale, q_budget=q_budget,
+                            use_mma=use_mma)[-2:]
     return sparse_attention(
-        q, k, v, bid, cu_q, cu_k, block_size=block_size, scale=scale, q_budget=q_budget, use_mma=use_mma,
-        decode=decode,
+        q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size=block_size, scale=scale, q_budget=q_budget,
+        use_mma=use_mma, decode=decode,
     )
+
+
+# --------------------------------------------------------------------------- backward
+def backward_gpu_fits(sixteen_bit: bool, head_dim: int, block_size: int) -> bool:
+    """Shapes the GPU backward takes: the tensor-core tiles' (16-bit inputs, D
+    and block_size multiples of 16 up to 128)."""
+    return mma_attention_fits(sixteen_bit, head_dim, block_size)
+
+
+def sparse_attention_backward(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    block_ids: TensorValue,
+    out: TensorValue,
+    lse: TensorValue,
+    dout: TensorValue,
+    cu_seqlens_q: TensorValue | None = None,
+    cu_seqlens_k: TensorValue | None = None,
+    *,
+    dlse: TensorValue | None = None,
+    block_size: int = 128,
+    scale=None,
+    q_budget: int = 64,
+):
+    """Gradients of sparse_attention (or msa_attention) for a fixed selection:
+    out / lse the forward's outputs, dout [T, Hq, D] (q's dtype) and dlse
+    [T, Hq] fp32 (None: 0) the gradients reaching them. Returns dq [T, Hq, D],
+    dk, dv [S, Hkv, D] in q's dtype (see msa_py.reference.sparse_attention_backward).
+    On the GPU: 16-bit inputs, D and block_size multiples of 16 up to 128."""
+    T, Hq, Hkv, D = _attention_operands(q, k, v)
+    _check_int32("block_ids", block_ids)
+    V.check_block_ids_shape(_shape(block_ids), Hkv, T)
+    topk = _static("block_ids topk", _shape(block_ids)[2])
+    V.Config(topk, block_size, q_budget=q_budget).check()
+    for name, x in (("out", out), ("dout", dout)):
+        if x.dtype != q.dtype or not all(V._eq(a, b) for a, b in zip(_shape(x), _shape(q))):
+            raise ValueError(f"{name} must have q's dtype and shape {_shape(q)}, got {x.type}")
+    if lse.dtype != DType.float32 or len(lse.shape) != 2:
+        raise ValueError(f"lse must be float32 [T, Hq], got {lse.type}")
+    dev = q.device
+    if str(dev.device_type) != "cpu" and not backward_gpu_fits(q.dtype in (DType.bfloat16, DType.float16), D,
+                                                               block_size):
+        raise ValueError(f"the GPU backward needs bfloat16 or float16 inputs with D and block_size multiples of 16 "
+                         f"up to 128; got {q.dtype}, D={D}, block_size={block_size}")
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], dev)
+    if dlse is None:
+        dlse = ops.broadcast_to(ops.constant(np.zeros((1, 1), np.float32), DType.float32, device=dev), lse.shape)
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    inv = invert(block_ids, cu_q, cu_k, num_keys=k.shape[0], block_size=block_size, q_budget=q_budget)
+    Tq, S = q.shape[0], k.shape[0]
+    outs = ops.custom(
+        "msa_sparse_backward",
+        device=dev,
+        values=[q, k, v, out, dout, lse, dlse, block_ids, inv.row_offsets, inv.row_ptr, inv.entries, inv.work,
+                inv.num_work, cu_q, cu_k, sc],
+        out_types=[
+            TensorType(q.dtype, [Tq, Hq, D], device=dev),
+            TensorType(k.dtype, [S, Hkv, D], device=dev),
+            TensorType(k.dtype, [S, Hkv, D], device=dev),
+            TensorType(partial_dtype_for(q.dtype), [Tq, Hq, topk, D], device=dev),  # dq partials
+            TensorType(DType.float32, [S * (2 * Hkv * D) + Tq * Hq], device=dev),  # dk, dv accumulators, Dr
+        ],
+        parameters={"topk": topk, "block_size": block_size, "group": Hq // Hkv, "num_groups": Hkv, "head_dim": D},
+    )
+    return outs[0].tensor, outs[1].tensor, outs[2].tensor
 
 
 def forced_layer(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, *, block_size: int, init_blocks: int,

@@ -453,6 +453,147 @@ def msa_attention(
     return sparse_attention(q, k, v, bid, cu_seqlens_q, cu_seqlens_k, block_size=block_size, scale=scale)
 
 
+# --------------------------------------------------------------------------- backward
+def _selected_keys(block_ids, cu_q, cu_k, block_size, c0, c1):
+    """Per query t in [c0, c1), group g, slot s, key b of the selected block:
+    the global key index gkey and whether it is visible (selected, causal,
+    inside the sequence). Shapes [t, g, s, b]."""
+    seq, p, _ = _positions(cu_q, cu_k)
+    bid = block_ids[:, c0:c1].transpose(1, 0, 2).astype(np.int64)  # [t, g, s]
+    used = bid >= 0
+    local = np.where(used, bid, 0)[..., None] * block_size + np.arange(block_size)
+    gkey = cu_k[seq[c0:c1]][:, None, None, None] + local
+    vis = used[..., None] & (local <= p[c0:c1, None, None, None]) & (gkey < cu_k[seq[c0:c1] + 1][:, None, None, None])
+    return np.where(vis, gkey, 0), vis
+
+
+def sparse_attention_backward(
+    q,
+    k,
+    v,
+    block_ids,
+    dout,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    dlse=None,
+    block_size: int = 128,
+    scale: float | None = None,
+):
+    """Gradients of `sparse_attention` for a fixed selection (block_ids is a
+    constant, as in every sparse-attention training recipe): given dout
+    [T, Hq, D] (and dlse [T, Hq], the gradient reaching lse, or None),
+    returns dq [T, Hq, D], dk, dv [S, Hkv, D] in float64.
+
+    With P the softmax over each query's selected visible keys (a block in
+    two slots counts twice), O = P V, lse = log sum exp(S):
+      dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),
+      dQ = scale dS K,  dK = scale dS^T Q."""
+    q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    bid = np.asarray(block_ids)
+    if bid.dtype.kind not in "iu":
+        raise ValueError(f"block_ids must be an integer array, got dtype {bid.dtype}")
+    V.check_block_ids_shape(bid.shape, Hkv, T)
+    _config(bid.shape[2], block_size)
+    V.check_scale("scale", scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    do = _f64("dout", dout)
+    if do.shape != q.shape:
+        raise ValueError(f"dout must have q's shape {q.shape}, got {do.shape}")
+    dl = np.zeros(q.shape[:2]) if dlse is None else _f64("dlse", dlse)
+    if dl.shape != q.shape[:2]:
+        raise ValueError(f"dlse must have shape {q.shape[:2]}, got {dl.shape}")
+    _, p, _ = _positions(cu_q, cu_k)
+    V.check_block_ids_values(bid, p // block_size)
+    Hq = q.shape[1]
+    G = Hq // Hkv
+    topk = bid.shape[2]
+    dq = np.zeros_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    g_idx = np.arange(Hkv)[None, :, None, None]
+    chunk = max(1, (1 << 20) // max(1, Hkv * topk * block_size * max(D, 1)))
+    for c0, c1 in _chunks(T, chunk):
+        n = c1 - c0
+        gkey, vis = _selected_keys(bid, cu_q, cu_k, block_size, c0, c1)
+        kk = k[gkey, g_idx].reshape(n, Hkv, topk * block_size, D)  # [t, g, L, D]
+        vv = v[gkey, g_idx].reshape(n, Hkv, topk * block_size, D)
+        vis = vis.reshape(n, Hkv, 1, topk * block_size)
+        qq = q[c0:c1].reshape(n, Hkv, G, D)
+        s = np.where(vis, scale * np.matmul(qq, kk.transpose(0, 1, 3, 2)), NEG_INF)  # [t, g, G, L]
+        m = s.max(-1, keepdims=True)
+        m = np.where(np.isneginf(m), 0.0, m)
+        e = np.exp(s - m)
+        den = e.sum(-1, keepdims=True)
+        pr = e / np.where(den == 0, 1.0, den)
+        o = np.matmul(pr, vv)  # [t, g, G, D]
+        dO = do[c0:c1].reshape(n, Hkv, G, D)
+        drow = (dO * o).sum(-1, keepdims=True) - dl[c0:c1].reshape(n, Hkv, G, 1)
+        dp = np.matmul(dO, vv.transpose(0, 1, 3, 2))
+        ds = pr * (dp - drow)
+        dq[c0:c1] = scale * np.matmul(ds, kk).reshape(n, Hq, D)
+        dkc = scale * np.matmul(ds.transpose(0, 1, 3, 2), qq)  # [t, g, L, D]
+        dvc = np.matmul(pr.transpose(0, 1, 3, 2), dO)
+        keys = gkey.reshape(n, Hkv, topk * block_size)
+        gg = np.broadcast_to(np.arange(Hkv)[None, :, None], keys.shape)
+        w = vis.reshape(n, Hkv, -1)
+        np.add.at(dk, (keys[w], gg[w]), dkc[w])
+        np.add.at(dv, (keys[w], gg[w]), dvc[w])
+    return dq, dk, dv
+
+
+def block_mass(
+    q,
+    k,
+    block_ids,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+):
+    """The attention mass of each selected block: mass [Hkv, T, topk], the
+    share of the softmax of `sparse_attention` that falls on the slot's block,
+    averaged over the G query heads of the group (each (t, g) row sums to 1
+    over its used slots; 0 for unused slots). The indexer's training target
+    (a KL term pulls the index scores of the selected blocks toward it)."""
+    T, S, Hq, Hkv, D = V.attention_dims(np.shape(q), np.shape(k), np.shape(k))
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
+    qf, kf = _f64("q", q), _f64("k", k)
+    bid = np.asarray(block_ids)
+    V.check_block_ids_shape(bid.shape, Hkv, T)
+    _config(bid.shape[2], block_size)
+    V.check_scale("scale", scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    _, lp = _block_partials(qf, kf, kf, bid, cu_q, cu_k, block_size, scale)  # lse per (t, h, slot)
+    _, lse = combine(np.zeros(lp.shape + (1,)), lp)
+    mass = np.where(np.isneginf(lp), 0.0, np.exp(lp - np.where(np.isfinite(lse), lse, 0.0)[..., None]))
+    G = Hq // Hkv
+    return mass.reshape(T, Hkv, G, -1).mean(2).transpose(1, 0, 2)
+
+
+def index_block_scores(q_idx, k_idx, block_ids, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size: int = 128,
+                       idx_scale: float | None = None) -> np.ndarray:
+    """The indexer's score of each selected block: [Hkv, T, topk] float64,
+    idx_scale times the max of <q_idx[t, g], k_idx[key]> over the block's
+    visible keys, -inf in unused slots (the score select_blocks ranked; NaN
+    counts as -inf)."""
+    T, S, Hkv, Di = V.index_dims(np.shape(q_idx), np.shape(k_idx))
+    cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, T, S)
+    qi, ki = _f64("q_idx", q_idx), _f64("k_idx", k_idx)
+    bid = np.asarray(block_ids)
+    V.check_block_ids_shape(bid.shape, Hkv, T)
+    scale = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    topk = bid.shape[2]
+    out = np.full((Hkv, T, topk), NEG_INF)
+    for c0, c1 in _chunks(T, max(1, (1 << 20) // max(1, Hkv * topk * block_size * Di))):
+        gkey, vis = _selected_keys(bid, cu_q, cu_k, block_size, c0, c1)  # [t, g, s, b]
+        s = scale * np.einsum("tgd,tgsbd->tgsb", qi[c0:c1], ki[gkey])
+        s = np.where(vis & ~np.isnan(s), s, NEG_INF)
+        out[:, c0:c1] = s.max(-1).transpose(1, 0, 2)
+    return out
+
+
 def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, scale=None):
     """Dense causal attention (bottom-right aligned), for comparisons."""
     q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)

@@ -48,8 +48,9 @@ def _device_key(x: torch.Tensor) -> str:
     raise ValueError(f"tensors must be on CPU or CUDA, got {x.device}")
 
 
-def _check_tensors(**tensors) -> str:
-    """One device for all; contiguous; no autograd (no backward pass yet)."""
+def _check_tensors(differentiable: tuple = (), **tensors) -> str:
+    """One device for all; contiguous; autograd only through the tensors named
+    in `differentiable` (q, k, v of msa_attention and sparse_attention)."""
     dev = None
     first = None
     for name, t in tensors.items():
@@ -57,10 +58,12 @@ def _check_tensors(**tensors) -> str:
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.requires_grad and torch.is_grad_enabled():
+        if t.requires_grad and torch.is_grad_enabled() and name not in differentiable:
             raise ValueError(
-                f"{name} requires grad, but MSA has no backward pass yet: call under torch.no_grad() "
-                f"or pass detached tensors"
+                f"{name} requires grad, but this op has no gradient for it"
+                + (" (the selection is a constant: train the indexer with index_block_scores and block_mass)"
+                   if name in ("q_idx", "k_idx", "block_ids") else "")
+                + ": call under torch.no_grad() or pass a detached tensor"
             )
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {t.stride()}")
@@ -187,6 +190,10 @@ def _run(kind: str, spec: E.Spec, device: str, inputs: dict, outputs=None):
     return outputs
 
 
+def _wants_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def _num_seqs(cu_q) -> int:
     return 1 if cu_q is None else cu_q.shape[0] - 1
 
@@ -303,6 +310,14 @@ def _(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, scale, q_budge
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
+def _setup_sparse(ctx, inputs, output):
+    q, k, v, block_ids, cu_q, cu_k, block_size, scale, q_budget = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, block_ids, out, lse, cu_q, cu_k)
+    ctx.block_size, ctx.scale, ctx.q_budget, ctx.n_inputs = block_size, scale, q_budget, len(inputs)
+
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -321,13 +336,16 @@ def sparse_attention(
     select_blocks or your own selector: ids in [-1, the query's own block],
     -1 for an unused slot, any slot order; a block in two slots counts twice).
     """
-    _check_tensors(q=q, k=k, v=v, block_ids=block_ids, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_tensors(("q", "k", "v"), q=q, k=k, v=v, block_ids=block_ids, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k)
     T, S, Hq, Hkv, D, _ = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if block_ids.dtype != torch.int32:
         raise ValueError(f"block_ids must be int32, got {block_ids.dtype}")
     V.check_block_ids_shape(tuple(block_ids.shape), Hkv, T)
     V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
     V.check_int32_range(T, S, block_ids.shape[2], Hq, Hkv)
+    if _wants_grad(q, k, v):
+        _check_backward_fits(q, D, block_size)
     V.check_scale("scale", scale)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return torch.ops.msa.sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, sc, q_budget)
@@ -338,7 +356,7 @@ def _msa_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], topk: int,
     block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, q_budget: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
     _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
@@ -346,21 +364,126 @@ def _msa_op(
         cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
     out = torch.empty_like(q)
     lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
+    block_ids = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q.device)
     if T == 0:
-        return out, lse
+        return out, lse, block_ids
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
                  init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
                  decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2], topk=topk))
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-              scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse])
-    return out, lse
+              scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse, block_ids])
+    return out, lse, block_ids
 
 
 @_msa_op.register_fake
 def _(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size, init_blocks, local_blocks,
       scale, idx_scale, q_budget):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return (torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32),
+            q.new_empty((k.shape[1], q.shape[0], topk), dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- backward
+@torch.library.custom_op("msa::sparse_attention_backward", mutates_args=())
+def _backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor], block_size: int, scale: float, q_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, Hq, D = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    if cu_seqlens_q is None:
+        cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0:
+        return dq, dk.zero_(), dv.zero_()
+    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget)
+    _run("sparse_backward", spec, _device_key(q),
+         dict(q=q, k=k, v=v, block_ids=block_ids, out=out, lse=lse, dout=dout, dlse=dlse, cu_q=cu_seqlens_q,
+              cu_k=cu_seqlens_k, scale=_scale_tensor(scale, q)), [dq, dk, dv])
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(q, k, v, block_ids, out, lse, dout, dlse, cu_seqlens_q, cu_seqlens_k, block_size, scale, q_budget):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def sparse_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_ids: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    dlse: Optional[torch.Tensor] = None,
+    block_size: int = 128,
+    scale: Optional[float] = None,
+    q_budget: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sparse_attention / msa_attention for a fixed selection
+    (what autograd calls; public for frameworks that run their own
+    backward): out [T, Hq, D] and lse [T, Hq] fp32 from the forward, dout
+    (q's dtype) and dlse (fp32, None: 0) the gradients reaching them.
+    Returns dq [T, Hq, D], dk, dv [S, Hkv, D] in q's dtype. On CUDA: 16-bit
+    inputs, D and block_size multiples of 16 up to 128."""
+    _check_tensors(q=q, k=k, v=v, block_ids=block_ids, out=out, lse=lse, dout=dout, dlse=dlse,
+                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    T, S, Hq, Hkv, D, dn = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if block_ids.dtype != torch.int32:
+        raise ValueError(f"block_ids must be int32, got {block_ids.dtype}")
+    V.check_block_ids_shape(tuple(block_ids.shape), Hkv, T)
+    for name, x in (("out", out), ("dout", dout)):
+        if x.dtype != q.dtype or tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"{name} must have q's dtype {q.dtype} and shape {tuple(q.shape)}, got {x.dtype} "
+                             f"{tuple(x.shape)}")
+    for name, x in (("lse", lse), ("dlse", dlse)):
+        if x is not None and (x.dtype != torch.float32 or tuple(x.shape) != (T, Hq)):
+            raise ValueError(f"{name} must be float32 of shape {(T, Hq)}, got {x.dtype} {tuple(x.shape)}")
+    V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
+    _check_backward_fits(q, D, block_size)
+    V.check_scale("scale", scale)
+    cu = _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
+    _check_block_ids_values(block_ids, cu, T, S, block_size)
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    return torch.ops.msa.sparse_attention_backward(q, k, v, block_ids, out, lse, dout, dlse, cu_seqlens_q,
+                                                   cu_seqlens_k, block_size, sc, q_budget)
+
+
+def _check_backward_fits(q: torch.Tensor, D: int, block_size: int) -> None:
+    from .graph import backward_gpu_fits
+
+    if q.is_cuda and not backward_gpu_fits(q.dtype in (torch.bfloat16, torch.float16), D, block_size):
+        raise ValueError(f"the CUDA backward needs bfloat16 or float16 inputs with D and block_size multiples of 16 "
+                         f"up to 128; got {q.dtype}, D={D}, block_size={block_size}")
+
+
+def _attention_backward(ctx, dout, dlse, *_):
+    """Autograd of msa_attention and sparse_attention: dq, dk, dv from the
+    saved forward (its out, lse and selection); no gradient for the rest."""
+    q, k, v, block_ids, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.contiguous()
+    dq, dk, dv = torch.ops.msa.sparse_attention_backward(q, k, v, block_ids, out, lse, dout, dlse, cu_q, cu_k,
+                                                         ctx.block_size, ctx.scale, ctx.q_budget)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+
+
+def _setup_msa(ctx, inputs, output):
+    q, k, v, _, _, cu_q, cu_k, _, block_size, _, _, scale, _, q_budget = inputs
+    out, lse, block_ids = output
+    ctx.save_for_backward(q, k, v, block_ids, out, lse, cu_q, cu_k)
+    ctx.block_size, ctx.scale, ctx.q_budget, ctx.n_inputs = block_size, scale, q_budget, len(inputs)
+
+
+_msa_op.register_autograd(_attention_backward, setup_context=_setup_msa)
+_sparse_op.register_autograd(_attention_backward, setup_context=_setup_sparse)
 
 
 def msa_attention(
@@ -387,8 +510,11 @@ def msa_attention(
     sequence whose queries are the last T of its S keys). Returns
     out [T, Hq, D] (q's dtype) and lse [T, Hq] (fp32, natural log).
     """
-    _check_tensors(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_tensors(("q", "k", "v"), q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k)
     T, S, Hq, Hkv, D, dn = _attention_checks(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if _wants_grad(q, k, v):
+        _check_backward_fits(q, D, block_size)
     Ti, Si, Hkv_i, Di = V.index_dims(tuple(q_idx.shape), tuple(k_idx.shape))
     if (Ti, Si, Hkv_i) != (T, S, Hkv):
         raise ValueError(f"q_idx/k_idx must have T={T}, S={S}, Hkv={Hkv} like q/k, got q_idx "
@@ -400,8 +526,9 @@ def msa_attention(
     V.check_scale("idx_scale", idx_scale)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
-    return torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
-                                       init_blocks, local_blocks, sc, isc, q_budget)
+    out, lse, _ = torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
+                                              init_blocks, local_blocks, sc, isc, q_budget)
+    return out, lse
 
 
 # --------------------------------------------------------------------------- stage ops
@@ -611,3 +738,123 @@ def forced_combine(
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return torch.ops.msa.forced_combine(q, k, v, o_partial, lse_partial, cu_seqlens_q, cu_seqlens_k, block_size,
                                         init_blocks, local_blocks, sc)
+
+
+# --------------------------------------------------------------------------- the indexer's training signal
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_ids: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    block_size: int = 128,
+    scale: Optional[float] = None,
+    q_budget: int = 64,
+) -> torch.Tensor:
+    """The attention mass of each selected block, the indexer's target:
+    mass [Hkv, T, topk] fp32, the share of each (query, head)'s softmax that
+    falls on the slot's block (exp(lse_partial - lse), from the block
+    attention's per-block lse), averaged over the G heads of the group; each
+    (g, t) row sums to 1 over its used slots, 0 in unused ones. No gradient
+    (a target). q [T, Hq, D], k [S, Hkv, D], block_ids [Hkv, T, topk]."""
+    with torch.no_grad():
+        Hkv, T, topk = block_ids.shape
+        if cu_seqlens_q is None:
+            if T > k.shape[0]:
+                raise ValueError(f"q has more tokens (T={T}) than k (S={k.shape[0]}) without cu_seqlens")
+            cu_seqlens_q, cu_seqlens_k = _default_cu(T, k.shape[0], q)
+        inv = invert(block_ids, cu_seqlens_q, cu_seqlens_k, num_keys=k.shape[0], block_size=block_size,
+                     q_budget=q_budget)
+        _, lse_p = block_attention(q, k, k, inv, cu_seqlens_q, cu_seqlens_k, topk=topk, block_size=block_size,
+                                   scale=scale)
+        lse = torch.logsumexp(lse_p, -1, keepdim=True)
+        mass = torch.where(torch.isfinite(lse_p), torch.exp(lse_p - lse), torch.zeros_like(lse_p))
+        return mass.view(T, Hkv, -1, topk).mean(2).permute(1, 0, 2).contiguous()
+
+
+class _IndexBlockScores(torch.autograd.Function):
+    """Block scores of the selected blocks, max over their visible keys, with
+    the gradient of the max (to the arg-max key) for q_idx and k_idx."""
+
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, block_ids, positions, key_start, block_size, idx_scale, chunk):
+        Hkv, T, topk = block_ids.shape
+        S = k_idx.shape[0]
+        scores = torch.full((Hkv, T, topk), float("-inf"), dtype=torch.float32, device=q_idx.device)
+        arg = torch.full((Hkv, T, topk), -1, dtype=torch.long, device=q_idx.device)
+        offs = torch.arange(block_size, device=q_idx.device)
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            j = block_ids[:, c0:c1].long()  # [g, n, s]
+            local = j.clamp(min=0)[..., None] * block_size + offs  # key positions [g, n, s, b]
+            vis = (j >= 0)[..., None] & (local <= positions[None, c0:c1, None, None])
+            keys = (key_start[None, c0:c1, None, None] + local).clamp(max=S - 1)
+            kk = k_idx[keys].float()  # [g, n, s, b, Di]
+            qq = q_idx[c0:c1].float().permute(1, 0, 2)  # [g, n, Di]
+            sc = idx_scale * torch.einsum("gnd,gnsbd->gnsb", qq, kk)
+            sc = sc.masked_fill(~vis | torch.isnan(sc), float("-inf"))
+            m, a = sc.max(-1)
+            scores[:, c0:c1] = m
+            arg[:, c0:c1] = torch.where(torch.isfinite(m), torch.gather(keys, -1, a[..., None])[..., 0],
+                                        torch.full_like(a, -1))
+        ctx.save_for_backward(q_idx, k_idx, arg)
+        ctx.idx_scale = idx_scale
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_idx, k_idx, arg = ctx.saved_tensors
+        g = torch.where(arg >= 0, grad, torch.zeros_like(grad)) * ctx.idx_scale  # [Hkv, T, topk]
+        kk = k_idx[arg.clamp(min=0)].float()  # [Hkv, T, topk, Di]
+        dq = torch.einsum("gts,gtsd->tgd", g, kk).to(q_idx.dtype)
+        dk = torch.zeros(k_idx.shape, dtype=torch.float32, device=k_idx.device)
+        qq = q_idx.float().permute(1, 0, 2)[:, :, None, :] * g[..., None]  # [Hkv, T, topk, Di]
+        dk.index_add_(0, arg.clamp(min=0).reshape(-1), qq.reshape(-1, k_idx.shape[1]))
+        return dq, dk.to(k_idx.dtype), None, None, None, None, None, None
+
+
+def index_block_scores(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    block_ids: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    block_size: int = 128,
+    idx_scale: Optional[float] = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """The indexer's block scores of the selected blocks, differentiable in
+    q_idx and k_idx: scores [Hkv, T, topk] fp32, idx_scale times the max of
+    <q_idx[t, g], k_idx[key]> over the block's visible keys (-inf in unused
+    slots), the same scores select_blocks ranked. The gradient of the max
+    goes to its arg-max key. Torch ops over chunks of `chunk` queries (the
+    gathered keys of a chunk are chunk * Hkv * topk * block_size * Di)."""
+    T, S, Hkv, Di = V.index_dims(tuple(q_idx.shape), tuple(k_idx.shape))
+    V.check_block_ids_shape(tuple(block_ids.shape), Hkv, T)
+    from .reference import _positions
+
+    if cu_seqlens_q is None:
+        cu = (np.array([0, T]), np.array([0, S]))
+    else:
+        cu = (cu_seqlens_q.cpu().numpy(), cu_seqlens_k.cpu().numpy())
+        V.check_cu_seqlens_values(*cu, T, S)
+    seq, p, _ = _positions(cu[0].astype(np.int64), cu[1].astype(np.int64))
+    dev = q_idx.device
+    positions = torch.from_numpy(p).to(dev)
+    key_start = torch.from_numpy(cu[1].astype(np.int64)[seq]).to(dev)
+    sc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    return _IndexBlockScores.apply(q_idx, k_idx, block_ids, positions, key_start, block_size, sc, chunk)
+
+
+def indexer_kl_loss(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """KL(mass || softmax(scores)) over each (g, t) row's used slots (score
+    -inf: unused), averaged over the rows: the term that trains the indexer
+    toward the attention's mass per block (block_mass). scores and mass
+    [Hkv, T, topk]."""
+    used = torch.isfinite(scores)
+    logp = torch.log_softmax(scores.masked_fill(~used, -1e30), -1)
+    target = mass * used
+    kl = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - logp), torch.zeros_like(target))
+    return kl.sum(-1).mean()

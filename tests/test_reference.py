@@ -204,3 +204,67 @@ def test_reference_4k_is_fast_enough():
     t0 = time.time()
     R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, topk=16)
     assert time.time() - t0 < 30
+
+
+def _torch_masked_attention(q, k, v, mask, scale):
+    """Dense masked attention in torch float64 (autograd's truth): out, lse."""
+    import torch
+
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    kk = k.repeat_interleave(G, dim=1)  # [S, Hq, D]
+    vv = v.repeat_interleave(G, dim=1)
+    s = scale * torch.einsum("thd,shd->ths", q, kk)
+    m = torch.from_numpy(np.repeat(mask, G, axis=0).transpose(1, 0, 2))  # [T, Hq, S]
+    s = s.masked_fill(~m, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("ths,shd->thd", torch.softmax(s, -1), vv), lse
+
+
+@pytest.mark.parametrize("seqs,Hq,Hkv,bs,topk", [
+    ([(40, 40), (7, 30), (1, 1)], 4, 2, 16, 3),  # ragged, chunked, GQA
+    ([(50, 50)], 2, 2, 16, 2),
+])
+def test_backward_matches_torch_autograd_float64(seqs, Hq, Hkv, bs, topk):
+    """sparse_attention_backward against torch autograd through a dense masked
+    attention in float64 (the oracle's mask), with a gradient on lse too."""
+    torch = pytest.importorskip("torch")
+    c = make_case(3, seqs, Hq, Hkv, 16, 8)
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=topk, block_size=bs, init_blocks=1, local_blocks=1)
+    mask = mask_from_block_ids(bid, c.cu_q, c.cu_k, bs)
+    rng = np.random.default_rng(4)
+    dout = rng.standard_normal(c.q.shape)
+    dlse = rng.standard_normal(c.q.shape[:2])
+    qt, kt, vt = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (c.q, c.k, c.v))
+    out, lse = _torch_masked_attention(qt, kt, vt, mask, 0.25)
+    ((out * torch.from_numpy(dout)).sum() + (lse * torch.from_numpy(dlse)).sum()).backward()
+    dq, dk, dv = R.sparse_attention_backward(c.q, c.k, c.v, bid, dout, c.cu_q, c.cu_k, dlse=dlse, block_size=bs,
+                                             scale=0.25)
+    np.testing.assert_allclose(dq, qt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dk, kt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dv, vt.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_block_mass_is_the_softmax_share_of_each_block():
+    c = make_case(5, [(40, 40), (9, 33)], 4, 2, 16, 8)
+    bs = 16
+    bid = R.select_blocks(c.q_idx, c.k_idx, c.cu_q, c.cu_k, topk=3, block_size=bs)
+    mass = R.block_mass(c.q, c.k, bid, c.cu_q, c.cu_k, block_size=bs, scale=0.3)
+    used = bid >= 0
+    assert (mass[~used] == 0).all() and (mass[used] > 0).all()
+    np.testing.assert_allclose(mass.sum(-1), 1.0, rtol=1e-12)
+    # by hand for one (t, g): softmax over the union of its blocks' visible keys, summed per block
+    t, g = 45, 1
+    seq, p, _ = R._positions(c.cu_q.astype(np.int64), c.cu_k.astype(np.int64))
+    k0 = int(c.cu_k[seq[t]])
+    G = 2
+    want = np.zeros(3)
+    for h in range(g * G, g * G + G):
+        keys = [(s, key) for s, j in enumerate(bid[g, t]) if j >= 0 for key in range(j * bs, min((j + 1) * bs, p[t] + 1))]
+        sc = np.array([0.3 * c.q[t, h].astype(np.float64) @ c.k[k0 + key, g].astype(np.float64) for _, key in keys])
+        w = np.exp(sc - sc.max())
+        w /= w.sum()
+        for (s, _), x in zip(keys, w):
+            want[s] += x / G
+    np.testing.assert_allclose(mass[g, t], want, rtol=1e-10)

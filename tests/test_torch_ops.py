@@ -179,10 +179,10 @@ def test_errors(torch_device):
         with pytest.raises(ValueError, match=needle):
             call(**over)
             print("no error for", needle)
-    with pytest.raises(ValueError, match="requires grad"):
-        call(q=q.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="requires grad"):  # the selection is a constant: no gradient for q_idx
+        call(qi=qi.clone().requires_grad_(True))
     with torch.no_grad():
-        call(q=q.clone().requires_grad_(True))  # fine without autograd
+        call(qi=qi.clone().requires_grad_(True))  # fine without autograd
     if torch_device == "cuda":
         with pytest.raises(ValueError, match="device"):
             call(k=k.cpu())
