@@ -556,3 +556,114 @@ def decode_plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- backward
+def run_backward_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, log=print) -> dict:
+    """Training shapes: one sequence of T tokens; MSA forward (with autograd,
+    msa_py.msa_attention) and forward + backward against dense causal SDPA
+    forward and forward + backward (torch autograd), same inputs, same run.
+    The torch layer's value checks are off (MSA_SKIP_VALUE_CHECKS), as in a
+    training step that validated its batch once. Backward rate: the five
+    products of the backward over the selected keys, 10 * keys * Hq * D."""
+    import os
+
+    import torch
+    import torch.nn.functional as F
+
+    from . import torch_ops
+
+    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
+    tdev = "cpu" if device == "cpu" else "cuda"
+    ttm = _torch_timer(torch, device)
+    rows = []
+    kw = dict(topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
+              local_blocks=spec.local_blocks, q_budget=spec.q_budget)
+    for li, L in enumerate(lengths):
+        _progress(li, len(lengths), f"T={L}: backward")
+        try:
+            q, k, v, qi, ki = make_inputs(torch, spec, L, L, tdev, "uniform", seed=li)
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            dout = torch.randn_like(q)
+
+            def fwd():
+                return torch_ops.msa_attention(*leaves, qi, ki, **kw)
+
+            def fwd_bwd():
+                for x in leaves:
+                    x.grad = None
+                out, _ = fwd()
+                out.backward(dout)
+
+            row = dict(T=L, S=L)
+            row["fwd_ms"] = ttm(fwd, repeats)
+            row["fwd_bwd_ms"] = ttm(fwd_bwd, repeats)
+            row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+            with torch.no_grad():
+                bid = torch_ops.select_blocks(qi, ki, **{n: kw[n] for n in ("topk", "block_size", "init_blocks",
+                                                                           "local_blocks")})
+            keys = attended_keys(torch, bid, L, L, spec.block_size)
+            row["bwd_tflops"] = 10 * keys * spec.num_heads * spec.head_dim / (row["bwd_ms"] * 1e-3) / 1e12
+            row["bwd_over_fwd"] = row["bwd_ms"] / row["fwd_ms"]
+            dl = [x.detach().transpose(0, 1)[None].requires_grad_(True) for x in (q, k, v)]
+            d_dout = dout.transpose(0, 1)[None]
+
+            def dense_fwd():
+                return F.scaled_dot_product_attention(*dl, is_causal=True, enable_gqa=True)
+
+            def dense_fwd_bwd():
+                for x in dl:
+                    x.grad = None
+                dense_fwd().backward(d_dout)
+
+            row["dense_fwd_ms"] = ttm(dense_fwd, repeats)
+            row["dense_fwd_bwd_ms"] = ttm(dense_fwd_bwd, repeats)
+            row["speedup_fwd_bwd"] = row["dense_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+            rows.append(row)
+            del leaves, dl, q, k, v, qi, ki
+        except Exception as e:  # e.g. out of memory at the longest length: keep the others
+            rows.append(dict(T=L, S=L, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            log(f"\nT={L}: {rows[-1]['error']}")
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    _progress(len(lengths), len(lengths), "done")
+    return dict(config=asdict(spec), device=device, mode="backward", repeats=repeats, rows=rows, commit=commit(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def backward_table(result: dict) -> str:
+    lines = [f"{'T':>7} {'fwd':>9} {'bwd':>9} {'fwd+bwd':>9} {'bwd/fwd':>8} {'bwd TF/s':>9} {'dense fwd':>10} "
+             f"{'dense f+b':>10} {'x dense f+b':>12}"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['T']:>7} {r['error']}")
+            continue
+        lines.append(f"{r['T']:>7} {r['fwd_ms']:9.3f} {r['bwd_ms']:9.3f} {r['fwd_bwd_ms']:9.3f} {r['bwd_over_fwd']:8.2f} "
+                     f"{r['bwd_tflops']:9.4g} {r['dense_fwd_ms']:10.3f} {r['dense_fwd_bwd_ms']:10.3f} "
+                     f"{r['speedup_fwd_bwd']:12.2f}")
+    lines.append(f"(ms, median of {result['repeats']}; training step of the attention: msa_attention forward with "
+                 f"autograd, then .backward; {_config_text(result['config'])}; dense: causal SDPA forward / forward + "
+                 f"backward)")
+    return "\n".join(lines)
+
+
+def backward_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("fwd_bwd_ms", "MSA forward + backward"), ("dense_fwd_bwd_ms", "dense SDPA forward + backward"),
+                       ("bwd_ms", "MSA backward")):
+        if rows:
+            ax.plot([r["T"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("ms")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,6 +4,7 @@
     python -m msa_py.check --device cpu --quick  # CPU paths, small shapes
     python -m msa_py.check --device virtual      # compile the GPU path for sm_90 only
     python -m msa_py.check --device gpu --ties 400   # the exact-tie selection family
+    python -m msa_py.check --device gpu --backward   # gradients against the reference
 
 For each case it runs the "stages" graph (every stage's output; the
 "decode_stages" graph for decode cases) and compares:
@@ -325,6 +326,58 @@ def check_ties(device: str, cases: int = 400, seed: int = 0, configs=None, log=p
     return ok_all
 
 
+# --------------------------------------------------------------------------- the backward
+# (name, seqs, Hq, Hkv, D, Di, topk, block_size, dtype): the gradients of the
+# layer (its own selection) against the float64 reference backward
+BACKWARD = [
+    ("bwd_ragged_g4_bf16", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 4, 64, "bfloat16"),
+    ("bwd_g16_d128_f16", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "float16"),
+    ("bwd_model_shape_bf16", [(1024, 1024), (256, 2048)], 64, 4, 128, 128, 16, 128, "bfloat16"),
+]
+
+
+def check_backward(case, device: str, seed: int = 0, log=print, time_it: bool = True) -> bool:
+    """Runs the layer forward ("msa": out, lse and its selection) and the
+    backward ("sparse_backward") with random dout and dlse, and compares dq,
+    dk, dv with msa_py.reference.sparse_attention_backward on the same
+    selection (relative error within the dtype's tolerance)."""
+    from . import engine as E
+    from . import reference as R
+    from . import verify as Vf
+
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype = case
+    spec = E.Spec(dtype=dtype, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, idx_dim=Di, topk=topk, block_size=bs)
+    a, T, S, B = make_inputs(seed, seqs, Hq, Hkv, D, Di, dtype)
+    scale, idx_scale = 1.0 / math.sqrt(D), 1.0 / math.sqrt(Di)
+    rng = np.random.default_rng(seed + 7)
+    dout = E.round_to(rng.standard_normal((T, Hq, D), dtype=np.float32), dtype)
+    dlse = rng.standard_normal((T, Hq), dtype=np.float32)
+    ins = E.numpy_inputs(spec, device, **a, scale=np.array([scale], np.float32),
+                         idx_scale=np.array([idx_scale], np.float32), dout=dout, dlse=dlse)
+    fwd = E.run("msa", spec, device, {n: ins[n] for n in E.INPUTS["msa"]})
+    b_ins = dict(ins, out=fwd[0], lse=fwd[1], block_ids=fwd[2])
+    b_ins = {n: b_ins[n] for n in E.INPUTS["sparse_backward"]}
+    dq, dk, dv = (E.to_numpy(x) for x in E.run("sparse_backward", spec, device, b_ins))
+    bid = E.to_numpy(fwd[2])
+    rq, rk, rv = R.sparse_attention_backward(a["q"], a["k"], a["v"], bid, dout, a["cu_q"], a["cu_k"], dlse=dlse,
+                                             block_size=bs, scale=scale)
+    errs = [Vf.rel_err(dq, rq), Vf.rel_err(dk, rk), Vf.rel_err(dv, rv)]
+    tol = Vf.tolerance(dtype)
+    ok = all(e <= tol for e in errs)
+    timing = ""
+    if time_it:
+        from .timing import time_max
+
+        m_ins = {n: ins[n] for n in E.INPUTS["msa"]}
+        tf = time_max(lambda: E.run("msa", spec, device, m_ins, outputs=fwd), device, iters=5)
+        outs = E.run("sparse_backward", spec, device, b_ins)
+        tb = time_max(lambda: E.run("sparse_backward", spec, device, b_ins, outputs=outs), device, iters=5)
+        timing = f" | forward {tf['median']:.3f} ms, backward {tb['median']:.3f} ms"
+    log(f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} B={B} Hq={Hq} Hkv={Hkv} D={D} topk={topk} bs={bs} "
+        f"{dtype} | rel err dq {errs[0]:.1e} dk {errs[1]:.1e} dv {errs[2]:.1e} (tol {tol:g}){timing}")
+    return ok
+
+
 def _spec(case):
     """The compiled configuration of a case (decode cases carry a 12th field True)."""
     from . import engine as E
@@ -354,9 +407,30 @@ def main(argv=None) -> int:
     ap.add_argument("--ties", type=int, metavar="N", default=0,
                     help="run the exact-tie selection family instead: N random batches over TIE_CONFIGS")
     ap.add_argument("--seed", type=int, default=0, help="seed of the tie family's batches")
+    ap.add_argument("--backward", action="store_true", help="run the backward cases (BACKWARD) instead")
     args = ap.parse_args(argv)
     if args.device == "virtual":
         _set_virtual()
+    if args.backward:
+        dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
+        cases = [c for c in BACKWARD if not args.only or c[0] in args.only.split(",")]
+        print(f"msa_py.check --device {args.device} --backward: {len(cases)} cases, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        ok = True
+        for i, c in enumerate(cases):
+            if args.device == "virtual":
+                from . import engine as E
+
+                E.model("sparse_backward", E.Spec(dtype=c[8], num_heads=c[2], num_kv_heads=c[3], head_dim=c[4],
+                                                  idx_dim=c[5], topk=c[6], block_size=c[7]), "gpu")
+                print(f"{c[0]:24s} sparse_backward graph compiled for sm_90")
+                continue
+            try:
+                ok &= check_backward(c, dev, seed=i, time_it=not args.no_time)
+            except Exception as e:
+                ok = False
+                print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
+        print("CHECK PASSED" if ok else "CHECK FAILED")
+        return 0 if ok else 1
     if args.ties:
         dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
         print(f"msa_py.check --device {args.device} --ties {args.ties}: {time.strftime('%Y-%m-%d %H:%M:%S')}")

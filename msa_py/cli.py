@@ -147,6 +147,16 @@ def bench(args, device: str, spec: E.Spec) -> int:
 
     if args.decode:
         return _bench_decode(args, device, spec)
+    if args.backward:
+        lengths = _lengths(args.lengths) if args.lengths else ([4096, 16384, 32768, 65536, 131072] if device != "cpu"
+                                                               else [2048, 8192])
+        res = Bn.run_backward_bench(spec, lengths, device=device, repeats=args.repeats)
+        res["device_name"] = _device_name(device)
+        print(f"msa bench --backward on {res['device_name']}, commit {res['commit']}, {res['date']}")
+        print(Bn.backward_table(res))
+        js, png = Bn.save(res, Path(args.out), Bn.backward_plot)
+        print(f"wrote {js} and {png}")
+        return 0
     if args.lengths:
         lengths = _lengths(args.lengths)
     else:
@@ -196,6 +206,8 @@ def main(argv=None) -> int:
     b.add_argument("--gather-max", type=int, default=32768, help="longest length for the gather baseline")
     b.add_argument("--out", default="msa_out/bench", help="output path stem (.json and .png)")
     b.add_argument("--decode", action="store_true", help="decode shapes: few new tokens per sequence over a KV cache")
+    b.add_argument("--backward", action="store_true",
+                   help="training: forward + backward against dense SDPA forward + backward")
     b.add_argument("--batches", help="decode: comma list of batch sizes (GPU default 1,8,32,64)")
     b.add_argument("--contexts", help="decode: comma list of cache lengths (GPU default 16k,32k,64k,128k)")
     b.add_argument("--n-new", type=int, default=1, help="decode: new tokens per sequence (speculative: up to 8)")

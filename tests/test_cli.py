@@ -58,3 +58,13 @@ def test_bad_options_are_usage_errors(capsys):
         cli.main(["demo", "--tokens", "64", *TINY[:-4], "--block-size", "24", "--dtype", "float32"])
     assert e.value.code == 2
     assert "block_size" in capsys.readouterr().err
+
+
+def test_bench_backward_tiny(tmp_path, capsys):
+    stem = tmp_path / "backward"
+    assert cli.main(["bench", "--backward", "--lengths", "96", "--repeats", "2", "--out", str(stem), *TINY]) == 0
+    assert "x dense f+b" in capsys.readouterr().out
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert res["mode"] == "backward"
+    for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "dense_fwd_bwd_ms", "speedup_fwd_bwd", "bwd_tflops"):
+        assert res["rows"][0][key] > 0, key
