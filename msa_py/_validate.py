@@ -242,3 +242,54 @@ def check_scale(name: str, value) -> None:
     v = float(value)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- workspace (one call of any length)
+def workspace_bytes_per_query(Hq: int, Hkv: int, D: int, topk: int, elem_bytes: int, num_keys: int,
+                              block_size: int, q_budget: int) -> int:
+    """Bytes msa_attention's intermediates take per query of one call: the
+    partials (o_partial in the inputs' dtype, lse_partial fp32), the
+    selection and the inversion's entries (three int32 per (group, slot)),
+    the work list (16 bytes an item), and the work order's per-(window, row)
+    counters spread over the window's queries (num_keys: the keys the call's
+    queries see)."""
+    partials = Hq * topk * (D * elem_bytes + 4)
+    selection = 3 * Hkv * topk * 4
+    work = Hkv * 16 * (topk // q_budget + 1)
+    windows = Hkv * 24 * (num_keys // block_size + 1) // (WINDOW_CHUNKS * q_budget) + 1
+    return partials + selection + work + windows
+
+
+def check_workspace(max_workspace_bytes) -> None:
+    if max_workspace_bytes is None:
+        return
+    if not _is_int(max_workspace_bytes) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes < 1:
+        raise ValueError(f"max_workspace_bytes must be a positive int (or None), got {max_workspace_bytes!r}")
+
+
+def split_queries(tq, tk, max_queries: int) -> list:
+    """Pieces of a batch (per-sequence query counts tq, key counts tk) of at
+    most max_queries queries each, in token order: (b0, b1, None) a run of
+    whole sequences b0 .. b1 - 1, or (b, b + 1, (i0, i1)) queries i0 .. i1 - 1
+    of a sequence too long for one piece, over its keys 0 .. tk - tq + i1 - 1
+    (queries are a sequence's last tokens, so the piece sees exactly the keys
+    the whole call would). Every piece's answer is the whole call's."""
+    if max_queries < 1:
+        raise ValueError(f"max_queries must be >= 1, got {max_queries}")
+    pieces, run0, run_q = [], 0, 0
+    for b, n in enumerate(int(x) for x in tq):
+        if n > max_queries:
+            if b > run0:
+                pieces.append((run0, b, None))
+            k = -(-n // max_queries)
+            cuts = [n * i // k for i in range(k + 1)]
+            pieces += [(b, b + 1, (cuts[i], cuts[i + 1])) for i in range(k)]
+            run0, run_q = b + 1, 0
+        elif run_q + n > max_queries:
+            pieces.append((run0, b, None))
+            run0, run_q = b, n
+        else:
+            run_q += n
+    if len(tq) > run0:
+        pieces.append((run0, len(tq), None))
+    return pieces

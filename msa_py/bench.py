@@ -282,8 +282,66 @@ def select_tflops(spec: E.Spec, T: int, S: int, ms: float) -> float:
     return 2 * causal_pairs(T, S) * spec.num_kv_heads * spec.idx_dim / (ms * 1e-3) / 1e12
 
 
+def _stages_fit(torch, spec: E.Spec, T: int, device: str) -> bool:
+    """Whether one call's partials fit half the free memory (the stage-by-stage
+    timing keeps them); longer lengths are timed as whole layers only."""
+    from . import _validate as V
+
+    per_q = V.workspace_bytes_per_query(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.topk,
+                                        4 if spec.dtype == "float32" else 2, T, spec.block_size, spec.q_budget)
+    free = torch.cuda.mem_get_info()[0] if device != "cpu" else 0.4 * _ram_bytes()
+    return T * per_q < 0.5 * free
+
+
+def _ram_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> dict:
+    """A length whose partials would not fit one call: msa_attention as a
+    user calls it (one call, split internally under its workspace budget)
+    against dense SDPA; device memory in use after the MSA calls (MAX keeps
+    its pool at its peak size; inputs included)."""
+    import os
+
+    from . import _validate as V
+    from . import torch_ops
+
+    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
+    T = S = L
+    row = dict(T=T, S=S, layer_only=True)
+    q, k, v, qi, ki = make_inputs(torch, spec, T, S, tdev, "uniform", seed=0)
+    kw = dict(topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
+              local_blocks=spec.local_blocks, q_budget=spec.q_budget)
+    _progress(li, steps, f"T={L}: MSA layer (one call)")
+    row["msa_ms"] = ttm(lambda: torch_ops.msa_attention(q, k, v, qi, ki, **kw), max(1, repeats // 2))
+    per_q = V.workspace_bytes_per_query(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.topk, q.element_size(),
+                                        S, spec.block_size, spec.q_budget)
+    row["pieces"] = -(-T // max(1, torch_ops._workspace_budget(q, None) // per_q))
+    if device != "cpu":
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        row["peak_gb"] = (total - free) / 1e9
+    pairs = causal_pairs(T, S)
+    dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
+    row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
+    _progress(li, steps, f"T={L}: dense SDPA")
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    row["dense_ms"] = ttm(lambda: dense_sdpa(torch, q, k, v, S), 1)
+    if device != "cpu":
+        row["dense_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    row["dense_tflops"] = dense_flops / (row["dense_ms"] * 1e-3) / 1e12
+    row["speedup_vs_dense"] = row["dense_ms"] / row["msa_ms"]
+    return row
+
+
 def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev, repeats, rotate_sets, scenario,
               chunk, gather_max, dense_max) -> dict:
+    if not _stages_fit(torch, spec, L, device):
+        return _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats)
     _progress(li, steps, f"T={L}: compiling / warming up")
     T = S = L
     rotate = rotations(spec, T, rotate_sets)
@@ -364,6 +422,8 @@ COLUMNS = [
     ("forced_pct_peak", "fp %pk", "{:6.1f}"),
     ("invert_combine_pct", "inv+cmb %", "{:9.1f}"),
     ("speedup_vs_dense", "x dense", "{:7.2f}"),
+    ("peak_gb", "peak GB", "{:7.1f}"),
+    ("pieces", "pieces", "{:6d}"),
     ("speedup_vs_gather", "x gather", "{:8.2f}"),
 ]
 
@@ -385,6 +445,10 @@ def table(result: dict) -> str:
         lines.append(" ".join(cells))
     lines.append(f"(ms, median of {result['repeats']}; {_config_text(result['config'])}; scenario "
                  f"{result['scenario']}; matmul peak {result['matmul_peak_tflops']:.4g} TF/s)")
+    if any(r.get("layer_only") for r in result["rows"]):
+        lines.append("(rows with pieces: partials too large for one call's stages, so the whole layer only: one "
+                     "msa_attention call, split internally under its workspace budget; peak GB: device memory in use "
+                     "after it, inputs included)")
     if any(r.get("forced_pass") for r in result["rows"]):
         lines.append("(combine: the forced pass, each query's sink and local blocks attended to and merged with the "
                      "partials of its other blocks; attn and attn TF/s: the block attention over those other blocks; "

@@ -553,8 +553,15 @@ def msa_attention(
     use_mma: bool = True,
     decode: bool | None = None,
     forced_pass: bool = True,
+    max_workspace_bytes: int | None = None,
 ):
     """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq].
+
+    max_workspace_bytes (one sequence, cu_seqlens None, a static T): when the
+    call's partials and work list would take more, the graph runs the call as
+    slices of queries over their key prefix (_validate.split_queries), the
+    same answer. With symbolic shapes or packed batches the graph cannot
+    know the lengths: the torch layer (msa_py.msa_attention) splits any batch.
 
     decode: None takes the decode kernels (indexer split over keys,
     query-major attention with the merge fused) when T <= DECODE_MAX_Q * B
@@ -567,6 +574,16 @@ def msa_attention(
     attention's GPU path (False: SIMT, for testing); the forced pass always
     runs on tensor cores.
     """
+    V.check_workspace(max_workspace_bytes)
+    if max_workspace_bytes is not None:
+        pieces = _static_pieces(q, k, cu_seqlens_q, topk=topk, block_size=block_size, q_budget=q_budget,
+                                max_workspace_bytes=max_workspace_bytes)
+        if len(pieces) > 1:
+            kw = dict(topk=topk, block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks,
+                      scale=scale, idx_scale=idx_scale, q_budget=q_budget, use_mma=use_mma, decode=decode,
+                      forced_pass=forced_pass)
+            outs = [msa_attention(q[i0:i1], k[:k1], v[:k1], q_idx[i0:i1], k_idx[:k1], **kw) for i0, i1, k1 in pieces]
+            return ops.concat([o for o, _ in outs], 0), ops.concat([l for _, l in outs], 0)
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)
     bid = select_blocks(
         q_idx, k_idx, cu_q, cu_k, topk=topk, block_size=block_size,
@@ -575,6 +592,19 @@ def msa_attention(
     return layer_attention(q, k, v, bid, cu_q, cu_k, block_size=block_size, init_blocks=init_blocks,
                            local_blocks=local_blocks, scale=scale, q_budget=q_budget, use_mma=use_mma, decode=decode,
                            forced_pass=forced_pass)
+
+
+def _static_pieces(q, k, cu_seqlens_q, *, topk, block_size, q_budget, max_workspace_bytes) -> list:
+    """(i0, i1, k1) slices of one sequence's queries and their key prefix under
+    the workspace budget (msa_attention's max_workspace_bytes)."""
+    T, S, Hq, Hkv, D = V.attention_dims(_shape(q), _shape(k), _shape(k))
+    if cu_seqlens_q is not None or not (isinstance(T, int) and isinstance(S, int)):
+        raise ValueError("max_workspace_bytes in a MAX graph needs one sequence (cu_seqlens None) with static T and "
+                         "S; msa_py.msa_attention (torch) splits any batch")
+    elem = 4 if q.dtype == DType.float32 else 2
+    per_q = V.workspace_bytes_per_query(Hq, Hkv, D, topk, elem, S, block_size, q_budget)
+    pieces = V.split_queries([T], [S], max(1, max_workspace_bytes // per_q))
+    return [(i0, i1, S - T + i1) for _, _, (i0, i1) in pieces] if pieces[0][2] is not None else [(0, T, S)]
 
 
 def layer_attention(

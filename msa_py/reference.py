@@ -438,8 +438,14 @@ def msa_attention(
     local_blocks: int = 2,
     scale: float | None = None,
     idx_scale: float | None = None,
+    max_workspace_bytes: int | None = None,
 ):
-    """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq]."""
+    """Selection then sparse attention. Returns out [T, Hq, D], lse [T, Hq].
+
+    max_workspace_bytes bounds the kernels' intermediates (the torch and graph
+    layers split the call into pieces under it); the answer never depends on
+    it, and this reference bounds its own memory by chunking queries."""
+    V.check_workspace(max_workspace_bytes)
     T, S, Hq, Hkv, D = V.attention_dims(np.shape(q), np.shape(k), np.shape(v))
     Ti, Si, Hkv_i, _ = V.index_dims(np.shape(q_idx), np.shape(k_idx))
     if (Ti, Si, Hkv_i) != (T, S, Hkv):

@@ -502,6 +502,7 @@ def msa_attention(
     scale: Optional[float] = None,
     idx_scale: Optional[float] = None,
     q_budget: int = 64,
+    max_workspace_bytes: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA: select blocks with the indexer, then attend over them.
 
@@ -509,6 +510,15 @@ def msa_attention(
     (bf16, fp16 or fp32); cu_seqlens_q/k [B+1] int32 prefix sums (None: one
     sequence whose queries are the last T of its S keys). Returns
     out [T, Hq, D] (q's dtype) and lse [T, Hq] (fp32, natural log).
+
+    Any length that fits the inputs: the partials and the work list take
+    `workspace_bytes_per_query` bytes a query (262 KB at Hq 64, D 128, topk
+    16, bf16), so a call whose queries need more than max_workspace_bytes
+    (None: 40% of the device's free memory, or of the CPU's RAM) runs in
+    pieces of whole sequences, and a sequence too long for one piece in
+    slices of its queries over their key prefix (_validate.split_queries):
+    the same answer as one call. With cu_seqlens, splitting reads them on
+    the host (a device sync).
     """
     _check_tensors(("q", "k", "v"), q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q,
                    cu_seqlens_k=cu_seqlens_k)
@@ -524,10 +534,56 @@ def msa_attention(
     V.check_int32_range(T, S, topk, Hq, Hkv)
     V.check_scale("scale", scale)
     V.check_scale("idx_scale", idx_scale)
+    V.check_workspace(max_workspace_bytes)
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
-    out, lse, _ = torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size,
-                                              init_blocks, local_blocks, sc, isc, q_budget)
+
+    def call(q, q_idx, k, v, k_idx, cu_q, cu_k):
+        out, lse, _ = torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_q, cu_k, topk, block_size, init_blocks,
+                                                  local_blocks, sc, isc, q_budget)
+        return out, lse
+
+    per_query = V.workspace_bytes_per_query(Hq, Hkv, D, topk, q.element_size(), S, block_size, q_budget)
+    max_queries = max(1, _workspace_budget(q, max_workspace_bytes) // per_query)
+    if T <= max_queries or _decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk):
+        return call(q, q_idx, k, v, k_idx, cu_seqlens_q, cu_seqlens_k)
+    return _in_pieces(call, max_queries, (q, q_idx), (k, v, k_idx), cu_seqlens_q, cu_seqlens_k, T, S)
+
+
+def _workspace_budget(x: torch.Tensor, max_workspace_bytes: Optional[int]) -> int:
+    """max_workspace_bytes, or 40% of the free device memory (CPU: of the RAM)."""
+    if max_workspace_bytes is not None:
+        return int(max_workspace_bytes)
+    if x.is_cuda:
+        return int(0.4 * torch.cuda.mem_get_info(x.device)[0])
+    return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _in_pieces(call, max_queries: int, per_query: tuple, per_key: tuple, cu_q, cu_k, T: int, S: int):
+    """call(*per_query, *per_key, cu_q, cu_k) -> (out, lse) over the pieces of
+    _validate.split_queries, written into one out / lse."""
+    if cu_q is None:
+        tq, tk, oq, ok_ = np.array([T]), np.array([S]), np.array([0, T]), np.array([0, S])
+    else:
+        oq, ok_ = cu_q.cpu().numpy().astype(np.int64), cu_k.cpu().numpy().astype(np.int64)
+        V.check_cu_seqlens_values(oq, ok_, T, S)
+        tq, tk = np.diff(oq), np.diff(ok_)
+    out = lse = None
+    for b0, b1, sl in V.split_queries(tq, tk, max_queries):
+        if sl is None:  # whole sequences b0 .. b1 - 1, their prefix sums rebased
+            r0, r1, k0, k1 = int(oq[b0]), int(oq[b1]), int(ok_[b0]), int(ok_[b1])
+            cq = (cu_q[b0:b1 + 1] - cu_q[b0]).contiguous() if cu_q is not None else None
+            ck = (cu_k[b0:b1 + 1] - cu_k[b0]).contiguous() if cu_k is not None else None
+        else:  # queries i0 .. i1 - 1 of sequence b0 over its keys up to the last one's
+            r0, r1 = int(oq[b0]) + sl[0], int(oq[b0]) + sl[1]
+            k0, k1 = int(ok_[b0]), int(ok_[b0]) + int(tk[b0] - tq[b0]) + sl[1]
+            cq = ck = None
+        o, l = call(*(x[r0:r1] for x in per_query), *(x[k0:k1] for x in per_key), cq, ck)
+        if out is None:
+            out = o.new_empty((T,) + tuple(o.shape[1:]))
+            lse = l.new_empty((T,) + tuple(l.shape[1:]))
+        out[r0:r1] = o
+        lse[r0:r1] = l
     return out, lse
 
 

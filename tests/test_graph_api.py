@@ -7,6 +7,7 @@ from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
 import msa_py.graph as msa
+from msa_py import _validate as V
 from msa_py import reference as R
 from msa_py import verify as Vf
 
@@ -83,3 +84,32 @@ def test_gpu_decode_path_needs_its_kernel_shapes():
         assert str(g).count("msa_select_decode") == 1
         with pytest.raises(ValueError, match="Di a multiple of 16"):
             msa.select_blocks(qi[:, :, :40], ki[:, :40], cq, ck, decode=True)
+
+
+def test_graph_splits_a_long_call_under_its_workspace_budget():
+    """A static one-sequence call whose partials exceed max_workspace_bytes
+    runs as slices of queries over their key prefix: the unsplit answer.
+    Symbolic shapes cannot be split in a graph: a clear error."""
+    dev = DeviceRef.CPU()
+    f = DType.float32
+    T, S = 70, 90
+    types = [TensorType(f, [T, 4, 64], device=dev), TensorType(f, [S, 2, 64], device=dev),
+             TensorType(f, [S, 2, 64], device=dev), TensorType(f, [T, 2, 32], device=dev),
+             TensorType(f, [S, 32], device=dev)]
+    with Graph("split_graph", input_types=types, custom_extensions=[msa.kernels_path()]) as g:
+        q, k, v, qi, ki = (x.tensor for x in g.inputs)
+        out, lse = msa.msa_attention(q, k, v, qi, ki, topk=2, block_size=16, scale=0.2, max_workspace_bytes=30000)
+        per_q = V.workspace_bytes_per_query(4, 2, 64, 2, 4, S, 16, 64)  # about 2.2 KB
+        assert str(g).count('"msa_select"') == -(-T // (30000 // per_q)) > 1
+        g.output(out, lse)
+    m = InferenceSession(devices=[CPU()]).load(g)
+    c = make_case(6, [(T, S)], 4, 2, 64, 32)
+    out, lse = m.execute(*(Buffer.from_numpy(x) for x in (c.q, c.k, c.v, c.q_idx, c.k_idx)))
+    ro, rl = R.msa_attention(c.q, c.k, c.v, c.q_idx, c.k_idx, topk=2, block_size=16, scale=0.2)
+    assert Vf.rel_err(out.to_numpy(), ro) < 1e-5 and Vf.rel_err(lse.to_numpy(), rl) < 1e-5
+    with Graph("split_symbolic", input_types=[TensorType(f, ["T", 4, 64], device=dev), TensorType(f, ["S", 2, 64], device=dev),
+                                              TensorType(f, ["T", 2, 32], device=dev), TensorType(f, ["S", 32], device=dev)],
+               custom_extensions=[msa.kernels_path()]) as g:
+        q, k, qi, ki = (x.tensor for x in g.inputs)
+        with pytest.raises(ValueError, match="static T"):
+            msa.msa_attention(q, k, k, qi, ki, max_workspace_bytes=1000)

@@ -306,3 +306,44 @@ def test_block_ids_values(torch_device, monkeypatch):
     o_p, l_p = msa_py.sparse_attention(q, k, v, torch.from_numpy(as_pad).to(torch_device), cq, ck, block_size=BS)
     assert torch.equal(o_x, o_p) and torch.equal(l_x, l_p)
     assert not torch.equal(l_p, lse)  # the replaced slots mattered
+
+
+def test_workspace_split_is_the_one_call_answer(torch_device):
+    """msa_attention under a workspace budget too small for the call: whole
+    sequences grouped into pieces, a long one sliced into query ranges over
+    its key prefix, down to one query a piece: the same bits as one call,
+    and the same gradients."""
+    from msa_py import _validate as V
+
+    seqs = [(10, 40), (150, 150), (30, 30), (64, 90)]
+    c = make_case(28, seqs, HQ, HKV, D, DI)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device)
+    one, lse1 = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    per_q = V.workspace_bytes_per_query(HQ, HKV, D, TOPK, 4, k.shape[0], BS, 64)
+    for budget in (1, 37 * per_q, 100 * per_q):
+        out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, max_workspace_bytes=budget)
+        assert torch.equal(out, one) and torch.equal(lse, lse1)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    msa_py.msa_attention(*leaves, qi, ki, cq, ck, topk=TOPK, block_size=BS,
+                         max_workspace_bytes=37 * per_q)[0].square().sum().backward()
+    ref = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    msa_py.msa_attention(*ref, qi, ki, cq, ck, topk=TOPK, block_size=BS)[0].square().sum().backward()
+    for a, b in zip(leaves, ref):
+        assert Vf.rel_err(np64(a.grad), np64(b.grad)) < 1e-6  # dk, dv: pieces sum in another order
+    with pytest.raises(ValueError, match="max_workspace_bytes"):
+        msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, max_workspace_bytes=0)
+
+
+def test_split_queries_covers_every_query_once():
+    from msa_py import _validate as V
+
+    tq, tk = [3, 0, 50, 7, 7, 120], [5, 4, 60, 7, 20, 120]
+    for mq in (1, 7, 16, 64, 1000):
+        pieces = V.split_queries(tq, tk, mq)
+        rows = []
+        for b0, b1, sl in pieces:
+            n = sum(tq[b0:b1]) if sl is None else sl[1] - sl[0]
+            assert n <= mq or (sl is None and b1 - b0 == 1 and tq[b0] <= mq)
+            start = sum(tq[:b0]) + (0 if sl is None else sl[0])
+            rows += list(range(start, start + n))
+        assert rows == list(range(sum(tq)))
