@@ -1,4 +1,4 @@
-"""Peak device memory of the MSA layer against dense SDPA (issue 7), on the GPU:
+"""Peak device memory of the MSA layer against dense SDPA, on the GPU:
 
     python benchmarks/memory.py [--tokens 32768,131072] [--chunk 16384]
 

@@ -1,4 +1,4 @@
-"""How much precision the stored partials could give up (NOTES, fifteenth session).
+"""How much precision the stored partials could give up (NOTES, "Stored partials").
 
 Float64 reference partials of random inputs (the model's D 128, topk 16,
 block 128; 4096 queries, 16 heads of one KV group), stored as bf16 (what the

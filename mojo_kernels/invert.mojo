@@ -20,7 +20,7 @@
 # queries span the sequence and Q came from DRAM ~11 times at 32K (ncu).
 # 2048 queries (WINDOW_CHUNKS 32 at q_budget 64): against 4096 the
 # attention is 4-7% faster at 16K-64K and the same at 128K, where each
-# window re-reads more K/V than L2 holds (NOTES, fifteenth session).
+# window re-reads more K/V than L2 holds (NOTES, "Inversion and work order").
 # The serpentine row order lets a window start on the K/V blocks the last
 # one ended on.
 #

@@ -374,7 +374,7 @@ def _bench_length(torch, spec, L, li, steps, runner, tm, ttm, peak, device, tdev
                               (spec.init_blocks, spec.local_blocks))
         row["forced_tflops"] = 4 * fkeys * spec.num_heads * spec.head_dim / (row["combine_ms"] * 1e-3) / 1e12
         row["forced_pct_peak"] = 100 * row["forced_tflops"] / peak
-    # issue 8 asks inversion + combine to stay under 15% of the layer
+    # the share of the layer that is not indexer or attention math
     row["invert_combine_pct"] = 100 * (row["invert_ms"] + row["combine_ms"]) / row["msa_ms"]
     row["select_pct_peak"] = 100 * row["select_tflops"] / peak
     dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
