@@ -731,3 +731,106 @@ def backward_plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- several devices
+def run_distributed_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 3, log=print) -> dict:
+    """Under torchrun (RANK / WORLD_SIZE set): context-parallel prefill of one
+    sequence (msa_py.distributed.cp_msa_attention, zigzag split, K / V /
+    index keys all-gathered) against dense attention run the same way (each
+    rank's two chunks against the all-gathered K / V, SDPA), and tensor
+    parallel (each rank's Hkv / n KV groups) against the whole heads on one
+    device; the one-device rows run on rank 0 in the same run. Times are the
+    slowest rank's, after a barrier. Returns the rows on every rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from . import distributed as Dd
+    from . import torch_ops
+
+    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
+    cuda = device != "cpu"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    tdev = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    kw = dict(topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
+              local_blocks=spec.local_blocks)
+
+    def timed(fn) -> float:
+        """Median over repeats of the slowest rank's wall time (ms), after a barrier."""
+        fn()
+        ts = []
+        for _ in range(repeats):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            t = torch.tensor([(time.perf_counter() - t0) * 1e3])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ts.append(float(t))
+        return sorted(ts)[len(ts) // 2]
+
+    rows = []
+    for L in lengths:
+        q, k, v, qi, ki = make_inputs(torch, spec, L, L, tdev, "uniform", seed=0)
+        mine = [Dd.zigzag_split(x, rank, world).contiguous() for x in (q, k, v, qi, ki)]
+        row = dict(T=L, world=world)
+        row["cp_ms"] = timed(lambda: Dd.cp_msa_attention(*mine, seq_len=L, **kw))
+
+        def dense_cp():
+            k_all, v_all = (Dd._all_gather_tokens(x, L, None) for x in mine[1:3])
+            i = 0
+            for c0, c1 in Dd.zigzag_chunks(L, rank, world):
+                dense_sdpa(torch, mine[0][i:i + c1 - c0], k_all[:c1], v_all[:c1], c1)
+                i += c1 - c0
+
+        row["dense_cp_ms"] = timed(dense_cp)
+        sl = Dd.tp_shard(rank, world, spec.num_heads, spec.num_kv_heads)
+        shard = [x[:, s].contiguous() for x, s in zip((q, k, v, qi), (sl.q, sl.kv, sl.kv, sl.kv))]
+        row["tp_ms"] = timed(lambda: torch_ops.msa_attention(*shard, ki, **kw))
+        if rank == 0:  # one device, whole sequence and heads, the same call a user makes
+            fn = lambda: torch_ops.msa_attention(q, k, v, qi, ki, **kw)  # noqa: E731
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            row["one_device_ms"] = sorted(ts)[len(ts) // 2]
+            row["cp_speedup"] = row["one_device_ms"] / row["cp_ms"]
+            row["tp_over_ideal"] = row["tp_ms"] / (row["one_device_ms"] / world)
+            row["cp_vs_dense_cp"] = row["dense_cp_ms"] / row["cp_ms"]
+        dist.barrier()
+        rows.append(row)
+        del q, k, v, qi, ki, mine, shard
+        if cuda:
+            torch.cuda.empty_cache()
+    return dict(config=asdict(spec), device=device, mode="distributed", world=world, repeats=repeats, rows=rows,
+                commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def distributed_table(result: dict) -> str:
+    lines = [f"{'T':>8} {'world':>5} {'1 device':>9} {'CP':>9} {'CP x':>6} {'dense CP':>9} {'MSA/dense':>9} "
+             f"{'TP/rank':>9} {'TP / ideal':>10}"]
+    for r in result["rows"]:
+        lines.append(f"{r['T']:>8} {r['world']:>5} {r.get('one_device_ms', float('nan')):9.2f} {r['cp_ms']:9.2f} "
+                     f"{r.get('cp_speedup', float('nan')):6.2f} {r['dense_cp_ms']:9.2f} "
+                     f"{r.get('cp_vs_dense_cp', float('nan')):9.2f} {r['tp_ms']:9.2f} "
+                     f"{r.get('tp_over_ideal', float('nan')):10.2f}")
+    lines.append(f"(ms, median of {result['repeats']}, the slowest rank; CP: context-parallel prefill, zigzag split, "
+                 f"K/V/index keys all-gathered; dense CP: SDPA on each rank's chunks against the gathered K/V; TP: "
+                 f"Hkv / world KV groups a rank, ideal = one device / world; {_config_text(result['config'])})")
+    return "\n".join(lines)

@@ -147,6 +147,8 @@ def bench(args, device: str, spec: E.Spec) -> int:
 
     if args.decode:
         return _bench_decode(args, device, spec)
+    if args.world_size:
+        return _bench_distributed(args, device, spec)
     if args.backward:
         lengths = _lengths(args.lengths) if args.lengths else ([4096, 16384, 32768, 65536, 131072] if device != "cpu"
                                                                else [2048, 8192])
@@ -169,6 +171,29 @@ def bench(args, device: str, spec: E.Spec) -> int:
     print(Bn.table(res))
     js, png = Bn.save(res, Path(args.out))
     print(f"wrote {js} and {png}")
+    return 0
+
+
+def _bench_distributed(args, device: str, spec) -> int:
+    import os
+
+    from . import bench as Bn
+
+    if int(os.environ.get("WORLD_SIZE", "0")) != args.world_size:
+        raise SystemExit(f"msa bench --world-size {args.world_size}: launch it with torchrun --nproc_per_node "
+                         f"{args.world_size} -m msa_py bench --world-size {args.world_size} ...")
+    lengths = _lengths(args.lengths) if args.lengths else ([131072, 262144, 1048576] if device != "cpu" else [2048])
+    res = Bn.run_distributed_bench(spec, lengths, device=device, repeats=args.repeats)
+    if int(os.environ["RANK"]) == 0:
+        res["device_name"] = _device_name(device)
+        print(f"msa bench --world-size {args.world_size} on {res['device_name']}, commit {res['commit']}, {res['date']}")
+        print(Bn.distributed_table(res))
+        out = Path(args.out).with_suffix(".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import json
+
+        out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {out}")
     return 0
 
 
@@ -206,6 +231,8 @@ def main(argv=None) -> int:
     b.add_argument("--gather-max", type=int, default=32768, help="longest length for the gather baseline")
     b.add_argument("--out", default="msa_out/bench", help="output path stem (.json and .png)")
     b.add_argument("--decode", action="store_true", help="decode shapes: few new tokens per sequence over a KV cache")
+    b.add_argument("--world-size", type=int, default=0,
+                   help="several devices under torchrun: context- and tensor-parallel MSA against one device")
     b.add_argument("--backward", action="store_true",
                    help="training: forward + backward against dense SDPA forward + backward")
     b.add_argument("--batches", help="decode: comma list of batch sizes (GPU default 1,8,32,64)")

@@ -68,3 +68,21 @@ def test_bench_backward_tiny(tmp_path, capsys):
     assert res["mode"] == "backward"
     for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "dense_fwd_bwd_ms", "speedup_fwd_bwd", "bwd_tflops"):
         assert res["rows"][0][key] > 0, key
+
+
+def test_bench_world_size_under_torchrun(tmp_path):
+    """`msa bench --world-size 2` launched by torchrun (gloo on the CPU): the
+    context- and tensor-parallel rows with the one-device baseline."""
+    import subprocess
+    import sys
+
+    stem = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "msa_py", "bench",
+           "--world-size", "2", "--lengths", "256", "--repeats", "1", "--out", str(stem), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(stem.with_suffix(".json").read_text())
+    row = res["rows"][0]
+    assert res["world"] == 2 and row["T"] == 256
+    for key in ("cp_ms", "dense_cp_ms", "tp_ms", "one_device_ms", "cp_speedup", "tp_over_ideal"):
+        assert row[key] > 0, key
