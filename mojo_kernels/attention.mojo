@@ -48,7 +48,7 @@ from max.algorithm import sync_parallelize
 
 from .cpu_tiles import CPU_R, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
 from .common import (
-    SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
+    SMEM_OPTIN_BYTES, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, I64Ptr, KVAddr, kv_addr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of,
     LAYOUT_PADDED, LAYOUT_SW128, hopper_target, pv_tile_wgmma, score_tile_wgmma, tile_offset, wgmma_acc_fence,
 )
 
@@ -67,7 +67,6 @@ struct _Item(TrivialRegisterPassable):
     var j: Int
     var begin: Int
     var count: Int
-    var kstart: Int  # global index of the block's first key
     var nk: Int  # keys in the block (< block_size for a sequence's last block)
     var pos0: Int  # key position of query index 0 of the sequence: tk - tq
     var q0: Int  # first query token of the sequence
@@ -89,9 +88,13 @@ struct _Item(TrivialRegisterPassable):
         var k0 = Int(cu_k[unsafe_offset=self.b])
         var tk = Int(cu_k[unsafe_offset=self.b + 1]) - k0
         var tq = Int(cu_q[unsafe_offset=self.b + 1]) - self.q0
-        self.kstart = k0 + self.j * block_size
         self.nk = min(block_size, tk - self.j * block_size)
         self.pos0 = tk - tq
+
+    @always_inline
+    def kv_base[paged: Bool](self, kv: KVAddr, cu_k: I32Ptr, block_size: Int) -> Int:
+        """Element offset of this item's K/V block's first key in its KV group."""
+        return kv.block[paged](cu_k, self.b, self.j, block_size) + self.g * kv.group_stride
 
     @always_inline
     def entry(self, entries: I32Ptr, nent: Int, e: Int) -> Int:
@@ -117,7 +120,7 @@ def _fill_kernel(x: F32MutPtr, value: Float32, n: Int32):
 
 # ----------------------------------------------------------------------------- CPU
 def _attention_cpu[
-    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int, paged: Bool
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -125,7 +128,7 @@ def _attention_cpu[
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: Int,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int, kv: KVAddr,
 ):
     """Work items in parallel: each packs its K/V block once (cpu_tiles) and
     streams its (entry, head) rows through it, CPU_R at a time."""
@@ -134,7 +137,8 @@ def _attention_cpu[
     comptime BP = padded(block_size)
     var Hq = num_groups * group
 
-    def item(w: Int) {o_p, lse_p, q, k, v, row_offsets, entries, work, cu_q, cu_k, scale, num_seqs, num_groups, T, Hq}:
+    def item(w: Int) {o_p, lse_p, q, k, v, row_offsets, entries, work, cu_q, cu_k, scale, num_seqs, num_groups, T, Hq,
+                      kv}:
         var it = _Item(work, w, row_offsets, cu_q, cu_k, num_seqs, block_size)
         var buf = scratch(2 * DP * BP + CPU_R * (2 * DP + BP + 2))
         var pos = int_scratch(CPU_R)
@@ -145,9 +149,9 @@ def _attention_cpu[
         var pr = qs.unsafe_offset(CPU_R * DP)
         var st = RowState(pr.unsafe_offset(CPU_R * BP), pr.unsafe_offset(CPU_R * BP + CPU_R),
                           pr.unsafe_offset(CPU_R * BP + 2 * CPU_R), pos)
-        var kv_off = (it.kstart * num_groups + it.g) * D
+        var kv_off = it.kv_base[paged](kv, cu_k, block_size)
         var blk = pack_block[dtype, D, block_size](kt, vs, k.unsafe_offset(kv_off), v.unsafe_offset(kv_off),
-                                                   num_groups * D, it.j * block_size, it.nk)
+                                                   kv.key_stride, it.j * block_size, it.nk)
         var rows = it.count * group
         for r0 in range(0, rows, CPU_R):
             st.reset[D]()
@@ -178,6 +182,7 @@ def _attention_cpu[
 # ----------------------------------------------------------------------------- GPU, SIMT
 def attention_simt_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    paged: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -185,7 +190,7 @@ def attention_simt_kernel[
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, table: I32Ptr, geom: I64Ptr,
 ):
     comptime KP = head_dim + 1  # padded K rows (fp32): lanes walk different keys
     comptime Hq = num_groups * group
@@ -205,13 +210,15 @@ def attention_simt_kernel[
     var v_s = smem.unsafe_offset(block_size * KP)
     var q_s = v_s.unsafe_offset(block_size * head_dim).unsafe_offset(wid * head_dim)
     var p_s = v_s.unsafe_offset(block_size * head_dim + SIMT_WARPS * head_dim).unsafe_offset(wid * block_size)
+    var kva = kv_addr[paged, num_groups, head_dim](table, geom)
+    var base = it.kv_base[paged](kva, cu_k, block_size)
     for i in range(tid, block_size * head_dim, SIMT_WARPS * WARP_SIZE):
         var key = i // head_dim
         var d = i % head_dim
         var kv = Float32(0)
         var vv = Float32(0)
         if key < it.nk:
-            var off = ((it.kstart + key) * num_groups + it.g) * head_dim + d
+            var off = base + key * kva.key_stride + d
             kv = k[unsafe_offset=off].cast[DType.float32]()
             vv = v[unsafe_offset=off].cast[DType.float32]()
         k_s[unsafe_offset=key * KP + d] = kv
@@ -372,12 +379,13 @@ def load_kv_tile[dtype: DType, layout: Int, BS: Int, D: Int, NT: Int](
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
     v_s: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    key0: Int, nk: Int, num_groups: Int, g: Int, tid: Int,
+    base: Int, key_stride: Int, nk: Int, tid: Int,
 ):
-    """Issues the cp.async copies of one K/V block of group g (keys key0 ..
-    key0 + nk - 1) into k_s / v_s in `layout`, zeros for its rows past nk;
-    NT threads, no commit. V is stored [key][d] too: mma.sync reads it
-    transposed by ldmatrix.trans, wgmma as its MN-major operand."""
+    """Issues the cp.async copies of one K/V block (nk keys, the first at
+    element offset base of k and v, key_stride apart) into k_s / v_s in
+    `layout`, zeros for its rows past nk; NT threads, no commit. V is stored
+    [key][d] too: mma.sync reads it transposed by ldmatrix.trans, wgmma as
+    its MN-major operand."""
     comptime CPR = D // 8  # 16-byte chunks per row
     var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
@@ -386,7 +394,7 @@ def load_kv_tile[dtype: DType, layout: Int, BS: Int, D: Int, NT: Int](
         var c = (i % CPR) * 8
         var so = tile_offset[layout, BS, D](key, c)
         if key < nk:
-            var goff = ((key0 + key) * num_groups + g) * D + c
+            var goff = base + key * key_stride + c
             async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(so))
             async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(so))
         else:
@@ -470,6 +478,7 @@ def gather_q_tile_from_entry[dtype: DType, layout: Int, D: Int, BS: Int, group: 
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def attention_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    paged: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -477,7 +486,7 @@ def attention_mma_kernel[
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, table: I32Ptr, geom: I64Ptr,
 ):
     comptime D = head_dim
     comptime BS = block_size
@@ -500,7 +509,9 @@ def attention_mma_kernel[
     var q_s = v_s.unsafe_offset(BS * KS)
     # per tile row, two buffers: partial offset (-1: padding), visible keys
     var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
-    load_kv_tile[dtype, LAYOUT_PADDED, BS, D, NT](k, v, k_s, v_s, it.kstart, it.nk, num_groups, it.g, tid)
+    var kv = kv_addr[paged, num_groups, D](table, geom)
+    load_kv_tile[dtype, LAYOUT_PADDED, BS, D, NT](k, v, k_s, v_s, it.kv_base[paged](kv, cu_k, BS), kv.key_stride, it.nk,
+                                                  tid)
     async_copy_commit_group()
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var nent = Int(T) * topk
@@ -600,6 +611,7 @@ def attention_mma_kernel[
 # ----------------------------------------------------------------------------- GPU, Hopper wgmma
 def attention_wgmma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    paged: Bool,
 ](
     o_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_p: F32MutPtr,
@@ -607,7 +619,7 @@ def attention_wgmma_kernel[
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, table: I32Ptr, geom: I64Ptr,
 ):
     """The block attention on Hopper's warpgroup MMA: one warpgroup per work
     item, K, V and two Q tiles in shared memory in the 128B-swizzled layout
@@ -637,7 +649,9 @@ def attention_wgmma_kernel[
     var v_s = smem.unsafe_offset(BS * D)
     var q_s = v_s.unsafe_offset(BS * D)  # two Q tiles
     var meta = unsafe_stack_allocation[MMA_BM * 4, Int32, address_space=AddressSpace.SHARED]()
-    load_kv_tile[dtype, LAYOUT_SW128, BS, D, NT](k, v, k_s, v_s, it.kstart, it.nk, num_groups, it.g, tid)
+    var kv = kv_addr[paged, num_groups, D](table, geom)
+    load_kv_tile[dtype, LAYOUT_SW128, BS, D, NT](k, v, k_s, v_s, it.kv_base[paged](kv, cu_k, BS), kv.key_stride, it.nk,
+                                                 tid)
     async_copy_commit_group()
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
     var nent = Int(T) * topk
@@ -790,7 +804,7 @@ def mma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
 
 def _launch[
     dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, block_size: Int, group: Int,
-    num_groups: Int, head_dim: Int, use_mma: Bool,
+    num_groups: Int, head_dim: Int, use_mma: Bool, paged: Bool,
 ](
     o_partial: Pointer[Scalar[part_dtype], MutAnyOrigin],
     lse_partial: F32MutPtr,
@@ -798,7 +812,8 @@ def _launch[
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, B: Int, T: Int, grid: Int, ctx: DeviceContext,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, B: Int, T: Int, grid: Int, table: I32Ptr, geom: I64Ptr,
+    ctx: DeviceContext,
 ) raises:
     """Fills lse_partial with -inf, then one thread block per work item (`grid`
     is the work list's capacity; blocks past num_work exit)."""
@@ -806,9 +821,9 @@ def _launch[
     comptime if is_cpu[target]():
         for i in range(n_part):
             lse_partial[unsafe_offset=i] = f32_neg_inf()
-        _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk](
+        _attention_cpu[dtype, part_dtype, head_dim, block_size, group, topk, paged](
             o_partial, lse_partial, q, k, v, row_offsets, entries, work, Int(num_work[unsafe_offset=0]),
-            cu_q, cu_k, scale[unsafe_offset=0], B, num_groups, T,
+            cu_q, cu_k, scale[unsafe_offset=0], B, num_groups, T, kv_addr[paged, num_groups, head_dim](table, geom),
         )
     else:
         ctx.enqueue_function[_fill_kernel](
@@ -820,22 +835,22 @@ def _launch[
         comptime if use_mma and hopper_target() and wgmma_supported[dtype, head_dim, block_size]():
             comptime smem = mma_smem_bytes[dtype, head_dim, block_size, True]()
             comptime kernel = attention_wgmma_kernel[
-                dtype, part_dtype, head_dim, block_size, group, num_groups, topk
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, paged
             ]
             ctx.enqueue_function[kernel](
                 o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
-                cu_q, cu_k, scale, Int32(B), Int32(T),
+                cu_q, cu_k, scale, Int32(B), Int32(T), table, geom,
                 grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
         elif use_mma and mma_supported[dtype, head_dim, block_size]():
             comptime smem = mma_smem_bytes[dtype, head_dim, block_size, False]()
             comptime kernel = attention_mma_kernel[
-                dtype, part_dtype, head_dim, block_size, group, num_groups, topk
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, paged
             ]
             ctx.enqueue_function[kernel](
                 o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
-                cu_q, cu_k, scale, Int32(B), Int32(T),
+                cu_q, cu_k, scale, Int32(B), Int32(T), table, geom,
                 grid_dim=grid, block_dim=MMA_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
@@ -843,11 +858,11 @@ def _launch[
             comptime smem = simt_smem_bytes[head_dim, block_size]()
             comptime assert smem <= SMEM_OPTIN_BYTES, "msa_block_attention: block_size * head_dim too large for the SIMT path"
             comptime kernel = attention_simt_kernel[
-                dtype, part_dtype, head_dim, block_size, group, num_groups, topk
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, paged
             ]
             ctx.enqueue_function[kernel](
                 o_partial, lse_partial, q, k, v, row_offsets, entries, work, num_work,
-                cu_q, cu_k, scale, Int32(B), Int32(T),
+                cu_q, cu_k, scale, Int32(B), Int32(T), table, geom,
                 grid_dim=grid, block_dim=SIMT_WARPS * WARP_SIZE, shared_mem_bytes=smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
@@ -896,9 +911,58 @@ struct MSABlockAttention:
         var T = q.dim_size(0)
         if T == 0:
             return
-        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma](
+        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma, False](
             o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
             row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(), num_work.unsafe_ptr(),
             cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
-            cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), ctx,
+            cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), cu_seqlens_k.unsafe_ptr(),
+            scale.unsafe_ptr().unsafe_bitcast[Int64](), ctx,
+        )
+
+
+@register("msa_block_attention_paged")
+struct MSABlockAttentionPaged:
+    """msa_block_attention over paged caches: k_cache / v_cache the flat
+    storage of [num_pages, block_size, Hkv, D] (strides in geom), page_table
+    [B, max_pages], cu_seqlens_k the prefix sums of the sequences' lengths."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        part_dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        group: Int,
+        num_groups: Int,
+        head_dim: Int,
+        use_mma: Bool = True,
+    ](
+        o_partial: OutputTensor[dtype=part_dtype, rank=4, ...],
+        lse_partial: OutputTensor[dtype=DType.float32, rank=3, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        k_cache: InputTensor[dtype=dtype, rank=1, ...],
+        v_cache: InputTensor[dtype=dtype, rank=1, ...],
+        row_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
+        entries: InputTensor[dtype=DType.int32, rank=2, ...],
+        work: InputTensor[dtype=DType.int32, rank=2, ...],
+        num_work: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        page_table: InputTensor[dtype=DType.int32, rank=2, ...],
+        geom: InputTensor[dtype=DType.int64, rank=1, ...],
+        scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
+            raise Error("msa_block_attention_paged: q must be [T, Hq, D] with the op's Hq and D")
+        var T = q.dim_size(0)
+        if T == 0:
+            return
+        _launch[target, topk, block_size, group, num_groups, head_dim, use_mma, True](
+            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), q.unsafe_ptr(), k_cache.unsafe_ptr(),
+            v_cache.unsafe_ptr(), row_offsets.unsafe_ptr(), entries.unsafe_ptr(), work.unsafe_ptr(),
+            num_work.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
+            cu_seqlens_q.dim_size(0) - 1, T, work.dim_size(0), page_table.unsafe_ptr(), geom.unsafe_ptr(), ctx,
         )

@@ -50,7 +50,7 @@ from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, as
 from max.gpu.primitives import warp
 
 from .attention import LOG2E, _Item, mma_supported
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, position_of, seq_of
+from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, kv_addr, position_of, seq_of
 from .cpu_tiles import (
     CPU_R, CPU_W, F32Buf, FVec, int_scratch, mm_tile, mm_tile_into, pack_rows, pack_transposed, padded, release,
     scratch, tile_cols,
@@ -293,11 +293,12 @@ def backward_mma_kernel[
     var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var dog = dout.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var kv_base = it.kv_base[False](kv_addr[False, num_groups, D](cu_k, scale_p.unsafe_bitcast[Int64]()), cu_k, BS)
     for i in range(tid, BS * CPR, NT):
         var key = i // CPR
         var c = (i % CPR) * 8
         if key < it.nk:
-            var goff = ((it.kstart + key) * num_groups + it.g) * D + c
+            var goff = kv_base + key * num_groups * D + c
             async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
             async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
         else:
@@ -428,7 +429,7 @@ def backward_mma_kernel[
         comptime for e in range(4):
             var key = key_a + 8 * (e // 2)
             if key < it.nk:
-                var o = ((it.kstart + key) * num_groups + it.g) * D + n * 8 + t2 + e % 2
+                var o = kv_base + key * num_groups * D + n * 8 + t2 + e % 2
                 _ = Atomic.fetch_add(dk_acc.unsafe_offset(o), dk_w[n][e])
                 _ = Atomic.fetch_add(dv_acc.unsafe_offset(o), dv_w[n][e])
 

@@ -239,3 +239,56 @@ def wgmma_acc_fence[n: Int](acc: SIMD[DType.float32, n]) -> SIMD[DType.float32, 
     comptime for i in range(n):
         out[i] = inlined_assembly["", Float32, constraints="=f,0", has_side_effect=True](acc[i])
     return out
+
+
+# Where a sequence's keys live. Packed: the rows of k [S, Hkv, D] (or k_idx
+# [S, Di]) from cu_seqlens_k[b]. Paged (page size == block_size): block j of
+# sequence b is page page_table[b, j] of a cache [num_pages, block_size, Hkv,
+# D] with any strides, the last dimension contiguous. The paged ops take the
+# strides as a geometry vector (int64): [max_pages, kv page, kv key, kv
+# group, index page, index key].
+comptime I64Ptr = Pointer[Int64, ImmutAnyOrigin]
+comptime GEOM_LEN = 6
+
+
+struct KVAddr(TrivialRegisterPassable):
+    """Element offsets of key blocks: block(b, j) is the offset of block j of
+    sequence b's first key (group 0); key k of it is key_stride further, KV
+    group g group_stride further."""
+
+    var table: Pointer[Int32, MutUntrackedOrigin]
+    var max_pages: Int
+    var page_stride: Int
+    var key_stride: Int
+    var group_stride: Int
+
+    @always_inline
+    def __init__(out self, table: I32Ptr, max_pages: Int, page_stride: Int, key_stride: Int, group_stride: Int):
+        self.table = table.unsafe_mut_cast[True]().unsafe_origin_cast[MutUntrackedOrigin]()
+        self.max_pages = max_pages
+        self.page_stride = page_stride
+        self.key_stride = key_stride
+        self.group_stride = group_stride
+
+    @always_inline
+    def block[paged: Bool](self, cu_k: I32Ptr, b: Int, j: Int, block_size: Int) -> Int:
+        comptime if paged:
+            return Int(self.table[unsafe_offset=b * self.max_pages + j]) * self.page_stride
+        return (Int(cu_k[unsafe_offset=b]) + j * block_size) * self.key_stride
+
+
+@always_inline
+def kv_addr[paged: Bool, num_groups: Int, head_dim: Int](table: I32Ptr, geom: I64Ptr) -> KVAddr:
+    """K / V addressing: packed [S, Hkv, D] rows, or the pages of the geometry vector."""
+    comptime if paged:
+        return KVAddr(table, Int(geom[unsafe_offset=0]), Int(geom[unsafe_offset=1]), Int(geom[unsafe_offset=2]),
+                      Int(geom[unsafe_offset=3]))
+    return KVAddr(table, 0, 0, num_groups * head_dim, head_dim)
+
+
+@always_inline
+def idx_addr[paged: Bool, idx_dim: Int](table: I32Ptr, geom: I64Ptr) -> KVAddr:
+    """Index-key addressing: packed [S, Di] rows, or the pages of the geometry vector."""
+    comptime if paged:
+        return KVAddr(table, Int(geom[unsafe_offset=0]), Int(geom[unsafe_offset=4]), Int(geom[unsafe_offset=5]), 0)
+    return KVAddr(table, 0, 0, idx_dim, 0)

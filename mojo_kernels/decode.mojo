@@ -36,7 +36,9 @@ from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
 
-from .common import F32MutPtr, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, seq_of
+from .common import (
+    F32MutPtr, F32Ptr, Forced, I32MutPtr, I32Ptr, I64Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, idx_addr, seq_of,
+)
 from .invert import _row_offsets_kernel
 from .cpu_tiles import CPU_R, pack_rows, pack_transposed, padded, int_scratch, release, scratch
 from .select import _topk_insert, _write_selection, block_max_cpu, select_mma_supported, tile_block_max, topk_push
@@ -63,7 +65,8 @@ def _free_range(tq: Int, tk: Int, block_size: Int, init_blocks: Int, local_block
 
 # ----------------------------------------------------------------------------- CPU
 def _decode_select_cpu[
-    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int
+    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int,
+    paged: Bool,
 ](
     block_ids: I32MutPtr,
     scores: F32MutPtr,
@@ -71,6 +74,7 @@ def _decode_select_cpu[
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int, r_max: Int,
+    table: I32Ptr, geom: I64Ptr,
 ):
     """The GPU's two passes on the CPU's cores: block scores of the first
     max_q queries per sequence into `scores` (tasks of DEC_BLOCKS block rows,
@@ -86,7 +90,9 @@ def _decode_select_cpu[
     var R = Int(roff[unsafe_offset=num_seqs])
     var ROWS = ceildiv(max_q * num_groups, CPU_R) * CPU_R  # (query, group) rows scored per sequence
 
-    def score_task(c: Int) {scores, roff, q_idx, k_idx, cu_q, cu_k, num_seqs, num_groups, r_max, R, ROWS}:
+    var ka = idx_addr[paged, idx_dim](table, geom)
+
+    def score_task(c: Int) {scores, roff, q_idx, k_idx, cu_q, cu_k, num_seqs, num_groups, r_max, R, ROWS, ka}:
         var buf = scratch(DI * BP + ROWS * (DI + 1))
         var kt = buf
         var qs = kt.unsafe_offset(DI * BP)
@@ -114,7 +120,7 @@ def _decode_select_cpu[
                 pack_rows[dtype](qs, DI, q_idx.unsafe_offset(q0 * num_groups * DI), DI, nr, DI)
                 for r in range(ROWS):
                     pos[unsafe_offset=r] = tk - tq + r // num_groups if r < nr else -1
-            pack_transposed[dtype](kt, BP, k_idx.unsafe_offset((k0 + j * block_size) * DI), DI,
+            pack_transposed[dtype](kt, BP, k_idx.unsafe_offset(ka.block[paged](cu_k, b, j, block_size)), ka.key_stride,
                                    min(block_size, tk - j * block_size), DI)
             for r in range(nr):
                 bm[unsafe_offset=r] = f32_neg_inf()
@@ -129,7 +135,8 @@ def _decode_select_cpu[
     sync_parallelize(score_task, ceildiv(R, DEC_BLOCKS))
     comptime TOPK_CHUNK = 16  # (query, group) rows per top-k task
 
-    def topk_task(c: Int) {block_ids, scores, roff, q_idx, k_idx, cu_q, cu_k, scale, num_seqs, num_groups, T, r_max}:
+    def topk_task(c: Int) {block_ids, scores, roff, q_idx, k_idx, cu_q, cu_k, scale, num_seqs, num_groups, T, r_max,
+                           ka}:
         var sc = unsafe_stack_allocation[topk, Float32]().unsafe_origin_cast[MutUntrackedOrigin]()
         var ids = unsafe_stack_allocation[topk, Int32]().unsafe_origin_cast[MutUntrackedOrigin]()
         for rr in range(c * TOPK_CHUNK, min(T * num_groups, (c + 1) * TOPK_CHUNK)):
@@ -151,8 +158,10 @@ def _decode_select_cpu[
                     if i < max_q:
                         m = scores[unsafe_offset=_score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)]
                     else:
-                        m = block_max_cpu[dtype, idx_dim, block_size](
-                            q_idx.unsafe_offset((t * num_groups + g) * idx_dim), k_idx.unsafe_offset(k0 * idx_dim), j, p
+                        m = block_max_cpu[dtype, idx_dim](
+                            q_idx.unsafe_offset((t * num_groups + g) * idx_dim),
+                            k_idx.unsafe_offset(ka.block[paged](cu_k, b, j, block_size)), ka.key_stride,
+                            min(block_size, p - j * block_size + 1),
                         )
                     topk_push(sc, ids, cnt, kfree, m * scale, j)
             _write_selection[topk=topk](block_ids.unsafe_offset((g * T + t) * topk), f, ids, cnt)
@@ -162,12 +171,13 @@ def _decode_select_cpu[
 
 # ----------------------------------------------------------------------------- GPU, pass 2: scores
 def decode_scores_kernel[
-    dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int
+    dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int,
+    paged: Bool,
 ](
     scores: F32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int32, r_max: Int32,
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int32, r_max: Int32, table: I32Ptr, geom: I64Ptr,
 ):
     comptime DI = idx_dim
     comptime BS = block_size
@@ -222,17 +232,19 @@ def decode_scores_kernel[
     var qg = q_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var kg = k_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
 
+    var ka = idx_addr[paged, DI](table, geom)
+
     @always_inline
-    def load_k(e: Int, dst: type_of(k_buf0)) {var tid, var kg, var todo, var cu_k}:
+    def load_k(e: Int, dst: type_of(k_buf0)) {var tid, var kg, var todo, var cu_k, var ka}:
         var b = Int(todo[unsafe_offset=3 * e + 1])
         var j = Int(todo[unsafe_offset=3 * e + 2])
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+        var base = ka.block[paged](cu_k, b, j, BS)
+        var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
         for i in range(tid, BS * CPR, DEC_THREADS):
             var key = i // CPR
             var c = (i % CPR) * 8
             if j * BS + key < tk:
-                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(key * KS + c))
+                async_copy[16](kg.unsafe_offset(base + key * ka.key_stride + c), dst.unsafe_offset(key * KS + c))
             else:
                 dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
 
@@ -384,13 +396,14 @@ def _merge_lists(
 
 def decode_topk_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int,
-    local_blocks: Int, max_q: Int,
+    local_blocks: Int, max_q: Int, paged: Bool,
 ](
     block_ids: I32MutPtr,
     scores: F32Ptr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
     roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, r_max: Int32,
+    table: I32Ptr, geom: I64Ptr,
 ):
     """One thread block per (query, group) row: each thread keeps the running
     top-k of a strided share of the free blocks, each warp merges its lanes'
@@ -415,8 +428,8 @@ def decode_topk_kernel[
     var b = seq_of(cu_q, Int(num_seqs), t)
     var q0 = Int(cu_q[unsafe_offset=b])
     var tq = Int(cu_q[unsafe_offset=b + 1]) - q0
-    var k0 = Int(cu_k[unsafe_offset=b])
-    var tk = Int(cu_k[unsafe_offset=b + 1]) - k0
+    var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+    var ka = idx_addr[paged, idx_dim](table, geom)
     var i = t - q0
     var p = tk - tq + i
     var f = Forced(p, BS, init_blocks, local_blocks)
@@ -451,10 +464,11 @@ def decode_topk_kernel[
                 var s = f32_neg_inf()
                 for u in range(min(WARP_SIZE, f.local_lo - j0)):
                     var m = f32_neg_inf()
-                    for key in range((j0 + u) * BS + lane, min((j0 + u + 1) * BS, p + 1), WARP_SIZE):
+                    var kb = k_idx.unsafe_offset(ka.block[paged](cu_k, b, j0 + u, BS))
+                    for key in range(lane, min(BS, p + 1 - (j0 + u) * BS), WARP_SIZE):
                         var dot = Float32(0)
                         for d in range(idx_dim):
-                            dot += q_s[unsafe_offset=d] * k_idx[unsafe_offset=(k0 + key) * idx_dim + d].cast[DType.float32]()
+                            dot += q_s[unsafe_offset=d] * kb[unsafe_offset=key * ka.key_stride + d].cast[DType.float32]()
                         if dot > m:
                             m = dot
                     m = warp.max(m)
@@ -491,6 +505,45 @@ def decode_topk_kernel[
 
 
 # ----------------------------------------------------------------------------- op
+def _launch_select_decode[
+    dtype: DType, //, target: StaticString, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
+    num_groups: Int, idx_dim: Int, max_q: Int, paged: Bool,
+](
+    block_ids: I32MutPtr, block_scores: F32MutPtr, row_offsets: I32MutPtr, q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin], cu_q: I32Ptr, cu_k: I32Ptr, idx_scale: F32Ptr, table: I32Ptr,
+    geom: I64Ptr, B: Int, T: Int, r_max: Int, ctx: DeviceContext,
+) raises:
+    comptime if is_cpu[target]():
+        _decode_select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks, max_q, paged](
+            block_ids, block_scores, row_offsets, q_idx, k_idx, cu_q, cu_k, idx_scale[unsafe_offset=0], B,
+            num_groups, T, r_max, table, geom,
+        )
+    else:
+        comptime assert select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
+        comptime assert topk <= TOPK_MAX, "msa_select_decode: GPU needs topk <= 40 (use the general indexer)"
+        ctx.enqueue_function[_row_offsets_kernel](
+            row_offsets, cu_k, Int32(B), Int32(block_size), grid_dim=1, block_dim=32,
+        )
+        comptime smem = decode_scores_smem_bytes[dtype, idx_dim, num_groups, block_size, max_q]()
+        comptime scores_k = decode_scores_kernel[
+            dtype, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q, paged
+        ]
+        if r_max > 0:
+            ctx.enqueue_function[scores_k](
+                block_scores, q_idx, k_idx, row_offsets, cu_q, cu_k, Int32(B), Int32(r_max), table, geom,
+                grid_dim=ceildiv(r_max, DEC_BLOCKS), block_dim=DEC_THREADS, shared_mem_bytes=smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+            )
+        comptime topk_k = decode_topk_kernel[
+            dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, max_q, paged
+        ]
+        ctx.enqueue_function[topk_k](
+            block_ids, block_scores, q_idx, k_idx, row_offsets, cu_q, cu_k, idx_scale, Int32(B), Int32(T),
+            Int32(r_max), table, geom,
+            grid_dim=T * num_groups, block_dim=TOPK_WARPS * WARP_SIZE,
+        )
+
+
 @register("msa_select_decode")
 struct MSASelectDecode:
     @staticmethod
@@ -526,33 +579,56 @@ struct MSASelectDecode:
             raise Error("msa_select_decode: scratch too small")
         if T == 0:
             return
-        comptime if is_cpu[target]():
-            _decode_select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks, max_q](
-                block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
-                k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale[0], B,
-                num_groups, T, r_max,
-            )
-        else:
-            comptime assert select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
-            comptime assert topk <= TOPK_MAX, "msa_select_decode: GPU needs topk <= 40 (use the general indexer)"
-            ctx.enqueue_function[_row_offsets_kernel](
-                row_offsets.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(block_size),
-                grid_dim=1, block_dim=32,
-            )
-            comptime smem = decode_scores_smem_bytes[dtype, idx_dim, num_groups, block_size, max_q]()
-            comptime scores_k = decode_scores_kernel[dtype, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q]
-            if r_max > 0:
-                ctx.enqueue_function[scores_k](
-                    block_scores.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), row_offsets.unsafe_ptr(),
-                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), Int32(B), Int32(r_max),
-                    grid_dim=ceildiv(r_max, DEC_BLOCKS), block_dim=DEC_THREADS, shared_mem_bytes=smem,
-                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-                )
-            comptime topk_k = decode_topk_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, max_q]
-            ctx.enqueue_function[topk_k](
-                block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(),
-                row_offsets.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
-                Int32(B), Int32(T), Int32(r_max),
-                grid_dim=T * num_groups, block_dim=TOPK_WARPS * WARP_SIZE,
-            )
+        _launch_select_decode[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, max_q, False](
+            block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
+            k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
+            cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr().unsafe_bitcast[Int64](), B, T, r_max, ctx,
+        )
 
+
+@register("msa_select_decode_paged")
+struct MSASelectDecodePaged:
+    """msa_select_decode over a paged index-key cache: k_idx_cache the flat
+    storage of [num_pages, block_size, Di] (strides in geom), page_table
+    [B, max_pages], cu_seqlens_k the prefix sums of the sequences' lengths;
+    rows bounded by B * max_pages."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        init_blocks: Int,
+        local_blocks: Int,
+        num_groups: Int,
+        idx_dim: Int,
+        max_q: Int,
+    ](
+        block_ids: OutputTensor[dtype=DType.int32, rank=3, ...],
+        block_scores: OutputTensor[dtype=DType.float32, rank=1, ...],  # scratch [Hkv * max_q * B * max_pages]
+        row_offsets: OutputTensor[dtype=DType.int32, rank=1, ...],  # scratch [B + 1]
+        q_idx: InputTensor[dtype=dtype, rank=3, ...],
+        k_idx_cache: InputTensor[dtype=dtype, rank=1, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        page_table: InputTensor[dtype=DType.int32, rank=2, ...],
+        geom: InputTensor[dtype=DType.int64, rank=1, ...],
+        idx_scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q_idx.dim_size(0)
+        var B = cu_seqlens_q.dim_size(0) - 1
+        var r_max = B * page_table.dim_size(1)
+        if q_idx.dim_size(1) != num_groups or q_idx.dim_size(2) != idx_dim:
+            raise Error("msa_select_decode_paged: q_idx must be [T, Hkv, Di] with the op's Hkv and Di")
+        if block_scores.dim_size(0) < num_groups * max_q * r_max or row_offsets.dim_size(0) != B + 1:
+            raise Error("msa_select_decode_paged: scratch too small")
+        if T == 0:
+            return
+        _launch_select_decode[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, max_q, True](
+            block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
+            k_idx_cache.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
+            page_table.unsafe_ptr(), geom.unsafe_ptr(), B, T, r_max, ctx,
+        )

@@ -33,7 +33,9 @@ from max.gpu.primitives import warp
 
 from .attention import LN2, LOG2E, mma_supported
 from .cpu_tiles import CPU_R, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
-from .common import SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, seq_of
+from .common import (
+    SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, I64Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, kv_addr, seq_of,
+)
 
 comptime DA_WARPS = 4
 comptime DA_ROWS = 16  # heads per thread block: one MMA M tile
@@ -68,13 +70,16 @@ def _visible(j: Int, pos: Int, block_size: Int) -> Int:
 
 
 # ----------------------------------------------------------------------------- CPU
-def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int](
+def _decode_attention_cpu[
+    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int, paged: Bool
+](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, T: Int,
+    block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, T: Int, table: I32Ptr,
+    geom: I64Ptr,
 ):
     """(query, KV group) tasks in parallel: the online softmax of the group's
     G heads (CPU_R rows a register tile) over the query's selected blocks in
@@ -86,7 +91,9 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
     comptime NTILE = ceildiv(group, CPU_R)
     comptime ROWS = NTILE * CPU_R
 
-    def task(i: Int) {output, lse, q, k, v, block_ids, cu_q, cu_k, scale, num_seqs, T}:
+    var kv = kv_addr[paged, num_groups, head_dim](table, geom)
+
+    def task(i: Int) {output, lse, q, k, v, block_ids, cu_q, cu_k, scale, num_seqs, T, kv}:
         var t = i // num_groups
         var g = i % num_groups
         var b = seq_of(cu_q, num_seqs, t)
@@ -117,9 +124,9 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
             var j = Int(block_ids[unsafe_offset=(g * T + t) * topk + slot])
             if j < 0 or _visible(j, pos, block_size) == 0:
                 continue
-            var kv_off = ((k0 + j * block_size) * num_groups + g) * D
+            var kv_off = kv.block[paged](cu_k, b, j, block_size) + g * kv.group_stride
             var blk = pack_block[dtype, D, block_size](kt, vs, k.unsafe_offset(kv_off), v.unsafe_offset(kv_off),
-                                                      num_groups * D, j * block_size, min(block_size, tk - j * block_size))
+                                                      kv.key_stride, j * block_size, min(block_size, tk - j * block_size))
             comptime for tile in range(NTILE):
                 attend_tile[D, block_size](qs.unsafe_offset(tile * CPU_R * DP), blk, scale, pr, state(tile))
         for h in range(group):
@@ -138,14 +145,15 @@ def _decode_attention_cpu[dtype: DType, head_dim: Int, block_size: Int, group: I
 
 # ----------------------------------------------------------------------------- GPU
 def decode_attention_kernel[
-    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int
+    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int, paged: Bool
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
     k: Pointer[Scalar[dtype], ImmutAnyOrigin],
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, table: I32Ptr,
+    geom: I64Ptr,
 ):
     comptime D = head_dim
     comptime BS = block_size
@@ -203,17 +211,20 @@ def decode_attention_kernel[
     barrier()
     var nblk = Int(ids[unsafe_offset=topk])
 
+    var kv = kv_addr[paged, num_groups, D](table, geom)
+
     @always_inline
-    def load(e: Int) {var tid, var kg, var vg, var ids, var ring, var k0, var tk, var g}:
+    def load(e: Int) {var tid, var kg, var vg, var ids, var ring, var tk, var g, var kv, var cu_k, var b}:
         """K and V of the e-th block into ring stage e % NST; zeros past the sequence."""
         var dst = ring.unsafe_offset((e % NST) * STAGE)
         var j = Int(ids[unsafe_offset=e])
         var nk = min(BS, tk - j * BS)
+        var base = kv.block[paged](cu_k, b, j, BS) + g * kv.group_stride
         for i in range(tid, BS * CPR, NT):
             var key = i // CPR
             var c = (i % CPR) * 8
             if key < nk:
-                var goff = ((k0 + j * BS + key) * num_groups + g) * D + c
+                var goff = base + key * kv.key_stride + c
                 async_copy[16](kg.unsafe_offset(goff), dst.unsafe_offset(key * KS + c))
                 async_copy[16](vg.unsafe_offset(goff), dst.unsafe_offset((BS + key) * KS + c))
             else:
@@ -358,11 +369,33 @@ def decode_attention_kernel[
             output.unsafe_store[alignment=16]((t * Hq + g * group + hh) * D + c, acc.cast[dtype]())
 
 
+def _launch_decode_attention[
+    dtype: DType, //, target: StaticString, block_size: Int, group: Int, num_groups: Int, head_dim: Int, topk: Int,
+    paged: Bool,
+](
+    output: Pointer[Scalar[dtype], MutAnyOrigin], lse: F32MutPtr, q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin], v: Pointer[Scalar[dtype], ImmutAnyOrigin], block_ids: I32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, table: I32Ptr, geom: I64Ptr, B: Int, T: Int, ctx: DeviceContext,
+) raises:
+    comptime if is_cpu[target]():
+        _decode_attention_cpu[dtype, head_dim, block_size, group, num_groups, topk, paged](
+            output, lse, q, k, v, block_ids, cu_q, cu_k, scale[unsafe_offset=0], B, T, table, geom,
+        )
+    else:
+        comptime assert decode_attention_supported[dtype, head_dim, block_size](), (
+            "msa_decode_attention: GPU needs bf16/fp16, D % 16 == 0, D <= 128, block_size % 16 == 0, <= 128"
+        )
+        comptime smem = decode_attention_smem_bytes[dtype, head_dim, block_size]()
+        comptime kernel = decode_attention_kernel[dtype, head_dim, block_size, group, num_groups, topk, paged]
+        ctx.enqueue_function[kernel](
+            output, lse, q, k, v, block_ids, cu_q, cu_k, scale, Int32(B), Int32(T), table, geom,
+            grid_dim=num_groups * T * ceildiv(group, DA_ROWS), block_dim=DA_WARPS * WARP_SIZE,
+            shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+        )
+
+
 @register("msa_decode_attention")
 struct MSADecodeAttention:
-    """Query-major split-K (decode) with the merge fused: out [T, Hq, D] and
-    lse [T, Hq] straight from block_ids, no partials."""
-
     @staticmethod
     def execute[
         dtype: DType,
@@ -394,23 +427,53 @@ struct MSADecodeAttention:
             raise Error("msa_decode_attention: block_ids must be [Hkv, T, topk]")
         if T == 0:
             return
-        var B = cu_seqlens_q.dim_size(0) - 1
-        comptime if is_cpu[target]():
-            _decode_attention_cpu[dtype, head_dim, block_size, group, num_groups, topk](
-                output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
-                scale.unsafe_ptr()[unsafe_offset=0], B, T,
-            )
-        else:
-            comptime assert decode_attention_supported[dtype, head_dim, block_size](), (
-                "msa_decode_attention: GPU needs bf16/fp16, D % 16 == 0, D <= 128, block_size % 16 == 0, <= 128"
-            )
-            comptime smem = decode_attention_smem_bytes[dtype, head_dim, block_size]()
-            comptime kernel = decode_attention_kernel[dtype, head_dim, block_size, group, num_groups, topk]
-            ctx.enqueue_function[kernel](
-                output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
-                Int32(B), Int32(T),
-                grid_dim=num_groups * T * ceildiv(group, DA_ROWS), block_dim=DA_WARPS * WARP_SIZE,
-                shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-            )
+        _launch_decode_attention[target, block_size, group, num_groups, head_dim, topk, False](
+            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
+            cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr().unsafe_bitcast[Int64](), cu_seqlens_q.dim_size(0) - 1, T, ctx,
+        )
+
+
+@register("msa_decode_attention_paged")
+struct MSADecodeAttentionPaged:
+    """msa_decode_attention over paged caches: k_cache / v_cache the flat
+    storage of [num_pages, block_size, Hkv, D] caches (any strides, given in
+    geom), page_table [B, max_pages], cu_seqlens_k the prefix sums of the
+    sequences' lengths."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        //,
+        target: StaticString,
+        block_size: Int,
+        group: Int,
+        num_groups: Int,
+        head_dim: Int,
+        topk: Int,
+    ](
+        output: OutputTensor[dtype=dtype, rank=3, ...],
+        lse: OutputTensor[dtype=DType.float32, rank=2, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        k_cache: InputTensor[dtype=dtype, rank=1, ...],
+        v_cache: InputTensor[dtype=dtype, rank=1, ...],
+        block_ids: InputTensor[dtype=DType.int32, rank=3, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        page_table: InputTensor[dtype=DType.int32, rank=2, ...],
+        geom: InputTensor[dtype=DType.int64, rank=1, ...],
+        scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q.dim_size(0)
+        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
+            raise Error("msa_decode_attention_paged: q must be [T, Hq, D] with the op's Hq and D")
+        if block_ids.dim_size(0) != num_groups or block_ids.dim_size(1) != T or block_ids.dim_size(2) != topk:
+            raise Error("msa_decode_attention_paged: block_ids must be [Hkv, T, topk]")
+        if T == 0:
+            return
+        _launch_decode_attention[target, block_size, group, num_groups, head_dim, topk, True](
+            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k_cache.unsafe_ptr(), v_cache.unsafe_ptr(),
+            block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
+            page_table.unsafe_ptr(), geom.unsafe_ptr(), cu_seqlens_q.dim_size(0) - 1, T, ctx,
+        )

@@ -46,7 +46,7 @@ from .attention import (
 from .combine import combine_row, combine_row_cpu, combine_vec_width, finish_row_cols, load_row_slots
 from .cpu_tiles import CPU_R, AttendBlock, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
 from .common import (
-    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, f32_neg_inf, hopper_target, position_of, pv_tile_wgmma,
+    LAYOUT_PADDED, LAYOUT_SW128, F32MutPtr, F32Ptr, Forced, I32Ptr, I64Ptr, KVAddr, kv_addr, f32_neg_inf, hopper_target, position_of, pv_tile_wgmma,
     score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
 )
 
@@ -80,7 +80,7 @@ def _row_scales[n: Int](a0: Float32, a1: Float32) -> SIMD[DType.float32, n]:
 # ----------------------------------------------------------------------------- CPU
 def _forced_combine_cpu[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, topk: Int,
-    init_blocks: Int, local_blocks: Int,
+    init_blocks: Int, local_blocks: Int, paged: Bool,
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
@@ -89,7 +89,7 @@ def _forced_combine_cpu[
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, kva: KVAddr,
 ):
     """Tasks of (sequence, query block, KV group) in parallel: the queries of
     one query block share their forced blocks, so each task packs them once
@@ -108,7 +108,7 @@ def _forced_combine_cpu[
         var n = (tk - 1) // block_size - (tk - tq) // block_size + 1 if tq > 0 else 0
         toff[unsafe_offset=b + 1] = toff[unsafe_offset=b] + n
 
-    def task(i: Int) {output, lse, q, k, v, o_p, lse_p, cu_q, cu_k, scale, num_seqs, num_groups, Hq, toff}:
+    def task(i: Int) {output, lse, q, k, v, o_p, lse_p, cu_q, cu_k, scale, num_seqs, num_groups, Hq, toff, kva}:
         var g = i % num_groups
         var qb = i // num_groups
         var b = 0
@@ -128,10 +128,10 @@ def _forced_combine_cpu[
         var blks = List[AttendBlock]()
         for fi in range(nf):
             var j = f.block(fi)
-            var kv_off = ((k0 + j * block_size) * num_groups + g) * D
+            var kv_off = kva.block[paged](cu_k, b, j, block_size) + g * kva.group_stride
             blks.append(pack_block[dtype, D, block_size](
                 buf.unsafe_offset(2 * fi * DP * BP), buf.unsafe_offset((2 * fi + 1) * DP * BP), k.unsafe_offset(kv_off),
-                v.unsafe_offset(kv_off), num_groups * D, j * block_size, min(block_size, tk - j * block_size),
+                v.unsafe_offset(kv_off), kva.key_stride, j * block_size, min(block_size, tk - j * block_size),
             ))
         var qs = buf.unsafe_offset(2 * NF * DP * BP)
         var pr = qs.unsafe_offset(CPU_R * DP)
@@ -168,7 +168,7 @@ def _forced_combine_cpu[
 # ----------------------------------------------------------------------------- GPU, tensor cores
 def forced_combine_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
-    init_blocks: Int, local_blocks: Int, wgmma: Bool,
+    init_blocks: Int, local_blocks: Int, wgmma: Bool, paged: Bool,
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
@@ -177,7 +177,7 @@ def forced_combine_kernel[
     v: Pointer[Scalar[dtype], ImmutAnyOrigin],
     o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
     lse_p: F32Ptr,
-    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, table: I32Ptr, geom: I64Ptr,
 ):
     comptime assert part_dtype == dtype, "the forced split goes through shared memory in q's dtype"
     comptime D = head_dim
@@ -286,14 +286,15 @@ def forced_combine_kernel[
     var o_acc = Array[SIMD[DType.float32, 4], D // 8](fill=SIMD[DType.float32, 4](0))
     var s_wg = SIMD[DType.float32, BS // 2](0)  # wgmma: S and O in the m16n8 layout, 4 floats per n8 tile
     var o_wg = SIMD[DType.float32, D // 2](0)
+    var kva = kv_addr[paged, num_groups, D](table, geom)
     for u in range(nblk):
         var b = Int(blocks[unsafe_offset=2 * u])
         var j = Int(blocks[unsafe_offset=2 * u + 1])
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * BS)
+        var nk = min(BS, Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b]) - j * BS)
         if u > 0:
             barrier()  # every warp is done with the previous block
-        load_kv_tile[dtype, LAY, BS, D, NT](k, v, k_s, v_s, k0 + j * BS, nk, num_groups, g, tid)
+        load_kv_tile[dtype, LAY, BS, D, NT](k, v, k_s, v_s, kva.block[paged](cu_k, b, j, BS) + g * kva.group_stride,
+                                            kva.key_stride, nk, tid)
         async_copy_commit_group()
         async_copy_wait_group(0)
         comptime if wgmma:
@@ -399,6 +400,43 @@ def forced_supported[dtype: DType, part_dtype: DType, head_dim: Int, block_size:
     )
 
 
+def _launch_forced[
+    dtype: DType, part_dtype: DType, //, target: StaticString, topk: Int, block_size: Int, group: Int,
+    num_groups: Int, head_dim: Int, init_blocks: Int, local_blocks: Int, paged: Bool,
+](
+    output: Pointer[Scalar[dtype], MutAnyOrigin], lse: F32MutPtr, q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin], v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    o_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin], lse_p: F32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr,
+    table: I32Ptr, geom: I64Ptr, B: Int, T: Int, ctx: DeviceContext,
+) raises:
+    comptime assert init_blocks + local_blocks > 0, "msa_forced_combine: no forced blocks"
+    comptime if is_cpu[target]():
+        _forced_combine_cpu[dtype, part_dtype, head_dim, block_size, group, topk, init_blocks, local_blocks, paged](
+            output, lse, q, k, v, o_p, lse_p, cu_q, cu_k, scale[unsafe_offset=0], B, num_groups,
+            kv_addr[paged, num_groups, head_dim](table, geom),
+        )
+    else:
+        comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
+            # Hopper: the tile steps on wgmma where the block attention uses it
+            comptime wgmma = hopper_target() and wgmma_supported[dtype, head_dim, block_size]()
+            comptime assert FC_BM == MMA_BM, "the forced pass's Q tile is the attention's"
+            comptime smem = mma_smem_bytes[dtype, head_dim, block_size, wgmma, q_tiles=1]()
+            comptime kernel = forced_combine_kernel[
+                dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma,
+                paged,
+            ]
+            ctx.enqueue_function[kernel](
+                output, lse, q, k, v, o_p, lse_p, cu_q, cu_k, scale, Int32(B), Int32(T), table, geom,
+                grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
+                shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+            )
+        else:
+            raise Error(
+                "msa_forced_combine: the GPU path needs 16-bit q, k, v with partials in the same dtype, D and"
+                " block_size multiples of 16 up to 128"
+            )
+
+
 @register("msa_forced_combine")
 struct MSAForcedCombine:
     """Out [T, Hq, D] and lse [T, Hq]: each query's forced blocks (sinks and
@@ -431,7 +469,6 @@ struct MSAForcedCombine:
         scale: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert init_blocks + local_blocks > 0, "msa_forced_combine: no forced blocks"
         var T = q.dim_size(0)
         if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
             raise Error("msa_forced_combine: q must be [T, Hq, D] with the op's Hq and D")
@@ -442,31 +479,55 @@ struct MSAForcedCombine:
             raise Error("msa_forced_combine: o_partial must be [T, Hq, topk, D]")
         if T == 0:
             return
-        var B = cu_seqlens_q.dim_size(0) - 1
-        comptime if is_cpu[target]():
-            _forced_combine_cpu[dtype, part_dtype, head_dim, block_size, group, topk, init_blocks, local_blocks](
-                output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr()[unsafe_offset=0], B, num_groups,
-            )
-        else:
-            comptime if forced_supported[dtype, part_dtype, head_dim, block_size]():
-                # Hopper: the tile steps on wgmma where the block attention uses it
-                comptime wgmma = hopper_target() and wgmma_supported[dtype, head_dim, block_size]()
-                comptime assert FC_BM == MMA_BM, "the forced pass's Q tile is the attention's"
-                comptime smem = mma_smem_bytes[dtype, head_dim, block_size, wgmma, q_tiles=1]()
-                comptime kernel = forced_combine_kernel[
-                    dtype, part_dtype, head_dim, block_size, group, num_groups, topk, init_blocks, local_blocks, wgmma
-                ]
-                ctx.enqueue_function[kernel](
-                    output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                    o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(),
-                    cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(), Int32(B), Int32(T),
-                    grid_dim=(ceildiv(T * group, FC_BM), num_groups), block_dim=FC_WARPS * WARP_SIZE,
-                    shared_mem_bytes=smem, func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-                )
-            else:
-                raise Error(
-                    "msa_forced_combine: the GPU path needs 16-bit q, k, v with partials in the same dtype, D and"
-                    " block_size multiples of 16 up to 128"
-                )
+        _launch_forced[target, topk, block_size, group, num_groups, head_dim, init_blocks, local_blocks, False](
+            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
+            scale.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr().unsafe_bitcast[Int64](),
+            cu_seqlens_q.dim_size(0) - 1, T, ctx,
+        )
+
+
+@register("msa_forced_combine_paged")
+struct MSAForcedCombinePaged:
+    """msa_forced_combine over paged caches (k_cache / v_cache flat, strides
+    in geom, page_table [B, max_pages], cu_seqlens_k the prefix sums of the
+    sequences' lengths)."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        part_dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        group: Int,
+        num_groups: Int,
+        head_dim: Int,
+        init_blocks: Int,
+        local_blocks: Int,
+    ](
+        output: OutputTensor[dtype=dtype, rank=3, ...],
+        lse: OutputTensor[dtype=DType.float32, rank=2, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        k_cache: InputTensor[dtype=dtype, rank=1, ...],
+        v_cache: InputTensor[dtype=dtype, rank=1, ...],
+        o_partial: InputTensor[dtype=part_dtype, rank=4, ...],
+        lse_partial: InputTensor[dtype=DType.float32, rank=3, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        page_table: InputTensor[dtype=DType.int32, rank=2, ...],
+        geom: InputTensor[dtype=DType.int64, rank=1, ...],
+        scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q.dim_size(0)
+        if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
+            raise Error("msa_forced_combine_paged: q must be [T, Hq, D] with the op's Hq and D")
+        if T == 0:
+            return
+        _launch_forced[target, topk, block_size, group, num_groups, head_dim, init_blocks, local_blocks, True](
+            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k_cache.unsafe_ptr(), v_cache.unsafe_ptr(),
+            o_partial.unsafe_ptr(), lse_partial.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
+            scale.unsafe_ptr(), page_table.unsafe_ptr(), geom.unsafe_ptr(), cu_seqlens_q.dim_size(0) - 1, T, ctx,
+        )

@@ -607,3 +607,43 @@ struct MSAInvert:
                     Int32(B), Int32(T), Int32(topk), Int32(R), Int32(q_budget), Int32(NW),
                     grid_dim=G * R, block_dim=SORT_THREADS,
                 )
+
+
+def _seq_offsets_kernel(cu: I32MutPtr, seq_lens: I32Ptr, num_seqs: Int32):
+    """cu[b] = seq_lens[0] + ... + seq_lens[b - 1], one thread (B is small)."""
+    if thread_idx.x == 0 and block_idx.x == 0:
+        var acc = Int32(0)
+        cu[unsafe_offset=0] = 0
+        for b in range(Int(num_seqs)):
+            acc += seq_lens[unsafe_offset=b]
+            cu[unsafe_offset=b + 1] = acc
+
+
+@register("msa_seq_offsets")
+struct MSASeqOffsets:
+    """Prefix sums [B+1] of the paged sequences' lengths seq_lens [B]: the
+    cu_seqlens_k every kernel takes for lengths and block rows (a paged
+    cache addresses its keys through the page table, not these offsets)."""
+
+    @staticmethod
+    def execute[target: StaticString](
+        cu: OutputTensor[dtype=DType.int32, rank=1, ...],
+        seq_lens: InputTensor[dtype=DType.int32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var B = seq_lens.dim_size(0)
+        if cu.dim_size(0) != B + 1:
+            raise Error("msa_seq_offsets: cu must have B + 1 entries")
+        comptime if is_cpu[target]():
+            _seq_offsets_kernel_cpu(cu.unsafe_ptr(), seq_lens.unsafe_ptr(), B)
+        else:
+            ctx.enqueue_function[_seq_offsets_kernel](cu.unsafe_ptr(), seq_lens.unsafe_ptr(), Int32(B), grid_dim=1,
+                                                      block_dim=32)
+
+
+def _seq_offsets_kernel_cpu(cu: I32MutPtr, seq_lens: I32Ptr, num_seqs: Int):
+    var acc = Int32(0)
+    cu[unsafe_offset=0] = 0
+    for b in range(num_seqs):
+        acc += seq_lens[unsafe_offset=b]
+        cu[unsafe_offset=b + 1] = acc

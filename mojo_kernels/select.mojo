@@ -67,7 +67,7 @@ from .cpu_tiles import (
     tile_cols,
 )
 from .common import (
-    LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
+    I64Ptr, KVAddr, idx_addr, LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
     f32_neg_inf, frag_a, frag_b2, hopper_target, score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
 )
 
@@ -156,16 +156,17 @@ def _write_selection[
 
 
 @always_inline
-def block_max_cpu[dtype: DType, idx_dim: Int, block_size: Int](
-    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], k_seq: Pointer[Scalar[dtype], ImmutAnyOrigin], j: Int, p: Int
+def block_max_cpu[dtype: DType, idx_dim: Int](
+    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], kblock: Pointer[Scalar[dtype], ImmutAnyOrigin], key_stride: Int,
+    nvis: Int,
 ) -> Float32:
-    """Unscaled max over block j's keys at positions <= p of <qrow, k_seq[key]>
-    (k_seq: the sequence's first index key); -inf when none is visible, and
-    NaN never wins (idx_scale > 0 is applied after the max). One row, scalar:
-    for the few decode queries past the score pass's max_q."""
+    """Unscaled max of <qrow, key> over a block's first nvis keys (kblock: its
+    first key, keys key_stride apart); -inf when none is visible, and NaN
+    never wins (idx_scale > 0 is applied after the max). One row, scalar: for
+    the few decode queries past the score pass's max_q."""
     var m = f32_neg_inf()
-    for key in range(j * block_size, min((j + 1) * block_size, p + 1)):
-        var krow = k_seq.unsafe_offset(key * idx_dim)
+    for key in range(nvis):
+        var krow = kblock.unsafe_offset(key * key_stride)
         var s = Float32(0)
         for d in range(idx_dim):
             s += qrow[unsafe_offset=d].cast[DType.float32]() * krow[unsafe_offset=d].cast[DType.float32]()
@@ -235,7 +236,7 @@ comptime SEL_CPU_TILES = 4  # register tiles of rows per CPU task: they share ea
 
 
 def _select_cpu[
-    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
+    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int, paged: Bool
 ](
     block_ids: I32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -246,6 +247,7 @@ def _select_cpu[
     num_seqs: Int,
     num_groups: Int,
     T: Int,
+    ka: KVAddr,
 ):
     """The CPU indexer: every sequence's index keys transposed once into
     blocks of K^T (fp32), then tasks of SEL_CPU_TILES * CPU_R consecutive
@@ -268,15 +270,14 @@ def _select_cpu[
     var R = roff[unsafe_offset=num_seqs]
     var kt = scratch(max(1, R) * DI * BP)
 
-    def pack(row: Int) {kt, roff, k_idx, cu_k, num_seqs}:
+    def pack(row: Int) {kt, roff, k_idx, cu_k, num_seqs, ka}:
         var b = 0
         while row >= roff[unsafe_offset=b + 1]:
             b += 1
         var j = row - roff[unsafe_offset=b]
-        var k0 = Int(cu_k[unsafe_offset=b])
-        var nk = min(block_size, Int(cu_k[unsafe_offset=b + 1]) - k0 - j * block_size)
-        pack_transposed[dtype](kt.unsafe_offset(row * DI * BP), BP, k_idx.unsafe_offset((k0 + j * block_size) * DI), DI,
-                               nk, DI)
+        var nk = min(block_size, Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b]) - j * block_size)
+        pack_transposed[dtype](kt.unsafe_offset(row * DI * BP), BP, k_idx.unsafe_offset(ka.block[paged](cu_k, b, j, block_size)),
+                               ka.key_stride, nk, DI)
 
     sync_parallelize(pack, R)
 
@@ -352,7 +353,8 @@ def _tile_of(
 
 
 def select_kernel[
-    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int
+    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
+    paged: Bool,
 ](
     block_ids: I32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -362,6 +364,8 @@ def select_kernel[
     scale_p: F32Ptr,
     num_seqs: Int32,
     T: Int32,
+    table: I32Ptr,
+    geom: I64Ptr,
 ):
     comptime QPT = max(1, SEL_ROWS // num_groups)  # queries per tile
     comptime ROWS = QPT * num_groups
@@ -414,8 +418,10 @@ def select_kernel[
     var p_max = tk - tq + i0 + nq - 1
     var jmax = p_max // block_size
     var j_hi = jmax - local_blocks if local_blocks > 0 else jmax  # last block free for some row
+    var ka = idx_addr[paged, idx_dim](table, geom)
     for j in range(init_blocks, j_hi + 1):
         var m = f32_neg_inf()
+        var kblock = ka.block[paged](cu_k, b, j, block_size)
         for c in range(block_size // KC):
             var kbase = j * block_size + c * KC
             if kbase > p_max:
@@ -426,7 +432,7 @@ def select_kernel[
                 var d = i % idx_dim
                 var v = Float32(0)
                 if kbase + key < tk:
-                    v = k_idx[unsafe_offset=(k0 + kbase) * idx_dim + i].cast[DType.float32]()
+                    v = k_idx[unsafe_offset=kblock + (c * KC + key) * ka.key_stride + d].cast[DType.float32]()
                 k_s[unsafe_offset=key * DP + d] = v
             barrier()
             var acc = SIMD[DType.float32, KPT](0)
@@ -578,7 +584,7 @@ def select_tma_k[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: 
 @__llvm_arg_metadata(k_desc, `nvvm.grid_constant`)
 def select_mma_kernel[
     dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
-    wgmma: Bool,
+    wgmma: Bool, paged: Bool,
 ](
     block_ids: I32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
@@ -590,6 +596,8 @@ def select_mma_kernel[
     T: Int32,
     num_tiles: Int32,
     k_desc: TMADescriptor,
+    table: I32Ptr,
+    geom: I64Ptr,
 ):
     comptime ROWS_CTA = select_rows[dtype, idx_dim, topk, block_size, wgmma]()  # tile rows (multiple of 64 per warpgroup)
     comptime QPT = max(1, ROWS_CTA // num_groups)
@@ -603,7 +611,7 @@ def select_mma_kernel[
     comptime LAY = (LAYOUT_SW128 if DI % SW128_COLS == 0 else LAYOUT_CORE) if WG else LAYOUT_PADDED
     comptime assert not WG or _is_sm_9x(), "msa_select: wgmma needs sm_9x"
     comptime assert not WG or select_k_stages[dtype, idx_dim, topk, block_size, wgmma]() >= 3, "ring of 3+"
-    comptime TMA_K = select_tma_k[dtype, idx_dim, topk, block_size, wgmma]()
+    comptime TMA_K = select_tma_k[dtype, idx_dim, topk, block_size, wgmma]() and not paged
 
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
@@ -649,13 +657,16 @@ def select_mma_kernel[
     var j_lo = init_blocks
     var j_hi = jmax - local_blocks if local_blocks > 0 else jmax  # last block free for some row
 
+    var ka = idx_addr[paged, DI](table, geom)
+
     @always_inline
-    def load_k(j: Int, dst: type_of(k_buf0)) {var tid, var kg, var k0, var tk}:
+    def load_k(j: Int, dst: type_of(k_buf0)) {var tid, var kg, var tk, var ka, var cu_k, var b}:
+        var base = ka.block[paged](cu_k, b, j, BS)
         for i in range(tid, BS * CPR, SEL_MMA_THREADS):
             var key = i // CPR
             var c = (i % CPR) * 8
             if j * BS + key < tk:
-                async_copy[16](kg.unsafe_offset((k0 + j * BS + key) * DI + c), dst.unsafe_offset(tile_offset[LAY, BS, DI](key, c)))
+                async_copy[16](kg.unsafe_offset(base + key * ka.key_stride + c), dst.unsafe_offset(tile_offset[LAY, BS, DI](key, c)))
             else:
                 dst.unsafe_store[alignment=16](tile_offset[LAY, BS, DI](key, c), SIMD[dtype, 8](0))
 
@@ -872,6 +883,57 @@ def select_smem_bytes[idx_dim: Int, num_groups: Int, topk: Int, block_size: Int]
     return 4 * (ROWS * (idx_dim + 1) + min(SEL_KC, block_size) * (idx_dim + 1) + 2 * ROWS * topk)
 
 
+def _launch_select[
+    dtype: DType, //, target: StaticString, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
+    num_groups: Int, idx_dim: Int, paged: Bool,
+](
+    block_ids: I32MutPtr, q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin], k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    cu_q: I32Ptr, cu_k: I32Ptr, idx_scale: F32Ptr, table: I32Ptr, geom: I64Ptr, B: Int, T: Int, S: Int,
+    ctx: DeviceContext,
+) raises:
+    """S: rows of the packed k_idx (for its TMA descriptor; unused when paged)."""
+    comptime if is_cpu[target]():
+        _select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks, paged](
+            block_ids, q_idx, k_idx, cu_q, cu_k, idx_scale[unsafe_offset=0], B, num_groups, T,
+            idx_addr[paged, idx_dim](table, geom),
+        )
+    elif select_mma_supported[dtype, idx_dim, block_size]():
+        # wgmma on Hopper where its tile and K ring fit, mma.sync elsewhere
+        comptime wgmma = hopper_target() and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
+        comptime QPT = max(1, select_rows[dtype, idx_dim, topk, block_size, wgmma]() // num_groups)
+        comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
+        comptime assert smem <= SMEM_OPTIN_BYTES, "msa_select: idx_dim, block_size and topk need too much shared memory"
+        comptime kernel = select_mma_kernel[
+            dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma, paged
+        ]
+        var num_tiles = T // QPT + B
+        var k_desc = TMADescriptor()  # unused unless the sweep takes K through the TMA
+        comptime if select_tma_k[dtype, idx_dim, topk, block_size, wgmma]() and not paged:
+            # k_idx as [S, Di] rows; a box is one block of keys by one 64-column panel
+            var k_buf = DeviceBuffer[dtype](ctx, k_idx.unsafe_mut_cast[True](), S * idx_dim, owning=False)
+            k_desc = create_tma_descriptor[dtype, 2, TensorMapSwizzle.SWIZZLE_128B](
+                k_buf, Index(S, idx_dim), Index(idx_dim, 1), Index(block_size, SW128_COLS)
+            )
+        ctx.enqueue_function[kernel](
+            block_ids, q_idx, k_idx, cu_q, cu_k, idx_scale, Int32(B), Int32(T), Int32(num_tiles), k_desc, table, geom,
+            grid_dim=num_tiles,
+            block_dim=SEL_MMA_THREADS,
+            shared_mem_bytes=smem,
+            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+        )
+    else:
+        comptime QPT = max(1, SEL_ROWS // num_groups)
+        comptime smem = select_smem_bytes[idx_dim, num_groups, topk, block_size]()
+        comptime kernel = select_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, paged]
+        ctx.enqueue_function[kernel](
+            block_ids, q_idx, k_idx, cu_q, cu_k, idx_scale, Int32(B), Int32(T), table, geom,
+            grid_dim=T // QPT + B,
+            block_dim=SEL_THREADS,
+            shared_mem_bytes=smem,
+            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+        )
+
+
 @register("msa_select")
 struct MSASelect:
     @staticmethod
@@ -900,46 +962,48 @@ struct MSASelect:
             raise Error("msa_select: q_idx must be [T, Hkv, Di] and k_idx [S, Di] with the op's Hkv and Di")
         if T == 0:
             return
-        comptime if is_cpu[target]():
-            _select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks](
-                block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                cu_seqlens_k.unsafe_ptr(), idx_scale[0], B, num_groups, T,
-            )
-        elif select_mma_supported[dtype, idx_dim, block_size]():
-            # wgmma on Hopper where its tile and K ring fit, mma.sync elsewhere
-            comptime wgmma = hopper_target() and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
-            comptime QPT = max(1, select_rows[dtype, idx_dim, topk, block_size, wgmma]() // num_groups)
-            comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
-            comptime assert smem <= SMEM_OPTIN_BYTES, "msa_select: idx_dim, block_size and topk need too much shared memory"
-            comptime kernel = select_mma_kernel[
-                dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma
-            ]
-            var num_tiles = T // QPT + B
-            var k_desc = TMADescriptor()  # unused unless the sweep takes K through the TMA
-            comptime if select_tma_k[dtype, idx_dim, topk, block_size, wgmma]():
-                # k_idx as [S, Di] rows; a box is one block of keys by one 64-column panel
-                var S = k_idx.dim_size(0)
-                var k_buf = DeviceBuffer[dtype](ctx, k_idx.unsafe_ptr().unsafe_mut_cast[True](), S * idx_dim, owning=False)
-                k_desc = create_tma_descriptor[dtype, 2, TensorMapSwizzle.SWIZZLE_128B](
-                    k_buf, Index(S, idx_dim), Index(idx_dim, 1), Index(block_size, SW128_COLS)
-                )
-            ctx.enqueue_function[kernel](
-                block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), Int32(B), Int32(T), Int32(num_tiles), k_desc,
-                grid_dim=num_tiles,
-                block_dim=SEL_MMA_THREADS,
-                shared_mem_bytes=smem,
-                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-            )
-        else:
-            comptime QPT = max(1, SEL_ROWS // num_groups)
-            comptime smem = select_smem_bytes[idx_dim, num_groups, topk, block_size]()
-            comptime kernel = select_kernel[dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks]
-            ctx.enqueue_function[kernel](
-                block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
-                cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), Int32(B), Int32(T),
-                grid_dim=T // QPT + B,
-                block_dim=SEL_THREADS,
-                shared_mem_bytes=smem,
-                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-            )
+        _launch_select[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, False](
+            block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+            cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
+            idx_scale.unsafe_ptr().unsafe_bitcast[Int64](), B, T, k_idx.dim_size(0), ctx,
+        )
+
+
+@register("msa_select_paged")
+struct MSASelectPaged:
+    """msa_select over a paged index-key cache: k_idx_cache the flat storage
+    of [num_pages, block_size, Di] (strides in geom), page_table [B,
+    max_pages], cu_seqlens_k the prefix sums of the sequences' lengths."""
+
+    @staticmethod
+    def execute[
+        dtype: DType,
+        //,
+        target: StaticString,
+        topk: Int,
+        block_size: Int,
+        init_blocks: Int,
+        local_blocks: Int,
+        num_groups: Int,
+        idx_dim: Int,
+    ](
+        block_ids: OutputTensor[dtype=DType.int32, rank=3, ...],
+        q_idx: InputTensor[dtype=dtype, rank=3, ...],
+        k_idx_cache: InputTensor[dtype=dtype, rank=1, ...],
+        cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
+        cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
+        page_table: InputTensor[dtype=DType.int32, rank=2, ...],
+        geom: InputTensor[dtype=DType.int64, rank=1, ...],
+        idx_scale: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var T = q_idx.dim_size(0)
+        var B = cu_seqlens_q.dim_size(0) - 1
+        if q_idx.dim_size(1) != num_groups or q_idx.dim_size(2) != idx_dim:
+            raise Error("msa_select_paged: q_idx must be [T, Hkv, Di] with the op's Hkv and Di")
+        if T == 0:
+            return
+        _launch_select[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, True](
+            block_ids.unsafe_ptr(), q_idx.unsafe_ptr(), k_idx_cache.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(),
+            cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(), page_table.unsafe_ptr(), geom.unsafe_ptr(), B, T, 0, ctx,
+        )

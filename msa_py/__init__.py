@@ -11,7 +11,8 @@ torch is imported on first use, so the reference works without it.
 __version__ = "0.1.0"
 
 _TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_combine", "sparse_attention",
-              "msa_attention", "sparse_attention_backward", "block_mass", "index_block_scores", "indexer_kl_loss")
+              "msa_attention", "sparse_attention_backward", "block_mass", "index_block_scores", "indexer_kl_loss",
+              "paged_msa_attention", "paged_select_blocks", "paged_sparse_attention", "paged_append")
 __all__ = list(_TORCH_API)
 
 

@@ -293,3 +293,66 @@ def split_queries(tq, tk, max_queries: int) -> list:
     if len(tq) > run0:
         pieces.append((run0, len(tq), None))
     return pieces
+
+
+# --------------------------------------------------------------------------- paged caches
+def paged_dims(k_cache_shape, v_cache_shape, k_idx_cache_shape, page_table_shape, seq_lens_shape, block_size: int):
+    """k_cache, v_cache [num_pages, block_size, Hkv, D], k_idx_cache [num_pages,
+    block_size, Di] (None when not given), page_table [B, max_pages],
+    seq_lens [B] -> (num_pages, Hkv, D, Di or None, B, max_pages)."""
+    check_rank("k_cache", k_cache_shape, 4, "[num_pages, block_size, Hkv, D]")
+    if tuple(v_cache_shape) != tuple(k_cache_shape) and not all(_eq(a, b) for a, b in zip(v_cache_shape, k_cache_shape)):
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache_shape)}, got {tuple(v_cache_shape)}")
+    num_pages, bs, Hkv, D = k_cache_shape
+    if _is_int(bs) and bs != block_size:
+        raise ValueError(f"k_cache's page size (dim 1) must equal block_size={block_size}, got {bs}")
+    Di = None
+    if k_idx_cache_shape is not None:
+        check_rank("k_idx_cache", k_idx_cache_shape, 3, "[num_pages, block_size, Di]")
+        if not (_eq(k_idx_cache_shape[0], num_pages) and _eq(k_idx_cache_shape[1], block_size)):
+            raise ValueError(f"k_idx_cache must be [num_pages={num_pages}, block_size={block_size}, Di], got "
+                             f"{tuple(k_idx_cache_shape)}")
+        Di = k_idx_cache_shape[2]
+    check_rank("page_table", page_table_shape, 2, "[B, max_pages]")
+    check_rank("seq_lens", seq_lens_shape, 1, "[B]")
+    if not _eq(page_table_shape[0], seq_lens_shape[0]):
+        raise ValueError(f"page_table must have one row per sequence (B={seq_lens_shape[0]}), got "
+                         f"{tuple(page_table_shape)}")
+    return num_pages, Hkv, D, Di, seq_lens_shape[0], page_table_shape[1]
+
+
+def check_paged_values(page_table, seq_lens, cu_q, num_pages: int, block_size: int, T: int) -> None:
+    """Host values: seq_lens >= each sequence's new tokens, enough pages in the
+    table for every sequence, every page id a sequence uses in [0, num_pages)."""
+    pt = np.asarray(page_table)
+    sl = np.asarray(seq_lens).astype(np.int64)
+    cq = np.asarray(cu_q).astype(np.int64)
+    if cq.ndim != 1 or cq.shape[0] != sl.shape[0] + 1 or int(cq[0]) != 0 or np.any(np.diff(cq) < 0) or int(cq[-1]) != T:
+        raise ValueError(f"cu_seqlens_q must be [B+1] prefix sums from 0 to T={T}, got {cq.tolist()[:16]}")
+    tq = np.diff(cq)
+    bad = np.nonzero(sl < tq)[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"seq_lens[{b}] = {int(sl[b])} is less than sequence {b}'s {int(tq[b])} new tokens")
+    need = -(-sl // block_size)
+    if np.any(need > pt.shape[1]):
+        b = int(np.nonzero(need > pt.shape[1])[0][0])
+        raise ValueError(f"sequence {b} needs {int(need[b])} pages of {block_size} keys for seq_lens[{b}] = "
+                         f"{int(sl[b])}, page_table has {pt.shape[1]}")
+    for b in range(sl.shape[0]):
+        used = pt[b, : int(need[b])]
+        wrong = np.nonzero((used < 0) | (used >= num_pages))[0]
+        if wrong.size:
+            j = int(wrong[0])
+            raise ValueError(f"page_table[{b}, {j}] = {int(used[j])} is not a page of the cache (0 .. {num_pages - 1})")
+
+
+def cache_geometry(k_strides, idx_strides, max_pages: int) -> list:
+    """The geometry vector the paged kernels read (int64): [max_pages, kv page,
+    kv key, kv group, index page, index key] strides in elements."""
+    if k_strides[-1] != 1:
+        raise ValueError(f"k_cache / v_cache need a contiguous last dimension, got strides {tuple(k_strides)}")
+    if idx_strides is not None and idx_strides[-1] != 1:
+        raise ValueError(f"k_idx_cache needs a contiguous last dimension, got strides {tuple(idx_strides)}")
+    ip, ik = (idx_strides[0], idx_strides[1]) if idx_strides is not None else (0, 0)
+    return [max_pages, k_strides[0], k_strides[1], k_strides[2], ip, ik]

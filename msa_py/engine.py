@@ -20,6 +20,9 @@ Graph kinds (inputs -> outputs):
   stages  the msa inputs -> block_ids, Inversion, o_partial, lse_partial, out, lse
           (as the msa kind runs them: with the forced pass where it applies,
           `uses_forced_pass`)
+  paged_msa   q, k_cache, v_cache, q_idx, k_idx_cache (flat storage), page_table, seq_lens,
+          cu_q, geometry, scale, idx_scale -> out, lse, block_ids
+  paged_select, paged_sparse: the paged stages (msa_py.graph.paged_*)
   decode_stages the msa inputs -> block_ids, out, lse
           (decode kernels: indexer split over keys, query-major attention, merge fused)
 Spec.decode picks the decode kernels for msa / sparse / select (the torch
@@ -42,9 +45,9 @@ import numpy as np
 from . import graph as G
 from .build import kernels_path
 
-KINDS = ("msa", "sparse", "sparse_backward", "select", "combine", "invert", "invert_skip_forced", "block_attention", "forced_combine",
+KINDS = ("msa", "sparse", "sparse_backward", "select", "paged_msa", "paged_select", "paged_sparse", "combine", "invert", "invert_skip_forced", "block_attention", "forced_combine",
          "stages", "decode_stages")
-DPS_KINDS = ("msa", "sparse", "sparse_backward", "select", "combine", "forced_combine")
+DPS_KINDS = ("msa", "sparse", "sparse_backward", "select", "paged_msa", "paged_select", "paged_sparse", "combine", "forced_combine")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class Spec:
 def _dt(name: str):
     from max.dtype import DType
 
-    return {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16, "int32": DType.int32}[name]
+    return {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16, "int32": DType.int32,
+            "int64": DType.int64}[name]
 
 
 # --------------------------------------------------------------------------- graphs
@@ -106,6 +110,12 @@ def _types(spec: Spec, dev):
         "entries": TensorType(i32, [Hkv, "NE"], device=dev),  # NE = T * topk
         "work": TensorType(i32, ["W", 4], device=dev),
         "num_work": TensorType(i32, [1], device=dev),
+        "k_cache": TensorType(x, ["NK"], device=dev),  # flat storage of [num_pages, block_size, Hkv, D]
+        "v_cache": TensorType(x, ["NK"], device=dev),
+        "k_idx_cache": TensorType(x, ["NI"], device=dev),  # flat storage of [num_pages, block_size, Di]
+        "page_table": TensorType(i32, ["B", "MP"], device=dev),
+        "seq_lens": TensorType(i32, ["B"], device=dev),
+        "geometry": TensorType(DType.int64, [6], device=dev),
     }
     return t
 
@@ -116,6 +126,10 @@ INPUTS = {
     "decode_stages": ("q", "k", "v", "q_idx", "k_idx", "cu_q", "cu_k", "scale", "idx_scale"),
     "sparse": ("q", "k", "v", "block_ids", "cu_q", "cu_k", "scale"),
     "sparse_backward": ("q", "k", "v", "block_ids", "out", "lse", "dout", "dlse", "cu_q", "cu_k", "scale"),
+    "paged_msa": ("q", "k_cache", "v_cache", "q_idx", "k_idx_cache", "page_table", "seq_lens", "cu_q", "geometry",
+                  "scale", "idx_scale"),
+    "paged_select": ("q_idx", "k_idx_cache", "page_table", "seq_lens", "cu_q", "geometry", "idx_scale"),
+    "paged_sparse": ("q", "k_cache", "v_cache", "block_ids", "page_table", "seq_lens", "cu_q", "geometry", "scale"),
     "select": ("q_idx", "k_idx", "cu_q", "cu_k", "idx_scale"),
     "combine": ("o_partial", "lse_partial"),
     "invert": ("block_ids", "cu_q", "cu_k", "keys"),
@@ -127,6 +141,9 @@ OUTPUTS = {
     "msa": ("out", "lse", "block_ids"),
     "sparse": ("out", "lse"),
     "sparse_backward": ("dq", "dk", "dv"),
+    "paged_msa": ("out", "lse", "block_ids"),
+    "paged_select": ("block_ids",),
+    "paged_sparse": ("out", "lse"),
     "select": ("block_ids",),
     "combine": ("out", "lse"),
     "forced_combine": ("out", "lse"),
@@ -165,6 +182,24 @@ def build_graph(kind: str, spec: Spec, device: str):
                                       q_budget=spec.q_budget, use_mma=spec.use_mma, forced_pass=spec.forced_pass,
                                       block_size=spec.block_size, init_blocks=spec.init_blocks,
                                       local_blocks=spec.local_blocks, decode=spec.decode), bid]
+        elif kind in ("paged_msa", "paged_select", "paged_sparse"):
+            cache = G.PagedCache(a.get("k_cache"), a.get("v_cache"), a.get("k_idx_cache"), a["geometry"])
+            paged = dict(block_size=spec.block_size, decode=spec.decode)
+            if kind == "paged_select":
+                res = [G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
+                                             topk=spec.topk, init_blocks=spec.init_blocks,
+                                             local_blocks=spec.local_blocks, idx_scale=a["idx_scale"], **paged)]
+            elif kind == "paged_sparse":
+                res = G.paged_sparse_attention(a["q"], cache, a["block_ids"], a["page_table"], a["seq_lens"],
+                                               a["cu_q"], scale=a["scale"], q_budget=spec.q_budget, **paged)
+            else:
+                bid = G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
+                                            topk=spec.topk, init_blocks=spec.init_blocks,
+                                            local_blocks=spec.local_blocks, idx_scale=a["idx_scale"], **paged)
+                res = [*G.paged_sparse_attention(a["q"], cache, bid, a["page_table"], a["seq_lens"], a["cu_q"],
+                                                 init_blocks=spec.init_blocks if spec.forced_pass else 0,
+                                                 local_blocks=spec.local_blocks if spec.forced_pass else 0,
+                                                 scale=a["scale"], q_budget=spec.q_budget, **paged), bid]
         elif kind == "sparse_backward":
             res = G.sparse_attention_backward(
                 a["q"], a["k"], a["v"], a["block_ids"], a["out"], a["lse"], a["dout"], a["cu_q"], a["cu_k"],
@@ -301,7 +336,8 @@ def to_buffer(x: np.ndarray, dtype: str, device: str):
     if dtype == "bfloat16":
         buf = Buffer.from_numpy(f32_to_bf16_bits(x)).view(DType.bfloat16)
     else:
-        np_dt = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}[dtype]
+        np_dt = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8,
+                 "int64": np.int64}[dtype]
         buf = Buffer.from_numpy(np.ascontiguousarray(x, dtype=np_dt))
     return buf if device == "cpu" else buf.to(_accelerator(device))
 
@@ -348,6 +384,7 @@ def numpy_inputs(spec: Spec, device: str, **arrays) -> dict:
     """NumPy arrays -> device Buffers for the named graph inputs."""
     kinds = {"q": spec.dtype, "k": spec.dtype, "v": spec.dtype, "q_idx": spec.dtype, "k_idx": spec.dtype,
              "out": spec.dtype, "dout": spec.dtype, "scale": "float32", "idx_scale": "float32",
+             "k_cache": spec.dtype, "v_cache": spec.dtype, "k_idx_cache": spec.dtype, "geometry": "int64",
              "lse_partial": "float32", "lse": "float32", "dlse": "float32", "keys": "int8"}
     out = {}
     for name, arr in arrays.items():

@@ -45,6 +45,12 @@ __all__ = [
     "sparse_attention_backward",
     "backward_gpu_fits",
     "decode_attention",
+    "PagedCache",
+    "paged_cache",
+    "seq_offsets",
+    "paged_select_blocks",
+    "paged_sparse_attention",
+    "paged_msa_attention",
     "partial_dtype_for",
     "use_decode",
     "DECODE_MAX_Q",
@@ -723,3 +729,167 @@ def forced_layer(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, *, block_size: 
     out, lse = forced_combine(q, k, v, o_p, lse_p, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               init_blocks=init_blocks, local_blocks=local_blocks, scale=scale)
     return inv, o_p, lse_p, out, lse
+
+
+# --------------------------------------------------------------------------- paged caches
+class PagedCache(NamedTuple):
+    """Paged caches as the kernels read them: the flat storage of K, V
+    ([num_pages, block_size, Hkv, D]) and of the index keys ([num_pages,
+    block_size, Di]), and the geometry vector (int64 [6]: max_pages, kv page,
+    kv key, kv group, index page, index key strides in elements). From
+    shaped, contiguous caches: `paged_cache`; the torch layer passes any
+    strides this way."""
+
+    k: TensorValue
+    v: TensorValue
+    k_idx: TensorValue
+    geometry: TensorValue
+
+
+def paged_cache(k_cache: TensorValue, v_cache: TensorValue, k_idx_cache: TensorValue, page_table: TensorValue,
+                *, block_size: int = 128) -> PagedCache:
+    """PagedCache of contiguous shaped caches: k_cache, v_cache [num_pages,
+    block_size, Hkv, D], k_idx_cache [num_pages, block_size, Di]."""
+    _, Hkv, D, Di, _, max_pages = V.paged_dims(_shape(k_cache), _shape(v_cache), _shape(k_idx_cache),
+                                               _shape(page_table), (page_table.shape[0],), block_size)
+    Hkv, D, Di = _static("k_cache Hkv", Hkv), _static("k_cache D", D), _static("k_idx_cache Di", Di)
+    mp = _static("page_table max_pages", max_pages)
+    geom = V.cache_geometry((block_size * Hkv * D, Hkv * D, D, 1), (block_size * Di, Di, 1), mp)
+    g = ops.constant(np.array(geom, np.int64), DType.int64, device=k_cache.device)
+    flat = lambda x: ops.reshape(x, [-1])  # noqa: E731
+    return PagedCache(flat(k_cache), flat(v_cache), flat(k_idx_cache), g)
+
+
+def seq_offsets(seq_lens: TensorValue) -> TensorValue:
+    """cu_seqlens_k [B+1] of the paged sequences' lengths seq_lens [B] int32."""
+    _check_int32("seq_lens", seq_lens)
+    return ops.custom("msa_seq_offsets", device=seq_lens.device, values=[seq_lens],
+                      out_types=[TensorType(DType.int32, [seq_lens.shape[0] + 1], device=seq_lens.device)])[0].tensor
+
+
+def paged_select_blocks(
+    q_idx: TensorValue,
+    cache: PagedCache,
+    page_table: TensorValue,
+    seq_lens: TensorValue,
+    cu_seqlens_q: TensorValue,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    idx_scale=None,
+    decode: bool | None = None,
+) -> TensorValue:
+    """select_blocks over a paged index-key cache. Returns logical block_ids [Hkv, T, topk]."""
+    T, Hkv, Di = _shape(q_idx)
+    Di, Hkv = _static("q_idx Di", Di), _static("q_idx Hkv", Hkv)
+    _check_int32("page_table", page_table)
+    V.Config(topk, block_size, init_blocks, local_blocks).check()
+    dev = q_idx.device
+    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
+    cu_k = seq_offsets(seq_lens)
+    scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
+    params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks, "local_blocks": local_blocks,
+              "num_groups": Hkv, "idx_dim": Di}
+    values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
+    out_bid = TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)
+    if use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
+                  block_size=block_size, topk=topk):
+        B = _num_seqs(cu_seqlens_q)
+        max_q = _decode_max_q(Hkv)
+        r_max = B * page_table.shape[1]
+        return ops.custom("msa_select_decode_paged", device=dev, values=values,
+                          out_types=[out_bid, TensorType(DType.float32, [Hkv * max_q * r_max], device=dev),
+                                     TensorType(DType.int32, [B + 1], device=dev)],
+                          parameters=dict(params, max_q=max_q))[0].tensor
+    return ops.custom("msa_select_paged", device=dev, values=values, out_types=[out_bid], parameters=params)[0].tensor
+
+
+def paged_sparse_attention(
+    q: TensorValue,
+    cache: PagedCache,
+    block_ids: TensorValue,
+    page_table: TensorValue,
+    seq_lens: TensorValue,
+    cu_seqlens_q: TensorValue,
+    *,
+    block_size: int = 128,
+    init_blocks: int = 0,
+    local_blocks: int = 0,
+    scale=None,
+    q_budget: int = 64,
+    decode: bool | None = None,
+):
+    """Attention over a selection, K / V read through the page table. With
+    init_blocks / local_blocks (a selection from paged_select_blocks, which
+    holds every query's forced blocks) the layer's forced pass merges them;
+    else the plain pipeline. Returns out [T, Hq, D], lse [T, Hq]."""
+    T, Hq, D = _shape(q)
+    Hq, D = _static("q Hq", Hq), _static("q D", D)
+    Hkv = _static("block_ids Hkv", _shape(block_ids)[0])
+    topk = _static("block_ids topk", _shape(block_ids)[2])
+    V.check_heads(Hq, Hkv, "q")
+    dev = q.device
+    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    cu_k = seq_offsets(seq_lens)
+    heads = {"group": Hq // Hkv, "num_groups": Hkv, "head_dim": D}
+    if use_decode(decode, T, _shape(cu_seqlens_q)[0], q.dtype, dev, stage="attention", dim=D, block_size=block_size):
+        out, lse = ops.custom(
+            "msa_decode_attention_paged", device=dev,
+            values=[q, cache.k, cache.v, block_ids, cu_seqlens_q, cu_k, page_table, cache.geometry, sc],
+            out_types=[TensorType(q.dtype, [q.shape[0], Hq, D], device=dev),
+                       TensorType(DType.float32, [q.shape[0], Hq], device=dev)],
+            parameters=dict(heads, block_size=block_size, topk=topk))
+        return out.tensor, lse.tensor
+    forced = init_blocks + local_blocks > 0 and forced_pass_fits(q.dtype, dev, head_dim=D, block_size=block_size,
+                                                                 topk=topk, init_blocks=init_blocks,
+                                                                 local_blocks=local_blocks)
+    skip = dict(init_blocks=init_blocks, local_blocks=local_blocks) if forced else {}
+    num_keys = Dim(_num_seqs(cu_seqlens_q)) * Dim(page_table.shape[1]) * block_size
+    inv = invert(block_ids, cu_seqlens_q, cu_k, num_keys=num_keys, block_size=block_size, q_budget=q_budget, **skip)
+    _check_gpu_fit("block_attention", dev, q.dtype, topk=topk, block_size=block_size, dim=D)
+    o_p, lse_p = ops.custom(
+        "msa_block_attention_paged", device=dev,
+        values=[q, cache.k, cache.v, inv.row_offsets, inv.entries, inv.work, inv.num_work, cu_seqlens_q, cu_k,
+                page_table, cache.geometry, sc],
+        out_types=[TensorType(partial_dtype_for(q.dtype), [q.shape[0], Hq, topk, D], device=dev),
+                   TensorType(DType.float32, [q.shape[0], Hq, topk], device=dev)],
+        parameters=dict(heads, topk=topk, block_size=block_size))
+    if not forced:
+        return combine(o_p.tensor, lse_p.tensor, out_dtype=q.dtype)
+    out, lse = ops.custom(
+        "msa_forced_combine_paged", device=dev,
+        values=[q, cache.k, cache.v, o_p.tensor, lse_p.tensor, cu_seqlens_q, cu_k, page_table, cache.geometry, sc],
+        out_types=[TensorType(q.dtype, [q.shape[0], Hq, D], device=dev),
+                   TensorType(DType.float32, [q.shape[0], Hq], device=dev)],
+        parameters=dict(heads, topk=topk, block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks))
+    return out.tensor, lse.tensor
+
+
+def paged_msa_attention(
+    q: TensorValue,
+    cache: PagedCache,
+    q_idx: TensorValue,
+    page_table: TensorValue,
+    seq_lens: TensorValue,
+    cu_seqlens_q: TensorValue,
+    *,
+    topk: int = 16,
+    block_size: int = 128,
+    init_blocks: int = 1,
+    local_blocks: int = 2,
+    scale=None,
+    idx_scale=None,
+    q_budget: int = 64,
+    decode: bool | None = None,
+):
+    """msa_attention over paged caches (PagedCache; `paged_cache` builds one
+    from shaped caches): q [T, Hq, D] and q_idx [T, Hkv, Di] the new tokens
+    of each sequence, page_table [B, max_pages], seq_lens [B] (new tokens
+    included). Returns out [T, Hq, D], lse [T, Hq]."""
+    bid = paged_select_blocks(q_idx, cache, page_table, seq_lens, cu_seqlens_q, topk=topk, block_size=block_size,
+                              init_blocks=init_blocks, local_blocks=local_blocks, idx_scale=idx_scale, decode=decode)
+    return paged_sparse_attention(q, cache, bid, page_table, seq_lens, cu_seqlens_q, block_size=block_size,
+                                  init_blocks=init_blocks, local_blocks=local_blocks, scale=scale, q_budget=q_budget,
+                                  decode=decode)

@@ -600,6 +600,97 @@ def index_block_scores(q_idx, k_idx, block_ids, cu_seqlens_q=None, cu_seqlens_k=
     return out
 
 
+# --------------------------------------------------------------------------- paged caches
+def gather_pages(cache, page_table, seq_lens, *, block_size: int = 128, scale=None) -> tuple:
+    """A paged cache [num_pages, block_size, ...] as the packed rows of its
+    sequences: (x [S, ...] float64, dequantized by `scale` when given,
+    cu_seqlens_k [B+1]). Sequence b's key i is page page_table[b, i //
+    block_size], row i % block_size."""
+    c = _f64("cache", cache)
+    if scale is not None:
+        c = c * float(scale)
+    pt = np.asarray(page_table).astype(np.int64)
+    sl = np.asarray(seq_lens).astype(np.int64)
+    parts = []
+    for b in range(len(sl)):
+        n = int(sl[b])
+        pages = pt[b, : -(-n // block_size)]
+        parts.append(c[pages].reshape((-1,) + c.shape[2:])[:n])
+    x = np.concatenate(parts) if parts else np.zeros((0,) + c.shape[2:])
+    return x, np.concatenate([[0], np.cumsum(sl)]).astype(np.int64)
+
+
+def _paged(page_table, seq_lens, cu_seqlens_q, k_cache, v_cache, k_idx_cache, block_size: int, T: int):
+    """Shape and value checks of the paged entry points."""
+    num_pages = V.paged_dims(np.shape(k_cache), np.shape(v_cache if v_cache is not None else k_cache),
+                             None if k_idx_cache is None else np.shape(k_idx_cache), np.shape(page_table),
+                             np.shape(seq_lens), block_size)[0]
+    V.check_paged_values(page_table, seq_lens, cu_seqlens_q, num_pages, block_size, T)
+
+
+def paged_select_blocks(q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, *, topk: int = 16,
+                        block_size: int = 128, init_blocks: int = 1, local_blocks: int = 2,
+                        idx_scale: float | None = None, k_idx_scale: float | None = None) -> np.ndarray:
+    """select_blocks over a paged index-key cache [num_pages, block_size, Di]
+    (dequantized by k_idx_scale: an FP8 cache's scale). Returns logical
+    block_ids [Hkv, T, topk]."""
+    check = np.shape(k_idx_cache)
+    V.check_rank("k_idx_cache", check, 3, "[num_pages, block_size, Di]")
+    fake_kv = (check[0], block_size, 1, 1)
+    V.paged_dims(fake_kv, fake_kv, check, np.shape(page_table), np.shape(seq_lens), block_size)
+    V.check_paged_values(page_table, seq_lens, cu_seqlens_q, check[0], block_size, np.shape(q_idx)[0])
+    ki, cu_k = gather_pages(k_idx_cache, page_table, seq_lens, block_size=block_size, scale=k_idx_scale)
+    return select_blocks(q_idx, ki, cu_seqlens_q, cu_k, topk=topk, block_size=block_size, init_blocks=init_blocks,
+                         local_blocks=local_blocks, idx_scale=idx_scale)
+
+
+def paged_sparse_attention(q, k_cache, v_cache, block_ids, page_table, seq_lens, cu_seqlens_q, *,
+                           block_size: int = 128, scale: float | None = None, k_scale: float | None = None,
+                           v_scale: float | None = None):
+    """sparse_attention over paged K / V caches [num_pages, block_size, Hkv, D]
+    (dequantized by k_scale / v_scale). Returns out [T, Hq, D], lse [T, Hq]."""
+    _paged(page_table, seq_lens, cu_seqlens_q, k_cache, v_cache, None, block_size, np.shape(q)[0])
+    k, cu_k = gather_pages(k_cache, page_table, seq_lens, block_size=block_size, scale=k_scale)
+    v, _ = gather_pages(v_cache, page_table, seq_lens, block_size=block_size, scale=v_scale)
+    return sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_k, block_size=block_size, scale=scale)
+
+
+def paged_msa_attention(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, *,
+                        topk: int = 16, block_size: int = 128, init_blocks: int = 1, local_blocks: int = 2,
+                        scale: float | None = None, idx_scale: float | None = None, k_scale: float | None = None,
+                        v_scale: float | None = None, k_idx_scale: float | None = None):
+    """msa_attention over paged caches: q [T, Hq, D], q_idx [T, Hkv, Di] the
+    new tokens (each sequence's last cu_seqlens_q[b+1] - cu_seqlens_q[b]
+    of its seq_lens[b] keys), k_cache, v_cache [num_pages, block_size, Hkv, D],
+    k_idx_cache [num_pages, block_size, Di], page_table [B, max_pages],
+    seq_lens [B]; FP8 caches dequantized by their scales. Returns out, lse."""
+    _paged(page_table, seq_lens, cu_seqlens_q, k_cache, v_cache, k_idx_cache, block_size, np.shape(q)[0])
+    k, cu_k = gather_pages(k_cache, page_table, seq_lens, block_size=block_size, scale=k_scale)
+    v, _ = gather_pages(v_cache, page_table, seq_lens, block_size=block_size, scale=v_scale)
+    ki, _ = gather_pages(k_idx_cache, page_table, seq_lens, block_size=block_size, scale=k_idx_scale)
+    return msa_attention(q, k, v, q_idx, ki, cu_seqlens_q, cu_k, topk=topk, block_size=block_size,
+                         init_blocks=init_blocks, local_blocks=local_blocks, scale=scale, idx_scale=idx_scale)
+
+
+def paged_append(k_cache, v_cache, k_idx_cache, k, v, k_idx, page_table, seq_lens, cu_seqlens_new, *,
+                 block_size: int = 128):
+    """Writes new tokens into their pages (engines' reshape_and_cache): the
+    tokens of sequence b (cu_seqlens_new) are its keys seq_lens[b] - n_b ..
+    seq_lens[b] - 1 (seq_lens counts them). Returns new copies of the three
+    caches (the torch op writes in place)."""
+    kc, vc, ic = (np.array(x, copy=True) for x in (k_cache, v_cache, k_idx_cache))
+    pt = np.asarray(page_table).astype(np.int64)
+    sl = np.asarray(seq_lens).astype(np.int64)
+    cu = np.asarray(cu_seqlens_new).astype(np.int64)
+    V.check_paged_values(pt, sl, cu, kc.shape[0], block_size, int(cu[-1]))
+    for b in range(len(sl)):
+        for i in range(int(cu[b]), int(cu[b + 1])):
+            key = int(sl[b]) - (int(cu[b + 1]) - i)
+            page, row = pt[b, key // block_size], key % block_size
+            kc[page, row], vc[page, row], ic[page, row] = k[i], v[i], k_idx[i]
+    return kc, vc, ic
+
+
 def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, scale=None):
     """Dense causal attention (bottom-right aligned), for comparisons."""
     q, k, v, cu_q, cu_k, T, Hkv, D = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)

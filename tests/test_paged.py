@@ -1,0 +1,141 @@
+"""Paged KV caches (page size == block_size) through the torch layer, against
+msa_py.reference on the same pages: ragged batches, chunked prefill over a
+cache that holds the chunk, decode and speculative decode, shuffled pages,
+pages shared between sequences (prefix caching), caches with other strides
+(FlashInfer's [num_pages, Hkv, block_size, D] transposed, vLLM's K and V
+interleaved in one allocation), and the cache append.
+
+    pytest tests/test_paged.py                  # CPU tensors (CI)
+    pytest tests/test_paged.py --device cuda    # CUDA tensors (GPU machine)
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import msa_py  # noqa: E402
+from msa_py import reference as R  # noqa: E402
+from msa_py import verify as Vf  # noqa: E402
+
+HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 3, 16
+
+
+def _pages(seq_lens, num_pages, seed, share_prefix=False):
+    """A page table of shuffled pages; with share_prefix, every sequence's first
+    page is the first sequence's (a shared prompt prefix)."""
+    rng = np.random.default_rng(seed)
+    need = [-(-n // BS) for n in seq_lens]
+    perm = list(rng.permutation(num_pages))
+    pt = np.full((len(seq_lens), max(need) + 1), -1, np.int32)
+    for b, n in enumerate(need):
+        for j in range(n):
+            pt[b, j] = pt[0, 0] if (share_prefix and b > 0 and j == 0) else perm.pop()
+    return pt
+
+
+def _case(seqs, seed, layout="plain", share_prefix=False, num_pages=48, dev="cpu"):
+    rng = np.random.default_rng(seed)
+    tq = [s[0] for s in seqs]
+    sl = [s[1] for s in seqs]
+    pt = _pages(sl, num_pages, seed, share_prefix)
+    f = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32)).to(dev)  # noqa: E731
+    if layout == "flashinfer":  # [num_pages, Hkv, block_size, D], passed as .transpose(1, 2)
+        kc, vc = f(num_pages, HKV, BS, D).transpose(1, 2), f(num_pages, HKV, BS, D).transpose(1, 2)
+    elif layout == "vllm":  # K and V interleaved along the last axis of one allocation
+        kv = f(num_pages, BS, HKV, 2 * D)
+        kc, vc = kv[..., :D], kv[..., D:]
+    else:
+        kc, vc = f(num_pages, BS, HKV, D), f(num_pages, BS, HKV, D)
+    ic = f(num_pages, BS, DI)
+    T = sum(tq)
+    q, qi = f(T, HQ, D), f(T, HKV, DI)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    return q, kc, vc, qi, ic, i32(pt), i32(sl), i32(np.concatenate([[0], np.cumsum(tq)]))
+
+
+def _np(x):
+    return x.detach().float().cpu().numpy()
+
+
+SHAPES = {
+    "prefill_ragged": [(40, 40), (7, 90), (1, 33)],  # prompt, a chunk over a cached prefix, a 1-token sequence
+    "decode": [(1, 40), (1, 90), (1, 33), (1, 1)],
+    "speculative": [(8, 40), (3, 90), (5, 17)],
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("layout", ["plain", "flashinfer", "vllm"])
+def test_paged_msa_attention_matches_reference(name, layout, torch_device):
+    if layout != "plain" and name == "speculative":
+        pytest.skip("strided layouts: the prefill and decode kernels cover them")
+    q, kc, vc, qi, ic, pt, sl, cu = _case(SHAPES[name], 50, layout, dev=torch_device)
+    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
+    ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), pt.cpu().numpy(), sl.cpu().numpy(),
+                                   cu.cpu().numpy(), topk=TOPK, block_size=BS)
+    assert Vf.rel_err(_np(out), ro) < 1e-5 and Vf.rel_err(_np(lse), rl) < 1e-5
+    bid = msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
+    rb = R.paged_select_blocks(_np(qi), _np(ic), pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy(), topk=TOPK,
+                               block_size=BS)
+    np.testing.assert_array_equal(bid.cpu().numpy(), rb)
+    o2, l2 = msa_py.paged_sparse_attention(q, kc, vc, bid, pt, sl, cu, block_size=BS)
+    assert Vf.rel_err(_np(o2), ro) < 1e-5 and Vf.rel_err(_np(l2), rl) < 1e-5
+
+
+def test_shared_prefix_pages_and_the_contiguous_answer(torch_device):
+    """Sequences sharing their first page (prefix caching) give the answer of
+    the same keys stored contiguously."""
+    seqs = [(20, 20), (5, 36), (1, 40)]
+    q, kc, vc, qi, ic, pt, sl, cu = _case(seqs, 51, share_prefix=True, dev=torch_device)
+    assert len({int(pt[b, 0]) for b in range(3)}) == 1
+    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
+    k, cu_k = R.gather_pages(_np(kc), pt.cpu().numpy(), sl.cpu().numpy(), block_size=BS)
+    v, _ = R.gather_pages(_np(vc), pt.cpu().numpy(), sl.cpu().numpy(), block_size=BS)
+    ki, _ = R.gather_pages(_np(ic), pt.cpu().numpy(), sl.cpu().numpy(), block_size=BS)
+    t = lambda x: torch.from_numpy(x.astype(np.float32)).to(torch_device)  # noqa: E731
+    ck = torch.from_numpy(cu_k.astype(np.int32)).to(torch_device)
+    o2, l2 = msa_py.msa_attention(q, t(k), t(v), qi, t(ki), cu, ck, topk=TOPK, block_size=BS)
+    assert Vf.rel_err(_np(out), _np(o2)) < 1e-6 and Vf.rel_err(_np(lse), _np(l2)) < 1e-6
+
+
+def test_paged_append_then_decode(torch_device):
+    """New tokens appended into their pages (reference and torch agree), then a
+    decode step over the updated caches."""
+    seqs = [(3, 30), (1, 17), (2, 33)]
+    q, kc, vc, qi, ic, pt, sl, cu = _case(seqs, 52, dev=torch_device)
+    rng = np.random.default_rng(53)
+    N = int(cu[-1])
+    k = torch.from_numpy(rng.standard_normal((N, HKV, D)).astype(np.float32)).to(torch_device)
+    v = torch.from_numpy(rng.standard_normal((N, HKV, D)).astype(np.float32)).to(torch_device)
+    ki = torch.from_numpy(rng.standard_normal((N, DI)).astype(np.float32)).to(torch_device)
+    rk, rv, ri = R.paged_append(_np(kc), _np(vc), _np(ic), _np(k), _np(v), _np(ki), pt.cpu().numpy(),
+                                sl.cpu().numpy(), cu.cpu().numpy(), block_size=BS)
+    msa_py.paged_append(kc, vc, ic, k, v, ki, pt, sl, cu)
+    for got, want in ((kc, rk), (vc, rv), (ic, ri)):
+        np.testing.assert_array_equal(_np(got), want)
+    out, _ = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
+    ro, _ = R.paged_msa_attention(_np(q), rk, rv, _np(qi), ri, pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy(),
+                                  topk=TOPK, block_size=BS)
+    assert Vf.rel_err(_np(out), ro) < 1e-5
+
+
+def test_paged_errors(torch_device):
+    q, kc, vc, qi, ic, pt, sl, cu = _case([(4, 40), (1, 20)], 54, dev=torch_device)
+    call = lambda **o: msa_py.paged_msa_attention(  # noqa: E731
+        q, o.get("kc", kc), vc, qi, ic, o.get("pt", pt), o.get("sl", sl), cu, topk=TOPK, block_size=o.get("bs", BS))
+    bad = pt.clone()
+    bad[0, 1] = 48
+    with pytest.raises(ValueError, match=r"page_table\[0, 1\] = 48 is not a page"):
+        call(pt=bad)
+    with pytest.raises(ValueError, match=r"page_table\[0, 3\] = -1 is not a page"):  # a page never assigned
+        call(sl=torch.tensor([60, 20], dtype=torch.int32, device=sl.device))
+    with pytest.raises(ValueError, match="needs 5 pages"):
+        call(sl=torch.tensor([80, 20], dtype=torch.int32, device=sl.device))
+    with pytest.raises(ValueError, match="less than sequence 0's 4 new tokens"):
+        call(sl=torch.tensor([3, 20], dtype=torch.int32, device=sl.device))
+    with pytest.raises(ValueError, match="page size"):
+        call(bs=32)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        call(kc=kc.transpose(2, 3))
+    with pytest.raises(ValueError, match="int32"):
+        call(pt=pt.long())
