@@ -135,7 +135,10 @@ def test_paged_errors(torch_device):
         call(sl=torch.tensor([3, 20], dtype=torch.int32, device=sl.device))
     with pytest.raises(ValueError, match="page size"):
         call(bs=32)
+    odd = lambda x: x.transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731  (same shape, D not contiguous)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's strides"):
+        call(kc=odd(kc))
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        call(kc=kc.transpose(2, 3))
+        msa_py.paged_msa_attention(q, odd(kc), odd(vc), qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
     with pytest.raises(ValueError, match="int32"):
         call(pt=pt.long())
