@@ -75,7 +75,7 @@ DECODE = [
      True),
     ("decode_128k_b8_bf16", [(1, 131072)] * 8, 64, 4, 128, 128, 16, 128, "bfloat16", True, None, True),
 ]
-QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], SMALL[8], DECODE[1]]
+QUICK = [SMALL[0], SMALL[1], SMALL[3], SMALL[6], SMALL[8], DECODE[1]]  # g16_d128_bf16 and decode_spec8_bf16 among them
 # cases with a small q_budget: their work lists span several of the
 # inversion's query windows (WINDOW_CHUNKS * q_budget queries); others use 64
 Q_BUDGET = {"ragged_g4_f32": 3, "ragged_g4_bf16_mma": 4, "g16_d128_bf16": 8, "ragged_g4_bf16_plain": 4}
@@ -468,14 +468,20 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
+# cases whose paged layer (paged_msa) the virtual check compiles too: a
+# prefill one on wgmma (bf16, D 128) and a decode one
+PAGED_VIRTUAL = ("g16_d128_bf16", "decode_spec8_bf16")
+
+
 def _virtual(case) -> bool:
     from . import engine as E
 
     spec = _spec(case)
-    kind = "decode_stages" if spec.decode else "stages"
-    t0 = time.time()
-    E.model(kind, spec, "gpu")
-    print(f"{case[0]:24s} {kind} graph compiled for sm_90 in {time.time() - t0:.1f} s")
+    kinds = ["decode_stages" if spec.decode else "stages"] + (["paged_msa"] if case[0] in PAGED_VIRTUAL else [])
+    for kind in kinds:
+        t0 = time.time()
+        E.model(kind, spec, "gpu")
+        print(f"{case[0]:24s} {kind} graph compiled for sm_90 in {time.time() - t0:.1f} s")
     return True
 
 
