@@ -516,14 +516,48 @@ def copy_bandwidth(torch, device: str) -> float:
     return 2 * x.numel() / (ms * 1e-3) / 1e9
 
 
+def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int) -> dict:
+    """The same caches as shuffled pages: physical page perm[i] holds logical
+    block i (sequence i // pages, block i % pages); the paged layer's inputs."""
+    from . import _validate as V
+    from .torch_ops import _buf
+
+    bs = runner.spec.block_size
+    npg = -(-Tk // bs)
+    pad = npg * bs - Tk
+
+    def pages(x):  # [B * Tk, ...] -> [B * npg, bs, ...], each sequence padded to whole pages
+        x = x.view(B, Tk, *x.shape[1:])
+        if pad:
+            x = torch.cat([x, x.new_zeros((B, pad) + tuple(x.shape[2:]))], 1)
+        return x.reshape(B * npg, bs, *x.shape[2:])
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    perm = torch.randperm(B * npg, generator=g).to(k.device)
+    caches = []
+    for x in (k, v, ki):
+        p = pages(x)
+        c = torch.empty_like(p)
+        c[perm] = p
+        caches.append(c)
+    kc, vc, ic = caches
+    pt = perm.view(B, npg).to(torch.int32)
+    geom = torch.tensor(V.cache_geometry(kc.stride(), ic.stride(), npg), dtype=torch.int64, device=k.device)
+    sl = torch.full((B,), Tk, dtype=torch.int32, device=k.device)
+    return dict(bufs, k_cache=_buf(kc.view(-1)), v_cache=_buf(vc.view(-1)), k_idx_cache=_buf(ic.view(-1)),
+                page_table=_buf(pt), seq_lens=_buf(sl), geometry=_buf(geom), _keep=(kc, vc, ic, pt, sl, geom))
+
+
 def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int = 1, repeats: int = 5,
-                     log=print) -> dict:
+                     paged: bool = False, log=print) -> dict:
     """Decode shapes: each of B sequences has n_new new queries (the last
     n_new of its Tk keys) over a cache of Tk keys. MSA (whole layer) on the
     decode kernels (indexer split over keys, query-major attention) and on
     the general prefill path, against dense decode (SDPA over the same
     cache, GQA). Bandwidth counts the index keys + selected K/V rows read +
-    q/out over the decode path's time: the bytes any exact MSA must move."""
+    q/out over the decode path's time: the bytes any exact MSA must move.
+    paged: the same caches also as shuffled pages of block_size keys, the
+    paged layer timed beside the contiguous one (paged_ms)."""
     import torch
     import torch.nn.functional as F
 
@@ -559,6 +593,14 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                 row["attention_ms"] = tm(lambda: dec.run("sparse", sp_ins, outputs=sp), repeats)
                 g_outs = gen.run("msa", bufs)
                 row["msa_general_ms"] = tm(lambda: gen.run("msa", bufs, outputs=g_outs), repeats)
+                if paged:
+                    pb = _paged_buffers(torch, dec, bufs, k, v, ki, B, Tk, seed=i)
+                    p_outs = dec.run("paged_msa", pb)
+                    row["paged_ms"] = tm(lambda: dec.run("paged_msa", pb, outputs=p_outs), repeats)
+                    row["paged_over_contiguous"] = row["paged_ms"] / row["msa_ms"]
+                    p_bid, c_bid = torch.from_dlpack(p_outs[2]), torch.from_dlpack(outs[2])
+                    row["paged_same_selection"] = bool(torch.equal(p_bid, c_bid))
+                    del pb, p_outs
                 # dense decode over the same cache: q [B, Hq, n_new, D], k/v [B, Hkv, Tk, D]
                 qd = q.view(B, n_new, spec.num_heads, spec.head_dim).transpose(1, 2)
                 kd = k.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
@@ -580,7 +622,7 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
             if device != "cpu":
                 torch.cuda.empty_cache()
     _progress(steps, steps, "done")
-    return dict(config=asdict(spec), device=device, mode="decode", n_new=n_new, repeats=repeats,
+    return dict(config=asdict(spec), device=device, mode="decode", n_new=n_new, repeats=repeats, paged=paged,
                 copy_bandwidth_gbps=bw, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
@@ -594,6 +636,11 @@ def decode_table(result: dict) -> str:
         lines.append(f"{r['B']:>4} {r['Tk']:>8} {r['msa_ms']:9.3f} {r.get('select_ms', float('nan')):8.3f} "
                      f"{r.get('attention_ms', float('nan')):8.3f} {r.get('msa_general_ms', float('nan')):8.3f} "
                      f"{r['dense_ms']:9.3f} {r['speedup_vs_dense']:8.2f} {r['gbps']:8.1f} {r['pct_copy_bw']:7.1f}")
+    if any("paged_ms" in r for r in result["rows"]):
+        lines.append("paged (shuffled pages of block_size keys, same caches): "
+                     + ", ".join(f"B={r['B']} Tk={r['Tk']}: {r['paged_ms']:.3f} ms ({r['paged_over_contiguous']:.3f}x, "
+                                 f"selection {'same' if r['paged_same_selection'] else 'DIFFERENT'})"
+                                 for r in result["rows"] if "paged_ms" in r))
     lines.append("(MSA: decode kernels, whole layer; select / attn: its indexer and attention+combine; general: "
                  "the prefill path on the same inputs)")
     lines.append(f"(decode, {result['n_new']} new token(s) per sequence; {_config_text(result['config'])}; "

@@ -206,7 +206,8 @@ def _bench_decode(args, device: str, spec) -> int:
 
     batches = [int(x) for x in args.batches.split(",")] if args.batches else ([1, 8, 32, 64] if device != "cpu" else [2])
     contexts = _lengths(args.contexts) if args.contexts else ([16384, 32768, 65536, 131072] if device != "cpu" else [256])
-    res = Bn.run_decode_bench(spec, batches, contexts, device=device, n_new=args.n_new, repeats=args.repeats)
+    res = Bn.run_decode_bench(spec, batches, contexts, device=device, n_new=args.n_new, repeats=args.repeats,
+                              paged=args.paged)
     res["device_name"] = _device_name(device)
     print(f"msa bench --decode on {res['device_name']}, commit {res['commit']}, {res['date']}")
     print(Bn.decode_table(res))
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     b.add_argument("--gather-max", type=int, default=32768, help="longest length for the gather baseline")
     b.add_argument("--out", default="msa_out/bench", help="output path stem (.json and .png)")
     b.add_argument("--decode", action="store_true", help="decode shapes: few new tokens per sequence over a KV cache")
+    b.add_argument("--paged", action="store_true", help="decode: also time the paged layer on the same caches as pages")
     b.add_argument("--world-size", type=int, default=0,
                    help="several devices under torchrun: context- and tensor-parallel MSA against one device")
     b.add_argument("--backward", action="store_true",
