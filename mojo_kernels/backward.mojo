@@ -34,7 +34,7 @@
 #        entries, so hot blocks spread over many thread blocks.
 #   Preprocessing (GPU): Dr per row, one warp per row.
 
-from std.atomic import Atomic
+from std.atomic import Atomic, Ordering
 from std.math import ceildiv, exp, exp2, iota
 from std.memory import unsafe_stack_allocation
 from std.sys import size_of
@@ -430,8 +430,8 @@ def backward_mma_kernel[
             var key = key_a + 8 * (e // 2)
             if key < it.nk:
                 var o = kv_base + key * num_groups * D + n * 8 + t2 + e % 2
-                _ = Atomic.fetch_add(dk_acc.unsafe_offset(o), dk_w[n][e])
-                _ = Atomic.fetch_add(dv_acc.unsafe_offset(o), dv_w[n][e])
+                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dk_acc.unsafe_offset(o), dk_w[n][e])
+                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dv_acc.unsafe_offset(o), dv_w[n][e])
 
 
 def bwd_finish_kernel[dtype: DType, part_dtype: DType, head_dim: Int, topk: Int, block_size: Int, num_groups: Int](

@@ -552,13 +552,20 @@ def msa_attention(
     return _in_pieces(call, max_queries, (q, q_idx), (k, v, k_idx), cu_seqlens_q, cu_seqlens_k, T, S)
 
 
+_RAM_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _workspace_budget(x: torch.Tensor, max_workspace_bytes: Optional[int]) -> int:
-    """max_workspace_bytes, or 40% of the free device memory (CPU: of the RAM)."""
+    """max_workspace_bytes, or 40% of the free device memory (CPU: of the RAM).
+    Under torch.compile's tracing the free memory is not known: one call
+    unless a budget is given."""
     if max_workspace_bytes is not None:
         return int(max_workspace_bytes)
+    if torch.compiler.is_compiling():
+        return 1 << 62
     if x.is_cuda:
         return int(0.4 * torch.cuda.mem_get_info(x.device)[0])
-    return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return int(0.4 * _RAM_BYTES)
 
 
 def _in_pieces(call, max_queries: int, per_query: tuple, per_key: tuple, cu_q, cu_k, T: int, S: int):

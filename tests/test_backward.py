@@ -74,6 +74,8 @@ def test_msa_attention_gradients_match_reference(seqs, dtype, torch_device):
     reference on the kernels' own selection, with a gradient on lse too."""
     if torch_device == "cpu" and dtype == "bfloat16" and len(seqs) == 2:
         pytest.skip("one bfloat16 shape on the CPU keeps the suite short")
+    if torch_device == "cuda" and dtype == "float32":
+        pytest.skip("the CUDA backward takes 16-bit inputs (test_backward_errors checks the refusal)")
     c = make_case(31, seqs, HQ, HKV, D, DI)
     q, k, v, qi, ki, cq, ck = tensors(c, torch_device, dtype)
     g = torch.Generator().manual_seed(3)
@@ -100,7 +102,8 @@ def test_sparse_gradients_any_block_ids(torch_device):
     (counted twice), and a block no query of a group chose (its keys get
     gradient 0 exactly)."""
     c = make_case(32, [(48, 80)], HQ, HKV, D, DI)
-    q, k, v, *_, cq, ck = tensors(c, torch_device)
+    dtype = "float32" if torch_device == "cpu" else "bfloat16"
+    q, k, v, *_, cq, ck = tensors(c, torch_device, dtype)
     T = q.shape[0]
     bid = np.full((HKV, T, 4), -1, np.int32)
     p = np.arange(80 - T, 80)  # own blocks 2..4
@@ -113,9 +116,9 @@ def test_sparse_gradients_any_block_ids(torch_device):
     dlse = torch.zeros(q.shape[:2], device=q.device)
     _, _, dq, dk, dv = _grads(lambda q, k, v: msa_py.sparse_attention(q, k, v, bt, cq, ck, block_size=BS), q, k, v,
                               dout, dlse)
-    rq, rk, rv = R.sparse_attention_backward(c.q, c.k, c.v, bid, np64(dout), c.cu_q, c.cu_k, block_size=BS)
+    rq, rk, rv = R.sparse_attention_backward(np64(q), np64(k), np64(v), bid, np64(dout), c.cu_q, c.cu_k, block_size=BS)
     for got, ref in ((dq, rq), (dk, rk), (dv, rv)):
-        assert Vf.rel_err(np64(got), ref) < 1e-5
+        assert Vf.rel_err(np64(got), ref) < (1e-5 if dtype == "float32" else Vf.tolerance(dtype))
     assert (np64(dk)[16:32, 0] == 0).all() and (np64(dv)[16:32, 0] == 0).all()
     assert (rk[16:32, 0] == 0).all() and np.abs(rk[16:32, 1]).sum() > 0
 
@@ -127,7 +130,7 @@ def test_backward_traces_under_torch_compile(torch_device):
             return (out * out).sum() + lse.sum()
 
     c = make_case(33, [(50, 64), (30, 30)], HQ, HKV, D, DI)
-    q, k, v, qi, ki, cq, ck = tensors(c, torch_device)
+    q, k, v, qi, ki, cq, ck = tensors(c, torch_device, "float32" if torch_device == "cpu" else "bfloat16")
     grads = []
     for layer in (Layer(), torch.compile(Layer(), fullgraph=True)):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
