@@ -153,25 +153,15 @@ def bench(args, device: str, spec: E.Spec) -> int:
         lengths = _lengths(args.lengths) if args.lengths else ([4096, 16384, 32768, 65536, 131072] if device != "cpu"
                                                                else [2048, 8192])
         res = Bn.run_backward_bench(spec, lengths, device=device, repeats=args.repeats)
-        res["device_name"] = _device_name(device)
-        print(f"msa bench --backward on {res['device_name']}, commit {res['commit']}, {res['date']}")
-        print(Bn.backward_table(res))
-        js, png = Bn.save(res, Path(args.out), Bn.backward_plot)
-        print(f"wrote {js} and {png}")
-        return 0
+        return _report(res, "msa bench --backward", device, Bn.backward_table, args.out, Bn.backward_plot)
     if args.lengths:
         lengths = _lengths(args.lengths)
     else:
         lengths = [4096, 16384, 32768, 65536, 131072] if device != "cpu" else [4096, 8192, 16384, 32768]
     res = Bn.run_bench(spec, lengths, device=device, repeats=args.repeats, rotate_sets=args.rotate,
                        scenario=args.scenario, chunk=args.chunk, gather_max=args.gather_max)
-    res["device_name"] = _device_name(device)
     res["command"] = "msa " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("msa") else " ".join(sys.argv)
-    print(f"msa bench on {res['device_name']}, commit {res['commit']}, {res['date']}")
-    print(Bn.table(res))
-    js, png = Bn.save(res, Path(args.out))
-    print(f"wrote {js} and {png}")
-    return 0
+    return _report(res, "msa bench", device, Bn.table, args.out)
 
 
 def _bench_distributed(args, device: str, spec) -> int:
@@ -208,10 +198,17 @@ def _bench_decode(args, device: str, spec) -> int:
     contexts = _lengths(args.contexts) if args.contexts else ([16384, 32768, 65536, 131072] if device != "cpu" else [256])
     res = Bn.run_decode_bench(spec, batches, contexts, device=device, n_new=args.n_new, repeats=args.repeats,
                               paged=args.paged)
+    return _report(res, "msa bench --decode", device, Bn.decode_table, args.out, Bn.decode_plot)
+
+
+def _report(res: dict, title: str, device: str, table, out: str, plotter=None) -> int:
+    """Prints a bench result's table under its card, commit and date; writes its JSON and plot."""
+    from . import bench as Bn
+
     res["device_name"] = _device_name(device)
-    print(f"msa bench --decode on {res['device_name']}, commit {res['commit']}, {res['date']}")
-    print(Bn.decode_table(res))
-    js, png = Bn.save(res, Path(args.out), Bn.decode_plot)
+    print(f"{title} on {res['device_name']}, commit {res['commit']}, {res['date']}")
+    print(table(res))
+    js, png = Bn.save(res, Path(out), plotter)
     print(f"wrote {js} and {png}")
     return 0
 
