@@ -13,10 +13,14 @@ __version__ = "0.1.0"
 _TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_combine", "sparse_attention",
               "msa_attention", "sparse_attention_backward", "block_mass", "index_block_scores", "indexer_kl_loss",
               "paged_msa_attention", "paged_select_blocks", "paged_sparse_attention", "paged_append")
-__all__ = list(_TORCH_API)
+__all__ = list(_TORCH_API) + ["PagedDecodePlan"]
 
 
 def __getattr__(name):
+    if name == "PagedDecodePlan":
+        from .plan import PagedDecodePlan
+
+        return PagedDecodePlan
     if name in _TORCH_API:
         from . import torch_ops
 

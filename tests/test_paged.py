@@ -142,3 +142,46 @@ def test_paged_errors(torch_device):
         msa_py.paged_msa_attention(q, odd(kc), odd(vc), qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
     with pytest.raises(ValueError, match="int32"):
         call(pt=pt.long())
+
+
+def test_decode_plan_run_writes_its_own_buffers(torch_device):
+    """PagedDecodePlan: run() on the plan's buffers gives paged_msa_attention's
+    answer for the batch's rows, in the plan's own output tensors (no new
+    allocation), and rows past the batch keep a harmless sequence; on CUDA one
+    captured graph replays for two batch sizes."""
+    seqs = [(1, 40), (1, 90), (1, 33)]
+    q, kc, vc, qi, ic, pt, sl, cu = _case(seqs, 55, dev=torch_device)
+    plan = msa_py.PagedDecodePlan(kc, vc, ic, max_batch=5, max_pages=pt.shape[1], num_heads=HQ, n_new=1, topk=TOPK,
+                                  block_size=BS)
+    out_ptr = plan.out.data_ptr()
+
+    def step(B):
+        plan.q[:B].copy_(q[:B])
+        plan.q_idx[:B].copy_(qi[:B])
+        plan.page_table[:B].copy_(pt[:B])
+        plan.seq_lens[:B].copy_(sl[:B])
+        plan.reset_rows(B)
+        return plan.run()
+
+    for B in (3, 2):
+        out, lse = step(B)
+        assert out.data_ptr() == out_ptr
+        ro, rl = msa_py.paged_msa_attention(q[:B], kc, vc, qi[:B], ic, pt[:B], sl[:B], cu[:B + 1], topk=TOPK,
+                                            block_size=BS)
+        assert torch.equal(out[:B], ro) and torch.equal(lse[:B], rl)
+        plan.check_batch(B)
+    if torch_device == "cuda":
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            plan.run()
+        for B in (3, 1):
+            plan.q[:B].copy_(q[:B])
+            plan.q_idx[:B].copy_(qi[:B])
+            plan.page_table[:B].copy_(pt[:B])
+            plan.seq_lens[:B].copy_(sl[:B])
+            plan.reset_rows(B)
+            g.replay()
+            torch.cuda.synchronize()
+            ro, _ = msa_py.paged_msa_attention(q[:B], kc, vc, qi[:B], ic, pt[:B], sl[:B], cu[:B + 1], topk=TOPK,
+                                               block_size=BS)
+            assert torch.equal(plan.out[:B], ro)
