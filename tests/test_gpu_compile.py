@@ -31,13 +31,18 @@ def main():
 
 # (module, kernel, compile-time parameters at the model shape, an instruction its PTX must hold)
 _KERNELS = [
-    ("select", "select_mma_kernel", "DType.bfloat16, 128, 4, 16, 128, 1, 2, True", "wgmma.mma_async"),
-    ("attention", "attention_wgmma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16", "wgmma.mma_async"),
-    ("attention", "attention_mma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16", "mma.sync"),
-    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, True", "wgmma.mma_async"),
-    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, False", "mma.sync"),
+    ("select", "select_mma_kernel", "DType.bfloat16, 128, 4, 16, 128, 1, 2, True, False", "wgmma.mma_async"),
+    ("attention", "attention_wgmma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, False", "wgmma.mma_async"),
+    ("attention", "attention_mma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, False", "mma.sync"),
+    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, True, False", "wgmma.mma_async"),
+    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, False, False", "mma.sync"),
+    # the paged variants: the same kernels with the page-table addressing
+    ("attention", "attention_wgmma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, True", "wgmma.mma_async"),
+    ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, True, True", "wgmma.mma_async"),
+    ("backward", "backward_mma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16", "mma.sync"),
 ]
-_IDS = ["select_wgmma", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync"]
+_IDS = ["select_wgmma", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync", "attention_wgmma_paged",
+        "forced_wgmma_paged", "backward_mma_sync"]
 
 
 def _assemble(tmp_path, script_text: str, name: str, needle: str) -> tuple[str, str]:
