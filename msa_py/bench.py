@@ -11,8 +11,10 @@ L2 cache does not flatter. FLOPs follow MSA.md:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -42,6 +44,22 @@ def _progress(i: int, n: int, label: str) -> None:
     sys.stderr.flush()
     if i == n:
         sys.stderr.write("\n")
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    """The torch layer's value checks off (MSA_SKIP_VALUE_CHECKS) while timing,
+    as in a serving or training loop that validated its batch once; the
+    setting is restored after."""
+    old = os.environ.get("MSA_SKIP_VALUE_CHECKS")
+    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MSA_SKIP_VALUE_CHECKS", None)
+        else:
+            os.environ["MSA_SKIP_VALUE_CHECKS"] = old
 
 
 def commit() -> str:
@@ -299,6 +317,7 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@value_checks_off()
 def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> dict:
     """A length whose partials would not fit one call: msa_attention as a
     user calls it (one call, split internally under its workspace budget)
@@ -309,7 +328,6 @@ def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> 
     from . import _validate as V
     from . import torch_ops
 
-    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
     T = S = L
     row = dict(T=T, S=S, layer_only=True)
     q, k, v, qi, ki = make_inputs(torch, spec, T, S, tdev, "uniform", seed=0)
@@ -670,6 +688,7 @@ def decode_plot(result: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- backward
+@value_checks_off()
 def run_backward_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, log=print) -> dict:
     """Training shapes: one sequence of T tokens; MSA forward (with autograd,
     msa_py.msa_attention) and forward + backward against dense causal SDPA
@@ -684,7 +703,6 @@ def run_backward_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, 
 
     from . import torch_ops
 
-    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
     tdev = "cpu" if device == "cpu" else "cuda"
     ttm = _torch_timer(torch, device)
     rows = []
@@ -781,6 +799,7 @@ def backward_plot(result: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- several devices
+@value_checks_off()
 def run_distributed_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 3, log=print) -> dict:
     """Under torchrun (RANK / WORLD_SIZE set): context-parallel prefill of one
     sequence (msa_py.distributed.cp_msa_attention, zigzag split, K / V /
@@ -798,7 +817,6 @@ def run_distributed_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 
     from . import distributed as Dd
     from . import torch_ops
 
-    os.environ["MSA_SKIP_VALUE_CHECKS"] = "1"
     cuda = device != "cpu"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if cuda:
