@@ -13,7 +13,7 @@ fills the rows past any batch with a harmless sequence (n_new keys on page
 0). `run` launches the paged layer (indexer and attention, decode kernels)
 on those buffers and nothing else: no host sync, no allocation, no
 validation (the engine validates the batch it writes, or calls
-`check_batch` outside the captured region). So one CUDA graph captured
+`check_batch()` outside the captured region). So one CUDA graph captured
 around `run` replays for any batch up to max_batch and any context up to
 max_pages pages: the batch and the context live in the buffers, not in
 the shapes. Rows of sequences past the batch must keep the harmless
@@ -96,9 +96,9 @@ class PagedDecodePlan:
         E.model("paged_msa", self.spec, self.device)  # compile now, not in the first run
         self.run()  # and warm it up
 
-    def check_batch(self, batch: int) -> None:
-        """The batch's values in the plan's buffers (one device sync): page ids
-        and lengths of its first `batch` sequences; the rows past it harmless."""
+    def check_batch(self) -> None:
+        """The values in the plan's buffers (one device sync): every row's page
+        ids and length (the rows past a batch hold the harmless sequence)."""
         V.check_paged_values(self.page_table.cpu().numpy(), self.seq_lens.cpu().numpy(),
                              self.cu_seqlens_q.cpu().numpy(), self.num_pages, self.spec.block_size, self.q.shape[0])
 

@@ -1187,6 +1187,7 @@ def paged_append(
     tokens cu_seqlens_new[b] .. cu_seqlens_new[b+1] - 1 being its keys
     seq_lens[b] - n_b .. seq_lens[b] - 1 (seq_lens counts them). Device-side
     indexing only: no host sync, so it can run inside a captured CUDA graph."""
+    _check_tensors(k_cache=k_cache, v_cache=v_cache, k_idx_cache=k_idx_cache, k=k, v=v, k_idx=k_idx)
     block_size = k_cache.shape[1]
     num_pages, Hkv, D, Di, B, max_pages = _paged_checks(k, k_cache, v_cache, k_idx_cache, page_table, seq_lens,
                                                         cu_seqlens_new, block_size)
