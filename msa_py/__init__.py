@@ -16,13 +16,14 @@ _TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_c
 __all__ = list(_TORCH_API) + ["PagedDecodePlan"]
 
 
+_MODULE_OF = {"block_mass": "training", "index_block_scores": "training", "indexer_kl_loss": "training",
+              "paged_msa_attention": "paged", "paged_select_blocks": "paged", "paged_sparse_attention": "paged",
+              "paged_append": "paged", "PagedDecodePlan": "plan"}
+
+
 def __getattr__(name):
-    if name == "PagedDecodePlan":
-        from .plan import PagedDecodePlan
+    if name in _TORCH_API or name in _MODULE_OF:
+        import importlib
 
-        return PagedDecodePlan
-    if name in _TORCH_API:
-        from . import torch_ops
-
-        return getattr(torch_ops, name)
+        return getattr(importlib.import_module(f".{_MODULE_OF.get(name, 'torch_ops')}", __name__), name)
     raise AttributeError(f"module 'msa_py' has no attribute {name!r}")

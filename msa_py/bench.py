@@ -63,8 +63,6 @@ def value_checks_off():
 
 
 def commit() -> str:
-    import os
-
     if os.environ.get("MSA_COMMIT"):  # the GPU machine gets the tree without .git
         return os.environ["MSA_COMMIT"]
     try:
@@ -312,8 +310,6 @@ def _stages_fit(torch, spec: E.Spec, T: int, device: str) -> bool:
 
 
 def _ram_bytes() -> int:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -323,8 +319,6 @@ def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> 
     user calls it (one call, split internally under its workspace budget)
     against dense SDPA; device memory in use after the MSA calls (MAX keeps
     its pool at its peak size; inputs included)."""
-    import os
-
     from . import _validate as V
     from . import torch_ops
 
@@ -696,8 +690,6 @@ def run_backward_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, 
     The torch layer's value checks are off (MSA_SKIP_VALUE_CHECKS), as in a
     training step that validated its batch once. Backward rate: the five
     products of the backward over the selected keys, 10 * keys * Hq * D."""
-    import os
-
     import torch
     import torch.nn.functional as F
 
@@ -749,7 +741,7 @@ def run_backward_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 5, 
             row["dense_fwd_bwd_ms"] = ttm(dense_fwd_bwd, repeats)
             row["speedup_fwd_bwd"] = row["dense_fwd_bwd_ms"] / row["fwd_bwd_ms"]
             rows.append(row)
-            del leaves, dl, q, k, v, qi, ki
+            leaves = dl = q = k = v = qi = ki = None  # free the inputs before the next length
         except Exception as e:  # e.g. out of memory at the longest length: keep the others
             rows.append(dict(T=L, S=L, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
             log(f"\nT={L}: {rows[-1]['error']}")
@@ -808,11 +800,8 @@ def run_distributed_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 
     parallel (each rank's Hkv / n KV groups) against the whole heads on one
     device; the one-device rows run on rank 0 in the same run. Times are the
     slowest rank's, after a barrier. Returns the rows on every rank."""
-    import os
-
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from . import distributed as Dd
     from . import torch_ops
@@ -880,7 +869,7 @@ def run_distributed_bench(spec: E.Spec, lengths, *, device: str, repeats: int = 
             row["cp_vs_dense_cp"] = row["dense_cp_ms"] / row["cp_ms"]
         dist.barrier()
         rows.append(row)
-        del q, k, v, qi, ki, mine, shard
+        q = k = v = qi = ki = mine = shard = None  # free the inputs before the next length
         if cuda:
             torch.cuda.empty_cache()
     return dict(config=asdict(spec), device=device, mode="distributed", world=world, repeats=repeats, rows=rows,

@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import _validate as V
 from . import engine as E
+from . import paged as P
 from . import torch_ops as O
 from .graph import DECODE_MAX_Q
 
@@ -80,14 +80,14 @@ class PagedDecodePlan:
         self.lse = torch.empty((T, num_heads), dtype=torch.float32, device=dev)
         self.block_ids = torch.empty((Hkv, T, topk), dtype=torch.int32, device=dev)
         self._keep = (k_cache, v_cache, k_idx_cache)
-        geom = O._geometry(k_cache, k_idx_cache, max_pages)
+        geom = P._geometry(k_cache, k_idx_cache, max_pages)
         self.spec = O._spec(O._DTYPES[dt], num_heads, Hkv, D, Di, topk=topk, block_size=block_size,
                             init_blocks=init_blocks, local_blocks=local_blocks, decode=True)
         self.device = O._device_key(k_cache)
         sc = O._scale_tensor(1.0 / math.sqrt(D) if scale is None else float(scale), k_cache)
         isc = O._scale_tensor(1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale), k_cache)
-        tensors = dict(q=self.q, k_cache=O._flat_storage("k_cache", k_cache), v_cache=O._flat_storage("v_cache", v_cache),
-                       q_idx=self.q_idx, k_idx_cache=O._flat_storage("k_idx_cache", k_idx_cache),
+        tensors = dict(q=self.q, k_cache=P._flat_storage("k_cache", k_cache), v_cache=P._flat_storage("v_cache", v_cache),
+                       q_idx=self.q_idx, k_idx_cache=P._flat_storage("k_idx_cache", k_idx_cache),
                        page_table=self.page_table, seq_lens=self.seq_lens, cu_q=self.cu_seqlens_q, geometry=geom,
                        scale=sc, idx_scale=isc)
         self._tensors = tensors

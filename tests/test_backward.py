@@ -5,8 +5,6 @@ indexer's training signal (block_mass, index_block_scores, indexer_kl_loss).
     pytest tests/test_backward.py                  # CPU tensors (CI)
     pytest tests/test_backward.py --device cuda    # CUDA tensors (GPU machine)
 """
-import math
-
 import numpy as np
 import pytest
 
@@ -17,7 +15,7 @@ from msa_py import reference as R  # noqa: E402
 from msa_py import verify as Vf  # noqa: E402
 
 from cases import make_case  # noqa: E402
-from test_torch_ops import TDT, np64, tensors  # noqa: E402
+from test_torch_ops import np64, tensors  # noqa: E402
 
 HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 3, 16
 # ragged (a 1-token sequence, lengths off block multiples), chunked (Tq < Tk), GQA (G = 4)
