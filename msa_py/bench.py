@@ -470,12 +470,38 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on GPU machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _axes(ax, xlabel: str, ylabel: str, *, log_y: bool = False, title: str | None = None) -> None:
+    """Log2 x axis (sizes double), labels and legend, the same on every plot."""
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = _pyplot()
     rows = result["rows"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
 
@@ -484,12 +510,7 @@ def plot(result: dict, path: Path) -> None:
             pts = [(r["T"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+        _axes(ax, "tokens", ylabel, log_y=True, title=title)
 
     lines(a, (("msa_ms", "MSA (whole layer)"), ("msa_chunked_ms", "MSA chunked prefill"),
               ("dense_ms", "dense SDPA (causal)"), ("gather_ms", "query-major gather"),
@@ -500,9 +521,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"MSA on {result.get('device_name', result['device'])}: {c['dtype']}, Hq {c['num_heads']}, "
                  f"Hkv {c['num_kv_heads']}, D {c['head_dim']}, topk {c['topk']}, scenario {result['scenario']}",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def save(result: dict, out: Path, plotter=None) -> tuple[Path, Path]:
@@ -661,24 +680,15 @@ def decode_table(result: dict) -> str:
 
 
 def decode_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for B in sorted({r["B"] for r in result["rows"]}):
         pts = [(r["Tk"], r["speedup_vs_dense"]) for r in result["rows"] if r["B"] == B and "error" not in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=f"batch {B}")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (keys per sequence)")
-    ax.set_ylabel("MSA speedup over dense decode")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _axes(ax, "context (keys per sequence)", "MSA speedup over dense decode")
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- backward
@@ -769,25 +779,15 @@ def backward_table(result: dict) -> str:
 
 
 def backward_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in result["rows"] if "error" not in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("fwd_bwd_ms", "MSA forward + backward"), ("dense_fwd_bwd_ms", "dense SDPA forward + backward"),
                        ("bwd_ms", "MSA backward")):
         if rows:
             ax.plot([r["T"] for r in rows], [r[key] for r in rows], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("ms")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _axes(ax, "tokens", "ms", log_y=True)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- several devices

@@ -13,8 +13,10 @@ import torch
 
 from . import _validate as V
 from .torch_ops import (
-    _DTYPES, _check_tensors, _consts, _decode, _device_key, _dtype_name, _run, _scale_tensor, _spec, _value_checks_off,
+    _DTYPES, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run, _scale_tensor,
+    _spec, _value_checks_off,
 )
+
 
 def _flat_storage(name: str, x: torch.Tensor) -> torch.Tensor:
     """A 1-D view of the storage a strided cache spans (no copy): the kernels
@@ -62,15 +64,10 @@ def _paged_msa_op(
     page_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, geometry: torch.Tensor, Hkv: int,
     topk: int, block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, q_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, Hq, D = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
-    block_ids = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q.device)
-    if T == 0:
+    out, lse, block_ids = _msa_outputs(q, Hkv, topk)
+    if q.shape[0] == 0:
         return out, lse, block_ids
-    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2], topk=topk))
+    spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget)
     _run("paged_msa", spec, _device_key(q),
          dict(q=q, k_cache=k_flat, v_cache=v_flat, q_idx=q_idx, k_idx_cache=k_idx_flat, page_table=page_table,
               seq_lens=seq_lens, cu_q=cu_seqlens_q, geometry=geometry, scale=_scale_tensor(scale, q),

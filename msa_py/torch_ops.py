@@ -319,7 +319,6 @@ def _setup_sparse(ctx, inputs, output):
     ctx.block_size, ctx.scale, ctx.q_budget, ctx.n_inputs = block_size, scale, q_budget, len(inputs)
 
 
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -353,6 +352,22 @@ def sparse_attention(
     return torch.ops.msa.sparse_attention(q, k, v, block_ids, cu_seqlens_q, cu_seqlens_k, block_size, sc, q_budget)
 
 
+def _msa_outputs(q: torch.Tensor, Hkv: int, topk: int):
+    """msa_attention's outputs: out like q, lse [T, Hq] fp32, block_ids [Hkv, T, topk] int32."""
+    T, Hq = q.shape[0], q.shape[1]
+    return (torch.empty_like(q), torch.empty((T, Hq), dtype=torch.float32, device=q.device),
+            torch.empty((Hkv, T, topk), dtype=torch.int32, device=q.device))
+
+
+def _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget) -> E.Spec:
+    """The compiled-model key of the fused pipeline (contiguous or paged)."""
+    T, Hq, D = q.shape
+    Di = q_idx.shape[2]
+    return _spec(_DTYPES[q.dtype], Hq, Hkv, D, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
+                 local_blocks=local_blocks, q_budget=q_budget,
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk))
+
+
 @torch.library.custom_op("msa::msa_attention", mutates_args=())
 def _msa_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
@@ -364,14 +379,10 @@ def _msa_op(
     _check_cu_values(cu_seqlens_q, cu_seqlens_k, T, S)
     if cu_seqlens_q is None:
         cu_seqlens_q, cu_seqlens_k = _default_cu(T, S, q)
-    out = torch.empty_like(q)
-    lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
-    block_ids = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q.device)
+    out, lse, block_ids = _msa_outputs(q, Hkv, topk)
     if T == 0:
         return out, lse, block_ids
-    spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, q_idx.shape[2], topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=q_idx.shape[2], topk=topk))
+    spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget)
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse, block_ids])

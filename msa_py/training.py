@@ -15,6 +15,7 @@ import torch
 from . import _validate as V
 from .torch_ops import _default_cu, block_attention, invert
 
+
 def block_mass(
     q: torch.Tensor,
     k: torch.Tensor,
