@@ -64,11 +64,12 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
-@pytest.mark.parametrize("layout", ["plain", "flashinfer", "vllm"])
+# Strided layouts on the prefill and decode kernels; the speculative path reads through the same KVAddr.
+CASES = [(n, "plain") for n in SHAPES] + [(n, lay) for n in ("prefill_ragged", "decode") for lay in ("flashinfer", "vllm")]
+
+
+@pytest.mark.parametrize("name,layout", CASES)
 def test_paged_msa_attention_matches_reference(name, layout, torch_device):
-    if layout != "plain" and name == "speculative":
-        pytest.skip("strided layouts: the prefill and decode kernels cover them")
     q, kc, vc, qi, ic, pt, sl, cu = _case(SHAPES[name], 50, layout, dev=torch_device)
     out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
     ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), pt.cpu().numpy(), sl.cpu().numpy(),
