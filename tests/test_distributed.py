@@ -88,7 +88,7 @@ def test_tensor_parallel_two_ranks():
     _run(_tensor_parallel, 2, 90)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_context_parallel_prefill(world):
     _run(_context_parallel, world, 150)
 
