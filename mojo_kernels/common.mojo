@@ -1,6 +1,6 @@
 # Helpers shared by the MSA ops: pointer aliases, sequence lookups.
 
-from std.sys import inlined_assembly
+from std.sys import inlined_assembly, size_of
 from std.utils.numerics import neg_inf
 
 from max.gpu.host import DeviceContext
@@ -103,8 +103,6 @@ def frag_b2[dtype: DType, stride: Int](
     return ld_matrix[8](base.unsafe_offset(((lane % 8) + (lane // 16) * 8) * stride + ((lane // 8) % 2) * 8))
 
 
-
-
 @always_inline
 def frag_b2_trans[dtype: DType, stride: Int](
     base: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED], lane: Int
@@ -112,6 +110,44 @@ def frag_b2_trans[dtype: DType, stride: Int](
     """B operands of two n8 tiles from a [k][n] block (16 k x 16 n, row-major at
     base), e.g. V stored [key][d]: ldmatrix.x4.trans over k rows 0-15, n 0/8."""
     return ld_matrix[8, transpose=True](base.unsafe_offset((lane % 16) * stride + (lane // 16) * 8))
+
+
+# FP8 (e4m3) caches on the mma.sync paths: rows are staged as they are stored
+# (16-byte cp.async, half the bytes of bf16) and widened in shared memory to
+# the compute dtype before ldmatrix. e4m3 -> bf16 / fp16 is exact (3 mantissa
+# bits into 7 / 10, its exponent range inside theirs), so the products are
+# those of the dequantized cache times its per-tensor scale, which the
+# callers fold into the softmax / index scale (K) or the output (V).
+def cache_element[cache_dtype: DType]() -> DType:
+    """The element type a cache tensor holds: uint8 carries e4m3 bytes (MAX's
+    CPU device has no float8 tensors); any other dtype is itself."""
+    return DType.float8_e4m3fn if cache_dtype == DType.uint8 else cache_dtype
+
+
+def stage_stride[cache_dtype: DType, dtype: DType, width: Int]() -> Int:
+    """Row stride (elements) of cache rows staged in shared memory: the
+    padded MMA stride when the cache is in the compute dtype (read in place),
+    else width + 16 (16-byte aligned e4m3 rows, widened before the MMA)."""
+    return width + 8 if cache_dtype == dtype else width + 16
+
+
+@always_inline
+def widen_rows[
+    cache_dtype: DType, dtype: DType, //, rows: Int, width: Int, src_stride: Int, dst_stride: Int, nthreads: Int
+](
+    src: Pointer[Scalar[cache_dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    dst: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    tid: Int,
+):
+    """dst[r][c] = src[r][c] as dtype for r < rows, c < width, 16 bytes of
+    src a thread step (the thread block's nthreads threads share the rows)."""
+    comptime E = 16 // size_of[cache_dtype]()
+    comptime CPR = width // E
+    for i in range(tid, rows * CPR, nthreads):
+        var r = i // CPR
+        var c = (i % CPR) * E
+        var x = src.unsafe_load[width=E, alignment=16](r * src_stride + c)
+        dst.unsafe_store[alignment=16](r * dst_stride + c, x.cast[dtype]())
 
 
 # Shared-memory tile layouts (16-bit elements) for tensor-core operands.

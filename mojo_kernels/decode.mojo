@@ -38,6 +38,7 @@ from max.gpu.primitives import warp
 
 from .common import (
     F32MutPtr, F32Ptr, Forced, I32MutPtr, I32Ptr, I64Ptr, blocks_of, f32_neg_inf, frag_a, frag_b2, idx_addr, seq_of,
+    cache_element, stage_stride, widen_rows,
 )
 from .invert import _row_offsets_kernel
 from .cpu_tiles import CPU_R, pack_rows, pack_transposed, padded, int_scratch, release, scratch
@@ -65,14 +66,14 @@ def _free_range(tq: Int, tk: Int, block_size: Int, init_blocks: Int, local_block
 
 # ----------------------------------------------------------------------------- CPU
 def _decode_select_cpu[
-    dtype: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int,
-    paged: Bool,
+    dtype: DType, kdt: DType, idx_dim: Int, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
+    max_q: Int, paged: Bool,
 ](
     block_ids: I32MutPtr,
     scores: F32MutPtr,
     roff: I32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[kdt], ImmutAnyOrigin],
     cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, num_groups: Int, T: Int, r_max: Int,
     table: I32Ptr, geom: I64Ptr,
 ):
@@ -120,7 +121,7 @@ def _decode_select_cpu[
                 pack_rows[dtype](qs, DI, q_idx.unsafe_offset(q0 * num_groups * DI), DI, nr, DI)
                 for r in range(ROWS):
                     pos[unsafe_offset=r] = tk - tq + r // num_groups if r < nr else -1
-            pack_transposed[dtype](kt, BP, k_idx.unsafe_offset(ka.block[paged](cu_k, b, j, block_size)), ka.key_stride,
+            pack_transposed[kdt](kt, BP, k_idx.unsafe_offset(ka.block[paged](cu_k, b, j, block_size)), ka.key_stride,
                                    min(block_size, tk - j * block_size), DI)
             for r in range(nr):
                 bm[unsafe_offset=r] = f32_neg_inf()
@@ -158,7 +159,7 @@ def _decode_select_cpu[
                     if i < max_q:
                         m = scores[unsafe_offset=_score_offset(g, i, Int(roff[unsafe_offset=b]) + j, max_q, r_max)]
                     else:
-                        m = block_max_cpu[dtype, idx_dim](
+                        m = block_max_cpu[dtype, kdt, idx_dim](
                             q_idx.unsafe_offset((t * num_groups + g) * idx_dim),
                             k_idx.unsafe_offset(ka.block[paged](cu_k, b, j, block_size)), ka.key_stride,
                             min(block_size, p - j * block_size + 1),
@@ -171,18 +172,21 @@ def _decode_select_cpu[
 
 # ----------------------------------------------------------------------------- GPU, pass 2: scores
 def decode_scores_kernel[
-    dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int,
-    paged: Bool,
+    dtype: DType, kdt: DType, idx_dim: Int, num_groups: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
+    max_q: Int, paged: Bool,
 ](
     scores: F32MutPtr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[kdt], ImmutAnyOrigin],
     roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int32, r_max: Int32, table: I32Ptr, geom: I64Ptr,
 ):
     comptime DI = idx_dim
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
-    comptime CPR = DI // 8  # 16-byte chunks per row
+    comptime WIDE = kdt == dtype  # else e4m3 keys, widened to dtype in shared memory (exact)
+    comptime KE = 16 // size_of[kdt]()  # cache elements per 16-byte copy
+    comptime KLS = stage_stride[kdt, dtype, DI]()  # row stride of the staged keys
+    comptime CPR = DI // KE  # 16-byte chunks per row
     comptime NRP = ceildiv(max_q * num_groups, 8) * 8  # (query, group) rows, padded to the MMA N tile
     comptime NT = NRP // 8
     comptime MT = BS // 16  # 16-key m tiles per block
@@ -191,9 +195,11 @@ def decode_scores_kernel[
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
-    var k_buf0 = smem
-    var k_buf1 = k_buf0.unsafe_offset(BS * KS)
-    var red = k_buf1.unsafe_offset(BS * KS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
+    # FP8: [k_wide: BS x KS dtype, what the MMA reads][two e4m3 stages]; else the two stages are read directly
+    var k_wide = smem
+    var k_buf0 = smem.unsafe_offset(0 if WIDE else BS * KS).unsafe_bitcast[Scalar[kdt]]()
+    var k_buf1 = k_buf0.unsafe_offset(BS * KLS)
+    var red = k_buf1.unsafe_offset(BS * KLS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
     # this thread block's free blocks: (row, sequence, block) of up to DEC_BLOCKS rows
     var todo = unsafe_stack_allocation[DEC_BLOCKS * 3 + 1, Int32, address_space=AddressSpace.SHARED]()
     var cand = unsafe_stack_allocation[DEC_BLOCKS * 2, Int32, address_space=AddressSpace.SHARED]()
@@ -242,11 +248,11 @@ def decode_scores_kernel[
         var tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
         for i in range(tid, BS * CPR, DEC_THREADS):
             var key = i // CPR
-            var c = (i % CPR) * 8
+            var c = (i % CPR) * KE
             if j * BS + key < tk:
-                async_copy[16](kg.unsafe_offset(base + key * ka.key_stride + c), dst.unsafe_offset(key * KS + c))
+                async_copy[16](kg.unsafe_offset(base + key * ka.key_stride + c), dst.unsafe_offset(key * KLS + c))
             else:
-                dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+                dst.unsafe_store[alignment=16](key * KLS + c, SIMD[kdt, KE](0))
 
     load_k(0, k_buf0)
     async_copy_commit_group()
@@ -279,7 +285,7 @@ def decode_scores_kernel[
                         var hi = qg.unsafe_load[width=2, alignment=4](base + 8)
                         f = lo.join(hi)
                     qf[nt * (DI // 16) + kk] = f
-        var k_cur = k_buf0 if e % 2 == 0 else k_buf1
+        var k_stage = k_buf0 if e % 2 == 0 else k_buf1
         if e + 1 < n:
             load_k(e + 1, k_buf1 if e % 2 == 0 else k_buf0)
             async_copy_commit_group()
@@ -287,6 +293,12 @@ def decode_scores_kernel[
         else:
             async_copy_wait_group(0)
         barrier()
+        var k_cur = k_wide
+        comptime if WIDE:
+            k_cur = k_stage.unsafe_bitcast[Scalar[dtype]]()
+        else:  # e4m3 -> dtype, exact; the cache's scale is folded into idx_scale
+            widen_rows[BS, DI, KLS, KS, DEC_THREADS](k_stage, k_wide, tid)
+            barrier()
         # S^T = K_blk Q^T: this warp's 16-key tiles against every (query, group) row
         var acc = Array[SIMD[DType.float32, 4], MTW * NT](fill=SIMD[DType.float32, 4](0))
         comptime for kk in range(DI // 16):
@@ -342,9 +354,13 @@ def decode_scores_kernel[
         barrier()  # k_cur and red are rewritten next
 
 
-def decode_scores_smem_bytes[dtype: DType, idx_dim: Int, num_groups: Int, block_size: Int, max_q: Int]() -> Int:
+def decode_scores_smem_bytes[
+    dtype: DType, kdt: DType, idx_dim: Int, num_groups: Int, block_size: Int, max_q: Int
+]() -> Int:
     comptime NRP = ceildiv(max_q * num_groups, 8) * 8
-    return 2 * block_size * (idx_dim + 8) * size_of[dtype]() + 4 * DEC_WARPS * NRP
+    comptime stages = 2 * block_size * stage_stride[kdt, dtype, idx_dim]() * size_of[kdt]()
+    comptime wide = 0 if kdt == dtype else block_size * (idx_dim + 8) * size_of[dtype]()
+    return wide + stages + 4 * DEC_WARPS * NRP
 
 
 # ----------------------------------------------------------------------------- GPU, pass 3: top-k
@@ -395,13 +411,13 @@ def _merge_lists(
 
 
 def decode_topk_kernel[
-    dtype: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int,
+    dtype: DType, kdt: DType, idx_dim: Int, num_groups: Int, topk: Int, block_size: Int, init_blocks: Int,
     local_blocks: Int, max_q: Int, paged: Bool,
 ](
     block_ids: I32MutPtr,
     scores: F32Ptr,
     q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[kdt], ImmutAnyOrigin],
     roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, r_max: Int32,
     table: I32Ptr, geom: I64Ptr,
 ):
@@ -506,27 +522,28 @@ def decode_topk_kernel[
 
 # ----------------------------------------------------------------------------- op
 def _launch_select_decode[
-    dtype: DType, //, target: StaticString, topk: Int, block_size: Int, init_blocks: Int, local_blocks: Int,
-    num_groups: Int, idx_dim: Int, max_q: Int, paged: Bool,
+    dtype: DType, kdt: DType, //, target: StaticString, topk: Int, block_size: Int, init_blocks: Int,
+    local_blocks: Int, num_groups: Int, idx_dim: Int, max_q: Int, paged: Bool,
 ](
     block_ids: I32MutPtr, block_scores: F32MutPtr, row_offsets: I32MutPtr, q_idx: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k_idx: Pointer[Scalar[dtype], ImmutAnyOrigin], cu_q: I32Ptr, cu_k: I32Ptr, idx_scale: F32Ptr, table: I32Ptr,
+    k_idx: Pointer[Scalar[kdt], ImmutAnyOrigin], cu_q: I32Ptr, cu_k: I32Ptr, idx_scale: F32Ptr, table: I32Ptr,
     geom: I64Ptr, B: Int, T: Int, r_max: Int, ctx: DeviceContext,
 ) raises:
     comptime if is_cpu[target]():
-        _decode_select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks, max_q, paged](
+        _decode_select_cpu[dtype, kdt, idx_dim, topk, block_size, init_blocks, local_blocks, max_q, paged](
             block_ids, block_scores, row_offsets, q_idx, k_idx, cu_q, cu_k, idx_scale[unsafe_offset=0], B,
             num_groups, T, r_max, table, geom,
         )
     else:
         comptime assert select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
         comptime assert topk <= TOPK_MAX, "msa_select_decode: GPU needs topk <= 40 (use the general indexer)"
+        comptime assert kdt == dtype or kdt == DType.float8_e4m3fn, "msa_select_decode: index keys in q_idx's dtype or e4m3"
         ctx.enqueue_function[_row_offsets_kernel](
             row_offsets, cu_k, Int32(B), Int32(block_size), grid_dim=1, block_dim=32,
         )
-        comptime smem = decode_scores_smem_bytes[dtype, idx_dim, num_groups, block_size, max_q]()
+        comptime smem = decode_scores_smem_bytes[dtype, kdt, idx_dim, num_groups, block_size, max_q]()
         comptime scores_k = decode_scores_kernel[
-            dtype, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q, paged
+            dtype, kdt, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q, paged
         ]
         if r_max > 0:
             ctx.enqueue_function[scores_k](
@@ -535,7 +552,7 @@ def _launch_select_decode[
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
             )
         comptime topk_k = decode_topk_kernel[
-            dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, max_q, paged
+            dtype, kdt, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, max_q, paged
         ]
         ctx.enqueue_function[topk_k](
             block_ids, block_scores, q_idx, k_idx, row_offsets, cu_q, cu_k, idx_scale, Int32(B), Int32(T),
@@ -591,11 +608,13 @@ struct MSASelectDecodePaged:
     """msa_select_decode over a paged index-key cache: k_idx_cache the flat
     storage of [num_pages, block_size, Di] (strides in geom), page_table
     [B, max_pages], cu_seqlens_k the prefix sums of the sequences' lengths;
-    rows bounded by B * max_pages."""
+    rows bounded by B * max_pages. The cache may be e4m3, as float8_e4m3fn or
+    its bytes as uint8 (its scale folded into idx_scale)."""
 
     @staticmethod
     def execute[
         dtype: DType,
+        cache_dtype: DType,
         //,
         target: StaticString,
         topk: Int,
@@ -610,7 +629,7 @@ struct MSASelectDecodePaged:
         block_scores: OutputTensor[dtype=DType.float32, rank=1, ...],  # scratch [Hkv * max_q * B * max_pages]
         row_offsets: OutputTensor[dtype=DType.int32, rank=1, ...],  # scratch [B + 1]
         q_idx: InputTensor[dtype=dtype, rank=3, ...],
-        k_idx_cache: InputTensor[dtype=dtype, rank=1, ...],
+        k_idx_cache: InputTensor[dtype=cache_dtype, rank=1, ...],
         cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
         cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
         page_table: InputTensor[dtype=DType.int32, rank=2, ...],
@@ -629,6 +648,6 @@ struct MSASelectDecodePaged:
             return
         _launch_select_decode[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, max_q, True](
             block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
-            k_idx_cache.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
+            k_idx_cache.unsafe_ptr().unsafe_bitcast[Scalar[cache_element[cache_dtype]()]](), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
             page_table.unsafe_ptr(), geom.unsafe_ptr(), B, T, r_max, ctx,
         )

@@ -16,6 +16,11 @@
 # accumulator layout is the A layout of the second product). Keys past the
 # query's position are masked; K/V rows past the sequence are zero-filled.
 # A query with no visible key gets out 0 and lse -inf.
+#
+# FP8 (e4m3) caches (the paged op): the ring holds K/V as stored, half the
+# bytes; each block is widened into one bf16 / fp16 stage before the MMAs
+# (exact). k_scale is folded into the softmax scale by the caller; v_scale
+# (scale[1]) multiplies the output. The CPU path reads them the same way.
 
 from std.math import ceildiv, exp, exp2, log
 from std.memory import unsafe_stack_allocation
@@ -35,6 +40,7 @@ from .attention import LN2, LOG2E, mma_supported
 from .cpu_tiles import CPU_R, RowState, attend_tile, pack_block, pack_rows, padded, int_scratch, release, scratch
 from .common import (
     SMEM_OPTIN_BYTES, F32MutPtr, F32Ptr, I32Ptr, I64Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, kv_addr, seq_of,
+    cache_element, stage_stride, widen_rows,
 )
 
 comptime DA_WARPS = 4
@@ -42,21 +48,29 @@ comptime DA_ROWS = 16  # heads per thread block: one MMA M tile
 comptime SMEM_MAX = SMEM_OPTIN_BYTES - 1024  # room for the static block-id lists
 
 
-def _stage_elems[head_dim: Int, block_size: Int]() -> Int:
-    return 2 * block_size * (head_dim + 8)  # K then V, padded rows
+def _stage_elems[kvt: DType, dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    return 2 * block_size * stage_stride[kvt, dtype, head_dim]()  # K then V, rows as staged
 
 
-def decode_attention_stages[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+def _wide_bytes[kvt: DType, dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    """The widened K/V stage of an e4m3 cache (none when the ring is read in place)."""
+    return 0 if kvt == dtype else 2 * block_size * (head_dim + 8) * size_of[dtype]()
+
+
+def decode_attention_stages[kvt: DType, dtype: DType, head_dim: Int, block_size: Int]() -> Int:
     """K/V blocks in the ring: three when they fit, else two."""
-    comptime stage = _stage_elems[head_dim, block_size]() * size_of[dtype]()
-    comptime q_bytes = DA_ROWS * (head_dim + 8) * size_of[dtype]()
-    return 3 if 3 * stage + q_bytes <= SMEM_MAX else 2
+    comptime stage = _stage_elems[kvt, dtype, head_dim, block_size]() * size_of[kvt]()
+    comptime fixed = DA_ROWS * (head_dim + 8) * size_of[dtype]() + _wide_bytes[kvt, dtype, head_dim, block_size]()
+    return 3 if 3 * stage + fixed <= SMEM_MAX else 2
 
 
-def decode_attention_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    comptime ring = decode_attention_stages[dtype, head_dim, block_size]() * _stage_elems[head_dim, block_size]() * size_of[dtype]()
+def decode_attention_smem_bytes[kvt: DType, dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    comptime ring = decode_attention_stages[kvt, dtype, head_dim, block_size]() * _stage_elems[
+        kvt, dtype, head_dim, block_size
+    ]() * size_of[kvt]()
     comptime merge = 4 * DA_WARPS * DA_ROWS * (head_dim + 2)  # fp32 O, m, l per warp, reusing the ring
-    return DA_ROWS * (head_dim + 8) * size_of[dtype]() + max(ring, merge)
+    return DA_ROWS * (head_dim + 8) * size_of[dtype]() + max(_wide_bytes[kvt, dtype, head_dim, block_size]() + ring,
+                                                              merge)
 
 
 def decode_attention_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
@@ -71,15 +85,15 @@ def _visible(j: Int, pos: Int, block_size: Int) -> Int:
 
 # ----------------------------------------------------------------------------- CPU
 def _decode_attention_cpu[
-    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int, paged: Bool
+    dtype: DType, kvt: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int, paged: Bool
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, num_seqs: Int, T: Int, table: I32Ptr,
-    geom: I64Ptr,
+    k: Pointer[Scalar[kvt], ImmutAnyOrigin],
+    v: Pointer[Scalar[kvt], ImmutAnyOrigin],
+    block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale: Float32, v_scale: Float32, num_seqs: Int, T: Int,
+    table: I32Ptr, geom: I64Ptr,
 ):
     """(query, KV group) tasks in parallel: the online softmax of the group's
     G heads (CPU_R rows a register tile) over the query's selected blocks in
@@ -93,7 +107,7 @@ def _decode_attention_cpu[
 
     var kv = kv_addr[paged, num_groups, head_dim](table, geom)
 
-    def task(i: Int) {output, lse, q, k, v, block_ids, cu_q, cu_k, scale, num_seqs, T, kv}:
+    def task(i: Int) {output, lse, q, k, v, block_ids, cu_q, cu_k, scale, v_scale, num_seqs, T, kv}:
         var t = i // num_groups
         var g = i % num_groups
         var b = seq_of(cu_q, num_seqs, t)
@@ -125,14 +139,14 @@ def _decode_attention_cpu[
             if j < 0 or _visible(j, pos, block_size) == 0:
                 continue
             var kv_off = kv.block[paged](cu_k, b, j, block_size) + g * kv.group_stride
-            var blk = pack_block[dtype, D, block_size](kt, vs, k.unsafe_offset(kv_off), v.unsafe_offset(kv_off),
+            var blk = pack_block[kvt, D, block_size](kt, vs, k.unsafe_offset(kv_off), v.unsafe_offset(kv_off),
                                                       kv.key_stride, j * block_size, min(block_size, tk - j * block_size))
             comptime for tile in range(NTILE):
                 attend_tile[D, block_size](qs.unsafe_offset(tile * CPU_R * DP), blk, scale, pr, state(tile))
         for h in range(group):
             var st = state(h // CPU_R)
             var r = h % CPU_R
-            var inv = st.inv_l(r)
+            var inv = st.inv_l(r) * v_scale
             var row = (t * Hq + g * group + h)
             for d in range(D):
                 output[unsafe_offset=row * D + d] = (st.o[unsafe_offset=r * DP + d] * inv).cast[dtype]()
@@ -145,27 +159,31 @@ def _decode_attention_cpu[
 
 # ----------------------------------------------------------------------------- GPU
 def decode_attention_kernel[
-    dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int, paged: Bool
+    dtype: DType, kvt: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int, paged: Bool
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin],
     lse: F32MutPtr,
     q: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[kvt], ImmutAnyOrigin],
+    v: Pointer[Scalar[kvt], ImmutAnyOrigin],
     block_ids: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32, table: I32Ptr,
     geom: I64Ptr,
 ):
     comptime D = head_dim
     comptime BS = block_size
     comptime KS = D + 8  # padded row stride: conflict-free ldmatrix
-    comptime CPR = D // 8  # 16-byte chunks per row
+    comptime CPR = D // 8  # 16-byte chunks per row of Q
+    comptime WIDE = kvt == dtype  # else an e4m3 cache, widened per block
+    comptime KE = 16 // size_of[kvt]()  # cache elements per 16-byte copy
+    comptime KLS = stage_stride[kvt, dtype, D]()  # row stride of the ring
+    comptime KCPR = D // KE  # 16-byte chunks per cache row
     comptime Hq = group * num_groups
     comptime MTILES = ceildiv(group, DA_ROWS)
     comptime NT = DA_WARPS * WARP_SIZE
     comptime TILES = BS // 16  # 16-key tiles per block
     comptime TPW = ceildiv(TILES, DA_WARPS)  # of them per warp
-    comptime NST = decode_attention_stages[dtype, D, BS]()
-    comptime STAGE = _stage_elems[D, BS]()
+    comptime NST = decode_attention_stages[kvt, dtype, D, BS]()
+    comptime STAGE = _stage_elems[kvt, dtype, D, BS]()
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
@@ -180,7 +198,8 @@ def decode_attention_kernel[
     var pos = tk - (Int(cu_q[unsafe_offset=b + 1]) - q0) + (t - q0)  # this query's key position
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var q_s = smem
-    var ring = smem.unsafe_offset(DA_ROWS * KS)
+    var work = smem.unsafe_offset(DA_ROWS * KS)  # the widened stage (e4m3), then the merge
+    var ring = work.unsafe_offset(_wide_bytes[kvt, dtype, D, BS]() // size_of[dtype]()).unsafe_bitcast[Scalar[kvt]]()
     var raw = unsafe_stack_allocation[topk, Int32, address_space=AddressSpace.SHARED]()
     var ids = unsafe_stack_allocation[topk + 1, Int32, address_space=AddressSpace.SHARED]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
@@ -220,16 +239,16 @@ def decode_attention_kernel[
         var j = Int(ids[unsafe_offset=e])
         var nk = min(BS, tk - j * BS)
         var base = kv.block[paged](cu_k, b, j, BS) + g * kv.group_stride
-        for i in range(tid, BS * CPR, NT):
-            var key = i // CPR
-            var c = (i % CPR) * 8
+        for i in range(tid, BS * KCPR, NT):
+            var key = i // KCPR
+            var c = (i % KCPR) * KE
             if key < nk:
                 var goff = base + key * kv.key_stride + c
-                async_copy[16](kg.unsafe_offset(goff), dst.unsafe_offset(key * KS + c))
-                async_copy[16](vg.unsafe_offset(goff), dst.unsafe_offset((BS + key) * KS + c))
+                async_copy[16](kg.unsafe_offset(goff), dst.unsafe_offset(key * KLS + c))
+                async_copy[16](vg.unsafe_offset(goff), dst.unsafe_offset((BS + key) * KLS + c))
             else:
-                dst.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-                dst.unsafe_store[alignment=16]((BS + key) * KS + c, SIMD[dtype, 8](0))
+                dst.unsafe_store[alignment=16](key * KLS + c, SIMD[kvt, KE](0))
+                dst.unsafe_store[alignment=16]((BS + key) * KLS + c, SIMD[kvt, KE](0))
 
     comptime for s in range(NST - 1):
         if s < nblk:
@@ -241,6 +260,7 @@ def decode_attention_kernel[
     comptime for kk in range(D // 16):
         qa[kk] = frag_a[dtype, KS](q_s.unsafe_offset(kk * 16), lane)
     var scale_log2 = scale_p[unsafe_offset=0] * LOG2E
+    var v_scale = Float32(1) if WIDE else scale_p[unsafe_offset=1]
     var t2 = (lane % 4) * 2
     var key0 = wid * TPW * 16  # this warp's first key in every block
     # online softmax state of rows lane // 4 and lane // 4 + 8 (log2 domain);
@@ -256,7 +276,12 @@ def decode_attention_kernel[
         async_copy_commit_group()
         async_copy_wait_group(Int32(NST - 1))
         barrier()
-        var k_cur = ring.unsafe_offset((e % NST) * STAGE)
+        var k_cur = work
+        comptime if WIDE:
+            k_cur = ring.unsafe_offset((e % NST) * STAGE).unsafe_bitcast[Scalar[dtype]]()
+        else:  # e4m3 -> dtype, exact
+            widen_rows[2 * BS, D, KLS, KS, NT](ring.unsafe_offset((e % NST) * STAGE), work, tid)
+            barrier()
         var v_cur = k_cur.unsafe_offset(BS * KS)
         var nvis = _visible(Int(ids[unsafe_offset=e]), pos, BS)
         var s_acc = Array[SIMD[DType.float32, 4], 2 * TPW](fill=SIMD[DType.float32, 4](0))
@@ -327,7 +352,7 @@ def decode_attention_kernel[
     l0 += warp.shuffle_xor(l0, 2)
     l1 += warp.shuffle_xor(l1, 1)
     l1 += warp.shuffle_xor(l1, 2)
-    var o_w = ring.unsafe_bitcast[Float32]()  # [DA_WARPS, DA_ROWS, D]
+    var o_w = work.unsafe_bitcast[Float32]()  # [DA_WARPS, DA_ROWS, D]
     var m_w = o_w.unsafe_offset(DA_WARPS * DA_ROWS * D)  # [DA_WARPS, DA_ROWS]
     var l_w = m_w.unsafe_offset(DA_WARPS * DA_ROWS)
     var r0 = lane // 4
@@ -366,27 +391,29 @@ def decode_attention_kernel[
             var acc = SIMD[DType.float32, 8](0)
             comptime for ww in range(DA_WARPS):
                 acc += o_w.unsafe_load[width=8, alignment=16]((ww * DA_ROWS + r) * D + c) * m_w[unsafe_offset=ww * DA_ROWS + r]
-            output.unsafe_store[alignment=16]((t * Hq + g * group + hh) * D + c, acc.cast[dtype]())
+            output.unsafe_store[alignment=16]((t * Hq + g * group + hh) * D + c, (acc * v_scale).cast[dtype]())
 
 
 def _launch_decode_attention[
-    dtype: DType, //, target: StaticString, block_size: Int, group: Int, num_groups: Int, head_dim: Int, topk: Int,
-    paged: Bool,
+    dtype: DType, kvt: DType, //, target: StaticString, block_size: Int, group: Int, num_groups: Int, head_dim: Int,
+    topk: Int, paged: Bool,
 ](
     output: Pointer[Scalar[dtype], MutAnyOrigin], lse: F32MutPtr, q: Pointer[Scalar[dtype], ImmutAnyOrigin],
-    k: Pointer[Scalar[dtype], ImmutAnyOrigin], v: Pointer[Scalar[dtype], ImmutAnyOrigin], block_ids: I32Ptr,
+    k: Pointer[Scalar[kvt], ImmutAnyOrigin], v: Pointer[Scalar[kvt], ImmutAnyOrigin], block_ids: I32Ptr,
     cu_q: I32Ptr, cu_k: I32Ptr, scale: F32Ptr, table: I32Ptr, geom: I64Ptr, B: Int, T: Int, ctx: DeviceContext,
 ) raises:
     comptime if is_cpu[target]():
-        _decode_attention_cpu[dtype, head_dim, block_size, group, num_groups, topk, paged](
-            output, lse, q, k, v, block_ids, cu_q, cu_k, scale[unsafe_offset=0], B, T, table, geom,
+        var v_scale = Float32(1) if kvt == dtype else scale[unsafe_offset=1]
+        _decode_attention_cpu[dtype, kvt, head_dim, block_size, group, num_groups, topk, paged](
+            output, lse, q, k, v, block_ids, cu_q, cu_k, scale[unsafe_offset=0], v_scale, B, T, table, geom,
         )
     else:
         comptime assert decode_attention_supported[dtype, head_dim, block_size](), (
             "msa_decode_attention: GPU needs bf16/fp16, D % 16 == 0, D <= 128, block_size % 16 == 0, <= 128"
         )
-        comptime smem = decode_attention_smem_bytes[dtype, head_dim, block_size]()
-        comptime kernel = decode_attention_kernel[dtype, head_dim, block_size, group, num_groups, topk, paged]
+        comptime assert kvt == dtype or kvt == DType.float8_e4m3fn, "msa_decode_attention: K/V in q's dtype or e4m3"
+        comptime smem = decode_attention_smem_bytes[kvt, dtype, head_dim, block_size]()
+        comptime kernel = decode_attention_kernel[dtype, kvt, head_dim, block_size, group, num_groups, topk, paged]
         ctx.enqueue_function[kernel](
             output, lse, q, k, v, block_ids, cu_q, cu_k, scale, Int32(B), Int32(T), table, geom,
             grid_dim=num_groups * T * ceildiv(group, DA_ROWS), block_dim=DA_WARPS * WARP_SIZE,
@@ -439,11 +466,14 @@ struct MSADecodeAttentionPaged:
     """msa_decode_attention over paged caches: k_cache / v_cache the flat
     storage of [num_pages, block_size, Hkv, D] caches (any strides, given in
     geom), page_table [B, max_pages], cu_seqlens_k the prefix sums of the
-    sequences' lengths."""
+    sequences' lengths. The caches may be e4m3, as float8_e4m3fn or their
+    bytes as uint8: scale is then [2], the softmax scale times k_scale and
+    v_scale."""
 
     @staticmethod
     def execute[
         dtype: DType,
+        cache_dtype: DType,
         //,
         target: StaticString,
         block_size: Int,
@@ -455,8 +485,8 @@ struct MSADecodeAttentionPaged:
         output: OutputTensor[dtype=dtype, rank=3, ...],
         lse: OutputTensor[dtype=DType.float32, rank=2, ...],
         q: InputTensor[dtype=dtype, rank=3, ...],
-        k_cache: InputTensor[dtype=dtype, rank=1, ...],
-        v_cache: InputTensor[dtype=dtype, rank=1, ...],
+        k_cache: InputTensor[dtype=cache_dtype, rank=1, ...],
+        v_cache: InputTensor[dtype=cache_dtype, rank=1, ...],
         block_ids: InputTensor[dtype=DType.int32, rank=3, ...],
         cu_seqlens_q: InputTensor[dtype=DType.int32, rank=1, ...],
         cu_seqlens_k: InputTensor[dtype=DType.int32, rank=1, ...],
@@ -466,14 +496,18 @@ struct MSADecodeAttentionPaged:
         ctx: DeviceContext,
     ) raises:
         var T = q.dim_size(0)
+        if cache_dtype != dtype and scale.dim_size(0) < 2:
+            raise Error("msa_decode_attention_paged: e4m3 caches need scale [2] (softmax scale * k_scale, v_scale)")
         if q.dim_size(1) != group * num_groups or q.dim_size(2) != head_dim:
             raise Error("msa_decode_attention_paged: q must be [T, Hq, D] with the op's Hq and D")
         if block_ids.dim_size(0) != num_groups or block_ids.dim_size(1) != T or block_ids.dim_size(2) != topk:
             raise Error("msa_decode_attention_paged: block_ids must be [Hkv, T, topk]")
         if T == 0:
             return
+        comptime kvt = cache_element[cache_dtype]()
         _launch_decode_attention[target, block_size, group, num_groups, head_dim, topk, True](
-            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k_cache.unsafe_ptr(), v_cache.unsafe_ptr(),
+            output.unsafe_ptr(), lse.unsafe_ptr(), q.unsafe_ptr(), k_cache.unsafe_ptr().unsafe_bitcast[Scalar[kvt]](),
+            v_cache.unsafe_ptr().unsafe_bitcast[Scalar[kvt]](),
             block_ids.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), scale.unsafe_ptr(),
             page_table.unsafe_ptr(), geom.unsafe_ptr(), cu_seqlens_q.dim_size(0) - 1, T, ctx,
         )

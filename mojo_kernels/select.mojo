@@ -156,8 +156,8 @@ def _write_selection[
 
 
 @always_inline
-def block_max_cpu[dtype: DType, idx_dim: Int](
-    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], kblock: Pointer[Scalar[dtype], ImmutAnyOrigin], key_stride: Int,
+def block_max_cpu[dtype: DType, kdt: DType, idx_dim: Int](
+    qrow: Pointer[Scalar[dtype], ImmutAnyOrigin], kblock: Pointer[Scalar[kdt], ImmutAnyOrigin], key_stride: Int,
     nvis: Int,
 ) -> Float32:
     """Unscaled max of <qrow, key> over a block's first nvis keys (kblock: its

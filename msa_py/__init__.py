@@ -12,13 +12,13 @@ __version__ = "0.1.0"
 
 _TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_combine", "sparse_attention",
               "msa_attention", "sparse_attention_backward", "block_mass", "index_block_scores", "indexer_kl_loss",
-              "paged_msa_attention", "paged_select_blocks", "paged_sparse_attention", "paged_append")
+              "paged_msa_attention", "paged_select_blocks", "paged_sparse_attention", "paged_append", "quantize_cache")
 __all__ = list(_TORCH_API) + ["PagedDecodePlan"]
 
 
 _MODULE_OF = {"block_mass": "training", "index_block_scores": "training", "indexer_kl_loss": "training",
               "paged_msa_attention": "paged", "paged_select_blocks": "paged", "paged_sparse_attention": "paged",
-              "paged_append": "paged", "PagedDecodePlan": "plan"}
+              "paged_append": "paged", "quantize_cache": "paged", "PagedDecodePlan": "plan"}
 
 
 def __getattr__(name):

@@ -152,7 +152,8 @@ class MSARunner:
                                             idx_scale=isc, keys=keys).items()}
 
     def run(self, kind, ins, outputs=None):
-        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.INPUTS[kind]}, outputs=outputs)
+        return E.run(kind, self.spec, self.device, {n: ins[n] for n in E.input_names(kind, self.spec)},
+                     outputs=outputs)
 
 
 def dense_sdpa(torch, q, k, v, S: int):
@@ -547,10 +548,13 @@ def copy_bandwidth(torch, device: str) -> float:
     return 2 * x.numel() / (ms * 1e-3) / 1e9
 
 
-def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int) -> dict:
+def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int, fp8: bool = False) -> dict:
     """The same caches as shuffled pages: physical page perm[i] holds logical
-    block i (sequence i // pages, block i % pages); the paged layer's inputs."""
+    block i (sequence i // pages, block i % pages); the paged layer's inputs.
+    fp8: the caches quantized to e4m3 with per-tensor scales amax / 448 (as
+    an engine's calibration would), their scales folded as the torch layer does."""
     from . import _validate as V
+    from .paged import FP8, quantize_cache
     from .torch_ops import _buf
 
     bs = runner.spec.block_size
@@ -575,12 +579,27 @@ def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int) ->
     pt = perm.view(B, npg).to(torch.int32)
     geom = torch.tensor(V.cache_geometry(kc.stride(), ic.stride(), npg), dtype=torch.int64, device=k.device)
     sl = torch.full((B,), Tk, dtype=torch.int32, device=k.device)
+    extra = {}
+    if fp8:
+        sc = [max(float(x.abs().max()), 1e-30) / 448.0 for x in (kc, vc, ic)]
+        kc, vc, ic = (quantize_cache(x, FP8, s).view(torch.uint8) for x, s in zip((kc, vc, ic), sc))
+        f32 = lambda x: torch.tensor([x], dtype=torch.float32, device=k.device)  # noqa: E731
+        spec = runner.spec
+        scales = (f32(sc[0] / math.sqrt(spec.head_dim)), f32(sc[2] / math.sqrt(spec.idx_dim)), f32(sc[1]))
+        extra = dict(scale=_buf(scales[0]), idx_scale=_buf(scales[1]), v_scale=_buf(scales[2]), _scales=scales)
     return dict(bufs, k_cache=_buf(kc.view(-1)), v_cache=_buf(vc.view(-1)), k_idx_cache=_buf(ic.view(-1)),
-                page_table=_buf(pt), seq_lens=_buf(sl), geometry=_buf(geom), _keep=(kc, vc, ic, pt, sl, geom))
+                page_table=_buf(pt), seq_lens=_buf(sl), geometry=_buf(geom), _keep=(kc, vc, ic, pt, sl, geom), **extra)
+
+
+def _selection_overlap(torch, a, b) -> float:
+    """Mean share of the topk selected blocks two selections [Hkv, T, topk] have in common."""
+    a, b = a.long(), b.long()
+    same = (a.unsqueeze(-1) == b.unsqueeze(-2)) & (a.unsqueeze(-1) >= 0)
+    return float(same.any(-1).float().sum(-1).mean() / a.shape[-1])
 
 
 def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int = 1, repeats: int = 5,
-                     paged: bool = False, log=print) -> dict:
+                     paged: bool = False, kv_fp8: bool = False, log=print) -> dict:
     """Decode shapes: each of B sequences has n_new new queries (the last
     n_new of its Tk keys) over a cache of Tk keys. MSA (whole layer) on the
     decode kernels (indexer split over keys, query-major attention) and on
@@ -588,7 +607,10 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
     cache, GQA). Bandwidth counts the index keys + selected K/V rows read +
     q/out over the decode path's time: the bytes any exact MSA must move.
     paged: the same caches also as shuffled pages of block_size keys, the
-    paged layer timed beside the contiguous one (paged_ms)."""
+    paged layer timed beside the contiguous one (paged_ms). kv_fp8 (with
+    paged): those pages also in e4m3 (K, V and index keys, per-tensor
+    scales), timed (fp8_ms), its bytes, and its selection's overlap with the
+    16-bit one (quantizing the index keys moves some near-tied blocks)."""
     import torch
     import torch.nn.functional as F
 
@@ -597,6 +619,7 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
     ttm = _torch_timer(torch, device)
     bw = copy_bandwidth(torch, device)
     dec = MSARunner(replace(spec, decode=True), device)
+    f8 = MSARunner(replace(spec, decode=True, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn"), device)
     gen = MSARunner(replace(spec, decode=False), device)
     esize = 4 if spec.dtype == "float32" else 2
     rows = []
@@ -632,6 +655,13 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                     p_bid, c_bid = torch.from_dlpack(p_outs[2]), torch.from_dlpack(outs[2])
                     row["paged_same_selection"] = bool(torch.equal(p_bid, c_bid))
                     del pb, p_outs
+                if paged and kv_fp8:
+                    pb8 = _paged_buffers(torch, f8, bufs, k, v, ki, B, Tk, seed=i, fp8=True)
+                    f_outs = f8.run("paged_msa", pb8)
+                    row["fp8_ms"] = tm(lambda: f8.run("paged_msa", pb8, outputs=f_outs), repeats)
+                    row["fp8_selection_overlap"] = _selection_overlap(torch, torch.from_dlpack(f_outs[2]),
+                                                                      torch.from_dlpack(outs[2]))
+                    del pb8, f_outs
                 # dense decode over the same cache: q [B, Hq, n_new, D], k/v [B, Hkv, Tk, D]
                 qd = q.view(B, n_new, spec.num_heads, spec.head_dim).transpose(1, 2)
                 kd = k.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
@@ -646,6 +676,12 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                 gbps = moved / (row["msa_ms"] * 1e-3) / 1e9
                 row.update(speedup_vs_dense=row["dense_ms"] / row["msa_ms"], gbytes_moved=moved / 1e9, gbps=gbps,
                            pct_copy_bw=100 * gbps / bw)
+                if "fp8_ms" in row:  # e4m3 caches: half the index-key and K/V bytes
+                    moved8 = moved - (B * Tk * spec.idx_dim + B * n_new * spec.num_kv_heads * sel_rows
+                                      * spec.head_dim * 2) * (esize - 1)
+                    gbps8 = moved8 / (row["fp8_ms"] * 1e-3) / 1e9
+                    row.update(fp8_speedup_vs_dense=row["dense_ms"] / row["fp8_ms"], fp8_gbytes_moved=moved8 / 1e9,
+                               fp8_pct_copy_bw=100 * gbps8 / bw)
                 rows.append(row)
             except Exception as e:  # keep the other shapes
                 rows.append(dict(B=B, Tk=Tk, n_new=n_new, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
@@ -654,7 +690,7 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                 torch.cuda.empty_cache()
     _progress(steps, steps, "done")
     return dict(config=asdict(spec), device=device, mode="decode", n_new=n_new, repeats=repeats, paged=paged,
-                copy_bandwidth_gbps=bw, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                kv_fp8=kv_fp8, copy_bandwidth_gbps=bw, rows=rows, commit=commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def decode_table(result: dict) -> str:
@@ -672,6 +708,11 @@ def decode_table(result: dict) -> str:
                      + ", ".join(f"B={r['B']} Tk={r['Tk']}: {r['paged_ms']:.3f} ms ({r['paged_over_contiguous']:.3f}x, "
                                  f"selection {'same' if r['paged_same_selection'] else 'DIFFERENT'})"
                                  for r in result["rows"] if "paged_ms" in r))
+    if any("fp8_ms" in r for r in result["rows"]):
+        lines.append("paged, e4m3 caches (K, V, index keys): "
+                     + ", ".join(f"B={r['B']} Tk={r['Tk']}: {r['fp8_ms']:.3f} ms ({r['fp8_speedup_vs_dense']:.2f}x dense, "
+                                 f"{r['fp8_pct_copy_bw']:.0f}% copy bw, selection overlap "
+                                 f"{100 * r['fp8_selection_overlap']:.1f}%)" for r in result["rows"] if "fp8_ms" in r))
     lines.append("(MSA: decode kernels, whole layer; select / attn: its indexer and attention+combine; general: "
                  "the prefill path on the same inputs)")
     lines.append(f"(decode, {result['n_new']} new token(s) per sequence; {_config_text(result['config'])}; "

@@ -188,7 +188,12 @@ def _bench_distributed(args, device: str, spec) -> int:
 
 
 def _lengths(text: str) -> list[int]:
-    return [int(x.lower().replace("k", "")) * (1024 if "k" in x.lower() else 1) for x in text.split(",")]
+    """"4096,32k,1m" -> [4096, 32768, 1048576] (k = 1024, m = 1024 * 1024)."""
+    out = []
+    for x in text.lower().split(","):
+        mult = {"k": 1 << 10, "m": 1 << 20}.get(x.strip()[-1:], 1)
+        out.append(int(x.strip().rstrip("km")) * mult)
+    return out
 
 
 def _bench_decode(args, device: str, spec) -> int:
@@ -196,8 +201,11 @@ def _bench_decode(args, device: str, spec) -> int:
 
     batches = [int(x) for x in args.batches.split(",")] if args.batches else ([1, 8, 32, 64] if device != "cpu" else [2])
     contexts = _lengths(args.contexts) if args.contexts else ([16384, 32768, 65536, 131072] if device != "cpu" else [256])
+    if args.kv_dtype == "fp8" and not args.paged:
+        print("msa bench --decode --kv-dtype fp8 needs --paged (FP8 caches are paged caches)", file=sys.stderr)
+        return 2
     res = Bn.run_decode_bench(spec, batches, contexts, device=device, n_new=args.n_new, repeats=args.repeats,
-                              paged=args.paged)
+                              paged=args.paged, kv_fp8=args.kv_dtype == "fp8")
     return _report(res, "msa bench --decode", device, Bn.decode_table, args.out, Bn.decode_plot)
 
 
@@ -230,6 +238,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", default="msa_out/bench", help="output path stem (.json and .png)")
     b.add_argument("--decode", action="store_true", help="decode shapes: few new tokens per sequence over a KV cache")
     b.add_argument("--paged", action="store_true", help="decode: also time the paged layer on the same caches as pages")
+    b.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                   help="decode --paged: fp8 also times e4m3 caches (K, V, index keys)")
     b.add_argument("--world-size", type=int, default=0,
                    help="several devices under torchrun: context- and tensor-parallel MSA against one device")
     b.add_argument("--backward", action="store_true",

@@ -21,7 +21,9 @@ Graph kinds (inputs -> outputs):
           (as the msa kind runs them: with the forced pass where it applies,
           `uses_forced_pass`)
   paged_msa   q, k_cache, v_cache, q_idx, k_idx_cache (flat storage), page_table, seq_lens,
-          cu_q, geometry, scale, idx_scale -> out, lse, block_ids
+          cu_q, geometry, scale, idx_scale [, v_scale] -> out, lse, block_ids
+          (e4m3 caches: Spec.kv_cache_dtype / idx_cache_dtype; k_scale and
+          k_idx_scale folded into scale and idx_scale, v_scale an input)
   paged_select, paged_sparse: the paged stages (msa_py.graph.paged_*)
   decode_stages the msa inputs -> block_ids, out, lse
           (decode kernels: indexer split over keys, query-major attention, merge fused)
@@ -67,6 +69,8 @@ class Spec:
     use_mma: bool = True
     decode: bool = False  # decode kernels (few queries per sequence)
     forced_pass: bool = True  # the layer's forced blocks query-major, fused with the merge (graph.msa_attention)
+    kv_cache_dtype: str = ""  # paged K / V caches: "" (dtype) or "float8_e4m3fn"
+    idx_cache_dtype: str = ""  # paged index-key cache: "" (dtype) or "float8_e4m3fn"
 
 
 def _dt(name: str):
@@ -74,6 +78,12 @@ def _dt(name: str):
 
     return {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16, "int32": DType.int32,
             "int64": DType.int64}[name]
+
+
+def _cache_dt(name: str):
+    from max.dtype import DType
+
+    return DType.uint8 if name == "float8_e4m3fn" else _dt(name)
 
 
 # --------------------------------------------------------------------------- graphs
@@ -110,9 +120,12 @@ def _types(spec: Spec, dev):
         "entries": TensorType(i32, [Hkv, "NE"], device=dev),  # NE = T * topk
         "work": TensorType(i32, ["W", 4], device=dev),
         "num_work": TensorType(i32, [1], device=dev),
-        "k_cache": TensorType(x, ["NK"], device=dev),  # flat storage of [num_pages, block_size, Hkv, D]
-        "v_cache": TensorType(x, ["NK"], device=dev),
-        "k_idx_cache": TensorType(x, ["NI"], device=dev),  # flat storage of [num_pages, block_size, Di]
+        # flat storage of [num_pages, block_size, Hkv, D] and [num_pages, block_size, Di]
+        # (e4m3 caches as their bytes: MAX's CPU device has no float8 tensors)
+        "k_cache": TensorType(_cache_dt(spec.kv_cache_dtype or spec.dtype), ["NK"], device=dev),
+        "v_cache": TensorType(_cache_dt(spec.kv_cache_dtype or spec.dtype), ["NK"], device=dev),
+        "k_idx_cache": TensorType(_cache_dt(spec.idx_cache_dtype or spec.dtype), ["NI"], device=dev),
+        "v_scale": TensorType(DType.float32, [1], device=dev),  # of an e4m3 V cache
         "page_table": TensorType(i32, ["B", "MP"], device=dev),
         "seq_lens": TensorType(i32, ["B"], device=dev),
         "geometry": TensorType(DType.int64, [6], device=dev),
@@ -150,6 +163,14 @@ OUTPUTS = {
 }
 
 
+def input_names(kind: str, spec: Spec) -> tuple:
+    """The graph inputs of a kind, in order: INPUTS[kind], and v_scale for
+    the paged layers over an e4m3 V cache (k_scale and k_idx_scale come
+    folded into scale and idx_scale)."""
+    fp8_v = spec.kv_cache_dtype == "float8_e4m3fn" and kind in ("paged_msa", "paged_sparse")
+    return INPUTS[kind] + (("v_scale",) if fp8_v else ())
+
+
 def uses_forced_pass(spec: Spec, device: str) -> bool:
     """Whether the msa and stages kinds run the forced pass for this spec."""
     from max.graph import DeviceRef
@@ -165,7 +186,7 @@ def build_graph(kind: str, spec: Spec, device: str):
 
     dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(gpu_index(device))
     types = _types(spec, dev)
-    ins = INPUTS[kind]
+    ins = input_names(kind, spec)
     dps = OUTPUTS.get(kind, ())
     if kind == "combine":  # combine on its own emits the partials' dtype
         types["out"] = type(types["out"])(types["o_partial"].dtype, types["out"].shape, device=dev)
@@ -183,7 +204,8 @@ def build_graph(kind: str, spec: Spec, device: str):
                                       block_size=spec.block_size, init_blocks=spec.init_blocks,
                                       local_blocks=spec.local_blocks, decode=spec.decode), bid]
         elif kind in ("paged_msa", "paged_select", "paged_sparse"):
-            cache = G.PagedCache(a.get("k_cache"), a.get("v_cache"), a.get("k_idx_cache"), a["geometry"])
+            cache = G.PagedCache(a.get("k_cache"), a.get("v_cache"), a.get("k_idx_cache"), a["geometry"],
+                                 v_scale=a.get("v_scale"))
             paged = dict(block_size=spec.block_size, decode=spec.decode)
             if kind == "paged_select":
                 res = [G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
@@ -363,7 +385,7 @@ def run(kind: str, spec: Spec, device: str, inputs: dict, outputs=None):
     from max.dtype import DType
 
     m = model(kind, spec, device)
-    args = [inputs[n] for n in INPUTS[kind]]
+    args = [inputs[n] for n in input_names(kind, spec)]
     if kind in OUTPUTS:
         if outputs is None:
             T = args[0].shape[0]  # every DPS kind's first input is token-major

@@ -738,18 +738,29 @@ class PagedCache(NamedTuple):
     block_size, Di]), and the geometry vector (int64 [6]: max_pages, kv page,
     kv key, kv group, index page, index key strides in elements). From
     shaped, contiguous caches: `paged_cache`; the torch layer passes any
-    strides this way."""
+    strides this way.
+
+    K / V and the index keys may be e4m3 (each pair in q's dtype or e4m3),
+    as float8_e4m3fn tensors or their bytes as uint8 (MAX's CPU device has
+    no float8 tensors): the dequantized values are cache * k_scale, v_scale,
+    k_idx_scale (per-tensor, floats or float32 [1] tensors; None is 1).
+    e4m3 caches run on the decode kernels (at most DECODE_MAX_Q new tokens
+    per sequence)."""
 
     k: TensorValue
     v: TensorValue
     k_idx: TensorValue
     geometry: TensorValue
+    k_scale: object = None
+    v_scale: object = None
+    k_idx_scale: object = None
 
 
 def paged_cache(k_cache: TensorValue, v_cache: TensorValue, k_idx_cache: TensorValue, page_table: TensorValue,
-                *, block_size: int = 128) -> PagedCache:
+                *, block_size: int = 128, k_scale=None, v_scale=None, k_idx_scale=None) -> PagedCache:
     """PagedCache of contiguous shaped caches: k_cache, v_cache [num_pages,
-    block_size, Hkv, D], k_idx_cache [num_pages, block_size, Di]."""
+    block_size, Hkv, D], k_idx_cache [num_pages, block_size, Di]; the scales
+    of e4m3 caches (see PagedCache)."""
     _, Hkv, D, Di, _, max_pages = V.paged_dims(_shape(k_cache), _shape(v_cache), _shape(k_idx_cache),
                                                _shape(page_table), (page_table.shape[0],), block_size)
     Hkv, D, Di = _static("k_cache Hkv", Hkv), _static("k_cache D", D), _static("k_idx_cache Di", Di)
@@ -757,7 +768,34 @@ def paged_cache(k_cache: TensorValue, v_cache: TensorValue, k_idx_cache: TensorV
     geom = V.cache_geometry((block_size * Hkv * D, Hkv * D, D, 1), (block_size * Di, Di, 1), mp)
     g = ops.constant(np.array(geom, np.int64), DType.int64, device=k_cache.device)
     flat = lambda x: ops.reshape(x, [-1])  # noqa: E731
-    return PagedCache(flat(k_cache), flat(v_cache), flat(k_idx_cache), g)
+    return PagedCache(flat(k_cache), flat(v_cache), flat(k_idx_cache), g, k_scale, v_scale, k_idx_scale)
+
+
+def _is_e4m3(cache: TensorValue) -> bool:
+    return cache.dtype in (DType.float8_e4m3fn, DType.uint8)
+
+
+def _cache_scale(name: str, cache: TensorValue, scale, dtype: DType):
+    """The scale of an e4m3 cache `name` (None: 1); an error for a scale on a cache in q's dtype."""
+    if _is_e4m3(cache):
+        return scale
+    if cache.dtype != dtype:
+        raise ValueError(f"{name}_cache must be in its queries' dtype {dtype} or e4m3 (float8_e4m3fn, or uint8 "
+                         f"bytes), got {cache.dtype}")
+    if scale is not None:
+        raise ValueError(f"{name}_scale applies to a float8_e4m3fn {name}_cache; this one is {cache.dtype}")
+    return None
+
+
+def _fp8_needs_decode(name: str, cache: TensorValue, decode: bool):
+    if _is_e4m3(cache) and not decode:
+        raise ValueError(f"{name}: float8_e4m3fn caches run on the decode kernels (at most {DECODE_MAX_Q} new tokens "
+                         f"per sequence, static shapes or decode=True); the prefill kernels read 16-bit caches")
+
+
+def _times(scale: TensorValue, factor, device: DeviceRef) -> TensorValue:
+    """scale [1] times a cache's scale (a float or a float32 [1] tensor); scale itself for None."""
+    return scale if factor is None else ops.mul(scale, _scale_value(factor, 1.0, device))
 
 
 def seq_offsets(seq_lens: TensorValue) -> TensorValue:
@@ -789,13 +827,16 @@ def paged_select_blocks(
     dev = q_idx.device
     _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
     cu_k = seq_offsets(seq_lens)
-    scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
+    k_idx_scale = _cache_scale("k_idx", cache.k_idx, cache.k_idx_scale, q_idx.dtype)
+    scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), k_idx_scale, dev)
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks, "local_blocks": local_blocks,
               "num_groups": Hkv, "idx_dim": Di}
     values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
     out_bid = TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)
-    if use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
-                  block_size=block_size, topk=topk):
+    use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
+                         block_size=block_size, topk=topk)
+    _fp8_needs_decode("k_idx_cache", cache.k_idx, use_dec)
+    if use_dec:
         B = _num_seqs(cu_seqlens_q)
         max_q = _decode_max_q(Hkv)
         r_max = B * page_table.shape[1]
@@ -831,10 +872,19 @@ def paged_sparse_attention(
     topk = _static("block_ids topk", _shape(block_ids)[2])
     V.check_heads(Hq, Hkv, "q")
     dev = q.device
-    sc = _scale_value(scale, 1.0 / math.sqrt(D), dev)
+    k_scale = _cache_scale("k", cache.k, cache.k_scale, q.dtype)
+    v_scale = _cache_scale("v", cache.v, cache.v_scale, q.dtype)
+    if cache.v.dtype != cache.k.dtype:
+        raise ValueError(f"k_cache and v_cache must share a dtype, got {cache.k.dtype} and {cache.v.dtype}")
+    sc = _times(_scale_value(scale, 1.0 / math.sqrt(D), dev), k_scale, dev)
     cu_k = seq_offsets(seq_lens)
     heads = {"group": Hq // Hkv, "num_groups": Hkv, "head_dim": D}
-    if use_decode(decode, T, _shape(cu_seqlens_q)[0], q.dtype, dev, stage="attention", dim=D, block_size=block_size):
+    use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q.dtype, dev, stage="attention", dim=D,
+                         block_size=block_size)
+    _fp8_needs_decode("k_cache", cache.k, use_dec)
+    if use_dec:
+        if _is_e4m3(cache.k):  # the kernel reads [softmax scale * k_scale, v_scale]
+            sc = ops.concat([sc, _scale_value(v_scale, 1.0, dev)])
         out, lse = ops.custom(
             "msa_decode_attention_paged", device=dev,
             values=[q, cache.k, cache.v, block_ids, cu_seqlens_q, cu_k, page_table, cache.geometry, sc],

@@ -1,21 +1,89 @@
 """Paged KV caches on torch tensors (msa_py.paged, exported as msa_py.*):
 the layer and its stages reading K, V and the index keys through a page
 table (page size == block_size, any strides with the last dimension
-contiguous), and the cache append. Conventions in docs/api.md."""
+contiguous), and the cache append. Conventions in docs/api.md.
+
+FP8 caches: K / V and the index keys may each be torch.float8_e4m3fn with a
+per-tensor scale (dequantized value = cache * k_scale, v_scale,
+k_idx_scale). The decode kernels read them (at most DECODE_MAX_Q new tokens
+per sequence); k_scale and k_idx_scale fold into the softmax and index
+scales, v_scale scales the output in the kernel."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import _validate as V
+from . import engine as E
+from .graph import DECODE_MAX_Q
 from .torch_ops import (
     _DTYPES, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run, _scale_tensor,
     _spec, _value_checks_off,
 )
+
+
+FP8 = torch.float8_e4m3fn
+
+
+class CacheFormat(NamedTuple):
+    """The caches' dtypes as Spec fields ("" = the queries' dtype) and their
+    scales (1.0 for caches in the queries' dtype)."""
+
+    kv_dtype: str
+    idx_dtype: str
+    k_scale: float
+    v_scale: float
+    k_idx_scale: float
+
+    def spec_fields(self) -> dict:
+        return dict(kv_cache_dtype=self.kv_dtype, idx_cache_dtype=self.idx_dtype)
+
+
+def _cache_dtype(name: str, cache: Optional[torch.Tensor], dtype: torch.dtype) -> str:
+    if cache is None or cache.dtype == dtype:
+        return ""
+    if cache.dtype == FP8:
+        return "float8_e4m3fn"
+    raise ValueError(f"{name} must be in its queries' dtype {dtype} or torch.float8_e4m3fn, got {cache.dtype}")
+
+
+def _cache_scale(name: str, value, fp8: bool) -> float:
+    if value is None:
+        return 1.0
+    if not fp8:
+        raise ValueError(f"{name} applies to a float8_e4m3fn cache; this cache is in its queries' dtype")
+    V.check_scale(name, value)
+    return float(value)
+
+
+def cache_format(dtype: torch.dtype, k_cache=None, v_cache=None, k_idx_cache=None, *, k_scale=None, v_scale=None,
+                 k_idx_scale=None) -> CacheFormat:
+    """Checks the caches' dtypes against the queries' `dtype` (each pair in
+    it or e4m3, K and V alike) and their scales (only for e4m3 caches)."""
+    kv = _cache_dtype("k_cache", k_cache, dtype)
+    if v_cache is not None and k_cache is not None and v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    idx = _cache_dtype("k_idx_cache", k_idx_cache, dtype)
+    return CacheFormat(kv, idx, _cache_scale("k_scale", k_scale, bool(kv)), _cache_scale("v_scale", v_scale, bool(kv)),
+                       _cache_scale("k_idx_scale", k_idx_scale, bool(idx)))
+
+
+def _fp8_needs_decode(fmt: CacheFormat, decode: bool, x: torch.Tensor) -> None:
+    if (fmt.kv_dtype or fmt.idx_dtype) and not decode:
+        need = " with bfloat16 / float16 queries and tensor-core shapes" if x.is_cuda else ""
+        raise ValueError(f"float8_e4m3fn caches run on the decode kernels (at most {DECODE_MAX_Q} new tokens per "
+                         f"sequence on average{need}); the prefill kernels read caches in the queries' dtype")
+
+
+def _inputs(kind: str, spec, tensors: dict) -> dict:
+    """The graph inputs of `kind` for this spec (v_scale only for an e4m3 V
+    cache), e4m3 caches viewed as their bytes (the graphs take uint8)."""
+    return {n: tensors[n].view(torch.uint8) if tensors[n].dtype == FP8 else tensors[n]
+            for n in E.input_names(kind, spec)}
 
 
 def _flat_storage(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -62,22 +130,25 @@ def _paged_checks(q, k_cache, v_cache, k_idx_cache, page_table, seq_lens, cu_seq
 def _paged_msa_op(
     q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, q_idx: torch.Tensor, k_idx_flat: torch.Tensor,
     page_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, geometry: torch.Tensor, Hkv: int,
-    topk: int, block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, q_budget: int,
+    topk: int, block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, v_scale: float,
+    q_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, lse, block_ids = _msa_outputs(q, Hkv, topk)
     if q.shape[0] == 0:
         return out, lse, block_ids
-    spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget)
-    _run("paged_msa", spec, _device_key(q),
-         dict(q=q, k_cache=k_flat, v_cache=v_flat, q_idx=q_idx, k_idx_cache=k_idx_flat, page_table=page_table,
-              seq_lens=seq_lens, cu_q=cu_seqlens_q, geometry=geometry, scale=_scale_tensor(scale, q),
-              idx_scale=_scale_tensor(idx_scale, q)), [out, lse, block_ids])
+    fmt = cache_format(q.dtype, k_flat, v_flat, k_idx_flat)
+    spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget,
+                     **fmt.spec_fields())
+    ins = dict(q=q, k_cache=k_flat, v_cache=v_flat, q_idx=q_idx, k_idx_cache=k_idx_flat, page_table=page_table,
+               seq_lens=seq_lens, cu_q=cu_seqlens_q, geometry=geometry, scale=_scale_tensor(scale, q),
+               idx_scale=_scale_tensor(idx_scale, q), v_scale=_scale_tensor(v_scale, q))
+    _run("paged_msa", spec, _device_key(q), _inputs("paged_msa", spec, ins), [out, lse, block_ids])
     return out, lse, block_ids
 
 
 @_paged_msa_op.register_fake
 def _(q, k_flat, v_flat, q_idx, k_idx_flat, page_table, seq_lens, cu_seqlens_q, geometry, Hkv, topk, block_size,
-      init_blocks, local_blocks, scale, idx_scale, q_budget):
+      init_blocks, local_blocks, scale, idx_scale, v_scale, q_budget):
     return (torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32),
             q.new_empty((Hkv, q.shape[0], topk), dtype=torch.int32))
 
@@ -99,6 +170,9 @@ def paged_msa_attention(
     scale: Optional[float] = None,
     idx_scale: Optional[float] = None,
     q_budget: int = 64,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
+    k_idx_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """msa_attention over paged caches (page size == block_size).
 
@@ -112,6 +186,10 @@ def paged_msa_attention(
     slices; K and V must share strides). page_table [B, max_pages] int32:
     logical block j of sequence b is page page_table[b, j]; seq_lens [B]
     int32. block_ids stay logical. Returns out [T, Hq, D], lse [T, Hq] fp32.
+
+    K / V and the index keys may be torch.float8_e4m3fn (decode and
+    speculative decode: the decode kernels), dequantized as cache * k_scale,
+    v_scale, k_idx_scale (floats; only for e4m3 caches).
     """
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, q_idx=q_idx, k_idx_cache=k_idx_cache)
     num_pages, Hkv, D, Di, B, max_pages = _paged_checks(q, k_cache, v_cache, k_idx_cache, page_table, seq_lens,
@@ -121,19 +199,20 @@ def paged_msa_attention(
         raise ValueError(f"q must be [T, Hq, D={D}] and q_idx [T, Hkv={Hkv}, Di={Di}] for these caches, got "
                          f"{tuple(q.shape)} and {tuple(q_idx.shape)}")
     V.check_heads(Hq, Hkv, "q")
-    dn = _dtype_name("q", q)
-    V.check_same_dtype([("q", dn), ("k_cache", _dtype_name("k_cache", k_cache)), ("v_cache", _dtype_name("v_cache", v_cache)),
-                        ("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx_cache", _dtype_name("k_idx_cache", k_idx_cache))])
+    V.check_same_dtype([("q", _dtype_name("q", q)), ("q_idx", _dtype_name("q_idx", q_idx))])
+    fmt = cache_format(q.dtype, k_cache, v_cache, k_idx_cache, k_scale=k_scale, v_scale=v_scale,
+                       k_idx_scale=k_idx_scale)
     V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
     V.check_scale("scale", scale)
     V.check_scale("idx_scale", idx_scale)
-    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    _fp8_needs_decode(fmt, _decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk), q)
+    sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale
+    isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
     out, lse, _ = torch.ops.msa.paged_msa_attention(
         q, _flat_storage("k_cache", k_cache), _flat_storage("v_cache", v_cache), q_idx,
         _flat_storage("k_idx_cache", k_idx_cache), page_table, seq_lens, cu_seqlens_q,
         _geometry(k_cache, k_idx_cache, max_pages), Hkv, topk, block_size, init_blocks, local_blocks, sc, isc,
-        q_budget)
+        fmt.v_scale, q_budget)
     return out, lse
 
 
@@ -148,10 +227,11 @@ def _paged_select_op(
     if T == 0:
         return out
     spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
-                 local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
-    _run("paged_select", spec, _device_key(q_idx),
-         dict(q_idx=q_idx, k_idx_cache=k_idx_flat, page_table=page_table, seq_lens=seq_lens, cu_q=cu_seqlens_q,
-              geometry=geometry, idx_scale=_scale_tensor(idx_scale, q_idx)), [out])
+                 local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk),
+                 **cache_format(q_idx.dtype, k_idx_cache=k_idx_flat).spec_fields())
+    ins = dict(q_idx=q_idx, k_idx_cache=k_idx_flat, page_table=page_table, seq_lens=seq_lens, cu_q=cu_seqlens_q,
+               geometry=geometry, idx_scale=_scale_tensor(idx_scale, q_idx))
+    _run("paged_select", spec, _device_key(q_idx), _inputs("paged_select", spec, ins), [out])
     return out
 
 
@@ -173,20 +253,24 @@ def paged_select_blocks(
     init_blocks: int = 1,
     local_blocks: int = 2,
     idx_scale: Optional[float] = None,
+    k_idx_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """select_blocks over a paged index-key cache k_idx_cache [num_pages,
-    block_size, Di] (conventions of paged_msa_attention). Returns logical
-    block_ids [Hkv, T, topk] int32."""
+    block_size, Di] (conventions of paged_msa_attention; e4m3 with
+    k_idx_scale on the decode kernels). Returns logical block_ids
+    [Hkv, T, topk] int32."""
     _check_tensors(q_idx=q_idx, k_idx_cache=k_idx_cache)
     V.check_rank("k_idx_cache", tuple(k_idx_cache.shape), 3, "[num_pages, block_size, Di]")
     fake = k_idx_cache.new_empty((k_idx_cache.shape[0], block_size, 1, 1))
     _, _, _, Di, B, max_pages = _paged_checks(q_idx, fake, None, k_idx_cache, page_table, seq_lens, cu_seqlens_q,
                                               block_size)
     V.index_dims(tuple(q_idx.shape), (1, Di))
-    V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx_cache", _dtype_name("k_idx_cache", k_idx_cache))])
+    _dtype_name("q_idx", q_idx)
+    fmt = cache_format(q_idx.dtype, k_idx_cache=k_idx_cache, k_idx_scale=k_idx_scale)
     V.Config(topk, block_size, init_blocks, local_blocks).check()
     V.check_scale("idx_scale", idx_scale)
-    isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
+    _fp8_needs_decode(fmt, _decode(q_idx.shape[0], cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk), q_idx)
+    isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
     geom = _geometry(fake, k_idx_cache, max_pages)
     return torch.ops.msa.paged_select_blocks(q_idx, _flat_storage("k_idx_cache", k_idx_cache), page_table, seq_lens,
                                              cu_seqlens_q, geom, topk, block_size, init_blocks, local_blocks, isc)
@@ -196,7 +280,7 @@ def paged_select_blocks(
 def _paged_sparse_op(
     q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_ids: torch.Tensor, page_table: torch.Tensor,
     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, geometry: torch.Tensor, block_size: int, scale: float,
-    q_budget: int,
+    v_scale: float, q_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     Hkv = block_ids.shape[0]
@@ -205,15 +289,17 @@ def _paged_sparse_op(
     if T == 0:
         return out, lse
     spec = _spec(_DTYPES[q.dtype], Hq, Hkv, D, 16, topk=block_ids.shape[2], block_size=block_size, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D))
-    _run("paged_sparse", spec, _device_key(q),
-         dict(q=q, k_cache=k_flat, v_cache=v_flat, block_ids=block_ids, page_table=page_table, seq_lens=seq_lens,
-              cu_q=cu_seqlens_q, geometry=geometry, scale=_scale_tensor(scale, q)), [out, lse])
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D),
+                 **cache_format(q.dtype, k_flat, v_flat).spec_fields())
+    ins = dict(q=q, k_cache=k_flat, v_cache=v_flat, block_ids=block_ids, page_table=page_table, seq_lens=seq_lens,
+               cu_q=cu_seqlens_q, geometry=geometry, scale=_scale_tensor(scale, q), v_scale=_scale_tensor(v_scale, q))
+    _run("paged_sparse", spec, _device_key(q), _inputs("paged_sparse", spec, ins), [out, lse])
     return out, lse
 
 
 @_paged_sparse_op.register_fake
-def _(q, k_flat, v_flat, block_ids, page_table, seq_lens, cu_seqlens_q, geometry, block_size, scale, q_budget):
+def _(q, k_flat, v_flat, block_ids, page_table, seq_lens, cu_seqlens_q, geometry, block_size, scale, v_scale,
+      q_budget):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -229,10 +315,13 @@ def paged_sparse_attention(
     block_size: int = 128,
     scale: Optional[float] = None,
     q_budget: int = 64,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sparse_attention over paged K / V caches (conventions of
-    paged_msa_attention): block_ids [Hkv, T, topk] int32, logical, in
-    [-1, the query's own block]. Returns out [T, Hq, D], lse [T, Hq] fp32."""
+    paged_msa_attention; e4m3 with k_scale / v_scale on the decode kernels):
+    block_ids [Hkv, T, topk] int32, logical, in [-1, the query's own block].
+    Returns out [T, Hq, D], lse [T, Hq] fp32."""
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, block_ids=block_ids)
     num_pages, Hkv, D, _, B, max_pages = _paged_checks(q, k_cache, v_cache, None, page_table, seq_lens, cu_seqlens_q,
                                                        block_size)
@@ -242,20 +331,22 @@ def paged_sparse_attention(
     if q.shape[2] != D:
         raise ValueError(f"q must be [T, Hq, D={D}] for these caches, got {tuple(q.shape)}")
     V.check_heads(q.shape[1], Hkv, "q")
-    V.check_same_dtype([("q", _dtype_name("q", q)), ("k_cache", _dtype_name("k_cache", k_cache)),
-                        ("v_cache", _dtype_name("v_cache", v_cache))])
+    _dtype_name("q", q)
+    fmt = cache_format(q.dtype, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale)
     V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
     V.check_scale("scale", scale)
+    _fp8_needs_decode(fmt, _decode(q.shape[0], cu_seqlens_q, q, block_size, D=D), q)
     if not _value_checks_off(block_ids) and q.shape[0]:
         from .reference import _positions
 
         cu_q = cu_seqlens_q.cpu().numpy().astype(np.int64)
         cu_k = np.concatenate([[0], np.cumsum(seq_lens.cpu().numpy().astype(np.int64))])
         V.check_block_ids_values(block_ids.cpu().numpy(), _positions(cu_q, cu_k)[1] // block_size)
-    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale
     return torch.ops.msa.paged_sparse_attention(q, _flat_storage("k_cache", k_cache), _flat_storage("v_cache", v_cache),
                                                 block_ids, page_table, seq_lens, cu_seqlens_q,
-                                                _geometry(k_cache, None, max_pages), block_size, sc, q_budget)
+                                                _geometry(k_cache, None, max_pages), block_size, sc, fmt.v_scale,
+                                                q_budget)
 
 
 def paged_append(
@@ -268,12 +359,18 @@ def paged_append(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_new: torch.Tensor,
+    *,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
+    k_idx_scale: Optional[float] = None,
 ) -> None:
     """Writes new tokens into their pages, in place (engines'
     reshape_and_cache): k, v [N, Hkv, D] and k_idx [N, Di], sequence b's
     tokens cu_seqlens_new[b] .. cu_seqlens_new[b+1] - 1 being its keys
-    seq_lens[b] - n_b .. seq_lens[b] - 1 (seq_lens counts them). Device-side
-    indexing only: no host sync, so it can run inside a captured CUDA graph."""
+    seq_lens[b] - n_b .. seq_lens[b] - 1 (seq_lens counts them). An e4m3
+    cache stores x / scale rounded to nearest, saturated at +-448 (its
+    scale: k_scale, v_scale, k_idx_scale). Device-side indexing only: no
+    host sync, so it can run inside a captured CUDA graph."""
     _check_tensors(k_cache=k_cache, v_cache=v_cache, k_idx_cache=k_idx_cache, k=k, v=v, k_idx=k_idx)
     block_size = k_cache.shape[1]
     num_pages, Hkv, D, Di, B, max_pages = _paged_checks(k, k_cache, v_cache, k_idx_cache, page_table, seq_lens,
@@ -282,6 +379,8 @@ def paged_append(
     if tuple(k.shape) != (N, Hkv, D) or tuple(v.shape) != (N, Hkv, D) or tuple(k_idx.shape) != (N, Di):
         raise ValueError(f"k, v must be [N, Hkv={Hkv}, D={D}] and k_idx [N, Di={Di}], got {tuple(k.shape)}, "
                          f"{tuple(v.shape)}, {tuple(k_idx.shape)}")
+    scales = [_cache_scale(n, sc, c.dtype == FP8) for n, sc, c in
+              (("k_scale", k_scale, k_cache), ("v_scale", v_scale, v_cache), ("k_idx_scale", k_idx_scale, k_idx_cache))]
     if N == 0:
         return
     counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
@@ -289,6 +388,13 @@ def paged_append(
     pos = seq_lens.long()[seq] - (cu_seqlens_new[1:].long()[seq] - torch.arange(N, device=k.device))
     page = page_table.long()[seq, pos // block_size]
     row = pos % block_size
-    k_cache[page, row] = k.to(k_cache.dtype)
-    v_cache[page, row] = v.to(v_cache.dtype)
-    k_idx_cache[page, row] = k_idx.to(k_idx_cache.dtype)
+    for cache, x, sc in zip((k_cache, v_cache, k_idx_cache), (k, v, k_idx), scales):
+        cache[page, row] = quantize_cache(x, cache.dtype, sc)
+
+
+def quantize_cache(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x as a cache of `dtype` stores it: e4m3 holds x / scale rounded to
+    nearest and saturated at +-448 (e4m3 has no infinity); other dtypes x."""
+    if dtype != FP8:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-448.0, 448.0).to(FP8)

@@ -7,6 +7,9 @@
     plan.page_table[:B].copy_(page_table); plan.seq_lens[:B].copy_(seq_lens)
     out, lse = plan.run()            # plan.out / plan.lse, rows of the first B sequences
 
+FP8 caches: pass dtype= (the queries') and the caches' k_scale, v_scale,
+k_idx_scale, as for paged_msa_attention.
+
 `plan` (once) checks the configuration, allocates every input and output
 at the planned size, views them as MAX buffers, compiles the layer, and
 fills the rows past any batch with a harmless sequence (n_new keys on page
@@ -51,6 +54,10 @@ class PagedDecodePlan:
         local_blocks: int = 2,
         scale: Optional[float] = None,
         idx_scale: Optional[float] = None,
+        dtype: Optional[torch.dtype] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        k_idx_scale: Optional[float] = None,
     ):
         O._check_tensors(k_cache=k_cache, v_cache=v_cache, k_idx_cache=k_idx_cache)
         dev = k_cache.device
@@ -67,8 +74,12 @@ class PagedDecodePlan:
             raise ValueError(f"max_batch and max_pages must be >= 1, got {max_batch}, {max_pages}")
         V.check_scale("scale", scale)
         V.check_scale("idx_scale", idx_scale)
-        dt = k_cache.dtype
-        O._dtype_name("k_cache", k_cache)
+        dt = dtype or k_cache.dtype  # the queries'; e4m3 caches need it given
+        if dt not in O._DTYPES:
+            raise ValueError(f"dtype, the queries' dtype, must be one of {list(O._DTYPES)} (given for "
+                             f"float8_e4m3fn caches), got {dt}")
+        fmt = P.cache_format(dt, k_cache, v_cache, k_idx_cache, k_scale=k_scale, v_scale=v_scale,
+                             k_idx_scale=k_idx_scale)
         self.max_batch, self.n_new, self.num_pages = max_batch, n_new, num_pages
         T = max_batch * n_new
         self.q = torch.zeros((T, num_heads, D), dtype=dt, device=dev)
@@ -82,14 +93,16 @@ class PagedDecodePlan:
         self._keep = (k_cache, v_cache, k_idx_cache)
         geom = P._geometry(k_cache, k_idx_cache, max_pages)
         self.spec = O._spec(O._DTYPES[dt], num_heads, Hkv, D, Di, topk=topk, block_size=block_size,
-                            init_blocks=init_blocks, local_blocks=local_blocks, decode=True)
+                            init_blocks=init_blocks, local_blocks=local_blocks, decode=True, **fmt.spec_fields())
         self.device = O._device_key(k_cache)
-        sc = O._scale_tensor(1.0 / math.sqrt(D) if scale is None else float(scale), k_cache)
-        isc = O._scale_tensor(1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale), k_cache)
+        sc = O._scale_tensor((1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale, k_cache)
+        isc = O._scale_tensor((1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale,
+                              k_cache)
         tensors = dict(q=self.q, k_cache=P._flat_storage("k_cache", k_cache), v_cache=P._flat_storage("v_cache", v_cache),
                        q_idx=self.q_idx, k_idx_cache=P._flat_storage("k_idx_cache", k_idx_cache),
                        page_table=self.page_table, seq_lens=self.seq_lens, cu_q=self.cu_seqlens_q, geometry=geom,
-                       scale=sc, idx_scale=isc)
+                       scale=sc, idx_scale=isc, v_scale=O._scale_tensor(fmt.v_scale, k_cache))
+        tensors = P._inputs("paged_msa", self.spec, tensors)
         self._tensors = tensors
         self._ins = {n: O._buf(t) for n, t in tensors.items()}
         self._outs = [O._buf(t) for t in (self.out, self.lse, self.block_ids)]

@@ -359,13 +359,13 @@ def _msa_outputs(q: torch.Tensor, Hkv: int, topk: int):
             torch.empty((Hkv, T, topk), dtype=torch.int32, device=q.device))
 
 
-def _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget) -> E.Spec:
-    """The compiled-model key of the fused pipeline (contiguous or paged)."""
+def _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget, **fields) -> E.Spec:
+    """The compiled-model key of the fused pipeline (contiguous or paged; fields: the paged caches' dtypes)."""
     T, Hq, D = q.shape
     Di = q_idx.shape[2]
     return _spec(_DTYPES[q.dtype], Hq, Hkv, D, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
                  local_blocks=local_blocks, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk))
+                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk), **fields)
 
 
 @torch.library.custom_op("msa::msa_attention", mutates_args=())

@@ -42,13 +42,17 @@ def test_bench_tiny(tmp_path, capsys):
 def test_bench_decode_tiny(tmp_path, capsys):
     stem = tmp_path / "decode"
     assert cli.main(["bench", "--decode", "--batches", "2", "--contexts", "96,160", "--n-new", "2", "--repeats", "2",
-                     "--out", str(stem), *TINY]) == 0
-    assert "x dense" in capsys.readouterr().out
+                     "--paged", "--kv-dtype", "fp8", "--out", str(stem), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "x dense" in text and "e4m3 caches" in text
     res = json.loads(stem.with_suffix(".json").read_text())
-    assert res["mode"] == "decode" and res["n_new"] == 2
+    assert res["mode"] == "decode" and res["n_new"] == 2 and res["kv_fp8"]
     for r in res["rows"]:
-        for key in ("msa_ms", "dense_ms", "speedup_vs_dense", "gbps", "gbytes_moved"):
+        for key in ("msa_ms", "dense_ms", "speedup_vs_dense", "gbps", "gbytes_moved", "paged_ms", "fp8_ms",
+                    "fp8_gbytes_moved"):
             assert key in r and r[key] > 0, key
+        assert r["paged_same_selection"] and 0.5 <= r["fp8_selection_overlap"] <= 1.0
+        assert r["fp8_gbytes_moved"] < r["gbytes_moved"]
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,3 +90,7 @@ def test_bench_world_size_under_torchrun(tmp_path):
     assert res["world"] == 2 and row["T"] == 256
     for key in ("cp_ms", "dense_cp_ms", "tp_ms", "one_device_ms", "cp_speedup", "tp_over_ideal"):
         assert row[key] > 0, key
+
+
+def test_length_lists_take_k_and_m():
+    assert cli._lengths("4096, 32k,1M") == [4096, 32768, 1 << 20]

@@ -40,9 +40,14 @@ _KERNELS = [
     ("attention", "attention_wgmma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, True", "wgmma.mma_async"),
     ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, True, True", "wgmma.mma_async"),
     ("backward", "backward_mma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16", "mma.sync"),
+    # decode over e4m3 caches: the hardware e4m3 -> f16 conversion, not a software one
+    ("decode", "decode_scores_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 4, 128, 1, 2, 8, True",
+     "cvt.rn.f16x2.e4m3x2"),
+    ("decode_attention", "decode_attention_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 128, 16, 4, 16, True",
+     "cvt.rn.f16x2.e4m3x2"),
 ]
 _IDS = ["select_wgmma", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync", "attention_wgmma_paged",
-        "forced_wgmma_paged", "backward_mma_sync"]
+        "forced_wgmma_paged", "backward_mma_sync", "decode_scores_fp8", "decode_attention_fp8"]
 
 
 def _assemble(tmp_path, script_text: str, name: str, needle: str) -> tuple[str, str]:

@@ -4,7 +4,7 @@ import pytest
 from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import InferenceSession
-from max.graph import DeviceRef, Graph, TensorType
+from max.graph import DeviceRef, Graph, TensorType, ops
 
 import msa_py.graph as msa
 from msa_py import _validate as V
@@ -113,3 +113,52 @@ def test_graph_splits_a_long_call_under_its_workspace_budget():
         q, k, qi, ki = (x.tensor for x in g.inputs)
         with pytest.raises(ValueError, match="static T"):
             msa.msa_attention(q, k, k, qi, ki, max_workspace_bytes=1000)
+
+
+def test_paged_graph_over_e4m3_caches():
+    """paged_cache + paged_msa_attention in a user's graph: e4m3 caches given
+    as their bytes (uint8: MAX's CPU device has no float8 tensors) with float
+    scales, shuffled pages, a decode step; against the reference on the
+    dequantized caches. A scale on a cache in q's dtype is refused."""
+    import numpy as np
+
+    torch = pytest.importorskip("torch")
+    B, P, BS, Hq, Hkv, D, Di, MP, topk = 3, 12, 16, 4, 2, 64, 32, 4, 3
+    scales = dict(k_scale=0.04, v_scale=0.02, k_idx_scale=0.1)
+    rng = np.random.default_rng(70)
+    e4m3 = lambda shape, s: (torch.from_numpy(3 * rng.standard_normal(shape).astype(np.float32)) / s).to(  # noqa: E731
+        torch.float8_e4m3fn)
+    kc, vc, ic = e4m3((P, BS, Hkv, D), scales["k_scale"]), e4m3((P, BS, Hkv, D), scales["v_scale"]), e4m3(
+        (P, BS, Di), scales["k_idx_scale"])
+    sl = np.array([40, 17, 64], np.int32)
+    perm = rng.permutation(P)
+    pt = np.full((B, MP), -1, np.int32)
+    used = 0
+    for b in range(B):
+        n = -(-int(sl[b]) // BS)
+        pt[b, :n] = perm[used:used + n]
+        used += n
+    cu = np.arange(B + 1, dtype=np.int32)
+    q = rng.standard_normal((B, Hq, D)).astype(np.float32)
+    qi = rng.standard_normal((B, Hkv, Di)).astype(np.float32)
+    dev, f, u8, i32 = DeviceRef.CPU(), DType.float32, DType.uint8, DType.int32
+    types = [TensorType(f, [B, Hq, D], device=dev), TensorType(u8, [P, BS, Hkv, D], device=dev),
+             TensorType(u8, [P, BS, Hkv, D], device=dev), TensorType(f, [B, Hkv, Di], device=dev),
+             TensorType(u8, [P, BS, Di], device=dev), TensorType(i32, [B, MP], device=dev),
+             TensorType(i32, [B], device=dev), TensorType(i32, [B + 1], device=dev)]
+    with Graph("paged_e4m3", input_types=types, custom_extensions=[msa.kernels_path()]) as g:
+        a = [x.tensor for x in g.inputs]
+        cache = msa.paged_cache(a[1], a[2], a[4], a[5], block_size=BS, **scales)
+        out, lse = msa.paged_msa_attention(a[0], cache, a[3], a[5], a[6], a[7], topk=topk, block_size=BS)
+        with pytest.raises(ValueError, match="v_scale applies to a float8_e4m3fn v_cache"):
+            flat_f32 = ops.reshape(a[0], [-1])  # a float32 "cache" in q's dtype
+            bid = ops.constant(np.zeros((Hkv, B, topk), np.int32), i32, device=dev)
+            msa.paged_sparse_attention(a[0], cache._replace(k=flat_f32, v=flat_f32, k_scale=None, v_scale=0.5), bid,
+                                       a[5], a[6], a[7], block_size=BS)
+        g.output(out, lse)
+    m = InferenceSession(devices=[CPU()]).load(g)
+    bytes_ = [x.view(torch.uint8).numpy() for x in (kc, vc, ic)]
+    out, lse = m.execute(*(Buffer.from_numpy(x) for x in (q, bytes_[0], bytes_[1], qi, bytes_[2], pt, sl, cu)))
+    ro, rl = R.paged_msa_attention(q, kc.float().numpy(), vc.float().numpy(), qi, ic.float().numpy(), pt, sl, cu,
+                                   topk=topk, block_size=BS, **scales)
+    assert Vf.rel_err(out.to_numpy(), ro) < 1e-5 and Vf.rel_err(lse.to_numpy(), rl) < 1e-5

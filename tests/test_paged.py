@@ -145,15 +145,18 @@ def test_paged_errors(torch_device):
         call(pt=pt.long())
 
 
-def test_decode_plan_run_writes_its_own_buffers(torch_device):
+@pytest.mark.parametrize("fp8", [False, True], ids=["16bit", "fp8"])
+def test_decode_plan_run_writes_its_own_buffers(fp8, torch_device):
     """PagedDecodePlan: run() on the plan's buffers gives paged_msa_attention's
     answer for the batch's rows, in the plan's own output tensors (no new
     allocation), and rows past the batch keep a harmless sequence; on CUDA one
-    captured graph replays for two batch sizes."""
+    captured graph replays for two batch sizes. bf16 queries (the CUDA decode
+    kernels' dtype), over bf16 or e4m3 caches."""
     seqs = [(1, 40), (1, 90), (1, 33)]
-    q, kc, vc, qi, ic, pt, sl, cu = _case(seqs, 55, dev=torch_device)
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case(seqs, 55, torch_device, torch.bfloat16,
+                                                    ("kv", "idx") if fp8 else ())
     plan = msa_py.PagedDecodePlan(kc, vc, ic, max_batch=5, max_pages=pt.shape[1], num_heads=HQ, n_new=1, topk=TOPK,
-                                  block_size=BS)
+                                  block_size=BS, dtype=torch.bfloat16, **kw)
     out_ptr = plan.out.data_ptr()
 
     def step(B):
@@ -168,7 +171,7 @@ def test_decode_plan_run_writes_its_own_buffers(torch_device):
         out, lse = step(B)
         assert out.data_ptr() == out_ptr
         ro, rl = msa_py.paged_msa_attention(q[:B], kc, vc, qi[:B], ic, pt[:B], sl[:B], cu[:B + 1], topk=TOPK,
-                                            block_size=BS)
+                                            block_size=BS, **kw)
         assert torch.equal(out[:B], ro) and torch.equal(lse[:B], rl)
         plan.check_batch()
     if torch_device == "cuda":
@@ -184,5 +187,113 @@ def test_decode_plan_run_writes_its_own_buffers(torch_device):
             g.replay()
             torch.cuda.synchronize()
             ro, _ = msa_py.paged_msa_attention(q[:B], kc, vc, qi[:B], ic, pt[:B], sl[:B], cu[:B + 1], topk=TOPK,
-                                               block_size=BS)
+                                               block_size=BS, **kw)
             assert torch.equal(plan.out[:B], ro)
+
+
+# --------------------------------------------------------------------------- FP8 (e4m3) caches
+FP8 = torch.float8_e4m3fn
+SCALES = dict(k_scale=0.04, v_scale=0.02, k_idx_scale=0.1)
+
+
+def _fp8_case(seqs, seed, dev, dtype, which=("kv", "idx"), layout="plain"):
+    """A paged case whose caches (K / V, index keys, or both) are e4m3 with
+    per-tensor scales (values spread over e4m3's range, not all near 1), and
+    the scales to pass."""
+    q, kc, vc, qi, ic, pt, sl, cu = _case(seqs, seed, layout=layout, dev=dev)
+    kc, vc, ic = (x.to(dtype) for x in (kc, vc, ic))
+    kw = {}
+    if "kv" in which:
+        kc, vc = (msa_py.quantize_cache(3 * x, FP8, SCALES[n]) for x, n in ((kc, "k_scale"), (vc, "v_scale")))
+        kw.update(k_scale=SCALES["k_scale"], v_scale=SCALES["v_scale"])
+    if "idx" in which:
+        ic = msa_py.quantize_cache(3 * ic, FP8, SCALES["k_idx_scale"])
+        kw.update(k_idx_scale=SCALES["k_idx_scale"])
+    return (q.to(dtype), kc, vc, qi.to(dtype), ic, pt, sl, cu), kw
+
+
+FP8_CASES = [("decode", ("kv", "idx"), "plain"), ("speculative", ("kv", "idx"), "plain"),
+             ("decode", ("kv",), "flashinfer"), ("decode", ("idx",), "vllm")]
+
+
+@pytest.mark.parametrize("name,which,layout", FP8_CASES, ids=["decode", "speculative", "kv_only", "idx_only"])
+def test_fp8_caches_match_the_dequantized_reference(name, which, layout, torch_device):
+    """e4m3 K / V and index-key caches on the decode kernels: the selection
+    equals the reference's on the dequantized index keys, out / lse the
+    reference's on the dequantized K / V (bf16 queries: bf16's tolerance)."""
+    dtype = torch.bfloat16
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case(SHAPES[name], 60, torch_device, dtype, which, layout)
+    host = dict(page_table=pt.cpu().numpy(), seq_lens=sl.cpu().numpy(), cu_seqlens_q=cu.cpu().numpy())
+    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
+    ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), topk=TOPK, block_size=BS, **host, **kw)
+    assert Vf.rel_err(_np(out), ro) < 8e-3 and Vf.rel_err(_np(lse), rl) < 1e-4
+    ikw = {n: kw[n] for n in ("k_idx_scale",) if n in kw}
+    bid = msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **ikw)
+    np.testing.assert_array_equal(bid.cpu().numpy(), R.paged_select_blocks(_np(qi), _np(ic), topk=TOPK, block_size=BS,
+                                                                           **host, **ikw))
+    vkw = {n: kw[n] for n in ("k_scale", "v_scale") if n in kw}
+    o2, l2 = msa_py.paged_sparse_attention(q, kc, vc, bid, pt, sl, cu, block_size=BS, **vkw)
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+
+
+def test_fp8_float32_queries_on_the_cpu():
+    """The CPU decode kernels read e4m3 caches under fp32 queries too: the
+    dequantized reference to fp32's tolerance."""
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case(SHAPES["speculative"], 61, "cpu", torch.float32)
+    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
+    ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), pt.numpy(), sl.numpy(), cu.numpy(),
+                                   topk=TOPK, block_size=BS, **kw)
+    assert Vf.rel_err(_np(out), ro) < 1e-5 and Vf.rel_err(_np(lse), rl) < 1e-5
+
+
+def test_quantize_cache_and_fp8_append(torch_device):
+    """quantize_cache rounds x / scale to e4m3 (within half an e4m3 step,
+    2^-4 relative, for normal values) and saturates at +-448 instead of
+    overflowing to NaN; paged_append stores exactly that in the new tokens'
+    rows and leaves the other rows alone."""
+    rng = np.random.default_rng(62)
+    x = torch.from_numpy((rng.standard_normal(4000) * np.exp(rng.uniform(-4, 4, 4000))).astype(np.float32))
+    x = x.to(torch_device)
+    q8 = msa_py.quantize_cache(x, FP8, 0.05)
+    deq = q8.float() * 0.05
+    y = (x / 0.05).abs()
+    normal = (y >= 2.0**-6) & (y < 448)
+    assert normal.sum() > 3000
+    assert ((deq - x).abs()[normal] <= 2.0**-4 * x.abs()[normal] + 1e-12).all()
+    big = torch.tensor([1e4, -1e4], device=torch_device)
+    assert torch.equal(msa_py.quantize_cache(big, FP8, 1.0).float(), torch.tensor([448.0, -448.0], device=torch_device))
+
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case([(3, 30), (1, 17), (2, 33)], 63, torch_device, torch.bfloat16)
+    N = int(cu[-1])
+    k, v = (torch.from_numpy(rng.standard_normal((N, HKV, D)).astype(np.float32)).to(torch_device) for _ in "kv")
+    ki = torch.from_numpy(rng.standard_normal((N, DI)).astype(np.float32)).to(torch_device)
+    before = [c.clone() for c in (kc, vc, ic)]
+    msa_py.paged_append(kc, vc, ic, k, v, ki, pt, sl, cu, **kw)
+    want = R.paged_append(*(b.view(torch.uint8).cpu().numpy() for b in before),
+                          *(msa_py.quantize_cache(x, FP8, kw[n]).view(torch.uint8).cpu().numpy()
+                            for x, n in ((k, "k_scale"), (v, "v_scale"), (ki, "k_idx_scale"))),
+                          pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy(), block_size=BS)
+    for got, w in zip((kc, vc, ic), want):
+        np.testing.assert_array_equal(got.view(torch.uint8).cpu().numpy(), w)
+
+
+def test_fp8_errors(torch_device):
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case([(1, 40), (1, 20)], 64, torch_device, torch.bfloat16)
+    q16, kc16, vc16, qi16, ic16, _, _, _ = _case([(1, 40), (1, 20)], 64, dev=torch_device)
+    with pytest.raises(ValueError, match="k_scale applies to a float8_e4m3fn cache"):
+        msa_py.paged_msa_attention(q16, kc16, vc16, qi16, ic16, pt, sl, cu, topk=TOPK, block_size=BS, k_scale=0.5)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's dtype"):
+        msa_py.paged_msa_attention(q, kc, vc.to(torch.bfloat16), qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
+    with pytest.raises(ValueError, match="k_cache must be in its queries' dtype"):
+        msa_py.paged_msa_attention(q, kc.to(torch.float16), vc.to(torch.float16), qi, ic, pt, sl, cu, topk=TOPK,
+                                   block_size=BS, k_idx_scale=kw["k_idx_scale"])
+    with pytest.raises(ValueError, match="k_idx_scale must be"):
+        msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, k_idx_scale=-1.0)
+    # a prefill-sized batch (more than DECODE_MAX_Q new tokens a sequence): the prefill kernels read 16-bit caches
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case([(40, 40), (20, 20)], 65, torch_device, torch.bfloat16)
+    with pytest.raises(ValueError, match="float8_e4m3fn caches run on the decode kernels"):
+        msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
+    bid = torch.zeros((HKV, q.shape[0], TOPK), dtype=torch.int32, device=torch_device) - 1
+    with pytest.raises(ValueError, match="float8_e4m3fn caches run on the decode kernels"):
+        msa_py.paged_sparse_attention(q, kc, vc, bid, pt, sl, cu, block_size=BS, k_scale=kw["k_scale"],
+                                      v_scale=kw["v_scale"])
