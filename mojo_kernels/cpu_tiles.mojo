@@ -27,7 +27,7 @@
 # allocates its own scratch.
 
 from std.math import ceildiv, exp, iota, log
-from std.memory import alloc
+from std.memory import alloc, bitcast, unsafe_stack_allocation
 from std.sys import simd_width_of
 from std.utils.numerics import isnan, nan
 
@@ -104,7 +104,12 @@ def pack_rows[dtype: DType](
     for r in range(nrows):
         var s = src.unsafe_offset(r * src_stride)
         var d = dst.unsafe_offset(r * ld)
-        for c in range(ncols):
+        var c0 = 0
+        comptime if dtype == DType.float8_e4m3fn:  # the e4m3 cast is software: 16 at a time vectorizes it
+            while c0 + 16 <= ncols:
+                d.unsafe_store(c0, s.unsafe_load[width=16](c0).cast[DType.float32]())
+                c0 += 16
+        for c in range(c0, ncols):
             d[unsafe_offset=c] = s[unsafe_offset=c].cast[DType.float32]()
 
 
@@ -113,6 +118,18 @@ def pack_transposed[dtype: DType](
 ):
     """dst[c][r] = src[r * src_stride + c] as fp32 for r < nrows, c < ncols,
     and 0 for nrows <= r < ld: keys become columns."""
+    comptime if dtype == DType.float8_e4m3fn:  # the e4m3 cast is software: a 256-entry table instead
+        var table = unsafe_stack_allocation[256, Float32]()
+        comptime for i in range(0, 256, 16):
+            table.store(i, bitcast[dtype, 16](iota[DType.uint8, 16](UInt8(i))).cast[DType.float32]())
+        var bytes = src.unsafe_bitcast[UInt8]()
+        for c in range(ncols):
+            var d = dst.unsafe_offset(c * ld)
+            for r in range(nrows):
+                d[unsafe_offset=r] = table[unsafe_offset=Int(bytes[unsafe_offset=r * src_stride + c])]
+            for r in range(nrows, ld):
+                d[unsafe_offset=r] = 0
+        return
     for c in range(ncols):
         var d = dst.unsafe_offset(c * ld)
         for r in range(nrows):
