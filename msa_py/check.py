@@ -469,8 +469,8 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-# cases whose paged layer (paged_msa) the virtual check compiles too: a
-# prefill one on wgmma (bf16, D 128) and a decode one
+# cases whose paged layer (paged_msa) the virtual check compiles too, over
+# 16-bit and e4m3 caches: a prefill one on wgmma (bf16, D 128) and a decode one
 PAGED_VIRTUAL = ("g16_d128_bf16", "decode_spec8_bf16")
 
 
@@ -481,8 +481,8 @@ def _virtual(case) -> bool:
     builds = [("decode_stages" if spec.decode else "stages", spec)]
     if case[0] in PAGED_VIRTUAL:
         builds.append(("paged_msa", spec))
-        if spec.decode:  # and over e4m3 caches (the decode kernels' FP8 path)
-            builds.append(("paged_msa", replace(spec, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn")))
+        # and over e4m3 caches: the decode kernels reading e4m3, or the pages widened for the prefill kernels
+        builds.append(("paged_msa", replace(spec, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn")))
     for kind, sp in builds:
         t0 = time.time()
         E.model(kind, sp, "gpu")

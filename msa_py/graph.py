@@ -744,8 +744,8 @@ class PagedCache(NamedTuple):
     as float8_e4m3fn tensors or their bytes as uint8 (MAX's CPU device has
     no float8 tensors): the dequantized values are cache * k_scale, v_scale,
     k_idx_scale (per-tensor, floats or float32 [1] tensors; None is 1).
-    e4m3 caches run on the decode kernels (at most DECODE_MAX_Q new tokens
-    per sequence)."""
+    The decode kernels read e4m3 directly; a prefill-sized call first widens
+    the pages its sequences use to q's dtype (`msa_widen_pages`)."""
 
     k: TensorValue
     v: TensorValue
@@ -787,10 +787,24 @@ def _cache_scale(name: str, cache: TensorValue, scale, dtype: DType):
     return None
 
 
-def _fp8_needs_decode(name: str, cache: TensorValue, decode: bool):
-    if _is_e4m3(cache) and not decode:
-        raise ValueError(f"{name}: float8_e4m3fn caches run on the decode kernels (at most {DECODE_MAX_Q} new tokens "
-                         f"per sequence, static shapes or decode=True); the prefill kernels read 16-bit caches")
+def _widen_pages(cache: TensorValue, page_table: TensorValue, seq_lens: TensorValue, geometry: TensorValue,
+                 dtype: DType, scale, *, which: int, block_size: int, groups: int, width: int):
+    """The prefill kernels read caches in q's dtype: the pages of an e4m3 cache
+    the sequences use, widened (times scale) into a compact cache
+    [B * max_pages, block_size, groups, width], with its page table and a
+    geometry vector whose K / V (which 0) or index-key (which 1) strides
+    are the compact cache's (widen.mojo)."""
+    dev = cache.device
+    n = Dim(page_table.shape[0]) * Dim(page_table.shape[1]) * (block_size * groups * width)
+    wide, table = ops.custom(
+        "msa_widen_pages", device=dev,
+        values=[cache, page_table, seq_lens, geometry, _scale_value(scale, 1.0, dev)],
+        out_types=[TensorType(dtype, [n], device=dev), TensorType(DType.int32, page_table.shape, device=dev)],
+        parameters={"block_size": block_size, "groups": groups, "width": width, "which": which})
+    strides = [block_size * groups * width, groups * width, width][: 3 if which == 0 else 2]
+    const = ops.constant(np.array(strides, np.int64), DType.int64, device=dev)
+    parts = [geometry[0:1], const, geometry[4:6]] if which == 0 else [geometry[0:4], const]
+    return wide.tensor, table.tensor, ops.concat(parts)
 
 
 def _times(scale: TensorValue, factor, device: DeviceRef) -> TensorValue:
@@ -835,7 +849,10 @@ def paged_select_blocks(
     out_bid = TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)
     use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
                          block_size=block_size, topk=topk)
-    _fp8_needs_decode("k_idx_cache", cache.k_idx, use_dec)
+    if _is_e4m3(cache.k_idx) and not use_dec:  # the prefill indexer reads q's dtype
+        k_idx, page_table, geometry = _widen_pages(cache.k_idx, page_table, seq_lens, cache.geometry, q_idx.dtype,
+                                                   None, which=1, block_size=block_size, groups=1, width=Di)
+        values = [q_idx, k_idx, cu_seqlens_q, cu_k, page_table, geometry, scale]
     if use_dec:
         B = _num_seqs(cu_seqlens_q)
         max_q = _decode_max_q(Hkv)
@@ -881,7 +898,11 @@ def paged_sparse_attention(
     heads = {"group": Hq // Hkv, "num_groups": Hkv, "head_dim": D}
     use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q.dtype, dev, stage="attention", dim=D,
                          block_size=block_size)
-    _fp8_needs_decode("k_cache", cache.k, use_dec)
+    if _is_e4m3(cache.k) and not use_dec:  # the prefill kernels read q's dtype: widen the pages in use
+        wide = dict(which=0, block_size=block_size, groups=Hkv, width=D)
+        v, _, _ = _widen_pages(cache.v, page_table, seq_lens, cache.geometry, q.dtype, v_scale, **wide)
+        k, page_table, geometry = _widen_pages(cache.k, page_table, seq_lens, cache.geometry, q.dtype, None, **wide)
+        cache = cache._replace(k=k, v=v, geometry=geometry, k_scale=None, v_scale=None)
     if use_dec:
         if _is_e4m3(cache.k):  # the kernel reads [softmax scale * k_scale, v_scale]
             sc = ops.concat([sc, _scale_value(v_scale, 1.0, dev)])

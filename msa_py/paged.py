@@ -5,9 +5,10 @@ contiguous), and the cache append. Conventions in docs/api.md.
 
 FP8 caches: K / V and the index keys may each be torch.float8_e4m3fn with a
 per-tensor scale (dequantized value = cache * k_scale, v_scale,
-k_idx_scale). The decode kernels read them (at most DECODE_MAX_Q new tokens
-per sequence); k_scale and k_idx_scale fold into the softmax and index
-scales, v_scale scales the output in the kernel."""
+k_idx_scale). The decode kernels read them directly (k_scale and
+k_idx_scale fold into the softmax and index scales, v_scale scales the
+output in the kernel); a prefill-sized call first widens the pages its
+sequences use to q's dtype (msa_py.graph, `msa_widen_pages`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch
 
 from . import _validate as V
 from . import engine as E
-from .graph import DECODE_MAX_Q
 from .torch_ops import (
     _DTYPES, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run, _scale_tensor,
     _spec, _value_checks_off,
@@ -70,13 +70,6 @@ def cache_format(dtype: torch.dtype, k_cache=None, v_cache=None, k_idx_cache=Non
     idx = _cache_dtype("k_idx_cache", k_idx_cache, dtype)
     return CacheFormat(kv, idx, _cache_scale("k_scale", k_scale, bool(kv)), _cache_scale("v_scale", v_scale, bool(kv)),
                        _cache_scale("k_idx_scale", k_idx_scale, bool(idx)))
-
-
-def _fp8_needs_decode(fmt: CacheFormat, decode: bool, x: torch.Tensor) -> None:
-    if (fmt.kv_dtype or fmt.idx_dtype) and not decode:
-        need = " with bfloat16 / float16 queries and tensor-core shapes" if x.is_cuda else ""
-        raise ValueError(f"float8_e4m3fn caches run on the decode kernels (at most {DECODE_MAX_Q} new tokens per "
-                         f"sequence on average{need}); the prefill kernels read caches in the queries' dtype")
 
 
 def _inputs(kind: str, spec, tensors: dict) -> dict:
@@ -187,9 +180,9 @@ def paged_msa_attention(
     logical block j of sequence b is page page_table[b, j]; seq_lens [B]
     int32. block_ids stay logical. Returns out [T, Hq, D], lse [T, Hq] fp32.
 
-    K / V and the index keys may be torch.float8_e4m3fn (decode and
-    speculative decode: the decode kernels), dequantized as cache * k_scale,
-    v_scale, k_idx_scale (floats; only for e4m3 caches).
+    K / V and the index keys may be torch.float8_e4m3fn, dequantized as
+    cache * k_scale, v_scale, k_idx_scale (floats; only for e4m3 caches):
+    read directly by the decode kernels, widened page by page for prefill.
     """
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, q_idx=q_idx, k_idx_cache=k_idx_cache)
     num_pages, Hkv, D, Di, B, max_pages = _paged_checks(q, k_cache, v_cache, k_idx_cache, page_table, seq_lens,
@@ -205,7 +198,6 @@ def paged_msa_attention(
     V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
     V.check_scale("scale", scale)
     V.check_scale("idx_scale", idx_scale)
-    _fp8_needs_decode(fmt, _decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk), q)
     sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale
     isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
     out, lse, _ = torch.ops.msa.paged_msa_attention(
@@ -257,8 +249,7 @@ def paged_select_blocks(
 ) -> torch.Tensor:
     """select_blocks over a paged index-key cache k_idx_cache [num_pages,
     block_size, Di] (conventions of paged_msa_attention; e4m3 with
-    k_idx_scale on the decode kernels). Returns logical block_ids
-    [Hkv, T, topk] int32."""
+    k_idx_scale). Returns logical block_ids [Hkv, T, topk] int32."""
     _check_tensors(q_idx=q_idx, k_idx_cache=k_idx_cache)
     V.check_rank("k_idx_cache", tuple(k_idx_cache.shape), 3, "[num_pages, block_size, Di]")
     fake = k_idx_cache.new_empty((k_idx_cache.shape[0], block_size, 1, 1))
@@ -269,7 +260,6 @@ def paged_select_blocks(
     fmt = cache_format(q_idx.dtype, k_idx_cache=k_idx_cache, k_idx_scale=k_idx_scale)
     V.Config(topk, block_size, init_blocks, local_blocks).check()
     V.check_scale("idx_scale", idx_scale)
-    _fp8_needs_decode(fmt, _decode(q_idx.shape[0], cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk), q_idx)
     isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
     geom = _geometry(fake, k_idx_cache, max_pages)
     return torch.ops.msa.paged_select_blocks(q_idx, _flat_storage("k_idx_cache", k_idx_cache), page_table, seq_lens,
@@ -319,7 +309,7 @@ def paged_sparse_attention(
     v_scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sparse_attention over paged K / V caches (conventions of
-    paged_msa_attention; e4m3 with k_scale / v_scale on the decode kernels):
+    paged_msa_attention; e4m3 with k_scale / v_scale):
     block_ids [Hkv, T, topk] int32, logical, in [-1, the query's own block].
     Returns out [T, Hq, D], lse [T, Hq] fp32."""
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, block_ids=block_ids)
@@ -335,7 +325,6 @@ def paged_sparse_attention(
     fmt = cache_format(q.dtype, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale)
     V.Config(block_ids.shape[2], block_size, q_budget=q_budget).check()
     V.check_scale("scale", scale)
-    _fp8_needs_decode(fmt, _decode(q.shape[0], cu_seqlens_q, q, block_size, D=D), q)
     if not _value_checks_off(block_ids) and q.shape[0]:
         from .reference import _positions
 

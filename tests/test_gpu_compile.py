@@ -45,9 +45,10 @@ _KERNELS = [
      "cvt.rn.f16x2.e4m3x2"),
     ("decode_attention", "decode_attention_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 128, 16, 4, 16, True",
      "cvt.rn.f16x2.e4m3x2"),
+    ("widen", "widen_pages_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 4, 128, 0", "cvt.rn.f16x2.e4m3x2"),
 ]
 _IDS = ["select_wgmma", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync", "attention_wgmma_paged",
-        "forced_wgmma_paged", "backward_mma_sync", "decode_scores_fp8", "decode_attention_fp8"]
+        "forced_wgmma_paged", "backward_mma_sync", "decode_scores_fp8", "decode_attention_fp8", "widen_pages_fp8"]
 
 
 def _assemble(tmp_path, script_text: str, name: str, needle: str) -> tuple[str, str]:
