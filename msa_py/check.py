@@ -5,6 +5,7 @@
     python -m msa_py.check --device virtual      # compile the GPU path for sm_90 only
     python -m msa_py.check --device gpu --ties 400   # the exact-tie selection family
     python -m msa_py.check --device gpu --backward   # gradients against the reference
+    python -m msa_py.check --device gpu --paged      # paged and e4m3 caches (torch layer)
 
 For each case it runs the "stages" graph (every stage's output; the
 "decode_stages" graph for decode cases) and compares:
@@ -379,6 +380,125 @@ def check_backward(case, device: str, seed: int = 0, log=print, time_it: bool = 
     return ok
 
 
+# --------------------------------------------------------------------------- paged and e4m3 caches
+# The torch layer over paged caches (msa_py.paged), at the model's head
+# shapes: shuffled pages, pages shared between sequences (prefix caching),
+# FlashInfer's transposed and vLLM's interleaved layouts, e4m3 K / V and
+# index keys with per-tensor scales, against the reference on the
+# dequantized caches.
+# (name, seqs [(Tq, Tk)], Hq, Hkv, D, Di, topk, block_size, dtype, e4m3 caches, layout, shared prefix)
+PAGED = [
+    ("paged_prefill_bf16", [(700, 700), (200, 900), (1, 1), (129, 300)], 16, 2, 128, 128, 4, 128, "bfloat16", (),
+     "flashinfer", False),
+    ("paged_prefill_e4m3", [(700, 700), (200, 900), (1, 1), (129, 300)], 16, 2, 128, 128, 4, 128, "bfloat16",
+     ("kv", "idx"), "plain", False),
+    ("paged_decode_bf16", [(1, 9), (1, 130), (1, 3000), (1, 20000), (1, 1)], 64, 4, 128, 128, 16, 128, "bfloat16",
+     (), "vllm", True),
+    ("paged_spec8_e4m3", [(8, 5000), (8, 8), (3, 700), (8, 2100), (5, 129)], 64, 4, 128, 128, 16, 128, "bfloat16",
+     ("kv", "idx"), "flashinfer", True),
+    ("paged_decode_128k_e4m3", [(1, 131072), (1, 100003), (1, 131072), (1, 65536), (1, 3000), (1, 131072), (1, 7),
+                                (1, 131072)], 64, 4, 128, 128, 16, 128, "bfloat16", ("kv", "idx"), "plain", False),
+]
+PAGED_LARGE = {"paged_decode_128k_e4m3"}
+# e4m3 scales as an engine's calibration gives them: the cache holds x / scale
+PAGED_SCALES = dict(k_scale=0.05, v_scale=0.03, k_idx_scale=0.08)
+
+
+def paged_inputs(case, device: str, seed: int = 0):
+    """A paged case's torch tensors on `device`: q, q_idx; the caches (e4m3
+    where the case says, holding values spread over e4m3's range) laid out
+    as the case says, over shuffled pages of a pool with spare pages; the
+    page table, seq_lens, cu_seqlens_q; and the scale arguments."""
+    import torch
+
+    from .paged import FP8, quantize_cache
+
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, e4m3, layout, share = case
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    need = [-(-tk // bs) for _, tk in seqs]
+    num_pages = sum(need) + 7
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    pt = torch.full((len(seqs), max(need) + 2), -1, dtype=torch.int32)
+    for b, n in enumerate(need):
+        for j in range(n):
+            pt[b, j] = pt[0, 0] if (share and b > 0 and j == 0) else perm.pop()
+
+    def normal(*shape, std=1.0):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std
+
+    if layout == "flashinfer":  # [num_pages, Hkv, block_size, D], passed transposed
+        kc, vc = (normal(num_pages, Hkv, bs, D).transpose(1, 2) for _ in "kv")
+    elif layout == "vllm":  # K and V interleaved in one allocation
+        kv = normal(num_pages, bs, Hkv, 2 * D)
+        kc, vc = kv[..., :D], kv[..., D:]
+    else:
+        kc, vc = normal(num_pages, bs, Hkv, D), normal(num_pages, bs, Hkv, D)
+    ic = normal(num_pages, bs, Di)
+    kw = {}
+    if "kv" in e4m3:
+        kc, vc = (quantize_cache(4 * x, FP8, PAGED_SCALES[n]) for x, n in ((kc, "k_scale"), (vc, "v_scale")))
+        kw.update(k_scale=PAGED_SCALES["k_scale"], v_scale=PAGED_SCALES["v_scale"])
+    else:
+        kc, vc = kc.to(dt), vc.to(dt)
+    if "idx" in e4m3:
+        ic = quantize_cache(4 * ic, FP8, PAGED_SCALES["k_idx_scale"])
+        kw["k_idx_scale"] = PAGED_SCALES["k_idx_scale"]
+    else:
+        ic = ic.to(dt)
+    T = sum(tq for tq, _ in seqs)
+    q, q_idx = normal(T, Hq, D).to(dt), normal(T, Hkv, Di).to(dt)
+    i32 = lambda x: torch.as_tensor(x, dtype=torch.int32).to(device)  # noqa: E731
+    cu_q = i32(np.concatenate([[0], np.cumsum([tq for tq, _ in seqs])]))
+    return (q, kc, vc, q_idx, ic, pt.to(device), i32([tk for _, tk in seqs]), cu_q), kw
+
+
+def check_paged(case, device: str, seed: int = 0, log=print, time_it: bool = True) -> bool:
+    """One paged case through the torch layer (msa_py.paged.paged_layer: out,
+    lse and its selection): the selection against the reference on the
+    dequantized index keys (exact, or a near tie), out and lse against the
+    reference attention over that selection on the dequantized K / V."""
+    import torch
+
+    from . import reference as R
+    from . import verify as Vf
+    from .paged import paged_layer
+
+    name, seqs, Hq, Hkv, D, Di, topk, bs, dtype, e4m3, layout, share = case
+    dev = "cuda" if device == "gpu" else "cpu"
+    (q, kc, vc, qi, ic, pt, sl, cu), kw = paged_inputs(case, dev, seed)
+    args = (q, kc, vc, qi, ic, pt, sl, cu)
+    lkw = dict(topk=topk, block_size=bs, init_blocks=1, local_blocks=2, scale=None, idx_scale=None, q_budget=64,
+               k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), k_idx_scale=kw.get("k_idx_scale"))
+    out, lse, bid = paged_layer(*args, **lkw)
+    host = lambda x: x.detach().cpu().float().numpy()  # noqa: E731
+    pt_h, sl_h, cu_q = pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy()
+    ki, cu_k = R.gather_pages(host(ic), pt_h, sl_h, block_size=bs, scale=kw.get("k_idx_scale"))
+    bid_h = host(bid).astype(np.int32)
+    qi_h = host(qi)
+    sel = Vf.selection_report(bid_h, qi_h, ki, cu_q, cu_k, block_size=bs, init_blocks=1, local_blocks=2,
+                              idx_scale=1.0 / math.sqrt(Di))
+    del ki
+    k, _ = R.gather_pages(host(kc), pt_h, sl_h, block_size=bs, scale=kw.get("k_scale"))
+    v, _ = R.gather_pages(host(vc), pt_h, sl_h, block_size=bs, scale=kw.get("v_scale"))
+    ro, rl = R.sparse_attention(host(q), k, v, bid_h, cu_q, cu_k, block_size=bs, scale=1.0 / math.sqrt(D))
+    e_out, e_lse = Vf.rel_err(host(out), ro), Vf.rel_err(host(lse), rl)
+    tol = Vf.tolerance(dtype)
+    ok = not sel["bad"] and e_out <= tol and e_lse <= tol
+    timing = ""
+    if time_it and dev == "cuda":
+        from .timing import time_torch
+
+        t = time_torch(lambda: paged_layer(*args, **lkw), iters=10)
+        timing = f" | layer {t['median']:.3f} ms"
+    fmt = "e4m3 " + "+".join(e4m3) if e4m3 else dtype
+    log(f"{'PASS' if ok else 'FAIL'} {name:24s} T={q.shape[0]} S={int(cu_k[-1])} B={len(seqs)} Hq={Hq} Hkv={Hkv} "
+        f"D={D} Di={Di} topk={topk} bs={bs} {dtype} caches {fmt} {layout}{' shared-prefix' if share else ''} | "
+        f"select exact {sel['exact']}/{sel['rows']} ties {sel['near_ties']} bad {len(sel['bad'])} | "
+        f"rel err out {_err(e_out)} lse {_err(e_lse)} (tol {tol:g}){timing}")
+    return bool(ok)
+
+
 def _spec(case):
     """The compiled configuration of a case (decode cases carry a 12th field True)."""
     from . import engine as E
@@ -409,7 +529,23 @@ def main(argv=None) -> int:
                     help="run the exact-tie selection family instead: N random batches over TIE_CONFIGS")
     ap.add_argument("--seed", type=int, default=0, help="seed of the tie family's batches")
     ap.add_argument("--backward", action="store_true", help="run the backward cases (BACKWARD) instead")
+    ap.add_argument("--paged", action="store_true",
+                    help="run the paged-cache cases (PAGED: 16-bit and e4m3 caches, torch layer) instead")
     args = ap.parse_args(argv)
+    if args.paged and args.device != "virtual":
+        dev = "gpu" if args.device == "gpu" else "cpu"
+        cases = [c for c in PAGED if (c[0] in args.only.split(",") if args.only else
+                                      not (c[0] in PAGED_LARGE and (args.no_large or dev == "cpu" or args.quick)))]
+        print(f"msa_py.check --device {args.device} --paged: {len(cases)} cases, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        ok = True
+        for i, c in enumerate(cases):
+            try:
+                ok &= check_paged(c, dev, seed=i, time_it=not args.no_time)
+            except Exception as e:
+                ok = False
+                print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
+        print("CHECK PASSED" if ok else "CHECK FAILED")
+        return 0 if ok else 1
     if args.device == "virtual":
         _set_virtual()
     if args.backward:

@@ -184,6 +184,17 @@ def paged_msa_attention(
     cache * k_scale, v_scale, k_idx_scale (floats; only for e4m3 caches):
     read directly by the decode kernels, widened page by page for prefill.
     """
+    return paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, topk=topk,
+                       block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
+                       idx_scale=idx_scale, q_budget=q_budget, k_scale=k_scale, v_scale=v_scale,
+                       k_idx_scale=k_idx_scale)[:2]
+
+
+def paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, *, topk, block_size,
+                init_blocks, local_blocks, scale, idx_scale, q_budget, k_scale, v_scale, k_idx_scale):
+    """paged_msa_attention with the layer's own selection: (out, lse,
+    block_ids [Hkv, T, topk]), for checks that compare both with the
+    reference (msa_py.check)."""
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, q_idx=q_idx, k_idx_cache=k_idx_cache)
     num_pages, Hkv, D, Di, B, max_pages = _paged_checks(q, k_cache, v_cache, k_idx_cache, page_table, seq_lens,
                                                         cu_seqlens_q, block_size)
@@ -200,12 +211,11 @@ def paged_msa_attention(
     V.check_scale("idx_scale", idx_scale)
     sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale
     isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
-    out, lse, _ = torch.ops.msa.paged_msa_attention(
+    return torch.ops.msa.paged_msa_attention(
         q, _flat_storage("k_cache", k_cache), _flat_storage("v_cache", v_cache), q_idx,
         _flat_storage("k_idx_cache", k_idx_cache), page_table, seq_lens, cu_seqlens_q,
         _geometry(k_cache, k_idx_cache, max_pages), Hkv, topk, block_size, init_blocks, local_blocks, sc, isc,
         fmt.v_scale, q_budget)
-    return out, lse
 
 
 @torch.library.custom_op("msa::paged_select_blocks", mutates_args=())
