@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [check-backward] [check-paged] [plan] [bench-backward] [torch-new] [decode-paged] [decode-fp8] [decode-fp8-1m] [long] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
+#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [check-backward] [check-paged] [check-fp8] [long-fp8] [plan] [bench-backward] [torch-new] [decode-paged] [decode-fp8] [decode-fp8-1m] [long] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode]
 # Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
 # (this machine's `git rev-parse --short HEAD`): the device's copy of the
 # working tree may carry another branch's git metadata.
@@ -22,6 +22,8 @@ for step in "$@"; do
     sanitize-ties) SAN_CHECK_ARGS="--ties ${SAN_TIES_CASES:-64} --seed 1" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
     check-backward) python3 -m msa_py.check --device gpu --backward 2>&1 | tee "$OUT/check_backward.log" || rc=1 ;;
     check-paged) python3 -m msa_py.check --device gpu --paged 2>&1 | tee "$OUT/check_paged.log" || rc=1 ;;
+    check-fp8) python3 -m msa_py.check --device gpu --fp8-index 2>&1 | tee "$OUT/check_fp8.log" || rc=1 ;;
+    long-fp8) python3 -m msa_py bench --lengths ${LONG_LENGTHS:-256k,1m} --index-dtype fp8 --repeats 2 --gather-max 0 --out "$OUT/long_fp8" 2>&1 | tee "$OUT/long_fp8.log" || rc=1 ;;
     plan) python3 -m pytest -q tests/test_paged.py -k "plan_run or fp8_caches" --device cuda 2>&1 | tee "$OUT/plan.log" || rc=1 ;;
     bench-backward) python3 -m msa_py bench --backward --lengths ${BWD_LENGTHS:-32k,128k} --repeats 3 --out "$OUT/backward" 2>&1 | tee "$OUT/backward.log" || rc=1 ;;
     torch-new) python3 -m pytest -q -x tests/test_paged.py tests/test_backward.py --device cuda 2>&1 | tee "$OUT/torch_new.log" || rc=1 ;;

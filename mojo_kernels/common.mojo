@@ -163,19 +163,30 @@ def widen_rows[
 #           MN-major one (N = columns, K = rows), each 8-row group is one
 #           1024-byte swizzle atom. cp.async writes and wgmma reads are free
 #           of bank conflicts; the no-swizzle layout reads slower.
+# 1-byte elements (e4m3, the FP8 indexer) use SW128 only: the same 128-byte
+# rows and 16-byte chunks, so a panel holds 128 columns and a chunk 16
+# (tile_offset's eb = element bytes; sw128_cols).
 comptime LAYOUT_PADDED = 0
 comptime LAYOUT_CORE = 1
 comptime LAYOUT_SW128 = 2
 comptime SW128_COLS = 64
 
 
+def sw128_cols[dtype: DType]() -> Int:
+    """Columns of one SW128 panel (128 bytes a row) for this element type."""
+    return 128 // size_of[dtype]()
+
+
 @always_inline
-def tile_offset[layout: Int, rows: Int, cols: Int](r: Int, c: Int) -> Int:
+def tile_offset[layout: Int, rows: Int, cols: Int, eb: Int = 2](r: Int, c: Int) -> Int:
     """Element offset of (row r, column c) in a rows x cols tile stored in
-    `layout`; c a multiple of 8 plus an offset inside its 16-byte chunk."""
+    `layout` with eb-byte elements; c a multiple of 16 // eb plus an offset
+    inside its 16-byte chunk."""
     comptime if layout == LAYOUT_SW128:
-        var j = (c % SW128_COLS) // 8
-        return (c // SW128_COLS) * (rows * SW128_COLS) + r * SW128_COLS + (j ^ (r % 8)) * 8 + c % 8
+        comptime PC = 128 // eb  # columns per panel
+        comptime CC = 16 // eb  # columns per 16-byte chunk
+        var j = (c % PC) // CC
+        return (c // PC) * (rows * PC) + r * PC + (j ^ (r % 8)) * CC + c % CC
     elif layout == LAYOUT_CORE:
         return ((r // 8) * (cols // 8) + c // 8) * 64 + (r % 8) * 8 + c % 8
     else:
@@ -225,13 +236,17 @@ def score_tile_wgmma[dtype: DType, K: Int, BN: Int, layout: Int, a_rows: Int](
     other chains are in flight, which would make ptxas serialize every
     wgmma (C7514)."""
     var acc = acc_regs
+    comptime EB = size_of[dtype]()
+    comptime KSTEP = 32 // EB  # one wgmma's K: 16 for 16-bit inputs, 32 for e4m3 (32 bytes either way)
+    comptime assert EB == 2 or layout == LAYOUT_SW128, "score_tile_wgmma: 1-byte inputs read the SW128 layout"
     wgmma_fence_aligned()
-    comptime for kk in range(K // 16):
-        # row 0 at column kk * 16: the step's start (SW128: its panel plus 32 bytes a step)
-        comptime a_off = tile_offset[layout, a_rows, K](0, kk * 16)
-        comptime b_off = tile_offset[layout, BN, K](0, kk * 16)
+    comptime for kk in range(K // KSTEP):
+        # row 0 at column kk * KSTEP: the step's start (SW128: its panel plus 32 bytes a step)
+        comptime a_off = tile_offset[layout, a_rows, K, EB](0, kk * KSTEP)
+        comptime b_off = tile_offset[layout, BN, K, EB](0, kk * KSTEP)
         acc = wgmma_async[
-            64, BN, 16, DType.float32, BN // 2, a_type=dtype, b_type=dtype, layout_b="col", scale_d=0 if kk == 0 else 1
+            64, BN, KSTEP, DType.float32, BN // 2, a_type=dtype, b_type=dtype, layout_b="col",
+            scale_d=0 if kk == 0 else 1,
         ](kmajor_desc[dtype, layout, K](a_t.unsafe_offset(a_off)), kmajor_desc[dtype, layout, K](b_t.unsafe_offset(b_off)), acc)
     wgmma_commit_group_sync()
     return acc

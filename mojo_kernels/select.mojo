@@ -67,8 +67,9 @@ from .cpu_tiles import (
     tile_cols,
 )
 from .common import (
-    I64Ptr, KVAddr, idx_addr, LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, SW128_COLS, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
-    f32_neg_inf, frag_a, frag_b2, hopper_target, score_tile_wgmma, seq_of, tile_offset, wgmma_acc_fence,
+    I64Ptr, KVAddr, idx_addr, LAYOUT_CORE, LAYOUT_PADDED, LAYOUT_SW128, SMEM_OPTIN_BYTES, F32Ptr, Forced, I32MutPtr, I32Ptr, blocks_of,
+    cache_element, f32_neg_inf, frag_a, frag_b2, hopper_target, score_tile_wgmma, seq_of, sw128_cols, tile_offset,
+    wgmma_acc_fence,
 )
 
 comptime SEL_ROWS = 64  # (query, group) rows per tile
@@ -578,7 +579,7 @@ def select_tma_k[dtype: DType, idx_dim: Int, topk: Int, block_size: Int, wgmma: 
     """The wgmma sweep loads its K blocks through the TMA: one thread issues
     a block's 64-column panels (128B swizzle, the layout wgmma reads), and
     mbarriers replace the per-block barrier (Di a multiple of 64)."""
-    return wgmma and idx_dim % SW128_COLS == 0
+    return wgmma and idx_dim % sw128_cols[dtype]() == 0
 
 
 @__llvm_arg_metadata(k_desc, `nvvm.grid_constant`)
@@ -605,10 +606,14 @@ def select_mma_kernel[
     comptime DI = idx_dim
     comptime BS = block_size
     comptime KS = DI + 8  # padded row stride: conflict-free ldmatrix
-    comptime CPR = DI // 8  # 16-byte chunks per row
+    comptime EB = size_of[dtype]()  # 2, or 1 for the FP8 indexer (e4m3 q_idx and k_idx)
+    comptime CE = 16 // EB  # elements per 16-byte chunk
+    comptime CPR = DI // CE  # 16-byte chunks per row
+    comptime PC = sw128_cols[dtype]()  # columns per SW128 panel
     comptime WG = wgmma  # wgmma from shared memory (Hopper), else mma.sync
     # wgmma reads the 128B-swizzled layout where DI fills whole 64-column panels
-    comptime LAY = (LAYOUT_SW128 if DI % SW128_COLS == 0 else LAYOUT_CORE) if WG else LAYOUT_PADDED
+    comptime LAY = (LAYOUT_SW128 if DI % PC == 0 else LAYOUT_CORE) if WG else LAYOUT_PADDED
+    comptime assert EB == 2 or (WG and LAY == LAYOUT_SW128), "msa_select: e4m3 index inputs need wgmma and Di % 128 == 0"
     comptime assert not WG or _is_sm_9x(), "msa_select: wgmma needs sm_9x"
     comptime assert not WG or select_k_stages[dtype, idx_dim, topk, block_size, wgmma]() >= 3, "ring of 3+"
     comptime TMA_K = select_tma_k[dtype, idx_dim, topk, block_size, wgmma]() and not paged
@@ -646,11 +651,11 @@ def select_mma_kernel[
     # query tile: row r = qi * num_groups + g is q_idx row (q0 + i0) * num_groups + r
     for i in range(tid, ROWS_CTA * CPR, SEL_MMA_THREADS):
         var r = i // CPR
-        var c = (i % CPR) * 8
+        var c = (i % CPR) * CE
         if r < nrows:
-            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI](r, c)))
+            async_copy[16](qg.unsafe_offset(((q0 + i0) * num_groups + r) * DI + c), q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI, EB](r, c)))
         else:
-            q_s.unsafe_store[alignment=16](tile_offset[LAY, ROWS_CTA, DI](r, c), SIMD[dtype, 8](0))
+            q_s.unsafe_store[alignment=16](tile_offset[LAY, ROWS_CTA, DI, EB](r, c), SIMD[dtype, CE](0))
     async_copy_commit_group()
     var p_max = tk - tq + i0 + nq - 1
     var jmax = p_max // BS
@@ -664,11 +669,11 @@ def select_mma_kernel[
         var base = ka.block[paged](cu_k, b, j, BS)
         for i in range(tid, BS * CPR, SEL_MMA_THREADS):
             var key = i // CPR
-            var c = (i % CPR) * 8
+            var c = (i % CPR) * CE
             if j * BS + key < tk:
-                async_copy[16](kg.unsafe_offset(base + key * ka.key_stride + c), dst.unsafe_offset(tile_offset[LAY, BS, DI](key, c)))
+                async_copy[16](kg.unsafe_offset(base + key * ka.key_stride + c), dst.unsafe_offset(tile_offset[LAY, BS, DI, EB](key, c)))
             else:
-                dst.unsafe_store[alignment=16](tile_offset[LAY, BS, DI](key, c), SIMD[dtype, 8](0))
+                dst.unsafe_store[alignment=16](tile_offset[LAY, BS, DI, EB](key, c), SIMD[dtype, CE](0))
 
     # TMA_K: block j_lo + i lands in stage i % K_STAGES; k_full[s] completes
     # when its bytes have landed, k_empty[s] when all 8 warps have waited
@@ -682,10 +687,10 @@ def select_mma_kernel[
         """Block j_lo + i into stage i % K_STAGES (one thread)."""
         var st = i % K_STAGES
         k_full[unsafe_offset=st].expect_bytes(Int32(BS * DI * size_of[dtype]()))
-        comptime for p in range(DI // SW128_COLS):
+        comptime for p in range(DI // PC):
             cp_async_bulk_tensor_shared_cluster_global(
-                k_ring.unsafe_offset(st * K_ELEMS + p * BS * SW128_COLS), k_desc_p, k_full.unsafe_offset(st),
-                Index(p * SW128_COLS, k0 + (j_lo + i) * BS),
+                k_ring.unsafe_offset(st * K_ELEMS + p * BS * PC), k_desc_p, k_full.unsafe_offset(st),
+                Index(p * PC, k0 + (j_lo + i) * BS),
             )
 
     comptime if TMA_K:
@@ -732,8 +737,8 @@ def select_mma_kernel[
         # both warpgroups have waited for its chains (each did, before the
         # barrier).
         comptime assert HALVES == 2, "the wgmma sweep pipelines two halves per warpgroup"
-        var q_h0 = q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI]((wid // 4) * 2 * 64, 0))
-        var q_h1 = q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI]((wid // 4) * 2 * 64 + 64, 0))
+        var q_h0 = q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI, EB]((wid // 4) * 2 * 64, 0))
+        var q_h1 = q_s.unsafe_offset(tile_offset[LAY, ROWS_CTA, DI, EB]((wid // 4) * 2 * 64 + 64, 0))
         var acc0 = SIMD[DType.float32, BS // 2](0)
         var acc1 = SIMD[DType.float32, BS // 2](0)
 
@@ -891,31 +896,39 @@ def _launch_select[
     cu_q: I32Ptr, cu_k: I32Ptr, idx_scale: F32Ptr, table: I32Ptr, geom: I64Ptr, B: Int, T: Int, S: Int,
     ctx: DeviceContext,
 ) raises:
-    """S: rows of the packed k_idx (for its TMA descriptor; unused when paged)."""
+    """S: rows of the packed k_idx (for its TMA descriptor; unused when paged).
+    uint8 q_idx and k_idx carry e4m3 bytes: the FP8 indexer (CPU, or wgmma
+    on Hopper with Di a multiple of 128)."""
+    comptime edt = cache_element[dtype]()
+    var qe = q_idx.unsafe_bitcast[Scalar[edt]]()
+    var ke = k_idx.unsafe_bitcast[Scalar[edt]]()
     comptime if is_cpu[target]():
-        _select_cpu[dtype, idx_dim, topk, block_size, init_blocks, local_blocks, paged](
-            block_ids, q_idx, k_idx, cu_q, cu_k, idx_scale[unsafe_offset=0], B, num_groups, T,
+        _select_cpu[edt, idx_dim, topk, block_size, init_blocks, local_blocks, paged](
+            block_ids, qe, ke, cu_q, cu_k, idx_scale[unsafe_offset=0], B, num_groups, T,
             idx_addr[paged, idx_dim](table, geom),
         )
-    elif select_mma_supported[dtype, idx_dim, block_size]():
+    elif edt == DType.float8_e4m3fn or select_mma_supported[dtype, idx_dim, block_size]():
         # wgmma on Hopper where its tile and K ring fit, mma.sync elsewhere
-        comptime wgmma = hopper_target() and select_wgmma_fits[dtype, idx_dim, topk, block_size]()
-        comptime QPT = max(1, select_rows[dtype, idx_dim, topk, block_size, wgmma]() // num_groups)
-        comptime smem = select_mma_smem_bytes[dtype, idx_dim, topk, block_size, wgmma]()
+        comptime wgmma = hopper_target() and select_wgmma_fits[edt, idx_dim, topk, block_size]()
+        comptime assert edt != DType.float8_e4m3fn or (wgmma and idx_dim % sw128_cols[edt]() == 0), (
+            "msa_select: e4m3 index inputs need Hopper (wgmma) and Di a multiple of 128"
+        )
+        comptime QPT = max(1, select_rows[edt, idx_dim, topk, block_size, wgmma]() // num_groups)
+        comptime smem = select_mma_smem_bytes[edt, idx_dim, topk, block_size, wgmma]()
         comptime assert smem <= SMEM_OPTIN_BYTES, "msa_select: idx_dim, block_size and topk need too much shared memory"
         comptime kernel = select_mma_kernel[
-            dtype, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma, paged
+            edt, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, wgmma, paged
         ]
         var num_tiles = T // QPT + B
         var k_desc = TMADescriptor()  # unused unless the sweep takes K through the TMA
-        comptime if select_tma_k[dtype, idx_dim, topk, block_size, wgmma]() and not paged:
-            # k_idx as [S, Di] rows; a box is one block of keys by one 64-column panel
-            var k_buf = DeviceBuffer[dtype](ctx, k_idx.unsafe_mut_cast[True](), S * idx_dim, owning=False)
-            k_desc = create_tma_descriptor[dtype, 2, TensorMapSwizzle.SWIZZLE_128B](
-                k_buf, Index(S, idx_dim), Index(idx_dim, 1), Index(block_size, SW128_COLS)
+        comptime if select_tma_k[edt, idx_dim, topk, block_size, wgmma]() and not paged:
+            # k_idx as [S, Di] rows; a box is one block of keys by one 128-byte panel
+            var k_buf = DeviceBuffer[edt](ctx, ke.unsafe_mut_cast[True](), S * idx_dim, owning=False)
+            k_desc = create_tma_descriptor[edt, 2, TensorMapSwizzle.SWIZZLE_128B](
+                k_buf, Index(S, idx_dim), Index(idx_dim, 1), Index(block_size, sw128_cols[edt]())
             )
         ctx.enqueue_function[kernel](
-            block_ids, q_idx, k_idx, cu_q, cu_k, idx_scale, Int32(B), Int32(T), Int32(num_tiles), k_desc, table, geom,
+            block_ids, qe, ke, cu_q, cu_k, idx_scale, Int32(B), Int32(T), Int32(num_tiles), k_desc, table, geom,
             grid_dim=num_tiles,
             block_dim=SEL_MMA_THREADS,
             shared_mem_bytes=smem,

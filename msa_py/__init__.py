@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 _TORCH_API = ("select_blocks", "invert", "block_attention", "combine", "forced_combine", "sparse_attention",
               "msa_attention", "sparse_attention_backward", "block_mass", "index_block_scores", "indexer_kl_loss",
-              "paged_msa_attention", "paged_select_blocks", "paged_sparse_attention", "paged_append", "quantize_cache")
+              "paged_msa_attention", "paged_select_blocks", "paged_sparse_attention", "paged_append", "quantize_cache",
+              "quantize_index")
 __all__ = list(_TORCH_API) + ["PagedDecodePlan"]
 
 

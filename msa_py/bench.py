@@ -94,7 +94,12 @@ def make_inputs(torch, spec: E.Spec, T: int, S: int, device, scenario: str, seed
         hot = torch.randperm(nblk, generator=g)[: max(1, min(8, nblk // 4))]
         for j in hot.tolist():
             ki[j * spec.block_size : (j + 1) * spec.block_size] += 3.0 * u
-    return q, k, v, qi.to(device=device, dtype=dt), ki.to(device=device, dtype=dt)
+    qi, ki = qi.to(device=device, dtype=dt), ki.to(device=device, dtype=dt)
+    if spec.idx_dtype:  # the FP8 indexer: e4m3 index inputs (msa_py.quantize_index)
+        from .torch_ops import quantize_index
+
+        qi, ki = quantize_index(qi, ki)[:2]
+    return q, k, v, qi, ki
 
 
 def causal_pairs(T: int, S: int) -> int:
@@ -141,7 +146,9 @@ class MSARunner:
         self.spec, self.device = spec, device
 
     def buffers(self, torch, q, k, v, qi, ki, T, S):
-        from .torch_ops import _buf
+        from .torch_ops import _buf, _idx_bytes
+
+        qi, ki = _idx_bytes(qi), _idx_bytes(ki)
 
         cu_q = torch.tensor([0, T], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, S], dtype=torch.int32, device=q.device)
@@ -325,11 +332,23 @@ def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> 
 
     T = S = L
     row = dict(T=T, S=S, layer_only=True)
-    q, k, v, qi, ki = make_inputs(torch, spec, T, S, tdev, "uniform", seed=0)
-    kw = dict(topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
-              local_blocks=spec.local_blocks, q_budget=spec.q_budget)
+    q, k, v, qi, ki = make_inputs(torch, replace(spec, idx_dtype=""), T, S, tdev, "uniform", seed=0)
+    sel_kw = dict(topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
+                  local_blocks=spec.local_blocks)
+    kw = dict(sel_kw, q_budget=spec.q_budget)
+    n = max(1, repeats // 2)
     _progress(li, steps, f"T={L}: MSA layer (one call)")
-    row["msa_ms"] = ttm(lambda: torch_ops.msa_attention(q, k, v, qi, ki, **kw), max(1, repeats // 2))
+    if spec.idx_dtype:  # the FP8 indexer, and the bf16 one on the same inputs (the layer quantizes them each call)
+        row["msa_bf16_index_ms"] = ttm(lambda: torch_ops.msa_attention(q, k, v, qi, ki, **kw), n)
+        row["select_bf16_ms"] = ttm(lambda: torch_ops.select_blocks(qi, ki, **sel_kw), 1)
+        q8, k8 = torch_ops.quantize_index(qi, ki)[:2]
+        row["select_ms"] = ttm(lambda: torch_ops.select_blocks(q8, k8, **sel_kw), 1)
+        del q8, k8
+        kw["index_dtype"] = torch.float8_e4m3fn
+    else:
+        row["select_ms"] = ttm(lambda: torch_ops.select_blocks(qi, ki, **sel_kw), 1)
+    row["select_tflops"] = select_tflops(spec, T, S, row["select_ms"])
+    row["msa_ms"] = ttm(lambda: torch_ops.msa_attention(q, k, v, qi, ki, **kw), n)
     per_q = V.workspace_bytes_per_query(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.topk, q.element_size(),
                                         S, spec.block_size, spec.q_budget)
     row["pieces"] = -(-T // max(1, torch_ops._workspace_budget(q, None) // per_q))
@@ -343,11 +362,18 @@ def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> 
     _progress(li, steps, f"T={L}: dense SDPA")
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
-    row["dense_ms"] = ttm(lambda: dense_sdpa(torch, q, k, v, S), 1)
+    if device != "cpu":  # one warm-up call: at 1M a dense call takes ~37 s
+        from .timing import time_torch
+
+        row["dense_ms"] = time_torch(lambda: dense_sdpa(torch, q, k, v, S), warmup=1, iters=1)["median"]
+    else:
+        row["dense_ms"] = ttm(lambda: dense_sdpa(torch, q, k, v, S), 1)
     if device != "cpu":
         row["dense_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     row["dense_tflops"] = dense_flops / (row["dense_ms"] * 1e-3) / 1e12
     row["speedup_vs_dense"] = row["dense_ms"] / row["msa_ms"]
+    if "msa_bf16_index_ms" in row:
+        row["bf16_index_speedup_vs_dense"] = row["dense_ms"] / row["msa_bf16_index_ms"]
     return row
 
 
@@ -424,6 +450,8 @@ COLUMNS = [
     ("block_attention_ms", "attn", "{:8.3f}"),
     ("combine_ms", "combine", "{:8.3f}"),
     ("msa_ms", "MSA", "{:8.3f}"),
+    ("msa_bf16_index_ms", "MSA bf16 idx", "{:12.3f}"),
+    ("select_bf16_ms", "sel bf16 idx", "{:12.3f}"),
     ("msa_chunked_ms", "chunked", "{:8.3f}"),
     ("dense_ms", "dense", "{:8.3f}"),
     ("gather_ms", "gather", "{:8.3f}"),
@@ -435,6 +463,7 @@ COLUMNS = [
     ("forced_pct_peak", "fp %pk", "{:6.1f}"),
     ("invert_combine_pct", "inv+cmb %", "{:9.1f}"),
     ("speedup_vs_dense", "x dense", "{:7.2f}"),
+    ("bf16_index_speedup_vs_dense", "x dense bf16 idx", "{:16.2f}"),
     ("peak_gb", "peak GB", "{:7.1f}"),
     ("pieces", "pieces", "{:6d}"),
     ("speedup_vs_gather", "x gather", "{:8.2f}"),
@@ -443,7 +472,7 @@ COLUMNS = [
 
 def _config_text(c: dict) -> str:
     return (f"{c['dtype']} Hq {c['num_heads']} Hkv {c['num_kv_heads']} D {c['head_dim']} Di {c['idx_dim']} "
-            f"topk {c['topk']} block {c['block_size']}")
+            f"topk {c['topk']} block {c['block_size']}" + (", FP8 indexer (e4m3 q_idx, k_idx)" if c.get("idx_dtype") else ""))
 
 
 def table(result: dict) -> str:

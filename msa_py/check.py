@@ -6,6 +6,7 @@
     python -m msa_py.check --device gpu --ties 400   # the exact-tie selection family
     python -m msa_py.check --device gpu --backward   # gradients against the reference
     python -m msa_py.check --device gpu --paged      # paged and e4m3 caches (torch layer)
+    python -m msa_py.check --device gpu --fp8-index  # the FP8 indexer; the layer in one call at 1M
 
 For each case it runs the "stages" graph (every stage's output; the
 "decode_stages" graph for decode cases) and compares:
@@ -499,6 +500,131 @@ def check_paged(case, device: str, seed: int = 0, log=print, time_it: bool = Tru
     return bool(ok)
 
 
+# --------------------------------------------------------------------------- the FP8 indexer, and one long call
+# Selections of the FP8 indexer (q_idx per row and k_idx per tensor
+# quantized to e4m3, msa_py.quantize_index) against the reference on the
+# dequantized inputs (exact, or a near tie: e4m3 products summed in fp32 on
+# the tensor cores), and the whole layer in one call at 1M tokens (split
+# internally under its workspace budget) on sampled queries.
+# (name, seqs [(Tq, Tk)], Hkv, Di, topk, block_size, sample rows or None)
+FP8_INDEX = [
+    ("fp8idx_ragged", [(700, 700), (200, 900), (1, 1), (129, 300), (1000, 5000)], 2, 128, 4, 128, None),
+    ("fp8idx_32k_model_shape", [(32768, 32768)], 4, 128, 16, 128, 64),
+]
+# (name, T, Hq, Hkv, D, Di, topk, block_size, dtype, sample rows, FP8 indexer)
+LONG = [
+    ("long_1m_fp8", 1 << 20, 64, 4, 128, 128, 16, 128, "bfloat16", 12, True),
+    ("long_1m_bf16", 1 << 20, 64, 4, 128, 128, 16, 128, "bfloat16", 12, False),
+]
+
+
+def _rows(T: int, sample, seed: int):
+    if sample is None:
+        return None
+    rows = np.random.default_rng(seed + 1).choice(T, sample, replace=False)
+    return np.unique(np.concatenate([[0, T - 1], rows]))
+
+
+def check_fp8_index(case, device: str, seed: int = 0, log=print) -> bool:
+    import torch
+
+    import msa_py
+
+    from . import verify as Vf
+
+    name, seqs, Hkv, Di, topk, bs, sample = case
+    dev = "cuda" if device == "gpu" else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    T, S = sum(t for t, _ in seqs), sum(s for _, s in seqs)
+    qi = torch.randn(T, Hkv, Di, generator=g, device=dev).bfloat16()
+    ki = (torch.randn(S, Di, generator=g, device=dev) * 3).bfloat16()
+    cu_q = torch.tensor(np.concatenate([[0], np.cumsum([t for t, _ in seqs])]), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor(np.concatenate([[0], np.cumsum([s for _, s in seqs])]), dtype=torch.int32, device=dev)
+    q8, k8, qs, ks = msa_py.quantize_index(qi, ki)
+    bid = msa_py.select_blocks(q8, k8, cu_q, cu_k, topk=topk, block_size=bs)
+    t_ms = float("nan")
+    if dev == "cuda":
+        from .timing import time_torch
+
+        t_ms = time_torch(lambda: msa_py.select_blocks(q8, k8, cu_q, cu_k, topk=topk, block_size=bs), iters=5)["median"]
+    host = lambda x: x.detach().cpu().double().numpy()  # noqa: E731
+    sel = Vf.selection_report(bid.cpu().numpy(), host(q8.double() * qs.double()), host(k8.double() * ks.double()),
+                              cu_q.cpu().numpy(), cu_k.cpu().numpy(), block_size=bs, init_blocks=1, local_blocks=2,
+                              rows=_rows(T, sample, seed))
+    # against the 16-bit indexer on the unquantized inputs: how often quantization changes a block
+    b16 = msa_py.select_blocks(qi, ki, cu_q, cu_k, topk=topk, block_size=bs)
+    same = (bid.unsqueeze(-1) == b16.unsqueeze(-2)).any(-1) & (bid >= 0)
+    overlap = float(same.sum()) / max(1, int((b16 >= 0).sum()))
+    ok = not sel["bad"]
+    log(f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} Hkv={Hkv} Di={Di} topk={topk} bs={bs} e4m3 | select exact "
+        f"{sel['exact']}/{sel['rows']} ties {sel['near_ties']} bad {len(sel['bad'])} (reference on the dequantized "
+        f"inputs) | blocks shared with the bf16 indexer {100 * overlap:.2f}% | select {t_ms:.3f} ms")
+    return ok
+
+
+def check_long(case, device: str, seed: int = 0, log=print) -> bool:
+    """msa_attention in one call (its default workspace budget) against the
+    float64 reference on sampled queries: the selection (exact or a near tie)
+    and out / lse over the kernel's selection."""
+    import torch
+
+    import msa_py
+
+    from . import verify as Vf
+
+    name, T, Hq, Hkv, D, Di, topk, bs, dtype, sample, fp8 = case
+    dev = "cuda" if device == "gpu" else "cpu"
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=dev).to(dt)  # noqa: E731
+    q, k, v, qi, ki = r(T, Hq, D), r(T, Hkv, D), r(T, Hkv, D), r(T, Hkv, Di), r(T, Di)
+    t0 = time.time()
+    kw = dict(index_dtype=torch.float8_e4m3fn) if fp8 else {}
+    out, lse = msa_py.msa_attention(q, k, v, qi, ki, topk=topk, block_size=bs, **kw)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t_call = time.time() - t0
+    if fp8:
+        q8, k8, qs, ks = msa_py.quantize_index(qi, ki)
+        bid = msa_py.select_blocks(q8, k8, topk=topk, block_size=bs)
+        qi_ref, ki_ref = q8.double() * qs.double(), k8.double() * ks.double()
+        del q8, k8
+    else:
+        bid = msa_py.select_blocks(qi, ki, topk=topk, block_size=bs)
+        qi_ref, ki_ref = qi, ki
+    rows = _rows(T, sample, seed)
+    cu = np.array([0, T])
+    host = lambda x: x.detach().cpu().double().numpy()  # noqa: E731
+    bid_h = bid.cpu().numpy()
+    sel = Vf.selection_report(bid_h, host(qi_ref), host(ki_ref), cu, cu, block_size=bs, init_blocks=1, local_blocks=2,
+                              rows=rows)
+    del qi_ref, ki_ref
+    ro, rl = Vf.attention_rows_reference(_RowsView(q, rows), host(k), host(v), bid_h, cu, cu, rows, block_size=bs,
+                                         scale=1.0 / math.sqrt(D))
+    idx = torch.as_tensor(rows, device=dev)
+    e_out, e_lse = Vf.rel_err(host(out[idx]), ro), Vf.rel_err(host(lse[idx]), rl)
+    tol = Vf.tolerance(dtype)
+    ok = not sel["bad"] and e_out <= tol and e_lse <= tol
+    peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else float("nan")
+    log(f"{'PASS' if ok else 'FAIL'} {name:24s} T=S={T} Hq={Hq} Hkv={Hkv} D={D} Di={Di} topk={topk} {dtype}"
+        f"{' FP8 indexer' if fp8 else ''} | one call {t_call:.2f} s (first, with compile), torch peak {peak:.1f} GB | "
+        f"select exact {sel['exact']}/{sel['rows']} ties {sel['near_ties']} bad {len(sel['bad'])} | rel err out "
+        f"{_err(e_out)} lse {_err(e_lse)} on {len(rows)} sampled queries (tol {tol:g})")
+    return ok
+
+
+class _RowsView:
+    """q's sampled rows, indexed by their global row number (what
+    attention_rows_reference reads: q[t : t + 1]), without copying all of q
+    to the host."""
+
+    def __init__(self, q, rows):
+        self.rows = {int(t): q[int(t)].detach().cpu().double().numpy() for t in rows}
+
+    def __getitem__(self, sl):
+        return self.rows[sl.start][None]
+
+
 def _spec(case):
     """The compiled configuration of a case (decode cases carry a 12th field True)."""
     from . import engine as E
@@ -531,7 +657,25 @@ def main(argv=None) -> int:
     ap.add_argument("--backward", action="store_true", help="run the backward cases (BACKWARD) instead")
     ap.add_argument("--paged", action="store_true",
                     help="run the paged-cache cases (PAGED: 16-bit and e4m3 caches, torch layer) instead")
+    ap.add_argument("--fp8-index", action="store_true",
+                    help="run the FP8 indexer cases (FP8_INDEX) and, unless --no-large, the 1M one-call cases (LONG)")
     args = ap.parse_args(argv)
+    if args.fp8_index and args.device != "virtual":
+        dev = "gpu" if args.device == "gpu" else "cpu"
+        only = args.only.split(",") if args.only else None
+        idx = [c for c in FP8_INDEX if (c[0] in only if only else not (dev == "cpu" and c[-1] is not None))]
+        long = [c for c in LONG if (c[0] in only if only else not (args.no_large or dev == "cpu"))]
+        print(f"msa_py.check --device {args.device} --fp8-index: {len(idx) + len(long)} cases, "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        ok = True
+        for i, c in enumerate(idx + long):
+            try:
+                ok &= (check_fp8_index if c in idx else check_long)(c, dev, seed=i)
+            except Exception as e:
+                ok = False
+                print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
+        print("CHECK PASSED" if ok else "CHECK FAILED")
+        return 0 if ok else 1
     if args.paged and args.device != "virtual":
         dev = "gpu" if args.device == "gpu" else "cpu"
         cases = [c for c in PAGED if (c[0] in args.only.split(",") if args.only else
@@ -619,10 +763,12 @@ def _virtual(case) -> bool:
         builds.append(("paged_msa", spec))
         # and over e4m3 caches: the decode kernels reading e4m3, or the pages widened for the prefill kernels
         builds.append(("paged_msa", replace(spec, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn")))
+        if not spec.decode:  # and the layer on the FP8 indexer (e4m3 wgmma, its TMA descriptor)
+            builds.append(("msa", replace(spec, idx_dtype="float8_e4m3fn")))
     for kind, sp in builds:
         t0 = time.time()
         E.model(kind, sp, "gpu")
-        fp8 = " (e4m3 caches)" if sp.kv_cache_dtype else ""
+        fp8 = " (e4m3 caches)" if sp.kv_cache_dtype else " (FP8 indexer)" if sp.idx_dtype else ""
         print(f"{case[0]:24s} {kind}{fp8} graph compiled for sm_90 in {time.time() - t0:.1f} s")
     return True
 

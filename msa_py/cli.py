@@ -64,6 +64,8 @@ def _spec(args, device: str) -> E.Spec:
                  ("q_budget", "q_budget")):
         if getattr(args, a, None) is not None:
             kw[k] = getattr(args, a)
+    if getattr(args, "index_dtype", "auto") == "fp8":
+        kw["idx_dtype"] = "float8_e4m3fn"
     from ._validate import Config
 
     Config(kw["topk"], kw["block_size"], q_budget=kw["q_budget"]).check()
@@ -201,6 +203,10 @@ def _bench_decode(args, device: str, spec) -> int:
 
     batches = [int(x) for x in args.batches.split(",")] if args.batches else ([1, 8, 32, 64] if device != "cpu" else [2])
     contexts = _lengths(args.contexts) if args.contexts else ([16384, 32768, 65536, 131072] if device != "cpu" else [256])
+    if spec.idx_dtype:
+        print("msa bench --decode: --index-dtype fp8 is the prefill indexer's (decode reads e4m3 index keys through "
+              "--paged --kv-dtype fp8)", file=sys.stderr)
+        return 2
     if args.kv_dtype == "fp8" and not args.paged:
         print("msa bench --decode --kv-dtype fp8 needs --paged (FP8 caches are paged caches)", file=sys.stderr)
         return 2
@@ -240,6 +246,8 @@ def main(argv=None) -> int:
     b.add_argument("--paged", action="store_true", help="decode: also time the paged layer on the same caches as pages")
     b.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
                    help="decode --paged: fp8 also times e4m3 caches (K, V, index keys)")
+    b.add_argument("--index-dtype", choices=("auto", "fp8"), default="auto",
+                   help="prefill: fp8 runs the FP8 indexer (q_idx and k_idx quantized to e4m3, e4m3 wgmma)")
     b.add_argument("--world-size", type=int, default=0,
                    help="several devices under torchrun: context- and tensor-parallel MSA against one device")
     b.add_argument("--backward", action="store_true",

@@ -71,6 +71,7 @@ class Spec:
     forced_pass: bool = True  # the layer's forced blocks query-major, fused with the merge (graph.msa_attention)
     kv_cache_dtype: str = ""  # paged K / V caches: "" (dtype) or "float8_e4m3fn"
     idx_cache_dtype: str = ""  # paged index-key cache: "" (dtype) or "float8_e4m3fn"
+    idx_dtype: str = ""  # contiguous q_idx / k_idx: "" (dtype) or "float8_e4m3fn" (the FP8 indexer, uint8 bytes)
 
 
 def _dt(name: str):
@@ -99,8 +100,8 @@ def _types(spec: Spec, dev):
         "q": TensorType(x, [T, Hq, D], device=dev),
         "k": TensorType(x, [S, Hkv, D], device=dev),
         "v": TensorType(x, [S, Hkv, D], device=dev),
-        "q_idx": TensorType(x, [T, Hkv, Di], device=dev),
-        "k_idx": TensorType(x, [S, Di], device=dev),
+        "q_idx": TensorType(_cache_dt(spec.idx_dtype) if spec.idx_dtype else x, [T, Hkv, Di], device=dev),
+        "k_idx": TensorType(_cache_dt(spec.idx_dtype) if spec.idx_dtype else x, [S, Di], device=dev),
         "cu_q": TensorType(i32, [B1], device=dev),
         "cu_k": TensorType(i32, [B1], device=dev),
         "scale": TensorType(DType.float32, [1], device=dev),

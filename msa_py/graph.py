@@ -236,18 +236,38 @@ def select_blocks(
 
     decode: None picks the decode indexer (split over keys, for a few queries
     per sequence) when T <= DECODE_MAX_Q * B with static T and B; True/False force it.
+
+    The FP8 indexer: q_idx and k_idx both uint8, holding e4m3 bytes (MAX's
+    CPU device has no float8 tensors), e.g. from `quantize_e4m3`. Scores are
+    e4m3 products summed in fp32 (wgmma e4m3 on Hopper, Di a multiple of
+    128; any Di on the CPU). Any positive scale of a query row or of all keys
+    leaves the ranking unchanged, so per-row query scales and a per-tensor
+    key scale need not be passed: the selection is the reference's on the
+    dequantized inputs. The general (query-tiled) indexer runs it, for
+    decode-sized calls too.
     """
     T, S, Hkv, Di = V.index_dims(_shape(q_idx), _shape(k_idx))
-    V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
+    fp8 = _fp8_index(q_idx, k_idx)
+    if not fp8:
+        V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
     V.Config(topk, block_size, init_blocks, local_blocks).check()
     dev = q_idx.device
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q_idx.shape[0], k_idx.shape[0], dev)
     Di = _static("q_idx index dim Di", Di)
     Hkv = _static("q_idx groups Hkv", Hkv)
-    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
     scale = _scale_value(idx_scale, 1.0 / math.sqrt(Di), dev)
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks,
               "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
+    if fp8:
+        if str(dev.device_type) != "cpu" and Di % 128 != 0:
+            raise ValueError(f"the FP8 indexer (uint8 e4m3 q_idx, k_idx) on the GPU needs Di a multiple of 128 "
+                             f"(Hopper wgmma on 128-byte rows), got Di={Di}")
+        return ops.custom(  # the general indexer, decode or not (the decode indexer reads 16-bit queries)
+            "msa_select", device=dev, values=[q_idx, k_idx, cu_q, cu_k, scale],
+            out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
+            parameters=params,
+        )[0].tensor
+    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
     if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
                   block_size=block_size, topk=topk):
         B = _num_seqs(cu_q)
@@ -271,6 +291,15 @@ def select_blocks(
         out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
         parameters=params,
     )[0].tensor
+
+
+def _fp8_index(q_idx: TensorValue, k_idx: TensorValue) -> bool:
+    """Whether the index inputs are e4m3 bytes (uint8, both of them)."""
+    u8 = (q_idx.dtype == DType.uint8, k_idx.dtype == DType.uint8)
+    if u8[0] != u8[1]:
+        raise ValueError(f"q_idx and k_idx must both be uint8 (e4m3 bytes, the FP8 indexer) or both floating; got "
+                         f"{q_idx.dtype} and {k_idx.dtype}")
+    return u8[0]
 
 
 def invert(

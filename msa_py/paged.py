@@ -21,12 +21,10 @@ import torch
 from . import _validate as V
 from . import engine as E
 from .torch_ops import (
-    _DTYPES, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run, _scale_tensor,
-    _spec, _value_checks_off,
+    _DTYPES, FP8, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run,
+    _scale_tensor, _spec, _value_checks_off, to_e4m3,
 )
 
-
-FP8 = torch.float8_e4m3fn
 
 
 class CacheFormat(NamedTuple):
@@ -396,4 +394,4 @@ def quantize_cache(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> t
     nearest and saturated at +-448 (e4m3 has no infinity); other dtypes x."""
     if dtype != FP8:
         return x.to(dtype)
-    return (x.float() / scale).clamp(-448.0, 448.0).to(FP8)
+    return to_e4m3(x, scale)

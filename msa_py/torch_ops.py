@@ -30,6 +30,8 @@ from . import _validate as V
 from . import engine as E
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
 _STRIDED = ("k_cache", "v_cache", "k_idx_cache")  # paged caches: any strides, the last dimension contiguous
 
 
@@ -213,6 +215,58 @@ def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = N
                for st, d in dims if d is not None)
 
 
+# --------------------------------------------------------------------------- e4m3
+def to_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
+    """x / scale rounded to nearest e4m3 and saturated at +-448 (e4m3 has no
+    infinity); scale a float or a tensor broadcasting against x."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
+def quantize_index(q_idx: torch.Tensor, k_idx: torch.Tensor):
+    """The FP8 indexer's inputs: (q_idx_e4m3, k_idx_e4m3, q_scale, k_scale).
+
+    q_idx [T, Hkv, Di] gets one scale per (token, group) row, q_scale
+    [T, Hkv, 1]; k_idx [S, Di] one per tensor, k_scale [1] (fp32, each the
+    amax / 448, computed on the device: no sync). q_idx ~ q_idx_e4m3 *
+    q_scale and k_idx ~ k_idx_e4m3 * k_scale. A positive scale per query row,
+    or one for all keys, does not change a row's ranking of blocks, so the
+    selection from the e4m3 values is the reference's on the dequantized
+    ones, and the kernels never need the scales. Inputs should be finite
+    (NaN counts as 0 in the amax)."""
+    qs = q_idx.abs().amax(-1, keepdim=True).float().nan_to_num(0.0).clamp_min(1e-30) / E4M3_MAX
+    ks = k_idx.abs().amax().reshape(1).float().nan_to_num(0.0).clamp_min(1e-30) / E4M3_MAX
+    return to_e4m3(q_idx, qs), to_e4m3(k_idx, ks), qs, ks
+
+
+def _index_format(q_idx: torch.Tensor, k_idx: torch.Tensor, index_dtype, q: Optional[torch.Tensor] = None):
+    """(q_idx, k_idx, fp8): e4m3 index inputs pass as they are; index_dtype
+    torch.float8_e4m3fn quantizes 16-/32-bit ones (quantize_index); else
+    the inputs' dtype must be q's. Checks the FP8 indexer's shape limit on
+    CUDA (Di a multiple of 128) before any kernel."""
+    if index_dtype not in (None, FP8):
+        raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn, got {index_dtype}")
+    fp8 = (q_idx.dtype == FP8, k_idx.dtype == FP8)
+    if fp8[0] != fp8[1]:
+        raise ValueError(f"q_idx and k_idx must both be torch.float8_e4m3fn or neither, got {q_idx.dtype} and "
+                         f"{k_idx.dtype}")
+    if not fp8[0] and index_dtype is None:
+        return q_idx, k_idx, False
+    Di = q_idx.shape[-1]
+    if q_idx.is_cuda and Di % 128 != 0:
+        raise ValueError(f"the FP8 indexer on CUDA needs Di a multiple of 128 (wgmma on 128-byte rows), got Di={Di}")
+    if not fp8[0]:
+        if q is not None:
+            V.check_same_dtype([("q", _dtype_name("q", q)), ("q_idx", _dtype_name("q_idx", q_idx)),
+                                ("k_idx", _dtype_name("k_idx", k_idx))])
+        q_idx, k_idx = quantize_index(q_idx, k_idx)[:2]
+    return q_idx, k_idx, True
+
+
+def _idx_bytes(x: torch.Tensor) -> torch.Tensor:
+    """e4m3 index inputs as the uint8 the graphs take."""
+    return x.view(torch.uint8) if x.dtype == FP8 else x
+
+
 # --------------------------------------------------------------------------- select_blocks
 @torch.library.custom_op("msa::select_blocks", mutates_args=())
 def _select_op(
@@ -227,10 +281,12 @@ def _select_op(
     out = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q_idx.device)
     if T == 0:
         return out
-    spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
-                 init_blocks=init_blocks, local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
+    fp8 = q_idx.dtype == FP8
+    spec = _spec("bfloat16" if fp8 else _DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
+                 init_blocks=init_blocks, local_blocks=local_blocks, idx_dtype="float8_e4m3fn" if fp8 else "",
+                 decode=not fp8 and _decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
     _run("select", spec, _device_key(q_idx),
-         dict(q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+         dict(q_idx=_idx_bytes(q_idx), k_idx=_idx_bytes(k_idx), cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               idx_scale=_scale_tensor(idx_scale, q_idx)), [out])
     return out
 
@@ -251,15 +307,23 @@ def select_blocks(
     init_blocks: int = 1,
     local_blocks: int = 2,
     idx_scale: Optional[float] = None,
+    index_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Steps 1-3: block_ids [Hkv, T, topk] int32, ascending, -1 padded.
 
     q_idx [T, Hkv, Di], k_idx [S, Di]; cu_seqlens [B+1] int32 (None: one
     sequence whose queries are the last T of its S keys).
+
+    The FP8 indexer: q_idx and k_idx as torch.float8_e4m3fn (scales not
+    needed: see quantize_index), or index_dtype=torch.float8_e4m3fn to
+    quantize 16-/32-bit ones first. e4m3 products summed in fp32 (Hopper
+    wgmma at twice the bf16 rate; Di a multiple of 128 on CUDA).
     """
     _check_tensors(q_idx=q_idx, k_idx=k_idx, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     T, S, Hkv, Di = V.index_dims(tuple(q_idx.shape), tuple(k_idx.shape))
-    V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
+    q_idx, k_idx, fp8 = _index_format(q_idx, k_idx, index_dtype)
+    if not fp8:
+        V.check_same_dtype([("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
     V.Config(topk, block_size, init_blocks, local_blocks).check()
     V.check_cu_seqlens_shapes(None if cu_seqlens_q is None else tuple(cu_seqlens_q.shape),
                               None if cu_seqlens_k is None else tuple(cu_seqlens_k.shape))
@@ -363,6 +427,8 @@ def _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_
     """The compiled-model key of the fused pipeline (contiguous or paged; fields: the paged caches' dtypes)."""
     T, Hq, D = q.shape
     Di = q_idx.shape[2]
+    if q_idx.dtype == FP8:
+        fields = dict(fields, idx_dtype="float8_e4m3fn")
     return _spec(_DTYPES[q.dtype], Hq, Hkv, D, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
                  local_blocks=local_blocks, q_budget=q_budget,
                  decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk), **fields)
@@ -384,7 +450,7 @@ def _msa_op(
         return out, lse, block_ids
     spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget)
     _run("msa", spec, _device_key(q),
-         dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+         dict(q=q, k=k, v=v, q_idx=_idx_bytes(q_idx), k_idx=_idx_bytes(k_idx), cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse, block_ids])
     return out, lse, block_ids
 
@@ -516,6 +582,7 @@ def msa_attention(
     idx_scale: Optional[float] = None,
     q_budget: int = 64,
     max_workspace_bytes: Optional[int] = None,
+    index_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA: select blocks with the indexer, then attend over them.
 
@@ -523,6 +590,12 @@ def msa_attention(
     (bf16, fp16 or fp32); cu_seqlens_q/k [B+1] int32 prefix sums (None: one
     sequence whose queries are the last T of its S keys). Returns
     out [T, Hq, D] (q's dtype) and lse [T, Hq] (fp32, natural log).
+
+    The FP8 indexer: index_dtype=torch.float8_e4m3fn quantizes q_idx (a
+    scale per (token, group) row) and k_idx (one scale) to e4m3 and selects
+    on FP8 tensor cores; or pass q_idx and k_idx already as e4m3
+    (quantize_index). The selection is the reference's on the dequantized
+    index inputs (ties the rounding creates aside).
 
     Any length that fits the inputs: the partials and the work list take
     `workspace_bytes_per_query` bytes a query (262 KB at Hq 64, D 128, topk
@@ -542,7 +615,10 @@ def msa_attention(
     if (Ti, Si, Hkv_i) != (T, S, Hkv):
         raise ValueError(f"q_idx/k_idx must have T={T}, S={S}, Hkv={Hkv} like q/k, got q_idx "
                          f"{tuple(q_idx.shape)}, k_idx {tuple(k_idx.shape)}")
-    V.check_same_dtype([("q", dn), ("q_idx", _dtype_name("q_idx", q_idx)), ("k_idx", _dtype_name("k_idx", k_idx))])
+    q_idx, k_idx, fp8 = _index_format(q_idx, k_idx, index_dtype, q)
+    if not fp8:
+        V.check_same_dtype([("q", dn), ("q_idx", _dtype_name("q_idx", q_idx)),
+                            ("k_idx", _dtype_name("k_idx", k_idx))])
     V.Config(topk, block_size, init_blocks, local_blocks, q_budget).check()
     V.check_int32_range(T, S, topk, Hq, Hkv)
     V.check_scale("scale", scale)
