@@ -8,9 +8,8 @@
 #   1. row offsets: the inversion's numbering of the blocks of all sequences;
 #   2. scores: one thread block per DEC_BLOCKS consecutive block rows. Each
 #      free block is scored for the first max_q queries x Hkv groups of its
-#      sequence at once on tensor cores (keys in M from a ring of shared-
-#      memory stages, 2 for 16-bit keys and 4 for e4m3 ones, which are
-#      widened into one 16-bit stage; (query, group) rows in N held in registers;
+#      sequence at once on tensor cores (keys in M from double-buffered
+#      shared memory, (query, group) rows in N held in registers;
 #      the same fp32 products as the prefill indexer), max-pooled per block,
 #      and written to block_scores [Hkv, max_q, R_max]: one float per
 #      (row, block), a few MB, never T x blocks for prefill-sized T;
@@ -195,12 +194,12 @@ def decode_scores_kernel[
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var wid = tid // WARP_SIZE
-    comptime NST = decode_score_stages[dtype, kdt]()
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
-    # FP8: [k_wide: BS x KS dtype, what the MMA reads][NST e4m3 stages]; else the NST stages are read directly
+    # FP8: [k_wide: BS x KS dtype, what the MMA reads][two e4m3 stages]; else the two stages are read directly
     var k_wide = smem
-    var k_ring = smem.unsafe_offset(0 if WIDE else BS * KS).unsafe_bitcast[Scalar[kdt]]()
-    var red = k_ring.unsafe_offset(NST * BS * KLS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
+    var k_buf0 = smem.unsafe_offset(0 if WIDE else BS * KS).unsafe_bitcast[Scalar[kdt]]()
+    var k_buf1 = k_buf0.unsafe_offset(BS * KLS)
+    var red = k_buf1.unsafe_offset(BS * KLS).unsafe_bitcast[Float32]()  # [DEC_WARPS, NRP] warp maxima
     # this thread block's free blocks: (row, sequence, block) of up to DEC_BLOCKS rows
     var todo = unsafe_stack_allocation[DEC_BLOCKS * 3 + 1, Int32, address_space=AddressSpace.SHARED]()
     var cand = unsafe_stack_allocation[DEC_BLOCKS * 2, Int32, address_space=AddressSpace.SHARED]()
@@ -242,7 +241,7 @@ def decode_scores_kernel[
     var ka = idx_addr[paged, DI](table, geom)
 
     @always_inline
-    def load_k(e: Int, dst: type_of(k_ring)) {var tid, var kg, var todo, var cu_k, var ka}:
+    def load_k(e: Int, dst: type_of(k_buf0)) {var tid, var kg, var todo, var cu_k, var ka}:
         var b = Int(todo[unsafe_offset=3 * e + 1])
         var j = Int(todo[unsafe_offset=3 * e + 2])
         var base = ka.block[paged](cu_k, b, j, BS)
@@ -255,13 +254,8 @@ def decode_scores_kernel[
             else:
                 dst.unsafe_store[alignment=16](key * KLS + c, SIMD[kdt, KE](0))
 
-    # blocks e .. e + NST - 2 in flight while block e is scored (one commit
-    # group per block, empty past the last): the bytes in flight per SM, not
-    # the stage count, set the pass's bandwidth
-    comptime for s in range(NST - 1):
-        if s < n:
-            load_k(s, k_ring.unsafe_offset(s * BS * KLS))
-        async_copy_commit_group()
+    load_k(0, k_buf0)
+    async_copy_commit_group()
     # Q stays in registers (B operands, 16 k x 8 rows per fragment): shared
     # memory holds only the two K buffers, so three thread blocks fit per SM
     var qf = Array[SIMD[dtype, 4], NT * (DI // 16)](fill=SIMD[dtype, 4](0))
@@ -291,11 +285,13 @@ def decode_scores_kernel[
                         var hi = qg.unsafe_load[width=2, alignment=4](base + 8)
                         f = lo.join(hi)
                     qf[nt * (DI // 16) + kk] = f
-        var k_stage = k_ring.unsafe_offset((e % NST) * BS * KLS)
-        if e + NST - 1 < n:  # into block e - 1's stage, free since the loop's last barrier
-            load_k(e + NST - 1, k_ring.unsafe_offset(((e + NST - 1) % NST) * BS * KLS))
-        async_copy_commit_group()
-        async_copy_wait_group(Int32(NST - 1))  # block e
+        var k_stage = k_buf0 if e % 2 == 0 else k_buf1
+        if e + 1 < n:
+            load_k(e + 1, k_buf1 if e % 2 == 0 else k_buf0)
+            async_copy_commit_group()
+            async_copy_wait_group(1)
+        else:
+            async_copy_wait_group(0)
         barrier()
         var k_cur = k_wide
         comptime if WIDE:
@@ -358,19 +354,11 @@ def decode_scores_kernel[
         barrier()  # k_cur and red are rewritten next
 
 
-def decode_score_stages[dtype: DType, kdt: DType]() -> Int:
-    """K stages of the score pass: 2 for 16-bit keys (3 thread blocks a SM,
-    one 32 KB block each in flight); 4 for e4m3 keys (2 thread blocks a SM
-    beside the widened stage, three 16 KB blocks each in flight), so both
-    keep ~96 KB a SM in flight."""
-    return 2 if kdt == dtype else 4
-
-
 def decode_scores_smem_bytes[
     dtype: DType, kdt: DType, idx_dim: Int, num_groups: Int, block_size: Int, max_q: Int
 ]() -> Int:
     comptime NRP = ceildiv(max_q * num_groups, 8) * 8
-    comptime stages = decode_score_stages[dtype, kdt]() * block_size * stage_stride[kdt, dtype, idx_dim]() * size_of[kdt]()
+    comptime stages = 2 * block_size * stage_stride[kdt, dtype, idx_dim]() * size_of[kdt]()
     comptime wide = 0 if kdt == dtype else block_size * (idx_dim + 8) * size_of[dtype]()
     return wide + stages + 4 * DEC_WARPS * NRP
 
