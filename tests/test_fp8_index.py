@@ -1,0 +1,131 @@
+"""The FP8 indexer: e4m3 index queries and keys (msa_py.quantize_index,
+index_dtype=torch.float8_e4m3fn), against the reference run on the
+dequantized inputs; the layer on its selection; splitting; errors; the
+default workspace budget.
+
+    pytest tests/test_fp8_index.py                  # CPU tensors (CI)
+    pytest tests/test_fp8_index.py --device cuda    # CUDA tensors (GPU machine)
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import msa_py  # noqa: E402
+from msa_py import reference as R  # noqa: E402
+from msa_py import torch_ops  # noqa: E402
+from msa_py import verify as Vf  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+HQ, HKV, D, DI, TOPK, BS = 4, 2, 32, 128, 3, 32
+SEQS = [(150, 150), (1, 1), (40, 260), (97, 97)]  # ragged: a prompt, one token, a chunk over a prefix, a short one
+
+
+def _inputs(dev, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    T, S = sum(t for t, _ in SEQS), sum(s for _, s in SEQS)
+    r = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(dev, dtype)  # noqa: E731
+    # index keys spread over a wide range (scale != 1), queries per row at different magnitudes
+    qi = r(T, HKV, DI) * torch.linspace(0.05, 20, T, dtype=dtype).view(T, 1, 1).to(dev)
+    cu = lambda i: torch.tensor(np.concatenate([[0], np.cumsum([s[i] for s in SEQS])]), dtype=torch.int32,  # noqa: E731
+                                device=dev)
+    return r(T, HQ, D), r(S, HKV, D), r(S, HKV, D), qi, r(S, DI, std=7.0), cu(0), cu(1)
+
+
+def _np(x):
+    return x.detach().cpu().double().numpy()
+
+
+def test_quantize_index_scales_and_rounding(torch_device):
+    *_, qi, ki, _, _ = _inputs(torch_device)
+    q8, k8, qs, ks = msa_py.quantize_index(qi, ki)
+    assert q8.dtype == FP8 and k8.dtype == FP8 and qs.shape == (qi.shape[0], HKV, 1) and ks.shape == (1,)
+    # each row's largest magnitude maps to 448; every value within half an e4m3 step (3 mantissa bits)
+    assert torch.allclose(q8.float().abs().amax(-1), torch.full(qi.shape[:2], 448.0, device=torch_device))
+    for x, x8, s in ((qi, q8, qs), (ki, k8, ks)):
+        err = (x8.float() * s - x.float()).abs()
+        assert bool((err <= x.float().abs() * 2.0 ** -4 + s * 2.0 ** -9).all())
+
+
+def test_fp8_selection_matches_the_dequantized_reference(torch_device):
+    *_, qi, ki, cq, ck = _inputs(torch_device, seed=1)
+    q8, k8, qs, ks = msa_py.quantize_index(qi, ki)
+    bid = msa_py.select_blocks(q8, k8, cq, ck, topk=TOPK, block_size=BS)
+    rep = Vf.selection_report(bid.cpu().numpy(), _np(q8.double() * qs.double()), _np(k8.double() * ks.double()),
+                              cq.cpu().numpy(), ck.cpu().numpy(), block_size=BS, init_blocks=1, local_blocks=2)
+    assert not rep["bad"] and rep["exact"] >= 0.98 * rep["rows"], rep
+    # index_dtype quantizes the same way
+    b2 = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS, index_dtype=FP8)
+    assert torch.equal(b2, bid)
+    # most blocks agree with the bf16 indexer's on the unquantized inputs
+    b16 = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    shared = ((bid.unsqueeze(-1) == b16.unsqueeze(-2)).any(-1) & (bid >= 0)).sum() / (b16 >= 0).sum()
+    assert float(shared) > 0.9
+
+
+def test_msa_attention_on_the_fp8_selection(torch_device):
+    q, k, v, qi, ki, cq, ck = _inputs(torch_device, seed=2)
+    out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, index_dtype=FP8)
+    q8, k8 = msa_py.quantize_index(qi, ki)[:2]
+    bid = msa_py.select_blocks(q8, k8, cq, ck, topk=TOPK, block_size=BS)
+    ro, rl = R.sparse_attention(_np(q), _np(k), _np(v), bid.cpu().numpy(), cq.cpu().numpy(), ck.cpu().numpy(),
+                                block_size=BS)
+    assert Vf.rel_err(_np(out), ro) < 2e-2 and Vf.rel_err(_np(lse), rl) < 1e-4
+    # pre-quantized inputs: the same call
+    o2, l2 = msa_py.msa_attention(q, k, v, q8, k8, cq, ck, topk=TOPK, block_size=BS)
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+    # split into pieces of 16 queries: the same answer, bit for bit
+    o3, l3 = msa_py.msa_attention(q, k, v, q8, k8, cq, ck, topk=TOPK, block_size=BS, max_workspace_bytes=1)
+    assert torch.equal(o3, out) and torch.equal(l3, lse)
+
+
+def test_fp8_index_errors(torch_device):
+    q, k, v, qi, ki, cq, ck = _inputs(torch_device, seed=3)
+    q8, k8 = msa_py.quantize_index(qi, ki)[:2]
+    with pytest.raises(ValueError, match="q_idx and k_idx must both be torch.float8_e4m3fn"):
+        msa_py.select_blocks(q8, ki, cq, ck, topk=TOPK, block_size=BS)
+    with pytest.raises(ValueError, match="index_dtype must be None or torch.float8_e4m3fn"):
+        msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, index_dtype=torch.float16)
+    with pytest.raises(ValueError, match="q_idx"):  # 16-bit index inputs to quantize must still match q's dtype
+        msa_py.msa_attention(q, k, v, qi.float(), ki.float(), cq, ck, topk=TOPK, block_size=BS, index_dtype=FP8)
+    if torch_device == "cuda":
+        with pytest.raises(ValueError, match="Di a multiple of 128"):
+            msa_py.select_blocks(q8[..., :64].contiguous(), k8[:, :64].contiguous(), cq, ck, topk=TOPK, block_size=BS)
+
+
+def test_fp8_index_in_a_graph():
+    """msa_py.graph.select_blocks on uint8 e4m3 bytes; mixed formats refused."""
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType
+
+    from msa_py import graph as G
+
+    cpu = DeviceRef.CPU()
+    with pytest.raises(ValueError, match="both be uint8"):
+        with Graph("mixed", input_types=[TensorType(DType.uint8, [8, 2, 128], device=cpu),
+                                         TensorType(DType.bfloat16, [8, 128], device=cpu)],
+                   custom_extensions=[msa_py.graph.kernels_path()]) as g:
+            G.select_blocks(g.inputs[0].tensor, g.inputs[1].tensor, topk=2, block_size=16)
+    with pytest.raises(ValueError, match="Di a multiple of 128"):
+        with Graph("di64", input_types=[TensorType(DType.uint8, [8, 2, 64], device=DeviceRef.GPU(0)),
+                                        TensorType(DType.uint8, [8, 64], device=DeviceRef.GPU(0))],
+                   custom_extensions=[msa_py.graph.kernels_path()]) as g:
+            G.select_blocks(g.inputs[0].tensor, g.inputs[1].tensor, topk=2, block_size=16)
+
+
+class _FakeCuda:
+    is_cuda = True
+    device = "cuda:7"
+
+
+def test_default_workspace_budget_keeps_what_it_granted(monkeypatch):
+    """MAX keeps its pool: the budget never shrinks below what an earlier call
+    was granted, grows with free memory, and stops at the cap."""
+    free = iter([10 << 30, 1 << 30, 100 << 30])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (next(free), 80 << 30))
+    monkeypatch.setattr(torch_ops, "_granted", {})
+    x = _FakeCuda()
+    assert torch_ops._workspace_budget(x, None) == int(0.4 * (10 << 30))
+    assert torch_ops._workspace_budget(x, None) == int(0.4 * (10 << 30))  # 1 GiB free now: the pool holds the rest
+    assert torch_ops._workspace_budget(x, None) == torch_ops.WORKSPACE_CAP_BYTES
+    assert torch_ops._workspace_budget(x, 12345) == 12345
