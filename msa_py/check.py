@@ -625,6 +625,21 @@ class _RowsView:
         return self.rows[sl.start][None]
 
 
+def _run_family(label: str, cases, run) -> int:
+    """run(case, index) over the cases, an exception reported as that case's
+    failure; prints the verdict and returns the exit code."""
+    print(f"msa_py.check {label}: {len(cases)} cases, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    ok = True
+    for i, c in enumerate(cases):
+        try:
+            ok &= bool(run(c, i))
+        except Exception as e:  # report and go on with the next case
+            ok = False
+            print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
+    print("CHECK PASSED" if ok else "CHECK FAILED")
+    return 0 if ok else 1
+
+
 def _spec(case):
     """The compiled configuration of a case (decode cases carry a 12th field True)."""
     from . import engine as E
@@ -665,53 +680,31 @@ def main(argv=None) -> int:
         only = args.only.split(",") if args.only else None
         idx = [c for c in FP8_INDEX if (c[0] in only if only else not (dev == "cpu" and c[-1] is not None))]
         long = [c for c in LONG if (c[0] in only if only else not (args.no_large or dev == "cpu"))]
-        print(f"msa_py.check --device {args.device} --fp8-index: {len(idx) + len(long)} cases, "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-        ok = True
-        for i, c in enumerate(idx + long):
-            try:
-                ok &= (check_fp8_index if c in idx else check_long)(c, dev, seed=i)
-            except Exception as e:
-                ok = False
-                print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
-        print("CHECK PASSED" if ok else "CHECK FAILED")
-        return 0 if ok else 1
+        return _run_family(f"--device {args.device} --fp8-index", idx + long,
+                           lambda c, i: (check_fp8_index if c in idx else check_long)(c, dev, seed=i))
     if args.paged and args.device != "virtual":
         dev = "gpu" if args.device == "gpu" else "cpu"
         cases = [c for c in PAGED if (c[0] in args.only.split(",") if args.only else
                                       not (c[0] in PAGED_LARGE and (args.no_large or dev == "cpu" or args.quick)))]
-        print(f"msa_py.check --device {args.device} --paged: {len(cases)} cases, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        ok = True
-        for i, c in enumerate(cases):
-            try:
-                ok &= check_paged(c, dev, seed=i, time_it=not args.no_time)
-            except Exception as e:
-                ok = False
-                print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
-        print("CHECK PASSED" if ok else "CHECK FAILED")
-        return 0 if ok else 1
+        return _run_family(f"--device {args.device} --paged", cases,
+                           lambda c, i: check_paged(c, dev, seed=i, time_it=not args.no_time))
     if args.device == "virtual":
         _set_virtual()
     if args.backward:
         dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
         cases = [c for c in BACKWARD if not args.only or c[0] in args.only.split(",")]
-        print(f"msa_py.check --device {args.device} --backward: {len(cases)} cases, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        ok = True
-        for i, c in enumerate(cases):
-            if args.device == "virtual":
-                from . import engine as E
 
-                E.model("sparse_backward", E.Spec(dtype=c[8], num_heads=c[2], num_kv_heads=c[3], head_dim=c[4],
-                                                  idx_dim=c[5], topk=c[6], block_size=c[7]), "gpu")
-                print(f"{c[0]:24s} sparse_backward graph compiled for sm_90")
-                continue
-            try:
-                ok &= check_backward(c, dev, seed=i, time_it=not args.no_time)
-            except Exception as e:
-                ok = False
-                print(f"ERROR {c[0]}: {type(e).__name__}: {e}")
-        print("CHECK PASSED" if ok else "CHECK FAILED")
-        return 0 if ok else 1
+        def backward(c, i):
+            if args.device != "virtual":
+                return check_backward(c, dev, seed=i, time_it=not args.no_time)
+            from . import engine as E
+
+            E.model("sparse_backward", E.Spec(dtype=c[8], num_heads=c[2], num_kv_heads=c[3], head_dim=c[4],
+                                              idx_dim=c[5], topk=c[6], block_size=c[7]), "gpu")
+            print(f"{c[0]:24s} sparse_backward graph compiled for sm_90")
+            return True
+
+        return _run_family(f"--device {args.device} --backward", cases, backward)
     if args.ties:
         dev = "gpu" if args.device in ("gpu", "virtual") else "cpu"
         print(f"msa_py.check --device {args.device} --ties {args.ties}: {time.strftime('%Y-%m-%d %H:%M:%S')}")
