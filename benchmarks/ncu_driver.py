@@ -2,6 +2,8 @@
 
   python benchmarks/ncu_driver.py --prefill 32768        # select, invert, block attention, combine
   python benchmarks/ncu_driver.py --decode 32 131072     # decode layer: B sequences, one new token each
+  python benchmarks/ncu_driver.py --prefill 65536 --index-dtype fp8 --select-only   # the FP8 indexer alone
+  python benchmarks/ncu_driver.py --decode 32 131072 --paged-fp8   # decode over paged e4m3 caches
 
 Each stage runs once to compile and warm up, then once more for the profiler
 (profile.sh skips the first launches of each kernel)."""
@@ -23,10 +25,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefill", type=int, default=0, help="T tokens, one sequence")
     ap.add_argument("--decode", type=int, nargs=2, default=None, metavar=("B", "TK"))
+    ap.add_argument("--index-dtype", choices=("auto", "fp8"), default="auto", help="prefill: the FP8 indexer")
+    ap.add_argument("--select-only", action="store_true", help="prefill: the indexer alone")
+    ap.add_argument("--paged-fp8", action="store_true", help="decode: the paged layer over e4m3 caches")
     a = ap.parse_args()
     import torch
 
-    spec = E.Spec()
+    spec = E.Spec(idx_dtype="float8_e4m3fn" if a.index_dtype == "fp8" else "")
     if a.prefill:
         T = a.prefill
         run = MSARunner(spec, "gpu")
@@ -34,6 +39,9 @@ def main() -> None:
         b = run.buffers(torch, *make_inputs(torch, spec, T, T, "cuda", "uniform", 0), T, T)
         for _ in range(2):
             b["block_ids"] = run.run(kinds["select"], b)[0]
+            if a.select_only:
+                torch.cuda.synchronize()
+                continue
             inv = run.run(kinds["invert"], b)
             b.update(row_offsets=inv[0], entries=inv[2], work=inv[3], num_work=inv[4])
             b["o_partial"], b["lse_partial"] = run.run(kinds["block_attention"], b)
@@ -47,8 +55,17 @@ def main() -> None:
         b = run.buffers(torch, *make_inputs(torch, spec, B, B * Tk, "cuda", "uniform", 0), B, B * Tk)
         b["cu_q"] = _buf(torch.arange(0, B + 1, dtype=torch.int32, device="cuda"))
         b["cu_k"] = _buf(torch.arange(0, B + 1, dtype=torch.int32, device="cuda") * Tk)
+        kind = "msa"
+        if a.paged_fp8:
+            from msa_py.bench import _paged_buffers
+
+            run = MSARunner(replace(spec, decode=True, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn"),
+                            "gpu")
+            k, v, ki = (torch.from_dlpack(b[n]) for n in ("k", "v", "k_idx"))
+            b = _paged_buffers(torch, run, b, k, v, ki, B, Tk, seed=0, fp8=True)
+            kind = "paged_msa"
         for _ in range(2):
-            run.run("msa", b)
+            run.run(kind, b)
             torch.cuda.synchronize()
 
 
