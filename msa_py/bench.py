@@ -325,13 +325,17 @@ def _ram_bytes() -> int:
 def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> dict:
     """A length whose partials would not fit one call: msa_attention as a
     user calls it (one call, split internally under its workspace budget)
-    against dense SDPA; device memory in use after the MSA calls (MAX keeps
-    its pool at its peak size; inputs included)."""
+    against dense SDPA; the peak device memory of the MSA calls: torch's
+    peak of live tensors (inputs and outputs) plus what MAX holds (its pool
+    keeps its peak size), measured after torch's cache is emptied."""
     from . import _validate as V
     from . import torch_ops
 
     T = S = L
     row = dict(T=T, S=S, layer_only=True)
+    if device != "cpu":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     q, k, v, qi, ki = make_inputs(torch, replace(spec, idx_dtype=""), T, S, tdev, "uniform", seed=0)
     sel_kw = dict(topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
                   local_blocks=spec.local_blocks)
@@ -354,8 +358,10 @@ def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> 
     row["pieces"] = -(-T // max(1, torch_ops._workspace_budget(q, None) // per_q))
     if device != "cpu":
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        row["peak_gb"] = (total - free) / 1e9
+        held_by_max = (total - free) - torch.cuda.memory_reserved()  # MAX's pool, the CUDA context
+        row["peak_gb"] = (torch.cuda.max_memory_allocated() + held_by_max) / 1e9
     pairs = causal_pairs(T, S)
     dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
     row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
@@ -489,8 +495,8 @@ def table(result: dict) -> str:
                  f"{result['scenario']}; matmul peak {result['matmul_peak_tflops']:.4g} TF/s)")
     if any(r.get("layer_only") for r in result["rows"]):
         lines.append("(rows with pieces: partials too large for one call's stages, so the whole layer only: one "
-                     "msa_attention call, split internally under its workspace budget; peak GB: device memory in use "
-                     "after it, inputs included)")
+                     "msa_attention call, split internally under its workspace budget; peak GB: torch's peak of live "
+                     "tensors, inputs and outputs included, plus the memory MAX holds)")
     if any(r.get("forced_pass") for r in result["rows"]):
         lines.append("(combine: the forced pass, each query's sink and local blocks attended to and merged with the "
                      "partials of its other blocks; attn and attn TF/s: the block attention over those other blocks; "
