@@ -626,6 +626,45 @@ def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int, fp
                 page_table=_buf(pt), seq_lens=_buf(sl), geometry=_buf(geom), _keep=(kc, vc, ic, pt, sl, geom), **extra)
 
 
+def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, repeats: int) -> dict:
+    """PagedDecodePlan over the paged caches of `pb`: the wall time per
+    eager `run()` in a loop of 20 with one sync at the end (what a step
+    costs when the host launches it), and on CUDA per replay of one CUDA
+    graph captured around `run()` (the kernels alone, no host work)."""
+    from .plan import PagedDecodePlan
+
+    kc, vc, ic, pt, sl, _ = pb["_keep"]
+    plan = PagedDecodePlan(kc, vc, ic, max_batch=B, max_pages=pt.shape[1], num_heads=spec.num_heads, n_new=n_new,
+                           topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
+                           local_blocks=spec.local_blocks)
+    plan.q.copy_(q)
+    plan.q_idx.copy_(qi)
+    plan.page_table.copy_(pt)
+    plan.seq_lens.copy_(sl)
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+
+    def per_call(fn, n=20) -> float:
+        fn()
+        sync()
+        ts = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            ts.append((time.perf_counter() - t0) * 1e3 / n)
+        return float(sorted(ts)[len(ts) // 2])
+
+    res = dict(plan_eager_ms=per_call(plan.run))
+    if q.is_cuda:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            plan.run()
+        res["plan_graph_ms"] = per_call(g.replay)
+        res["plan_eager_over_graph"] = res["plan_eager_ms"] / res["plan_graph_ms"]
+    return res
+
+
 def _selection_overlap(torch, a, b) -> float:
     """Mean share of the topk selected blocks two selections [Hkv, T, topk] have in common."""
     a, b = a.long(), b.long()
@@ -689,6 +728,7 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                     row["paged_over_contiguous"] = row["paged_ms"] / row["msa_ms"]
                     p_bid, c_bid = torch.from_dlpack(p_outs[2]), torch.from_dlpack(outs[2])
                     row["paged_same_selection"] = bool(torch.equal(p_bid, c_bid))
+                    row.update(_plan_overhead(torch, spec, pb, q, qi, B, n_new, repeats))
                     del pb, p_outs
                 if paged and kv_fp8:
                     pb8 = _paged_buffers(torch, f8, bufs, k, v, ki, B, Tk, seed=i, fp8=True)
@@ -749,6 +789,12 @@ def decode_table(result: dict) -> str:
                      + ", ".join(f"B={r['B']} Tk={r['Tk']}: {r['paged_ms']:.3f} ms ({r['paged_over_contiguous']:.3f}x, "
                                  f"selection {'same' if r['paged_same_selection'] else 'DIFFERENT'})"
                                  for r in result["rows"] if "paged_ms" in r))
+    if any("plan_eager_ms" in r for r in result["rows"]):
+        lines.append("PagedDecodePlan.run(), wall per step in a loop: "
+                     + ", ".join(f"B={r['B']} Tk={r['Tk']}: eager {r['plan_eager_ms']:.3f} ms"
+                                 + (f", CUDA graph replay {r['plan_graph_ms']:.3f} ms (eager "
+                                    f"{r['plan_eager_over_graph']:.3f}x)" if "plan_graph_ms" in r else "")
+                                 for r in result["rows"] if "plan_eager_ms" in r))
     if any("fp8_ms" in r for r in result["rows"]):
         lines.append("paged, e4m3 caches (K, V, index keys): "
                      + ", ".join(f"B={r['B']} Tk={r['Tk']}: {r['fp8_ms']:.3f} ms ({r['fp8_speedup_vs_dense']:.2f}x dense, "
