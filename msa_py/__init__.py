@@ -1,9 +1,10 @@
 """MSA block-sparse attention: Mojo kernels on MAX, called from PyTorch.
 
 The torch functions (select_blocks, invert, block_attention, combine,
-forced_combine, sparse_attention, msa_attention; for training
-sparse_attention_backward, block_mass, index_block_scores,
-indexer_kl_loss) live here; `msa_py.reference` is the NumPy
+forced_combine, sparse_attention, msa_attention, quantize_index for the
+FP8 indexer; for training sparse_attention_backward, block_mass,
+index_block_scores, indexer_kl_loss; for serving the paged_* ops,
+quantize_cache and PagedDecodePlan) live here; `msa_py.reference` is the NumPy
 float64 truth and `msa_py.graph` the MAX-graph layer, with the same names.
 torch is imported on first use, so the reference works without it.
 """

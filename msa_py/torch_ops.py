@@ -4,7 +4,8 @@
     out, lse = msa_py.msa_attention(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk=16)
 
 Same names, arguments and defaults as `msa_py.reference`. CPU and CUDA
-tensors; bfloat16, float16 and float32. Every op is a `torch.library`
+tensors; bfloat16, float16 and float32 (and e4m3 index inputs for the
+FP8 indexer, `quantize_index`). Every op is a `torch.library`
 custom op (`torch.ops.msa.msa_attention`, ...) with a fake implementation, so
 `torch.compile(fullgraph=True)` traces through it. The first call of a static
 configuration (dtype, heads, head dims, topk, block_size, ...) compiles one
