@@ -862,20 +862,35 @@ def paged_select_blocks(
     idx_scale=None,
     decode: bool | None = None,
 ) -> TensorValue:
-    """select_blocks over a paged index-key cache. Returns logical block_ids [Hkv, T, topk]."""
+    """select_blocks over a paged index-key cache. Returns logical block_ids [Hkv, T, topk].
+
+    The FP8 indexer: q_idx as uint8 e4m3 bytes (rows quantized, e.g. by
+    msa_py.torch_ops.quantize_rows) over an e4m3 index-key cache: e4m3
+    products on tensor cores, the cache read as stored (the general
+    indexer, for decode-sized calls too)."""
     T, Hkv, Di = _shape(q_idx)
     Di, Hkv = _static("q_idx Di", Di), _static("q_idx Hkv", Hkv)
     _check_int32("page_table", page_table)
     V.Config(topk, block_size, init_blocks, local_blocks).check()
     dev = q_idx.device
-    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
     cu_k = seq_offsets(seq_lens)
-    k_idx_scale = _cache_scale("k_idx", cache.k_idx, cache.k_idx_scale, q_idx.dtype)
-    scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), k_idx_scale, dev)
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks, "local_blocks": local_blocks,
               "num_groups": Hkv, "idx_dim": Di}
-    values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
     out_bid = TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)
+    if q_idx.dtype in (DType.uint8, DType.float8_e4m3fn):
+        if not _is_e4m3(cache.k_idx):
+            raise ValueError(f"e4m3 q_idx (the FP8 indexer) reads an e4m3 index-key cache, got {cache.k_idx.dtype}")
+        if str(dev.device_type) != "cpu" and Di % 128 != 0:
+            raise ValueError(f"the FP8 indexer on the GPU needs Di a multiple of 128, got Di={Di}")
+        scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), cache.k_idx_scale, dev)
+        as_bytes = lambda x: x if x.dtype == DType.uint8 else ops.bitcast(x, DType.uint8)  # noqa: E731
+        values = [as_bytes(q_idx), as_bytes(cache.k_idx), cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
+        return ops.custom("msa_select_paged", device=dev, values=values, out_types=[out_bid],
+                          parameters=params)[0].tensor
+    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
+    k_idx_scale = _cache_scale("k_idx", cache.k_idx, cache.k_idx_scale, q_idx.dtype)
+    scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), k_idx_scale, dev)
+    values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
     use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
                          block_size=block_size, topk=topk)
     if _is_e4m3(cache.k_idx) and not use_dec:  # the prefill indexer reads q's dtype

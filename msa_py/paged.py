@@ -22,7 +22,7 @@ from . import _validate as V
 from . import engine as E
 from .torch_ops import (
     _DTYPES, FP8, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run,
-    _scale_tensor, _spec, _value_checks_off, to_e4m3,
+    _scale_tensor, _spec, _value_checks_off, quantize_rows, to_e4m3,
 )
 
 
@@ -68,6 +68,23 @@ def cache_format(dtype: torch.dtype, k_cache=None, v_cache=None, k_idx_cache=Non
     idx = _cache_dtype("k_idx_cache", k_idx_cache, dtype)
     return CacheFormat(kv, idx, _cache_scale("k_scale", k_scale, bool(kv)), _cache_scale("v_scale", v_scale, bool(kv)),
                        _cache_scale("k_idx_scale", k_idx_scale, bool(idx)))
+
+
+def _fp8_queries(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, index_dtype) -> torch.Tensor:
+    """index_dtype=torch.float8_e4m3fn: q_idx quantized per (token, group) row
+    (quantize_rows), so the indexer multiplies e4m3 queries by the e4m3
+    index-key cache on FP8 tensor cores (no widening of the cache). A row's
+    scale does not change its ranking: the selection is the reference's on
+    the dequantized queries and keys."""
+    if index_dtype is None:
+        return q_idx
+    if index_dtype != FP8:
+        raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn, got {index_dtype}")
+    if k_idx_cache.dtype != FP8:
+        raise ValueError(f"index_dtype=torch.float8_e4m3fn reads an e4m3 k_idx_cache, got {k_idx_cache.dtype}")
+    if q_idx.is_cuda and q_idx.shape[-1] % 128 != 0:
+        raise ValueError(f"the FP8 indexer on CUDA needs Di a multiple of 128, got Di={q_idx.shape[-1]}")
+    return quantize_rows(q_idx)[0]
 
 
 def _inputs(kind: str, spec, tensors: dict) -> dict:
@@ -164,6 +181,7 @@ def paged_msa_attention(
     k_scale: Optional[float] = None,
     v_scale: Optional[float] = None,
     k_idx_scale: Optional[float] = None,
+    index_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """msa_attention over paged caches (page size == block_size).
 
@@ -181,15 +199,19 @@ def paged_msa_attention(
     K / V and the index keys may be torch.float8_e4m3fn, dequantized as
     cache * k_scale, v_scale, k_idx_scale (floats; only for e4m3 caches):
     read directly by the decode kernels, widened page by page for prefill.
+    index_dtype=torch.float8_e4m3fn (with an e4m3 k_idx_cache): the FP8
+    indexer, q_idx quantized per row, the cache read as stored (the
+    general indexer, for decode-sized calls too).
     """
     return paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, topk=topk,
                        block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
                        idx_scale=idx_scale, q_budget=q_budget, k_scale=k_scale, v_scale=v_scale,
-                       k_idx_scale=k_idx_scale)[:2]
+                       k_idx_scale=k_idx_scale, index_dtype=index_dtype)[:2]
 
 
 def paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, *, topk, block_size,
-                init_blocks, local_blocks, scale, idx_scale, q_budget, k_scale, v_scale, k_idx_scale):
+                init_blocks, local_blocks, scale, idx_scale, q_budget, k_scale, v_scale, k_idx_scale,
+                index_dtype=None):
     """paged_msa_attention with the layer's own selection: (out, lse,
     block_ids [Hkv, T, topk]), for checks that compare both with the
     reference (msa_py.check)."""
@@ -209,6 +231,7 @@ def paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, c
     V.check_scale("idx_scale", idx_scale)
     sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale
     isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
+    q_idx = _fp8_queries(q_idx, k_idx_cache, index_dtype)
     return torch.ops.msa.paged_msa_attention(
         q, _flat_storage("k_cache", k_cache), _flat_storage("v_cache", v_cache), q_idx,
         _flat_storage("k_idx_cache", k_idx_cache), page_table, seq_lens, cu_seqlens_q,
@@ -226,9 +249,14 @@ def _paged_select_op(
     out = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q_idx.device)
     if T == 0:
         return out
-    spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
-                 local_blocks=local_blocks, decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk),
-                 **cache_format(q_idx.dtype, k_idx_cache=k_idx_flat).spec_fields())
+    if q_idx.dtype == FP8:  # the FP8 indexer over an e4m3 cache (the general indexer)
+        spec = _spec("bfloat16", Hkv, Hkv, 16, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
+                     local_blocks=local_blocks, idx_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn")
+    else:
+        spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
+                     init_blocks=init_blocks, local_blocks=local_blocks,
+                     decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk),
+                     **cache_format(q_idx.dtype, k_idx_cache=k_idx_flat).spec_fields())
     ins = dict(q_idx=q_idx, k_idx_cache=k_idx_flat, page_table=page_table, seq_lens=seq_lens, cu_q=cu_seqlens_q,
                geometry=geometry, idx_scale=_scale_tensor(idx_scale, q_idx))
     _run("paged_select", spec, _device_key(q_idx), _inputs("paged_select", spec, ins), [out])
@@ -254,10 +282,12 @@ def paged_select_blocks(
     local_blocks: int = 2,
     idx_scale: Optional[float] = None,
     k_idx_scale: Optional[float] = None,
+    index_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """select_blocks over a paged index-key cache k_idx_cache [num_pages,
     block_size, Di] (conventions of paged_msa_attention; e4m3 with
-    k_idx_scale). Returns logical block_ids [Hkv, T, topk] int32."""
+    k_idx_scale; index_dtype=torch.float8_e4m3fn: the FP8 indexer).
+    Returns logical block_ids [Hkv, T, topk] int32."""
     _check_tensors(q_idx=q_idx, k_idx_cache=k_idx_cache)
     V.check_rank("k_idx_cache", tuple(k_idx_cache.shape), 3, "[num_pages, block_size, Di]")
     fake = k_idx_cache.new_empty((k_idx_cache.shape[0], block_size, 1, 1))
@@ -270,6 +300,7 @@ def paged_select_blocks(
     V.check_scale("idx_scale", idx_scale)
     isc = (1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale
     geom = _geometry(fake, k_idx_cache, max_pages)
+    q_idx = _fp8_queries(q_idx, k_idx_cache, index_dtype)
     return torch.ops.msa.paged_select_blocks(q_idx, _flat_storage("k_idx_cache", k_idx_cache), page_table, seq_lens,
                                              cu_seqlens_q, geom, topk, block_size, init_blocks, local_blocks, isc)
 

@@ -234,9 +234,16 @@ def quantize_index(q_idx: torch.Tensor, k_idx: torch.Tensor):
     selection from the e4m3 values is the reference's on the dequantized
     ones, and the kernels never need the scales. Inputs should be finite
     (NaN counts as 0 in the amax)."""
-    qs = q_idx.abs().amax(-1, keepdim=True).float().nan_to_num(0.0).clamp_min(1e-30) / E4M3_MAX
+    q8, qs = quantize_rows(q_idx)
     ks = k_idx.abs().amax().reshape(1).float().nan_to_num(0.0).clamp_min(1e-30) / E4M3_MAX
-    return to_e4m3(q_idx, qs), to_e4m3(k_idx, ks), qs, ks
+    return q8, to_e4m3(k_idx, ks), qs, ks
+
+
+def quantize_rows(x: torch.Tensor):
+    """x [..., W] as e4m3 with one scale per row (amax / 448, [..., 1] fp32):
+    (x_e4m3, scale). The FP8 indexer's query rows."""
+    s = x.abs().amax(-1, keepdim=True).float().nan_to_num(0.0).clamp_min(1e-30) / E4M3_MAX
+    return to_e4m3(x, s), s
 
 
 def _index_format(q_idx: torch.Tensor, k_idx: torch.Tensor, index_dtype, q: Optional[torch.Tensor] = None):

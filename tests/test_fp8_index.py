@@ -131,3 +131,41 @@ def test_default_workspace_budget_keeps_what_it_granted(monkeypatch):
     assert torch_ops._workspace_budget(x, None) == int(0.4 * (10 << 30))  # 1 GiB free now: the pool holds the rest
     assert torch_ops._workspace_budget(x, None) == torch_ops.WORKSPACE_CAP_BYTES
     assert torch_ops._workspace_budget(x, 12345) == 12345
+
+
+@pytest.mark.parametrize("seqs", [[(40, 40), (7, 90), (1, 33)], [(1, 200), (1, 1), (3, 70)]], ids=["prefill", "decode"])
+def test_paged_fp8_indexer_over_an_e4m3_cache(seqs, torch_device):
+    """index_dtype=e4m3 on the paged ops: q_idx rows quantized, the e4m3
+    index-key cache read as stored (shuffled pages); the selection is the
+    reference's on the dequantized queries and keys, and the layer attends
+    over it."""
+    g = torch.Generator().manual_seed(5)
+    need = [-(-tk // BS) for _, tk in seqs]
+    num_pages = sum(need) + 3
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    pt = torch.full((len(seqs), max(need)), -1, dtype=torch.int32)
+    for b, n in enumerate(need):
+        for j in range(n):
+            pt[b, j] = perm.pop()
+    r = lambda *s: torch.randn(*s, generator=g).to(torch_device)  # noqa: E731
+    kc, vc = r(num_pages, BS, HKV, D).bfloat16(), r(num_pages, BS, HKV, D).bfloat16()
+    kis = 0.05
+    ic = msa_py.quantize_cache(r(num_pages, BS, DI) * 4, FP8, kis)
+    T = sum(t for t, _ in seqs)
+    q, qi = r(T, HQ, D).bfloat16(), (r(T, HKV, DI) * 3).bfloat16()
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=torch_device)  # noqa: E731
+    pt, sl = pt.to(torch_device), i32([tk for _, tk in seqs])
+    cu = i32(np.concatenate([[0], np.cumsum([tq for tq, _ in seqs])]))
+    kw = dict(topk=TOPK, block_size=BS, k_idx_scale=kis)
+    bid = msa_py.paged_select_blocks(qi, ic, pt, sl, cu, index_dtype=FP8, **kw)
+    q8, qs = torch_ops.quantize_rows(qi)
+    host = dict(page_table=pt.cpu().numpy(), seq_lens=sl.cpu().numpy(), cu_seqlens_q=cu.cpu().numpy())
+    ki, cu_k = R.gather_pages(_np(ic), host["page_table"], host["seq_lens"], block_size=BS, scale=kis)
+    rep = Vf.selection_report(bid.cpu().numpy(), _np(q8.double() * qs.double()), ki, host["cu_seqlens_q"], cu_k,
+                              block_size=BS, init_blocks=1, local_blocks=2)
+    assert not rep["bad"] and rep["exact"] >= 0.95 * rep["rows"], rep
+    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, index_dtype=FP8, **kw)
+    ro, rl = R.paged_sparse_attention(_np(q), _np(kc), _np(vc), bid.cpu().numpy(), **host, block_size=BS)
+    assert Vf.rel_err(_np(out), ro) < 2e-2 and Vf.rel_err(_np(lse), rl) < 1e-4
+    with pytest.raises(ValueError, match="reads an e4m3 k_idx_cache"):
+        msa_py.paged_select_blocks(qi, ic.float().bfloat16(), pt, sl, cu, topk=TOPK, block_size=BS, index_dtype=FP8)

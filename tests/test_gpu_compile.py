@@ -35,6 +35,9 @@ _KERNELS = [
     # the FP8 indexer: e4m3 x e4m3 wgmma (k 32) on the 128-column swizzled panels
     ("select", "select_mma_kernel", "DType.float8_e4m3fn, 128, 4, 16, 128, 1, 2, True, False",
      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"),
+    # and over a paged e4m3 index-key cache (cp.async into the same panels)
+    ("select", "select_mma_kernel", "DType.float8_e4m3fn, 128, 4, 16, 128, 1, 2, True, True",
+     "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"),
     ("attention", "attention_wgmma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, False", "wgmma.mma_async"),
     ("attention", "attention_mma_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, False", "mma.sync"),
     ("forced", "forced_combine_kernel", "DType.bfloat16, DType.bfloat16, 128, 128, 16, 4, 16, 1, 2, True, False", "wgmma.mma_async"),
@@ -50,7 +53,7 @@ _KERNELS = [
      "cvt.rn.f16x2.e4m3x2"),
     ("widen", "widen_pages_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 4, 128, 0", "cvt.rn.f16x2.e4m3x2"),
 ]
-_IDS = ["select_wgmma", "select_wgmma_fp8", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync", "attention_wgmma_paged",
+_IDS = ["select_wgmma", "select_wgmma_fp8", "select_wgmma_fp8_paged", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync", "attention_wgmma_paged",
         "forced_wgmma_paged", "backward_mma_sync", "decode_scores_fp8", "decode_attention_fp8", "widen_pages_fp8"]
 
 
