@@ -393,6 +393,9 @@ PAGED = [
      "flashinfer", False),
     ("paged_prefill_e4m3", [(700, 700), (200, 900), (1, 1), (129, 300)], 16, 2, 128, 128, 4, 128, "bfloat16",
      ("kv", "idx"), "plain", False),
+    # "q": index_dtype e4m3, the FP8 indexer reading the e4m3 index-key pages as stored
+    ("paged_prefill_e4m3_fp8_index", [(700, 700), (200, 900), (1, 1), (129, 300)], 16, 2, 128, 128, 4, 128,
+     "bfloat16", ("kv", "idx", "q"), "flashinfer", True),
     ("paged_decode_bf16", [(1, 9), (1, 130), (1, 3000), (1, 20000), (1, 1)], 64, 4, 128, 128, 16, 128, "bfloat16",
      (), "vllm", True),
     ("paged_spec8_e4m3", [(8, 5000), (8, 8), (3, 700), (8, 2100), (5, 129)], 64, 4, 128, 128, 16, 128, "bfloat16",
@@ -470,13 +473,19 @@ def check_paged(case, device: str, seed: int = 0, log=print, time_it: bool = Tru
     (q, kc, vc, qi, ic, pt, sl, cu), kw = paged_inputs(case, dev, seed)
     args = (q, kc, vc, qi, ic, pt, sl, cu)
     lkw = dict(topk=topk, block_size=bs, init_blocks=1, local_blocks=2, scale=None, idx_scale=None, q_budget=64,
-               k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), k_idx_scale=kw.get("k_idx_scale"))
+               k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), k_idx_scale=kw.get("k_idx_scale"),
+               index_dtype=torch.float8_e4m3fn if "q" in e4m3 else None)
     out, lse, bid = paged_layer(*args, **lkw)
     host = lambda x: x.detach().cpu().float().numpy()  # noqa: E731
+    if "q" in e4m3:  # the FP8 indexer's queries, dequantized
+        from .torch_ops import quantize_rows
+
+        q8, qs = quantize_rows(qi)
+        qi = q8.double() * qs.double()
     pt_h, sl_h, cu_q = pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy()
     ki, cu_k = R.gather_pages(host(ic), pt_h, sl_h, block_size=bs, scale=kw.get("k_idx_scale"))
     bid_h = host(bid).astype(np.int32)
-    qi_h = host(qi)
+    qi_h = qi.detach().cpu().double().numpy()
     sel = Vf.selection_report(bid_h, qi_h, ki, cu_q, cu_k, block_size=bs, init_blocks=1, local_blocks=2,
                               idx_scale=1.0 / math.sqrt(Di))
     del ki
