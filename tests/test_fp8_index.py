@@ -133,12 +133,12 @@ def test_default_workspace_budget_keeps_what_it_granted(monkeypatch):
     assert torch_ops._workspace_budget(x, 12345) == 12345
 
 
-@pytest.mark.parametrize("seqs", [[(40, 40), (7, 90), (1, 33)], [(1, 200), (1, 1), (3, 70)]], ids=["prefill", "decode"])
-def test_paged_fp8_indexer_over_an_e4m3_cache(seqs, torch_device):
+def test_paged_fp8_indexer_over_an_e4m3_cache(torch_device):
     """index_dtype=e4m3 on the paged ops: q_idx rows quantized, the e4m3
     index-key cache read as stored (shuffled pages); the selection is the
     reference's on the dequantized queries and keys, and the layer attends
     over it."""
+    seqs = [(40, 40), (7, 90), (1, 33), (1, 200), (1, 1), (3, 70)]  # prompt, chunk, decode and draft tokens
     g = torch.Generator().manual_seed(5)
     need = [-(-tk // BS) for _, tk in seqs]
     num_pages = sum(need) + 3
