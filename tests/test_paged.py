@@ -230,6 +230,8 @@ def test_fp8_caches_match_the_dequantized_reference(name, which, layout, torch_d
     out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
     ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), topk=TOPK, block_size=BS, **host, **kw)
     assert Vf.rel_err(_np(out), ro) < 8e-3 and Vf.rel_err(_np(lse), rl) < 1e-4
+    if which != ("kv", "idx"):  # the stages apart on the all-e4m3 cases (one compiled model each keeps CI short)
+        return
     ikw = {n: kw[n] for n in ("k_idx_scale",) if n in kw}
     bid = msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **ikw)
     np.testing.assert_array_equal(bid.cpu().numpy(), R.paged_select_blocks(_np(qi), _np(ic), topk=TOPK, block_size=BS,
