@@ -366,11 +366,10 @@ def _bench_layer_only(torch, spec, L, li, steps, ttm, device, tdev, repeats) -> 
     dense_flops = 4 * pairs * spec.num_heads * spec.head_dim
     row["msa_tflops_effective"] = dense_flops / (row["msa_ms"] * 1e-3) / 1e12
     _progress(li, steps, f"T={L}: dense SDPA")
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
     if device != "cpu":  # one warm-up call: at 1M a dense call takes ~37 s
         from .timing import time_torch
 
+        torch.cuda.reset_peak_memory_stats()
         row["dense_ms"] = time_torch(lambda: dense_sdpa(torch, q, k, v, S), warmup=1, iters=1)["median"]
     else:
         row["dense_ms"] = ttm(lambda: dense_sdpa(torch, q, k, v, S), 1)
@@ -665,11 +664,12 @@ def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, rep
     return res
 
 
-def _selection_overlap(torch, a, b) -> float:
-    """Mean share of the topk selected blocks two selections [Hkv, T, topk] have in common."""
+def selection_overlap(a, b) -> float:
+    """The share of b's selected blocks (-1 padding left out) that a selects
+    too; a, b: selections [Hkv, T, topk] (torch) of the same rows."""
     a, b = a.long(), b.long()
-    same = (a.unsqueeze(-1) == b.unsqueeze(-2)) & (a.unsqueeze(-1) >= 0)
-    return float(same.any(-1).float().sum(-1).mean() / a.shape[-1])
+    same = (b.unsqueeze(-1) == a.unsqueeze(-2)).any(-1) & (b >= 0)
+    return float(same.sum()) / max(1, int((b >= 0).sum()))
 
 
 def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int = 1, repeats: int = 5,
@@ -734,8 +734,8 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                     pb8 = _paged_buffers(torch, f8, bufs, k, v, ki, B, Tk, seed=i, fp8=True)
                     f_outs = f8.run("paged_msa", pb8)
                     row["fp8_ms"] = tm(lambda: f8.run("paged_msa", pb8, outputs=f_outs), repeats)
-                    row["fp8_selection_overlap"] = _selection_overlap(torch, torch.from_dlpack(f_outs[2]),
-                                                                      torch.from_dlpack(outs[2]))
+                    row["fp8_selection_overlap"] = selection_overlap(torch.from_dlpack(f_outs[2]),
+                                                                     torch.from_dlpack(outs[2]))
                     if device != "cpu":  # its two stages apart on the card (two more compiled models)
                         s8 = f8.run("paged_select", pb8)
                         row["fp8_select_ms"] = tm(lambda: f8.run("paged_select", pb8, outputs=s8), repeats)

@@ -561,9 +561,9 @@ def check_fp8_index(case, device: str, seed: int = 0, log=print) -> bool:
                               cu_q.cpu().numpy(), cu_k.cpu().numpy(), block_size=bs, init_blocks=1, local_blocks=2,
                               rows=_rows(T, sample, seed))
     # against the 16-bit indexer on the unquantized inputs: how often quantization changes a block
-    b16 = msa_py.select_blocks(qi, ki, cu_q, cu_k, topk=topk, block_size=bs)
-    same = (bid.unsqueeze(-1) == b16.unsqueeze(-2)).any(-1) & (bid >= 0)
-    overlap = float(same.sum()) / max(1, int((b16 >= 0).sum()))
+    from .bench import selection_overlap
+
+    overlap = selection_overlap(bid, msa_py.select_blocks(qi, ki, cu_q, cu_k, topk=topk, block_size=bs))
     ok = not sel["bad"]
     log(f"{'PASS' if ok else 'FAIL'} {name:24s} T={T} S={S} Hkv={Hkv} Di={Di} topk={topk} bs={bs} e4m3 | select exact "
         f"{sel['exact']}/{sel['rows']} ties {sel['near_ties']} bad {len(sel['bad'])} (reference on the dequantized "

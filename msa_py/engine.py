@@ -94,14 +94,15 @@ def _types(spec: Spec, dev):
 
     T, S, B1 = Dim("T"), Dim("S"), Dim("B1")
     x = _dt(spec.dtype)
+    xi = _cache_dt(spec.idx_dtype) if spec.idx_dtype else x  # index inputs: e4m3 as uint8 bytes (the FP8 indexer)
     i32 = DType.int32
     Hq, Hkv, D, Di, K = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.idx_dim, spec.topk
     t = {
         "q": TensorType(x, [T, Hq, D], device=dev),
         "k": TensorType(x, [S, Hkv, D], device=dev),
         "v": TensorType(x, [S, Hkv, D], device=dev),
-        "q_idx": TensorType(_cache_dt(spec.idx_dtype) if spec.idx_dtype else x, [T, Hkv, Di], device=dev),
-        "k_idx": TensorType(_cache_dt(spec.idx_dtype) if spec.idx_dtype else x, [S, Di], device=dev),
+        "q_idx": TensorType(xi, [T, Hkv, Di], device=dev),
+        "k_idx": TensorType(xi, [S, Di], device=dev),
         "cu_q": TensorType(i32, [B1], device=dev),
         "cu_k": TensorType(i32, [B1], device=dev),
         "scale": TensorType(DType.float32, [1], device=dev),

@@ -238,7 +238,7 @@ def select_blocks(
     per sequence) when T <= DECODE_MAX_Q * B with static T and B; True/False force it.
 
     The FP8 indexer: q_idx and k_idx both uint8, holding e4m3 bytes (MAX's
-    CPU device has no float8 tensors), e.g. from `quantize_e4m3`. Scores are
+    CPU device has no float8 tensors), e.g. from msa_py.quantize_index. Scores are
     e4m3 products summed in fp32 (wgmma e4m3 on Hopper, Di a multiple of
     128; any Di on the CPU). Any positive scale of a query row or of all keys
     leaves the ranking unchanged, so per-row query scales and a per-tensor
@@ -259,9 +259,7 @@ def select_blocks(
     params = {"topk": topk, "block_size": block_size, "init_blocks": init_blocks,
               "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
     if fp8:
-        if str(dev.device_type) != "cpu" and Di % 128 != 0:
-            raise ValueError(f"the FP8 indexer (uint8 e4m3 q_idx, k_idx) on the GPU needs Di a multiple of 128 "
-                             f"(Hopper wgmma on 128-byte rows), got Di={Di}")
+        _check_fp8_index_dim(dev, Di)
         return ops.custom(  # the general indexer, decode or not (the decode indexer reads 16-bit queries)
             "msa_select", device=dev, values=[q_idx, k_idx, cu_q, cu_k, scale],
             out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
@@ -291,6 +289,13 @@ def select_blocks(
         out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
         parameters=params,
     )[0].tensor
+
+
+def _check_fp8_index_dim(dev: DeviceRef, Di: int) -> None:
+    """The FP8 indexer's GPU kernel reads 128-byte rows (wgmma on SW128 panels)."""
+    if str(dev.device_type) != "cpu" and Di % 128 != 0:
+        raise ValueError(f"the FP8 indexer (e4m3 q_idx and index keys) on the GPU needs Di a multiple of 128 "
+                         f"(Hopper wgmma on 128-byte rows), got Di={Di}")
 
 
 def _fp8_index(q_idx: TensorValue, k_idx: TensorValue) -> bool:
@@ -880,8 +885,7 @@ def paged_select_blocks(
     if q_idx.dtype in (DType.uint8, DType.float8_e4m3fn):
         if not _is_e4m3(cache.k_idx):
             raise ValueError(f"e4m3 q_idx (the FP8 indexer) reads an e4m3 index-key cache, got {cache.k_idx.dtype}")
-        if str(dev.device_type) != "cpu" and Di % 128 != 0:
-            raise ValueError(f"the FP8 indexer on the GPU needs Di a multiple of 128, got Di={Di}")
+        _check_fp8_index_dim(dev, Di)
         scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), cache.k_idx_scale, dev)
         as_bytes = lambda x: x if x.dtype == DType.uint8 else ops.bitcast(x, DType.uint8)  # noqa: E731
         values = [as_bytes(q_idx), as_bytes(cache.k_idx), cu_seqlens_q, cu_k, page_table, cache.geometry, scale]

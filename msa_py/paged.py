@@ -22,7 +22,7 @@ from . import _validate as V
 from . import engine as E
 from .torch_ops import (
     _DTYPES, FP8, _check_tensors, _consts, _decode, _device_key, _dtype_name, _msa_outputs, _msa_spec, _run,
-    _scale_tensor, _spec, _value_checks_off, quantize_rows, to_e4m3,
+    _scale_tensor, _spec, _value_checks_off, check_fp8_index_dim, check_index_dtype, quantize_rows, to_e4m3,
 )
 
 
@@ -76,14 +76,12 @@ def _fp8_queries(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, index_dtype) ->
     index-key cache on FP8 tensor cores (no widening of the cache). A row's
     scale does not change its ranking: the selection is the reference's on
     the dequantized queries and keys."""
+    check_index_dtype(index_dtype)
     if index_dtype is None:
         return q_idx
-    if index_dtype != FP8:
-        raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn, got {index_dtype}")
     if k_idx_cache.dtype != FP8:
         raise ValueError(f"index_dtype=torch.float8_e4m3fn reads an e4m3 k_idx_cache, got {k_idx_cache.dtype}")
-    if q_idx.is_cuda and q_idx.shape[-1] % 128 != 0:
-        raise ValueError(f"the FP8 indexer on CUDA needs Di a multiple of 128, got Di={q_idx.shape[-1]}")
+    check_fp8_index_dim(q_idx)
     return quantize_rows(q_idx)[0]
 
 

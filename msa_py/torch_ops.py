@@ -251,23 +251,32 @@ def _index_format(q_idx: torch.Tensor, k_idx: torch.Tensor, index_dtype, q: Opti
     torch.float8_e4m3fn quantizes 16-/32-bit ones (quantize_index); else
     the inputs' dtype must be q's. Checks the FP8 indexer's shape limit on
     CUDA (Di a multiple of 128) before any kernel."""
-    if index_dtype not in (None, FP8):
-        raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn, got {index_dtype}")
+    check_index_dtype(index_dtype)
     fp8 = (q_idx.dtype == FP8, k_idx.dtype == FP8)
     if fp8[0] != fp8[1]:
         raise ValueError(f"q_idx and k_idx must both be torch.float8_e4m3fn or neither, got {q_idx.dtype} and "
                          f"{k_idx.dtype}")
     if not fp8[0] and index_dtype is None:
         return q_idx, k_idx, False
-    Di = q_idx.shape[-1]
-    if q_idx.is_cuda and Di % 128 != 0:
-        raise ValueError(f"the FP8 indexer on CUDA needs Di a multiple of 128 (wgmma on 128-byte rows), got Di={Di}")
+    check_fp8_index_dim(q_idx)
     if not fp8[0]:
         if q is not None:
             V.check_same_dtype([("q", _dtype_name("q", q)), ("q_idx", _dtype_name("q_idx", q_idx)),
                                 ("k_idx", _dtype_name("k_idx", k_idx))])
         q_idx, k_idx = quantize_index(q_idx, k_idx)[:2]
     return q_idx, k_idx, True
+
+
+def check_index_dtype(index_dtype) -> None:
+    if index_dtype not in (None, FP8):
+        raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn, got {index_dtype}")
+
+
+def check_fp8_index_dim(q_idx: torch.Tensor) -> None:
+    """The FP8 indexer's CUDA kernel reads 128-byte rows (wgmma on SW128 panels)."""
+    if q_idx.is_cuda and q_idx.shape[-1] % 128 != 0:
+        raise ValueError(f"the FP8 indexer on CUDA needs Di a multiple of 128 (wgmma on 128-byte rows), got "
+                         f"Di={q_idx.shape[-1]}")
 
 
 def _idx_bytes(x: torch.Tensor) -> torch.Tensor:
