@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [check-backward] [check-paged] [check-fp8] [long-fp8] [plan] [bench-backward] [torch-new] [decode-paged] [decode-fp8] [decode-fp8-1m] [long] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode] [profile-fp8-select] [profile-decode-fp8]
+#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [check-backward] [sanitize-backward] [fp8-cuda] [check-paged] [check-fp8] [long-fp8] [plan] [bench-backward] [torch-new] [decode-paged] [decode-fp8] [decode-fp8-1m] [long] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-decode] [profile-fp8-select] [profile-decode-fp8]
 # Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
 # (this machine's `git rev-parse --short HEAD`): the device's copy of the
 # working tree may carry another branch's git metadata.
@@ -20,6 +20,8 @@ for step in "$@"; do
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     ties) python3 -m msa_py.check --device gpu --ties ${TIES_CASES:-400} 2>&1 | tee "$OUT/ties.log" || rc=1 ;;
     sanitize-ties) SAN_CHECK_ARGS="--ties ${SAN_TIES_CASES:-64} --seed 1" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
+    sanitize-backward) SAN_CHECK_ARGS="--backward --no-time --only ${SAN_BWD_CASES:-bwd_ragged_g4_bf16,bwd_g32_chunks_bf16}" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize_backward.log" || rc=1 ;;
+    fp8-cuda) python3 -m pytest -q tests/test_fp8_index.py --device cuda 2>&1 | tee "$OUT/fp8_cuda.log" || rc=1 ;;
     check-backward) python3 -m msa_py.check --device gpu --backward 2>&1 | tee "$OUT/check_backward.log" || rc=1 ;;
     check-paged) python3 -m msa_py.check --device gpu --paged 2>&1 | tee "$OUT/check_paged.log" || rc=1 ;;
     check-fp8) python3 -m msa_py.check --device gpu --fp8-index 2>&1 | tee "$OUT/check_fp8.log" || rc=1 ;;

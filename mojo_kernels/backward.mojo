@@ -23,12 +23,17 @@
 #        five products on register tiles (cpu_tiles).
 #   GPU (bf16 / fp16, D and block_size multiples of 16 up to 128): one thread
 #        block per work item, one warp per 16 keys of the block (mma.sync
-#        m16n8k16, fp32 accumulate). Q and dO tiles of 32 rows are gathered
-#        into shared memory; each warp computes S^T and dP^T for its keys
+#        m16n8k16, fp32 accumulate). The rows' metadata (dq partial row,
+#        visible keys, lse, Dr) is staged in shared memory 1024 rows at a
+#        time, so Q and dO tiles of 32 rows are gathered by cp.async with no
+#        dependent global load, double-buffered: tile i + 1 is in flight
+#        while tile i is computed (two barriers a tile). Each warp computes
+#        S^T and dP^T for its keys
 #        (keys in M, rows in N), keeps dK and dV of its keys in registers for
 #        the whole item (P^T and dS^T go straight from accumulators to A
 #        fragments), and writes scale dS^T to shared memory, from which the
-#        warps compute the tile's dQ rows against K. At the end of the item
+#        warps compute the tile's dQ rows against K in units of 16 rows x 32
+#        columns (one dS fragment feeds four products). At the end of the item
 #        its dK / dV are added (fp32 atomics) into accumulators, cast to the
 #        inputs' dtype by the last kernel; a work item is at most q_budget
 #        entries, so hot blocks spread over many thread blocks.
@@ -57,6 +62,7 @@ from .cpu_tiles import (
 )
 
 comptime BWD_ROWS = 32  # (entry, head) rows of a GPU tile
+comptime BWD_CHUNK = 1024  # rows whose metadata is staged in shared memory at once (32 tiles)
 
 
 @always_inline
@@ -270,6 +276,8 @@ def backward_mma_kernel[
     comptime Hq = num_groups * group
     comptime CPR = D // 8  # 16-byte chunks per row
     comptime DN = D // 8  # n8 tiles over D
+    comptime CH = BWD_CHUNK
+    comptime UC = 32 if D % 32 == 0 else 16  # columns of D in a dQ unit
     var w = Int(block_idx.x)
     if w >= Int(num_work[unsafe_offset=0]):
         return
@@ -282,13 +290,15 @@ def backward_mma_kernel[
     var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128]()
     var k_s = smem
     var v_s = k_s.unsafe_offset(BS * KS)
-    var q_s = v_s.unsafe_offset(BS * KS)
-    var do_s = q_s.unsafe_offset(RT * KS)
-    var ds_s = do_s.unsafe_offset(RT * KS)  # scale dS [RT rows][BS keys]
-    var lse2 = unsafe_stack_allocation[RT, Float32, address_space=AddressSpace.SHARED]()  # lse * log2(e)
-    var dr_s = unsafe_stack_allocation[RT, Float32, address_space=AddressSpace.SHARED]()
-    var nvis = unsafe_stack_allocation[RT, Int32, address_space=AddressSpace.SHARED]()
-    var poff = unsafe_stack_allocation[RT, Int32, address_space=AddressSpace.SHARED]()
+    var q_buf = v_s.unsafe_offset(BS * KS)  # Q tiles [2][RT][KS]: the tile in use and the next one in flight
+    var do_buf = q_buf.unsafe_offset(2 * RT * KS)  # dO tiles, the same
+    var ds_s = do_buf.unsafe_offset(2 * RT * KS)  # scale dS [RT rows][BS keys]
+    # per-row metadata of up to CH rows (a chunk of the item), staged once so
+    # that a tile's gather has no dependent global load
+    var lse2 = unsafe_stack_allocation[CH, Float32, address_space=AddressSpace.SHARED]()  # lse * log2(e)
+    var dr_s = unsafe_stack_allocation[CH, Float32, address_space=AddressSpace.SHARED]()
+    var nvis = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()
+    var poff = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()  # dq partial row, -1: padding
     var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
@@ -313,22 +323,12 @@ def backward_mma_kernel[
     var key_a = wid * 16 + lane // 4  # this thread's keys in the accumulators: key_a, key_a + 8
     var dk_w = Array[SIMD[DType.float32, 4], DN](fill=SIMD[DType.float32, 4](0))
     var dv_w = Array[SIMD[DType.float32, 4], DN](fill=SIMD[DType.float32, 4](0))
-    for m0 in range(0, rows_total, RT):
-        # gather the tile's Q and dO rows and their metadata
-        for i in range(tid, RT * CPR, NT):
-            var r = i // CPR
-            var c = (i % CPR) * 8
-            var mr = m0 + r
-            if mr < rows_total:
-                var ent = it.entry(entries, nent, mr // group)
-                var src = ((ent // topk) * Hq + it.g * group + mr % group) * D + c
-                async_copy[16](qg.unsafe_offset(src), q_s.unsafe_offset(r * KS + c))
-                async_copy[16](dog.unsafe_offset(src), do_s.unsafe_offset(r * KS + c))
-            else:
-                q_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
-                do_s.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
-        if tid < RT:
-            var mr = m0 + tid
+    for c0 in range(0, rows_total, CH):
+        var ntiles = ceildiv(min(CH, rows_total - c0), RT)
+        if c0 > 0:
+            barrier()  # the last chunk's dQ rows have read their metadata
+        for r in range(tid, ntiles * RT, NT):
+            var mr = c0 + r
             var nv = 0
             var off = -1
             var l2 = Float32(0)
@@ -341,89 +341,116 @@ def backward_mma_kernel[
                 off = _part(t, h, ent % topk, Hq, topk)
                 l2 = lse[unsafe_offset=t * Hq + h] * LOG2E
                 d_r = dr[unsafe_offset=t * Hq + h]
-            nvis[unsafe_offset=tid] = Int32(nv)
-            poff[unsafe_offset=tid] = Int32(off)
-            lse2[unsafe_offset=tid] = l2
-            dr_s[unsafe_offset=tid] = d_r
-        async_copy_commit_group()
-        async_copy_wait_group(0)
+            nvis[unsafe_offset=r] = Int32(nv)
+            poff[unsafe_offset=r] = Int32(off)
+            lse2[unsafe_offset=r] = l2
+            dr_s[unsafe_offset=r] = d_r
         barrier()
-        # S^T = K_w Q^T and dP^T = V_w dO^T: this warp's 16 keys x RT rows
-        var s_t = Array[SIMD[DType.float32, 4], RT // 8](fill=SIMD[DType.float32, 4](0))
-        var dp_t = Array[SIMD[DType.float32, 4], RT // 8](fill=SIMD[DType.float32, 4](0))
-        comptime for kk in range(D // 16):
-            var ka = frag_a[dtype, KS](k_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
-            var va = frag_a[dtype, KS](v_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
-            comptime for n2 in range(RT // 16):
-                var qb = frag_b2[dtype, KS](q_s.unsafe_offset(n2 * 16 * KS + kk * 16), lane).split()
-                var db = frag_b2[dtype, KS](do_s.unsafe_offset(n2 * 16 * KS + kk * 16), lane).split()
-                comptime for h in range(2):
-                    var d0 = SIMD[DType.float32, 4](0)
-                    mma(d0, ka, qb[h], s_t[2 * n2 + h])
-                    s_t[2 * n2 + h] = d0
-                    var d1 = SIMD[DType.float32, 4](0)
-                    mma(d1, va, db[h], dp_t[2 * n2 + h])
-                    dp_t[2 * n2 + h] = d1
-        # P^T and scale dS^T; element e of tile n: key key_a + 8 (e // 2), row 8 n + t2 + e % 2
-        comptime for n in range(RT // 8):
-            var x = s_t[n]
-            var y = dp_t[n]
-            comptime for e in range(4):
-                var r = n * 8 + t2 + e % 2
-                var key = key_a + 8 * (e // 2)
-                var p = Float32(0)
-                if key < Int(nvis[unsafe_offset=r]):
-                    p = exp2(x[e] * scale_log2 - lse2[unsafe_offset=r])
-                x[e] = p
-                y[e] = p * (y[e] - dr_s[unsafe_offset=r]) * scale
-            s_t[n] = x
-            dp_t[n] = y
-        # dV_w += P^T dO, dK_w += (scale dS^T) Q: rows are the K dimension
-        comptime for kk2 in range(RT // 16):
-            var pa = s_t[2 * kk2].join(s_t[2 * kk2 + 1]).cast[dtype]()
-            var dsa = dp_t[2 * kk2].join(dp_t[2 * kk2 + 1]).cast[dtype]()
-            comptime for dn2 in range(D // 16):
-                var ob = frag_b2_trans[dtype, KS](do_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane).split()
-                var qb = frag_b2_trans[dtype, KS](q_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane).split()
-                comptime for h in range(2):
-                    var d0 = SIMD[DType.float32, 4](0)
-                    mma(d0, pa, ob[h], dv_w[2 * dn2 + h])
-                    dv_w[2 * dn2 + h] = d0
-                    var d1 = SIMD[DType.float32, 4](0)
-                    mma(d1, dsa, qb[h], dk_w[2 * dn2 + h])
-                    dk_w[2 * dn2 + h] = d1
-        # scale dS into shared memory as [row][key]
-        comptime for n in range(RT // 8):
-            comptime for e in range(4):
-                ds_s[unsafe_offset=(n * 8 + t2 + e % 2) * SS + key_a + 8 * (e // 2)] = dp_t[n][e].cast[dtype]()
-        barrier()
-        # dQ = (scale dS) K for the tile's rows: units of (16 rows, 16 columns of D) over the warps
-        comptime UNITS = (RT // 16) * (D // 16)
-        comptime for u0 in range(0, UNITS, NW):
-            var u = u0 + wid
-            if u < UNITS:
-                var mt = u // (D // 16)
-                var nc = u % (D // 16)
-                var acc = Array[SIMD[DType.float32, 4], 2](fill=SIMD[DType.float32, 4](0))
-                comptime for kk in range(BS // 16):
-                    var a = frag_a[dtype, SS](ds_s.unsafe_offset(mt * 16 * SS + kk * 16), lane)
-                    var bb = frag_b2_trans[dtype, KS](k_s.unsafe_offset(kk * 16 * KS + nc * 16), lane).split()
+
+        @always_inline
+        def gather(tile: Int) {q_buf, do_buf, poff, qg, dog, tid}:
+            """cp.async of tile `tile`'s Q and dO rows into buffer tile % 2."""
+            var qd = q_buf.unsafe_offset((tile % 2) * RT * KS)
+            var dd = do_buf.unsafe_offset((tile % 2) * RT * KS)
+            for i in range(tid, RT * CPR, NT):
+                var r = i // CPR
+                var c = (i % CPR) * 8
+                var off = Int(poff[unsafe_offset=tile * RT + r])
+                if off >= 0:
+                    var src = (off // topk) * D + c
+                    async_copy[16](qg.unsafe_offset(src), qd.unsafe_offset(r * KS + c))
+                    async_copy[16](dog.unsafe_offset(src), dd.unsafe_offset(r * KS + c))
+                else:
+                    qd.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+                    dd.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
+            async_copy_commit_group()
+
+        gather(0)
+        for ti in range(ntiles):
+            async_copy_wait_group(0)
+            barrier()  # tile ti (and the block) landed; every warp is done with tile ti - 1
+            if ti + 1 < ntiles:
+                gather(ti + 1)  # in flight while tile ti is computed
+            var q_s = q_buf.unsafe_offset((ti % 2) * RT * KS)
+            var do_s = do_buf.unsafe_offset((ti % 2) * RT * KS)
+            var m0 = ti * RT  # the tile's first row in the staged metadata
+            # S^T = K_w Q^T and dP^T = V_w dO^T: this warp's 16 keys x RT rows
+            var s_t = Array[SIMD[DType.float32, 4], RT // 8](fill=SIMD[DType.float32, 4](0))
+            var dp_t = Array[SIMD[DType.float32, 4], RT // 8](fill=SIMD[DType.float32, 4](0))
+            comptime for kk in range(D // 16):
+                var ka = frag_a[dtype, KS](k_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
+                var va = frag_a[dtype, KS](v_s.unsafe_offset(wid * 16 * KS + kk * 16), lane)
+                comptime for n2 in range(RT // 16):
+                    var qb = frag_b2[dtype, KS](q_s.unsafe_offset(n2 * 16 * KS + kk * 16), lane).split()
+                    var db = frag_b2[dtype, KS](do_s.unsafe_offset(n2 * 16 * KS + kk * 16), lane).split()
                     comptime for h in range(2):
                         var d0 = SIMD[DType.float32, 4](0)
-                        mma(d0, a, bb[h], acc[h])
-                        acc[h] = d0
-                var r0 = mt * 16 + lane // 4
-                comptime for h in range(2):
-                    var col = nc * 16 + h * 8 + t2
+                        mma(d0, ka, qb[h], s_t[2 * n2 + h])
+                        s_t[2 * n2 + h] = d0
+                        var d1 = SIMD[DType.float32, 4](0)
+                        mma(d1, va, db[h], dp_t[2 * n2 + h])
+                        dp_t[2 * n2 + h] = d1
+            # P^T and scale dS^T; element e of tile n: key key_a + 8 (e // 2), row 8 n + t2 + e % 2
+            comptime for n in range(RT // 8):
+                var x = s_t[n]
+                var y = dp_t[n]
+                comptime for e in range(4):
+                    var r = m0 + n * 8 + t2 + e % 2
+                    var key = key_a + 8 * (e // 2)
+                    var p = Float32(0)
+                    if key < Int(nvis[unsafe_offset=r]):
+                        p = exp2(x[e] * scale_log2 - lse2[unsafe_offset=r])
+                    x[e] = p
+                    y[e] = p * (y[e] - dr_s[unsafe_offset=r]) * scale
+                s_t[n] = x
+                dp_t[n] = y
+            # dV_w += P^T dO, dK_w += (scale dS^T) Q: rows are the K dimension
+            comptime for kk2 in range(RT // 16):
+                var pa = s_t[2 * kk2].join(s_t[2 * kk2 + 1]).cast[dtype]()
+                var dsa = dp_t[2 * kk2].join(dp_t[2 * kk2 + 1]).cast[dtype]()
+                comptime for dn2 in range(D // 16):
+                    var ob = frag_b2_trans[dtype, KS](do_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane).split()
+                    var qb = frag_b2_trans[dtype, KS](q_s.unsafe_offset(kk2 * 16 * KS + dn2 * 16), lane).split()
+                    comptime for h in range(2):
+                        var d0 = SIMD[DType.float32, 4](0)
+                        mma(d0, pa, ob[h], dv_w[2 * dn2 + h])
+                        dv_w[2 * dn2 + h] = d0
+                        var d1 = SIMD[DType.float32, 4](0)
+                        mma(d1, dsa, qb[h], dk_w[2 * dn2 + h])
+                        dk_w[2 * dn2 + h] = d1
+            # scale dS into shared memory as [row][key]
+            comptime for n in range(RT // 8):
+                comptime for e in range(4):
+                    ds_s[unsafe_offset=(n * 8 + t2 + e % 2) * SS + key_a + 8 * (e // 2)] = dp_t[n][e].cast[dtype]()
+            barrier()
+            # dQ = (scale dS) K for the tile's rows: units of 16 rows x UC columns of D over
+            # the warps (one A fragment of dS feeds UC / 8 products)
+            comptime UNITS = (RT // 16) * (D // UC)
+            comptime for u0 in range(0, UNITS, NW):
+                var u = u0 + wid
+                if u < UNITS:
+                    var mt = u // (D // UC)
+                    var nc = u % (D // UC)
+                    var acc = Array[SIMD[DType.float32, 4], UC // 8](fill=SIMD[DType.float32, 4](0))
+                    comptime for kk in range(BS // 16):
+                        var a = frag_a[dtype, SS](ds_s.unsafe_offset(mt * 16 * SS + kk * 16), lane)
+                        comptime for nb in range(UC // 16):
+                            var bb = frag_b2_trans[dtype, KS](k_s.unsafe_offset(kk * 16 * KS + nc * UC + nb * 16), lane).split()
+                            comptime for h in range(2):
+                                var d0 = SIMD[DType.float32, 4](0)
+                                mma(d0, a, bb[h], acc[2 * nb + h])
+                                acc[2 * nb + h] = d0
+                    var r0 = m0 + mt * 16 + lane // 4
                     var p0 = Int(poff[unsafe_offset=r0])
                     var p1 = Int(poff[unsafe_offset=r0 + 8])
-                    if p0 >= 0:
-                        dq_p.unsafe_store[alignment=2 * size_of[part_dtype]()](
-                            p0 * D + col, SIMD[DType.float32, 2](acc[h][0], acc[h][1]).cast[part_dtype]())
-                    if p1 >= 0:
-                        dq_p.unsafe_store[alignment=2 * size_of[part_dtype]()](
-                            p1 * D + col, SIMD[DType.float32, 2](acc[h][2], acc[h][3]).cast[part_dtype]())
-        barrier()  # q_s, do_s, ds_s and the metadata are refilled next
+                    comptime for n8 in range(UC // 8):
+                        var col = nc * UC + n8 * 8 + t2
+                        if p0 >= 0:
+                            dq_p.unsafe_store[alignment=2 * size_of[part_dtype]()](
+                                p0 * D + col, SIMD[DType.float32, 2](acc[n8][0], acc[n8][1]).cast[part_dtype]())
+                        if p1 >= 0:
+                            dq_p.unsafe_store[alignment=2 * size_of[part_dtype]()](
+                                p1 * D + col, SIMD[DType.float32, 2](acc[n8][2], acc[n8][3]).cast[part_dtype]())
     # this item's dK / dV of the block, added into the fp32 accumulators
     comptime for n in range(DN):
         comptime for e in range(4):
@@ -465,7 +492,9 @@ def bwd_finish_kernel[dtype: DType, part_dtype: DType, head_dim: Int, topk: Int,
 
 
 def backward_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
-    return ((2 * block_size + 2 * BWD_ROWS) * (head_dim + 8) + BWD_ROWS * (block_size + 8)) * size_of[dtype]()
+    """Dynamic shared memory: K, V, two Q and two dO tiles, and dS (the staged
+    metadata is static)."""
+    return ((2 * block_size + 4 * BWD_ROWS) * (head_dim + 8) + BWD_ROWS * (block_size + 8)) * size_of[dtype]()
 
 
 def backward_gpu_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:

@@ -336,6 +336,8 @@ BACKWARD = [
     ("bwd_ragged_g4_bf16", [(300, 300), (1, 1), (77, 200), (129, 129)], 8, 2, 64, 32, 4, 64, "bfloat16"),
     ("bwd_g16_d128_f16", [(700, 700), (200, 900)], 16, 1, 128, 128, 4, 128, "float16"),
     ("bwd_model_shape_bf16", [(1024, 1024), (256, 2048)], 64, 4, 128, 128, 16, 128, "bfloat16"),
+    # group 32: a work item of 64 entries is 2048 rows, two of the GPU kernel's staged chunks
+    ("bwd_g32_chunks_bf16", [(900, 1400), (130, 130)], 32, 1, 128, 64, 8, 128, "bfloat16"),
 ]
 
 
