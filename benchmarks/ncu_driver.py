@@ -4,6 +4,7 @@
   python benchmarks/ncu_driver.py --decode 32 131072     # decode layer: B sequences, one new token each
   python benchmarks/ncu_driver.py --prefill 65536 --index-dtype fp8 --select-only   # the FP8 indexer alone
   python benchmarks/ncu_driver.py --decode 32 131072 --paged-fp8   # decode over paged e4m3 caches
+  python benchmarks/ncu_driver.py --backward 16384      # a training step: msa_attention forward, .backward
 
 Each stage runs once to compile and warm up, then once more for the profiler
 (profile.sh skips the first launches of each kernel)."""
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--index-dtype", choices=("auto", "fp8"), default="auto", help="prefill: the FP8 indexer")
     ap.add_argument("--select-only", action="store_true", help="prefill: the indexer alone")
     ap.add_argument("--paged-fp8", action="store_true", help="decode: the paged layer over e4m3 caches")
+    ap.add_argument("--backward", type=int, default=0, metavar="T",
+                    help="torch forward + backward of one T-token sequence; only the second step is profiled "
+                         "(profile.sh with PROFILE_FROM_START=off)")
     a = ap.parse_args()
     import torch
 
@@ -47,6 +51,19 @@ def main() -> None:
             b["o_partial"], b["lse_partial"] = run.run(kinds["block_attention"], b)
             run.run(kinds["combine"], b)
             torch.cuda.synchronize()
+    if a.backward:
+        import msa_py
+
+        q, k, v, qi, ki = make_inputs(torch, spec, a.backward, a.backward, "cuda", "uniform", 0)
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        dout = torch.randn_like(q)
+        for step in range(2):
+            if step == 1:
+                torch.cuda.profiler.start()
+            out, _ = msa_py.msa_attention(*leaves, qi, ki)
+            out.backward(dout)
+            torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
     if a.decode:
         from msa_py.torch_ops import _buf
 

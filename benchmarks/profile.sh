@@ -10,6 +10,8 @@
 # grid and block size in the report. PROFILE_SKIP skips the warm-up launches.
 # PROFILE_TIMES=1: durations, DRAM bytes and launch shapes only (fast; e.g. the
 # inversion's kernels at two window sizes).
+# PROFILE_FROM_START=off: only what the driver runs between
+# torch.cuda.profiler.start() and stop() (--backward: the second step).
 set -o pipefail
 if [ "${PROFILE_TIMES:-0}" = 1 ]; then
   # each kernel's duration, DRAM bytes and launch shape: a pass or two per kernel
@@ -20,7 +22,7 @@ else
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
 fi
 ARGS=${PROFILE_ARGS:---prefill 32768}
-ncu --clock-control "${PROFILE_CLOCK:-none}" --target-processes all \
+ncu --clock-control "${PROFILE_CLOCK:-none}" --target-processes all --profile-from-start "${PROFILE_FROM_START:-on}" \
   -k "regex:${PROFILE_KERNELS:-mojo_pkg}" \
   --launch-skip-before-match 0 ${PROFILE_SKIP:+--launch-skip $PROFILE_SKIP} -c "${PROFILE_COUNT:-40}" \
   "${SECTIONS[@]}" \
