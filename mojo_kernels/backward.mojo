@@ -42,26 +42,33 @@
 from std.atomic import Atomic, Ordering
 from std.math import ceildiv, exp, exp2, iota
 from std.memory import unsafe_stack_allocation
-from std.sys import size_of
+from std.sys import inlined_assembly, size_of
 from std.utils.numerics import isnan, nan
 
 from extensibility import InputTensor, OutputTensor, register
 from max.algorithm import sync_parallelize
 from max.gpu import WARP_SIZE, barrier, block_idx, lane_id, thread_idx
-from max.gpu.compute.mma import mma
+from max.gpu.compute.mma import mma, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned, wgmma_wait_group_sync
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
-from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.memory import (
+    AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory, fence_async_view_proxy,
+)
 from max.gpu.primitives import warp
 
-from .attention import LOG2E, _Item, mma_supported
-from .common import F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, kv_addr, position_of, seq_of
+from .attention import LOG2E, _Item, load_kv_tile, mma_supported
+from .common import (
+    LAYOUT_SW128, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, hopper_target,
+    kmajor_desc, kv_addr, position_of, pv_tile_wgmma, score_tile_wgmma, seq_of, sw128_mnmajor_desc, tile_offset,
+    wgmma_acc_fence,
+)
 from .cpu_tiles import (
     CPU_R, CPU_W, F32Buf, FVec, int_scratch, mm_tile, mm_tile_into, pack_rows, pack_transposed, padded, release,
     scratch, tile_cols,
 )
 
 comptime BWD_ROWS = 32  # (entry, head) rows of a GPU tile
+comptime BWD_WG_ROWS = 64  # rows of a wgmma tile (N of S^T, M of dQ)
 comptime BWD_CHUNK = 1024  # rows whose metadata is staged in shared memory at once (32 tiles)
 
 
@@ -461,6 +468,226 @@ def backward_mma_kernel[
                 _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dv_acc.unsafe_offset(o), dv_w[n][e])
 
 
+@always_inline
+def opaque_zero() -> Int:
+    """0, from an asm the compiler cannot see through: a wgmma chain's
+    descriptors built from base + opaque_zero() are formed where the chain
+    is issued instead of being hoisted out of the tile loop as invariants
+    (16 live 64-bit registers per chain, which spill at 255)."""
+    return Int(inlined_assembly["mov.u32 $0, 0;", Int32, constraints="=r", has_side_effect=True]())
+
+
+@always_inline
+def dq_tile_wgmma[dtype: DType, BS: Int](
+    ds_t: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    k_panel: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    acc_regs: SIMD[DType.float32, SW128_COLS // 2],
+) -> SIMD[DType.float32, SW128_COLS // 2]:
+    """Issues (and commits) the warpgroup's 64 x 64 tile dQ = dS K: dS
+    [row][key] (64 rows x BS keys, SW128) as the K-major A operand, K
+    [key][d] as the MN-major B operand, one 64-column panel of it at
+    k_panel. The first wgmma ignores acc_regs."""
+    var acc = acc_regs
+    wgmma_fence_aligned()
+    comptime for kk in range(BS // 16):
+        comptime a_off = tile_offset[LAYOUT_SW128, BWD_WG_ROWS, BS](0, kk * 16)
+        acc = wgmma_async[
+            64, SW128_COLS, 16, DType.float32, SW128_COLS // 2, a_type=dtype, b_type=dtype, layout_b="row",
+            scale_d=0 if kk == 0 else 1,
+        ](
+            kmajor_desc[dtype, LAYOUT_SW128, BS](ds_t.unsafe_offset(a_off)),
+            sw128_mnmajor_desc[dtype, BS](k_panel.unsafe_offset(kk * 16 * SW128_COLS)),
+            acc,
+        )
+    wgmma_commit_group_sync()
+    return acc
+
+
+def backward_wgmma_kernel[
+    dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
+    tile_rows: Int,
+](
+    dq_p: Pointer[Scalar[part_dtype], MutAnyOrigin],
+    dk_acc: F32MutPtr,
+    dv_acc: F32MutPtr,
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    k: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    v: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    dout: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    lse: F32Ptr, dr: F32Ptr, row_offsets: I32Ptr, entries: I32Ptr, work: I32Ptr, num_work: I32Ptr,
+    cu_q: I32Ptr, cu_k: I32Ptr, scale_p: F32Ptr, num_seqs: Int32, T: Int32,
+):
+    """The backward on Hopper's warpgroup MMA: two warpgroups, each owning 64
+    keys of the block (keys in M), 64-row Q / dO tiles (rows in N). S^T and
+    dP^T are wgmma chains from shared memory (K or V as A, the Q or dO tile
+    as B, both K-major); P^T and scale dS^T go from their accumulators into
+    register A fragments for dV += P^T dO and dK += dS^T Q (dO and Q as
+    MN-major B), the same registers as the forward's P V; dS is written to
+    shared memory as [row][key] and dQ = dS K is one chain per 64-column
+    panel of D (one warpgroup each)."""
+    comptime D = head_dim
+    comptime BS = block_size
+    comptime RT = tile_rows  # BWD_WG_ROWS (a parameter: the wgmma helpers' register counts are expressions of it)
+    comptime NT = 2 * 4 * WARP_SIZE
+    comptime Hq = num_groups * group
+    comptime CPR = D // 8  # 16-byte chunks per row
+    comptime CH = BWD_CHUNK
+    comptime TILE = RT * D
+    comptime PC = SW128_COLS
+    comptime DQ_WGS = D // PC  # warpgroups computing dQ: one per 64-column panel
+    var w = Int(block_idx.x)
+    if w >= Int(num_work[unsafe_offset=0]):
+        return
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var wid = tid // WARP_SIZE
+    var wg = wid // 4
+    var it = _Item(work, w, row_offsets, cu_q, cu_k, Int(num_seqs), BS)
+    if it.count == 0:
+        return
+    # 1024-byte aligned: the swizzle is a function of the shared address
+    var smem = external_memory[Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024]()
+    var k_s = smem
+    var v_s = k_s.unsafe_offset(BS * D)
+    var q_buf = v_s.unsafe_offset(BS * D)  # Q tiles [2][RT x D]: the tile in use and the next one in flight
+    var do_buf = q_buf.unsafe_offset(2 * TILE)  # dO tiles, the same
+    var ds_s = do_buf.unsafe_offset(2 * TILE)  # scale dS [RT rows][BS keys]
+    var lse2 = unsafe_stack_allocation[CH, Float32, address_space=AddressSpace.SHARED]()  # lse * log2(e)
+    var dr_s = unsafe_stack_allocation[CH, Float32, address_space=AddressSpace.SHARED]()
+    var nvis = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()
+    var poff = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()  # dq partial row, -1: padding
+    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var dog = dout.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var kv_base = it.kv_base[False](kv_addr[False, num_groups, D](cu_k, scale_p.unsafe_bitcast[Int64]()), cu_k, BS)
+    load_kv_tile[dtype, LAYOUT_SW128, BS, D, NT](k, v, k_s, v_s, kv_base, num_groups * D, it.nk, tid)
+    async_copy_commit_group()
+    var scale = scale_p[unsafe_offset=0]
+    var scale_log2 = scale * LOG2E
+    var nent = Int(T) * topk
+    var rows_total = it.count * group
+    var t2 = (lane % 4) * 2
+    var key_lo = wg * 64 + (wid % 4) * 16 + lane // 4  # this thread's keys in S^T: key_lo, key_lo + 8
+    var a_k = k_s.unsafe_offset(wg * 64 * PC)  # this warpgroup's 64 keys (rows of the SW128 tile)
+    var a_v = v_s.unsafe_offset(wg * 64 * PC)
+    var dk_wg = SIMD[DType.float32, D // 2](0)
+    var dv_wg = SIMD[DType.float32, D // 2](0)
+    for c0 in range(0, rows_total, CH):
+        var ntiles = ceildiv(min(CH, rows_total - c0), RT)
+        if c0 > 0:
+            barrier()  # the last chunk's dQ rows have read their metadata
+        for r in range(tid, ntiles * RT, NT):
+            var mr = c0 + r
+            var nv = 0
+            var off = -1
+            var l2 = Float32(0)
+            var d_r = Float32(0)
+            if mr < rows_total:
+                var ent = it.entry(entries, nent, mr // group)
+                var t = ent // topk
+                var h = it.g * group + mr % group
+                nv = it.visible(t, BS)
+                off = _part(t, h, ent % topk, Hq, topk)
+                l2 = lse[unsafe_offset=t * Hq + h] * LOG2E
+                d_r = dr[unsafe_offset=t * Hq + h]
+            nvis[unsafe_offset=r] = Int32(nv)
+            poff[unsafe_offset=r] = Int32(off)
+            lse2[unsafe_offset=r] = l2
+            dr_s[unsafe_offset=r] = d_r
+        barrier()
+
+        @always_inline
+        def gather(tile: Int) {q_buf, do_buf, poff, qg, dog, tid}:
+            """cp.async of tile `tile`'s Q and dO rows into buffer tile % 2 (SW128)."""
+            var qd = q_buf.unsafe_offset((tile % 2) * TILE)
+            var dd = do_buf.unsafe_offset((tile % 2) * TILE)
+            for i in range(tid, RT * CPR, NT):
+                var r = i // CPR
+                var c = (i % CPR) * 8
+                var so = tile_offset[LAYOUT_SW128, RT, D](r, c)
+                var off = Int(poff[unsafe_offset=tile * RT + r])
+                if off >= 0:
+                    var src = (off // topk) * D + c
+                    async_copy[16](qg.unsafe_offset(src), qd.unsafe_offset(so))
+                    async_copy[16](dog.unsafe_offset(src), dd.unsafe_offset(so))
+                else:
+                    qd.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+                    dd.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+            async_copy_commit_group()
+
+        gather(0)
+        for ti in range(ntiles):
+            async_copy_wait_group(0)
+            fence_async_view_proxy()  # cp.async and st.shared writes -> visible to wgmma's async proxy
+            barrier()  # tile ti (and the block) landed; every warpgroup is done with tile ti - 1
+            if ti + 1 < ntiles:
+                gather(ti + 1)  # in flight while tile ti is computed
+            var q_cur = q_buf.unsafe_offset((ti % 2) * TILE)
+            var do_cur = do_buf.unsafe_offset((ti % 2) * TILE)
+            var m0 = ti * RT  # the tile's first row in the staged metadata
+            # fresh accumulators: no chain is in flight here; descriptors formed here (opaque_zero)
+            var z0 = opaque_zero()
+            var s_t = score_tile_wgmma[dtype, D, RT, LAYOUT_SW128, BS](
+                a_k.unsafe_offset(z0), q_cur, SIMD[DType.float32, RT // 2](0))
+            var dp_t = score_tile_wgmma[dtype, D, RT, LAYOUT_SW128, BS](
+                a_v.unsafe_offset(z0), do_cur, SIMD[DType.float32, RT // 2](0))
+            wgmma_wait_group_sync[0]()
+            s_t = wgmma_acc_fence[RT // 2](s_t)
+            dp_t = wgmma_acc_fence[RT // 2](dp_t)
+            # P^T and scale dS^T; element e of n8 tile n: key key_lo + 8 (e // 2), row 8 n + t2 + e % 2
+            var p_acc = Array[SIMD[DType.float32, 4], RT // 8](fill=SIMD[DType.float32, 4](0))
+            var ds_acc = Array[SIMD[DType.float32, 4], RT // 8](fill=SIMD[DType.float32, 4](0))
+            comptime for n in range(RT // 8):
+                var x = s_t.slice[4, offset=4 * n]()
+                var y = dp_t.slice[4, offset=4 * n]()
+                comptime for e in range(4):
+                    var r = m0 + n * 8 + t2 + e % 2
+                    var p = Float32(0)
+                    if key_lo + 8 * (e // 2) < Int(nvis[unsafe_offset=r]):
+                        p = exp2(x[e] * scale_log2 - lse2[unsafe_offset=r])
+                    x[e] = p
+                    y[e] = p * (y[e] - dr_s[unsafe_offset=r]) * scale
+                p_acc[n] = x
+                ds_acc[n] = y
+            dv_wg = pv_tile_wgmma[dtype, D, RT, accumulate=True](p_acc, do_cur, dv_wg)
+            dk_wg = pv_tile_wgmma[dtype, D, RT, accumulate=True](ds_acc, q_cur, dk_wg)
+            # scale dS into shared memory as [row][key], the A operand of dQ
+            comptime for n in range(RT // 8):
+                comptime for e in range(4):
+                    ds_s[unsafe_offset=tile_offset[LAYOUT_SW128, RT, BS](n * 8 + t2 + e % 2, key_lo + 8 * (e // 2))] = (
+                        ds_acc[n][e].cast[dtype]()
+                    )
+            fence_async_view_proxy()
+            barrier()  # both warpgroups' keys of dS are in place
+            wgmma_wait_group_sync[0]()  # dV, dK of this tile
+            dv_wg = wgmma_acc_fence[D // 2](dv_wg)
+            dk_wg = wgmma_acc_fence[D // 2](dk_wg)
+            if wg < DQ_WGS:
+                var z = opaque_zero()
+                var dq = SIMD[DType.float32, PC // 2](0)
+                dq = dq_tile_wgmma[dtype, BS](ds_s.unsafe_offset(z), k_s.unsafe_offset(wg * BS * PC + z), dq)
+                wgmma_wait_group_sync[0]()
+                dq = wgmma_acc_fence[PC // 2](dq)
+                var r0 = m0 + (wid % 4) * 16 + lane // 4
+                var p0 = Int(poff[unsafe_offset=r0])
+                var p1 = Int(poff[unsafe_offset=r0 + 8])
+                comptime for n8 in range(PC // 8):
+                    var col = wg * PC + n8 * 8 + t2
+                    if p0 >= 0:
+                        dq_p.unsafe_store[alignment=2 * size_of[part_dtype]()](
+                            p0 * D + col, SIMD[DType.float32, 2](dq[4 * n8], dq[4 * n8 + 1]).cast[part_dtype]())
+                    if p1 >= 0:
+                        dq_p.unsafe_store[alignment=2 * size_of[part_dtype]()](
+                            p1 * D + col, SIMD[DType.float32, 2](dq[4 * n8 + 2], dq[4 * n8 + 3]).cast[part_dtype]())
+    # this item's dK / dV of the block, added into the fp32 accumulators
+    comptime for n in range(D // 8):
+        comptime for e in range(4):
+            var key = key_lo + 8 * (e // 2)
+            if key < it.nk:
+                var o = kv_base + key * num_groups * D + n * 8 + t2 + e % 2
+                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dk_acc.unsafe_offset(o), dk_wg[4 * n + e])
+                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dv_acc.unsafe_offset(o), dv_wg[4 * n + e])
+
+
 def bwd_finish_kernel[dtype: DType, part_dtype: DType, head_dim: Int, topk: Int, block_size: Int, num_groups: Int](
     dq: Pointer[Scalar[dtype], MutAnyOrigin], dk: Pointer[Scalar[dtype], MutAnyOrigin],
     dv: Pointer[Scalar[dtype], MutAnyOrigin], dq_p: Pointer[Scalar[part_dtype], ImmutAnyOrigin],
@@ -499,6 +726,18 @@ def backward_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
 
 def backward_gpu_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
     return mma_supported[dtype, head_dim, block_size]()
+
+
+def backward_wgmma_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
+    """Dynamic shared memory of the wgmma path: K, V, two Q and two dO tiles
+    and dS, 128B-swizzled (no padding)."""
+    return ((2 * block_size + 4 * BWD_WG_ROWS) * head_dim + BWD_WG_ROWS * block_size) * size_of[dtype]()
+
+
+def backward_wgmma_supported[dtype: DType, head_dim: Int, block_size: Int]() -> Bool:
+    """bfloat16, whole 64-column swizzle panels of D, 128-key blocks (two
+    warpgroups of 64 keys); the caller checks for a Hopper device."""
+    return dtype == DType.bfloat16 and head_dim % SW128_COLS == 0 and head_dim <= 128 and block_size == 128
 
 
 @register("msa_sparse_backward")
@@ -569,17 +808,31 @@ struct MSASparseBackward:
                     dr, o.unsafe_ptr(), dout.unsafe_ptr(), dlse.unsafe_ptr(), Int32(T * Hq),
                     grid_dim=ceildiv(T * Hq, 8), block_dim=8 * WARP_SIZE,
                 )
-                comptime smem = backward_smem_bytes[dtype, head_dim, block_size]()
-                comptime kernel = backward_mma_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk]
-                if work.dim_size(0) > 0:
-                    ctx.enqueue_function[kernel](
-                        dq_partial.unsafe_ptr(), dk_acc, dv_acc, q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
-                        dout.unsafe_ptr(), lse.unsafe_ptr(), dr, row_offsets.unsafe_ptr(), entries.unsafe_ptr(),
-                        work.unsafe_ptr(), num_work.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
-                        scale.unsafe_ptr(), Int32(B), Int32(T),
-                        grid_dim=work.dim_size(0), block_dim=(block_size // 16) * WARP_SIZE, shared_mem_bytes=smem,
-                        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-                    )
+                # Hopper: warpgroup MMA; mma.sync elsewhere
+                comptime if hopper_target() and backward_wgmma_supported[dtype, head_dim, block_size]():
+                    comptime smem = backward_wgmma_smem_bytes[dtype, head_dim, block_size]()
+                    comptime kernel = backward_wgmma_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk, BWD_WG_ROWS]
+                    if work.dim_size(0) > 0:
+                        ctx.enqueue_function[kernel](
+                            dq_partial.unsafe_ptr(), dk_acc, dv_acc, q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                            dout.unsafe_ptr(), lse.unsafe_ptr(), dr, row_offsets.unsafe_ptr(), entries.unsafe_ptr(),
+                            work.unsafe_ptr(), num_work.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
+                            scale.unsafe_ptr(), Int32(B), Int32(T),
+                            grid_dim=work.dim_size(0), block_dim=8 * WARP_SIZE, shared_mem_bytes=smem,
+                            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                        )
+                else:
+                    comptime smem = backward_smem_bytes[dtype, head_dim, block_size]()
+                    comptime kernel = backward_mma_kernel[dtype, part_dtype, head_dim, block_size, group, num_groups, topk]
+                    if work.dim_size(0) > 0:
+                        ctx.enqueue_function[kernel](
+                            dq_partial.unsafe_ptr(), dk_acc, dv_acc, q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                            dout.unsafe_ptr(), lse.unsafe_ptr(), dr, row_offsets.unsafe_ptr(), entries.unsafe_ptr(),
+                            work.unsafe_ptr(), num_work.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(),
+                            scale.unsafe_ptr(), Int32(B), Int32(T),
+                            grid_dim=work.dim_size(0), block_dim=(block_size // 16) * WARP_SIZE, shared_mem_bytes=smem,
+                            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                        )
             var n = max(T * Hq * head_dim, nkv)
             if n > 0:
                 ctx.enqueue_function[bwd_finish_kernel[dtype, part_dtype, head_dim, topk, block_size, num_groups]](
