@@ -20,7 +20,7 @@ for step in "$@"; do
     check) python3 -m msa_py.check --device gpu 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     ties) python3 -m msa_py.check --device gpu --ties ${TIES_CASES:-400} 2>&1 | tee "$OUT/ties.log" || rc=1 ;;
     sanitize-ties) SAN_CHECK_ARGS="--ties ${SAN_TIES_CASES:-64} --seed 1" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
-    sanitize-backward) SAN_CHECK_ARGS="--backward --no-time --only ${SAN_BWD_CASES:-bwd_ragged_g4_bf16,bwd_g32_chunks_bf16}" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize_backward.log" || rc=1 ;;
+    sanitize-backward) SAN_CHECK_ARGS="--backward --no-time --only ${SAN_BWD_CASES:-bwd_ragged_g4_bf16,bwd_g32_chunks_bf16,bwd_d64_bf16}" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize_backward.log" || rc=1 ;;
     fp8-cuda) python3 -m pytest -q tests/test_fp8_index.py --device cuda 2>&1 | tee "$OUT/fp8_cuda.log" || rc=1 ;;
     check-backward) python3 -m msa_py.check --device gpu --backward 2>&1 | tee "$OUT/check_backward.log" || rc=1 ;;
     check-paged) python3 -m msa_py.check --device gpu --paged 2>&1 | tee "$OUT/check_paged.log" || rc=1 ;;

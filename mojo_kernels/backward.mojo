@@ -21,7 +21,19 @@
 #        task owns its block's dK and dV (no reduction across tasks) and
 #        streams every (entry, head) row that chose the block through the
 #        five products on register tiles (cpu_tiles).
-#   GPU (bf16 / fp16, D and block_size multiples of 16 up to 128): one thread
+#   wgmma (Hopper, bf16, D 64 or 128, block_size 128): one thread block of
+#        two warpgroups per work item, each owning 64 keys of the block
+#        (keys in M) for the whole item; 64-row Q and dO tiles (rows in N),
+#        all operands in the 128B-swizzled layout, metadata staged and tiles
+#        double-buffered as below. Per tile: S^T = K_wg Q^T and dP^T =
+#        V_wg dO^T are wgmma chains from shared memory; P^T and scale dS^T
+#        (computed in the accumulators) become register A fragments for
+#        dV_wg += P^T dO and dK_wg += dS^T Q (dO and Q read as MN-major B,
+#        the forward's P V); dS is written to shared memory as [row][key],
+#        and dQ = dS K is one chain per 64-column panel of D (warpgroup w
+#        takes panel w). dK and dV of its 64 keys stay in each thread's
+#        accumulators (2 x 64 floats) until the item ends.
+#   mma.sync (bf16 / fp16, D and block_size multiples of 16 up to 128): one thread
 #        block per work item, one warp per 16 keys of the block (mma.sync
 #        m16n8k16, fp32 accumulate). The rows' metadata (dq partial row,
 #        visible keys, lse, Dr) is staged in shared memory 1024 rows at a

@@ -338,6 +338,8 @@ BACKWARD = [
     ("bwd_model_shape_bf16", [(1024, 1024), (256, 2048)], 64, 4, 128, 128, 16, 128, "bfloat16"),
     # group 32: a work item of 64 entries is 2048 rows, two of the GPU kernel's staged chunks
     ("bwd_g32_chunks_bf16", [(900, 1400), (130, 130)], 32, 1, 128, 64, 8, 128, "bfloat16"),
+    # D 64 on the Hopper path: one warpgroup computes dQ (one 64-column panel)
+    ("bwd_d64_bf16", [(400, 700), (90, 90), (1, 300)], 8, 2, 64, 32, 4, 128, "bfloat16"),
 ]
 
 
