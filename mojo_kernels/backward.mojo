@@ -272,6 +272,38 @@ def bwd_rowdot_kernel[dtype: DType, head_dim: Int](
         dr[unsafe_offset=row] = s - dlse[unsafe_offset=row]
 
 
+comptime SharedF32 = Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED]
+comptime SharedI32 = Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED]
+
+
+@always_inline
+def stage_row_meta[group: Int, topk: Int, Hq: Int, BS: Int, NT: Int](
+    it: _Item, entries: I32Ptr, nent: Int, lse: F32Ptr, dr: F32Ptr, c0: Int, rows: Int, rows_total: Int, tid: Int,
+    lse2: SharedF32, dr_s: SharedF32, nvis: SharedI32, poff: SharedI32,
+):
+    """The metadata of the item's rows c0 .. c0 + rows - 1 into shared memory
+    (NT threads): lse * log2(e), Dr, the block's keys the row sees, its dq
+    partial row; rows past the item get 0 keys and partial row -1."""
+    for r in range(tid, rows, NT):
+        var mr = c0 + r
+        var nv = 0
+        var off = -1
+        var l2 = Float32(0)
+        var d_r = Float32(0)
+        if mr < rows_total:
+            var ent = it.entry(entries, nent, mr // group)
+            var t = ent // topk
+            var h = it.g * group + mr % group
+            nv = it.visible(t, BS)
+            off = _part(t, h, ent % topk, Hq, topk)
+            l2 = lse[unsafe_offset=t * Hq + h] * LOG2E
+            d_r = dr[unsafe_offset=t * Hq + h]
+        nvis[unsafe_offset=r] = Int32(nv)
+        poff[unsafe_offset=r] = Int32(off)
+        lse2[unsafe_offset=r] = l2
+        dr_s[unsafe_offset=r] = d_r
+
+
 def backward_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
 ](
@@ -346,24 +378,8 @@ def backward_mma_kernel[
         var ntiles = ceildiv(min(CH, rows_total - c0), RT)
         if c0 > 0:
             barrier()  # the last chunk's dQ rows have read their metadata
-        for r in range(tid, ntiles * RT, NT):
-            var mr = c0 + r
-            var nv = 0
-            var off = -1
-            var l2 = Float32(0)
-            var d_r = Float32(0)
-            if mr < rows_total:
-                var ent = it.entry(entries, nent, mr // group)
-                var t = ent // topk
-                var h = it.g * group + mr % group
-                nv = it.visible(t, BS)
-                off = _part(t, h, ent % topk, Hq, topk)
-                l2 = lse[unsafe_offset=t * Hq + h] * LOG2E
-                d_r = dr[unsafe_offset=t * Hq + h]
-            nvis[unsafe_offset=r] = Int32(nv)
-            poff[unsafe_offset=r] = Int32(off)
-            lse2[unsafe_offset=r] = l2
-            dr_s[unsafe_offset=r] = d_r
+        stage_row_meta[group, topk, Hq, BS, NT](it, entries, nent, lse, dr, c0, ntiles * RT, rows_total, tid,
+                                                 lse2, dr_s, nvis, poff)
         barrier()
 
         @always_inline
@@ -587,24 +603,8 @@ def backward_wgmma_kernel[
         var ntiles = ceildiv(min(CH, rows_total - c0), RT)
         if c0 > 0:
             barrier()  # the last chunk's dQ rows have read their metadata
-        for r in range(tid, ntiles * RT, NT):
-            var mr = c0 + r
-            var nv = 0
-            var off = -1
-            var l2 = Float32(0)
-            var d_r = Float32(0)
-            if mr < rows_total:
-                var ent = it.entry(entries, nent, mr // group)
-                var t = ent // topk
-                var h = it.g * group + mr % group
-                nv = it.visible(t, BS)
-                off = _part(t, h, ent % topk, Hq, topk)
-                l2 = lse[unsafe_offset=t * Hq + h] * LOG2E
-                d_r = dr[unsafe_offset=t * Hq + h]
-            nvis[unsafe_offset=r] = Int32(nv)
-            poff[unsafe_offset=r] = Int32(off)
-            lse2[unsafe_offset=r] = l2
-            dr_s[unsafe_offset=r] = d_r
+        stage_row_meta[group, topk, Hq, BS, NT](it, entries, nent, lse, dr, c0, ntiles * RT, rows_total, tid,
+                                                 lse2, dr_s, nvis, poff)
         barrier()
 
         @always_inline
