@@ -70,7 +70,7 @@ from max.gpu.primitives import warp
 
 from .attention import LOG2E, _Item, load_kv_tile, mma_supported
 from .common import (
-    LAYOUT_SW128, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, hopper_target,
+    LAYOUT_PADDED, LAYOUT_SW128, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, hopper_target,
     kmajor_desc, kv_addr, position_of, pv_tile_wgmma, score_tile_wgmma, seq_of, sw128_mnmajor_desc, tile_offset,
     wgmma_acc_fence,
 )
@@ -304,6 +304,39 @@ def stage_row_meta[group: Int, topk: Int, Hq: Int, BS: Int, NT: Int](
         dr_s[unsafe_offset=r] = d_r
 
 
+@always_inline
+def gather_rows[dtype: DType, layout: Int, RT: Int, D: Int, NT: Int, topk: Int](
+    q: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    dout: Pointer[Scalar[dtype], ImmutAnyOrigin],
+    q_buf: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    do_buf: Pointer[Scalar[dtype], MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    poff: SharedI32, tile: Int, tid: Int,
+):
+    """cp.async of the staged rows tile * RT .. of Q and dO (the rows poff
+    names: dq partial row // topk is the row of q) into buffer tile % 2 of
+    q_buf / do_buf in `layout` (RT x D tiles), zeros for padding rows; NT
+    threads, one commit."""
+    comptime CPR = D // 8  # 16-byte chunks per row
+    comptime TILE = RT * (D + 8) if layout == LAYOUT_PADDED else RT * D
+    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var dog = dout.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var qd = q_buf.unsafe_offset((tile % 2) * TILE)
+    var dd = do_buf.unsafe_offset((tile % 2) * TILE)
+    for i in range(tid, RT * CPR, NT):
+        var r = i // CPR
+        var c = (i % CPR) * 8
+        var so = tile_offset[layout, RT, D](r, c)
+        var off = Int(poff[unsafe_offset=tile * RT + r])
+        if off >= 0:
+            var src = (off // topk) * D + c
+            async_copy[16](qg.unsafe_offset(src), qd.unsafe_offset(so))
+            async_copy[16](dog.unsafe_offset(src), dd.unsafe_offset(so))
+        else:
+            qd.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+            dd.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
+    async_copy_commit_group()
+
+
 def backward_mma_kernel[
     dtype: DType, part_dtype: DType, head_dim: Int, block_size: Int, group: Int, num_groups: Int, topk: Int,
 ](
@@ -325,7 +358,6 @@ def backward_mma_kernel[
     comptime NT = NW * WARP_SIZE
     comptime RT = BWD_ROWS
     comptime Hq = num_groups * group
-    comptime CPR = D // 8  # 16-byte chunks per row
     comptime DN = D // 8  # n8 tiles over D
     comptime CH = BWD_CHUNK
     comptime UC = 32 if D % 32 == 0 else 16  # columns of D in a dQ unit
@@ -350,21 +382,8 @@ def backward_mma_kernel[
     var dr_s = unsafe_stack_allocation[CH, Float32, address_space=AddressSpace.SHARED]()
     var nvis = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()
     var poff = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()  # dq partial row, -1: padding
-    var kg = k.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var vg = v.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var dog = dout.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var kv_base = it.kv_base[False](kv_addr[False, num_groups, D](cu_k, scale_p.unsafe_bitcast[Int64]()), cu_k, BS)
-    for i in range(tid, BS * CPR, NT):
-        var key = i // CPR
-        var c = (i % CPR) * 8
-        if key < it.nk:
-            var goff = kv_base + key * num_groups * D + c
-            async_copy[16](kg.unsafe_offset(goff), k_s.unsafe_offset(key * KS + c))
-            async_copy[16](vg.unsafe_offset(goff), v_s.unsafe_offset(key * KS + c))
-        else:
-            k_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
-            v_s.unsafe_store[alignment=16](key * KS + c, SIMD[dtype, 8](0))
+    load_kv_tile[dtype, LAYOUT_PADDED, BS, D, NT](k, v, k_s, v_s, kv_base, num_groups * D, it.nk, tid)
     async_copy_commit_group()
     var scale = scale_p[unsafe_offset=0]
     var scale_log2 = scale * LOG2E
@@ -383,22 +402,8 @@ def backward_mma_kernel[
         barrier()
 
         @always_inline
-        def gather(tile: Int) {q_buf, do_buf, poff, qg, dog, tid}:
-            """cp.async of tile `tile`'s Q and dO rows into buffer tile % 2."""
-            var qd = q_buf.unsafe_offset((tile % 2) * RT * KS)
-            var dd = do_buf.unsafe_offset((tile % 2) * RT * KS)
-            for i in range(tid, RT * CPR, NT):
-                var r = i // CPR
-                var c = (i % CPR) * 8
-                var off = Int(poff[unsafe_offset=tile * RT + r])
-                if off >= 0:
-                    var src = (off // topk) * D + c
-                    async_copy[16](qg.unsafe_offset(src), qd.unsafe_offset(r * KS + c))
-                    async_copy[16](dog.unsafe_offset(src), dd.unsafe_offset(r * KS + c))
-                else:
-                    qd.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
-                    dd.unsafe_store[alignment=16](r * KS + c, SIMD[dtype, 8](0))
-            async_copy_commit_group()
+        def gather(tile: Int) {q, dout, q_buf, do_buf, poff, tid}:
+            gather_rows[dtype, LAYOUT_PADDED, RT, D, NT, topk](q, dout, q_buf, do_buf, poff, tile, tid)
 
         gather(0)
         for ti in range(ntiles):
@@ -558,7 +563,6 @@ def backward_wgmma_kernel[
     comptime RT = tile_rows  # BWD_WG_ROWS (a parameter: the wgmma helpers' register counts are expressions of it)
     comptime NT = 2 * 4 * WARP_SIZE
     comptime Hq = num_groups * group
-    comptime CPR = D // 8  # 16-byte chunks per row
     comptime CH = BWD_CHUNK
     comptime TILE = RT * D
     comptime PC = SW128_COLS
@@ -584,8 +588,6 @@ def backward_wgmma_kernel[
     var dr_s = unsafe_stack_allocation[CH, Float32, address_space=AddressSpace.SHARED]()
     var nvis = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()
     var poff = unsafe_stack_allocation[CH, Int32, address_space=AddressSpace.SHARED]()  # dq partial row, -1: padding
-    var qg = q.unsafe_address_space_cast[AddressSpace.GLOBAL]()
-    var dog = dout.unsafe_address_space_cast[AddressSpace.GLOBAL]()
     var kv_base = it.kv_base[False](kv_addr[False, num_groups, D](cu_k, scale_p.unsafe_bitcast[Int64]()), cu_k, BS)
     load_kv_tile[dtype, LAYOUT_SW128, BS, D, NT](k, v, k_s, v_s, kv_base, num_groups * D, it.nk, tid)
     async_copy_commit_group()
@@ -608,23 +610,8 @@ def backward_wgmma_kernel[
         barrier()
 
         @always_inline
-        def gather(tile: Int) {q_buf, do_buf, poff, qg, dog, tid}:
-            """cp.async of tile `tile`'s Q and dO rows into buffer tile % 2 (SW128)."""
-            var qd = q_buf.unsafe_offset((tile % 2) * TILE)
-            var dd = do_buf.unsafe_offset((tile % 2) * TILE)
-            for i in range(tid, RT * CPR, NT):
-                var r = i // CPR
-                var c = (i % CPR) * 8
-                var so = tile_offset[LAYOUT_SW128, RT, D](r, c)
-                var off = Int(poff[unsafe_offset=tile * RT + r])
-                if off >= 0:
-                    var src = (off // topk) * D + c
-                    async_copy[16](qg.unsafe_offset(src), qd.unsafe_offset(so))
-                    async_copy[16](dog.unsafe_offset(src), dd.unsafe_offset(so))
-                else:
-                    qd.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
-                    dd.unsafe_store[alignment=16](so, SIMD[dtype, 8](0))
-            async_copy_commit_group()
+        def gather(tile: Int) {q, dout, q_buf, do_buf, poff, tid}:
+            gather_rows[dtype, LAYOUT_SW128, RT, D, NT, topk](q, dout, q_buf, do_buf, poff, tile, tid)
 
         gather(0)
         for ti in range(ntiles):
