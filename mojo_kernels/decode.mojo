@@ -22,7 +22,7 @@
 # The ids equal the reference's (forcing, tie rule, NaN as -inf).
 
 from std.math import ceildiv
-from std.memory import unsafe_stack_allocation
+from std.memory import bitcast, unsafe_stack_allocation
 
 from max.algorithm import sync_parallelize
 
@@ -354,6 +354,155 @@ def decode_scores_kernel[
         barrier()  # k_cur and red are rewritten next
 
 
+# ----------------------------------------------------------------------------- GPU, pass 2 on e4m3: scores from registers
+comptime DEC_F8_ROWS = 4  # block rows a warp of the e4m3 score pass takes, one after another
+
+
+@always_inline
+def _fp8_block_max[
+    DI: Int, BS: Int, W: Int, NT: Int, NTU: Int, num_groups: Int, max_q: Int
+](
+    scores: F32MutPtr,
+    kg: Pointer[Scalar[DType.float8_e4m3fn], ImmutAnyOrigin, address_space=AddressSpace.GLOBAL],
+    qf: Array[SIMD[DType.uint32, W], NT],
+    base: Int, key_stride: Int, r: Int, r_max: Int, j: Int, tq: Int, tk: Int, nrows: Int, lane: Int,
+):
+    """One block's max score for the first NTU x 8 (query, group) rows (of
+    the NT tiles in qf), written to scores. Lane (g, c) holds bytes
+    [c * DI/4, (c + 1) * DI/4) of key rows g and g + 8 of each m tile."""
+    comptime CH = DI // 4
+    comptime assert W == CH // 4, "_fp8_block_max: W words of Di / 4 bytes a lane"
+    comptime LD = CH // 16
+    comptime KSTEPS = DI // 32
+    comptime MT = BS // 16
+    # m tiles whose loads are in flight at once: 64 keys (8 KB at Di 128) for one n tile, 32 for more
+    comptime HALF = (4 if NTU == 1 else 2) if MT % 4 == 0 else (2 if MT % 2 == 0 else 1)
+    comptime E8 = DType.float8_e4m3fn
+    var g8 = lane // 4
+    var t2 = (lane % 4) * 2
+    var nvalid = tk - j * BS  # keys of the block in the sequence (rows past it are not read)
+    var full = (j + 1) * BS <= tk - tq + 1  # every key visible to every query
+    var m_a = Array[Float32, NTU](fill=f32_neg_inf())
+    var m_b = Array[Float32, NTU](fill=f32_neg_inf())
+    for h in range(MT // HALF):  # a loop, not unrolled: one group's loads live at a time
+        var kr = Array[SIMD[DType.uint32, W], 2 * HALF](fill=SIMD[DType.uint32, W](0))
+        comptime for u in range(2 * HALF):  # rows g8 and g8 + 8 of m tile h * HALF + u // 2
+            var key = (h * HALF + u // 2) * 16 + g8 + (u % 2) * 8
+            if key < nvalid:
+                comptime for l in range(LD):
+                    var v = kg.unsafe_load[width=16, alignment=16](base + key * key_stride + (lane % 4) * CH + l * 16)
+                    kr[u] = kr[u].insert[offset=4 * l](bitcast[DType.uint32, 4](v))
+        comptime for u in range(HALF):
+            var acc = Array[SIMD[DType.float32, 4], NTU](fill=SIMD[DType.float32, 4](0))
+            comptime for s in range(KSTEPS):
+                var a = bitcast[E8, 16](SIMD[DType.uint32, 4](
+                    kr[2 * u][2 * s], kr[2 * u + 1][2 * s], kr[2 * u][2 * s + 1], kr[2 * u + 1][2 * s + 1]))
+                comptime for nt in range(NTU):
+                    var bq = bitcast[E8, 8](SIMD[DType.uint32, 2](qf[nt][2 * s], qf[nt][2 * s + 1]))
+                    var d0 = SIMD[DType.float32, 4](0)
+                    mma(d0, a, bq, acc[nt])
+                    acc[nt] = d0
+            var key = j * BS + (h * HALF + u) * 16 + g8
+            comptime for nt in range(NTU):  # block max per row (column), unscaled; NaN never wins
+                var x = acc[nt]
+                var pos_a = tk - tq + (nt * 8 + t2) // num_groups
+                var pos_b = tk - tq + (nt * 8 + t2 + 1) // num_groups
+                if (full or key <= pos_a) and x[0] > m_a[nt]:
+                    m_a[nt] = x[0]
+                if (full or key + 8 <= pos_a) and x[2] > m_a[nt]:
+                    m_a[nt] = x[2]
+                if (full or key <= pos_b) and x[1] > m_b[nt]:
+                    m_b[nt] = x[1]
+                if (full or key + 8 <= pos_b) and x[3] > m_b[nt]:
+                    m_b[nt] = x[3]
+    comptime for nt in range(NTU):
+        var ma = m_a[nt]
+        var mb = m_b[nt]
+        comptime for sh in range(3):  # over the lanes of one column (lane % 4 fixed)
+            ma = max(ma, warp.shuffle_xor(ma, UInt32(4 << sh)))
+            mb = max(mb, warp.shuffle_xor(mb, UInt32(4 << sh)))
+        if lane < 4:
+            var n_a = nt * 8 + t2
+            if n_a < nrows:
+                scores[unsafe_offset=_score_offset(n_a % num_groups, n_a // num_groups, r, max_q, r_max)] = ma
+            if n_a + 1 < nrows:
+                scores[unsafe_offset=_score_offset((n_a + 1) % num_groups, (n_a + 1) // num_groups, r, max_q,
+                                                   r_max)] = mb
+
+
+def decode_scores_fp8_kernel[
+    idx_dim: Int, num_groups: Int, block_size: Int, init_blocks: Int, local_blocks: Int, max_q: Int, paged: Bool,
+](
+    scores: F32MutPtr,
+    q_idx: Pointer[Scalar[DType.float8_e4m3fn], ImmutAnyOrigin],
+    k_idx: Pointer[Scalar[DType.float8_e4m3fn], ImmutAnyOrigin],
+    roff: I32Ptr, cu_q: I32Ptr, cu_k: I32Ptr, num_seqs: Int32, r_max: Int32, table: I32Ptr, geom: I64Ptr,
+):
+    """The score pass on e4m3 queries and keys: each warp scores whole blocks
+    on its own (no shared memory, no barrier). mma.sync m16n8k32 e4m3 takes
+    its A (keys) and B (query rows) fragments straight from 16-byte global
+    loads: the contraction order is free, so lane (g, c) of an m tile loads
+    bytes [c * Di/4, (c + 1) * Di/4) of key rows g and g + 8 (a row's four
+    lanes read it whole), and k step s uses their bytes [8s, 8s + 8); the
+    query rows are loaded in the same order. Up to four m tiles (64 keys,
+    8 KB at Di 128) are in flight per warp at a time; the SM's resident
+    warps keep the bytes in flight that the DRAM needs. A sequence with at
+    most 8 (query, group) rows (plain decode at Hkv <= 8) runs one n tile."""
+    comptime DI = idx_dim
+    comptime BS = block_size
+    comptime CH = DI // 4  # bytes of a row a lane holds
+    comptime W = CH // 4  # as 32-bit words
+    comptime NT = ceildiv(max_q * num_groups, 8)
+    comptime assert DI % 64 == 0 and BS % 16 == 0, "decode_scores_fp8_kernel: Di % 64 == 0, block_size % 16 == 0"
+    var lane = Int(lane_id())
+    var wid = Int(thread_idx.x) // WARP_SIZE
+    var c = lane % 4
+    var B = Int(num_seqs)
+    var nr_all = Int(roff[unsafe_offset=B])
+    var qg = q_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var kg = k_idx.unsafe_address_space_cast[AddressSpace.GLOBAL]()
+    var ka = idx_addr[paged, DI](table, geom)
+    var qf = Array[SIMD[DType.uint32, W], NT](fill=SIMD[DType.uint32, W](0))
+    var cur_b = -1
+    var tq = 0
+    var tk = 0
+    var nrows = 0
+    var r0 = (Int(block_idx.x) * DEC_WARPS + wid) * DEC_F8_ROWS
+    for r in range(r0, min(r0 + DEC_F8_ROWS, nr_all)):
+        var b = seq_of(roff, B, r)
+        while r >= Int(roff[unsafe_offset=b + 1]):  # past empty sequences
+            b += 1
+        var j = r - Int(roff[unsafe_offset=b])
+        if b != cur_b:  # warp-uniform: the sequence's (query, group) rows as B fragments
+            cur_b = b
+            var q0 = Int(cu_q[unsafe_offset=b])
+            tq = Int(cu_q[unsafe_offset=b + 1]) - q0
+            tk = Int(cu_k[unsafe_offset=b + 1]) - Int(cu_k[unsafe_offset=b])
+            nrows = min(tq, max_q) * num_groups
+            comptime for nt in range(NT):
+                var rr = nt * 8 + lane // 4
+                var f = SIMD[DType.uint32, W](0)
+                if rr < nrows:
+                    comptime for l in range(CH // 16):
+                        var v = qg.unsafe_load[width=16, alignment=16]((q0 * num_groups + rr) * DI + c * CH + l * 16)
+                        f = f.insert[offset=4 * l](bitcast[DType.uint32, 4](v))
+                qf[nt] = f
+        var fr = _free_range(tq, tk, BS, init_blocks, local_blocks)
+        if tq == 0 or j < fr[0] or j > fr[1]:
+            continue
+        var base = ka.block[paged](cu_k, b, j, BS)
+        comptime if NT == 1:
+            _fp8_block_max[DI, BS, W, NT, 1, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r, Int(r_max), j,
+                                                             tq, tk, nrows, lane)
+        else:
+            if nrows <= 8:  # warp-uniform
+                _fp8_block_max[DI, BS, W, NT, 1, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r, Int(r_max),
+                                                                 j, tq, tk, nrows, lane)
+            else:
+                _fp8_block_max[DI, BS, W, NT, NT, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r,
+                                                                  Int(r_max), j, tq, tk, nrows, lane)
+
+
 def decode_scores_smem_bytes[
     dtype: DType, kdt: DType, idx_dim: Int, num_groups: Int, block_size: Int, max_q: Int
 ]() -> Int:
@@ -535,22 +684,35 @@ def _launch_select_decode[
             num_groups, T, r_max, table, geom,
         )
     else:
-        comptime assert select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
+        comptime FP8 = dtype == DType.float8_e4m3fn  # e4m3 queries and keys: FP8 tensor cores, no widening
+        comptime assert FP8 or select_mma_supported[dtype, idx_dim, block_size](), "msa_select_decode: GPU needs bf16/fp16, Di % 16 == 0, block_size % 16 == 0, <= 128"
+        comptime assert not FP8 or (kdt == dtype and idx_dim % 64 == 0 and block_size % 16 == 0), "msa_select_decode: e4m3 q_idx needs e4m3 index keys, Di a multiple of 64"
         comptime assert topk <= TOPK_MAX, "msa_select_decode: GPU needs topk <= 40 (use the general indexer)"
         comptime assert kdt == dtype or kdt == DType.float8_e4m3fn, "msa_select_decode: index keys in q_idx's dtype or e4m3"
         ctx.enqueue_function[_row_offsets_kernel](
             row_offsets, cu_k, Int32(B), Int32(block_size), grid_dim=1, block_dim=32,
         )
-        comptime smem = decode_scores_smem_bytes[dtype, kdt, idx_dim, num_groups, block_size, max_q]()
-        comptime scores_k = decode_scores_kernel[
-            dtype, kdt, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q, paged
-        ]
         if r_max > 0:
-            ctx.enqueue_function[scores_k](
-                block_scores, q_idx, k_idx, row_offsets, cu_q, cu_k, Int32(B), Int32(r_max), table, geom,
-                grid_dim=ceildiv(r_max, DEC_BLOCKS), block_dim=DEC_THREADS, shared_mem_bytes=smem,
-                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
-            )
+            comptime if FP8:
+                comptime scores_f8 = decode_scores_fp8_kernel[
+                    idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q, paged
+                ]
+                ctx.enqueue_function[scores_f8](
+                    block_scores, q_idx.unsafe_bitcast[Scalar[DType.float8_e4m3fn]](),
+                    k_idx.unsafe_bitcast[Scalar[DType.float8_e4m3fn]](), row_offsets, cu_q, cu_k, Int32(B),
+                    Int32(r_max), table, geom,
+                    grid_dim=ceildiv(r_max, DEC_WARPS * DEC_F8_ROWS), block_dim=DEC_THREADS,
+                )
+            else:
+                comptime smem = decode_scores_smem_bytes[dtype, kdt, idx_dim, num_groups, block_size, max_q]()
+                comptime scores_k = decode_scores_kernel[
+                    dtype, kdt, idx_dim, num_groups, block_size, init_blocks, local_blocks, max_q, paged
+                ]
+                ctx.enqueue_function[scores_k](
+                    block_scores, q_idx, k_idx, row_offsets, cu_q, cu_k, Int32(B), Int32(r_max), table, geom,
+                    grid_dim=ceildiv(r_max, DEC_BLOCKS), block_dim=DEC_THREADS, shared_mem_bytes=smem,
+                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
+                )
         comptime topk_k = decode_topk_kernel[
             dtype, kdt, idx_dim, num_groups, topk, block_size, init_blocks, local_blocks, max_q, paged
         ]
@@ -596,9 +758,11 @@ struct MSASelectDecode:
             raise Error("msa_select_decode: scratch too small")
         if T == 0:
             return
+        comptime edt = cache_element[dtype]()  # uint8 q_idx and k_idx carry e4m3 bytes
         _launch_select_decode[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, max_q, False](
-            block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
-            k_idx.unsafe_ptr(), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
+            block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(),
+            q_idx.unsafe_ptr().unsafe_bitcast[Scalar[edt]](), k_idx.unsafe_ptr().unsafe_bitcast[Scalar[edt]](),
+            cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
             cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr().unsafe_bitcast[Int64](), B, T, r_max, ctx,
         )
 
@@ -647,7 +811,8 @@ struct MSASelectDecodePaged:
         if T == 0:
             return
         _launch_select_decode[target, topk, block_size, init_blocks, local_blocks, num_groups, idx_dim, max_q, True](
-            block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(), q_idx.unsafe_ptr(),
+            block_ids.unsafe_ptr(), block_scores.unsafe_ptr(), row_offsets.unsafe_ptr(),
+            q_idx.unsafe_ptr().unsafe_bitcast[Scalar[cache_element[dtype]()]](),
             k_idx_cache.unsafe_ptr().unsafe_bitcast[Scalar[cache_element[cache_dtype]()]](), cu_seqlens_q.unsafe_ptr(), cu_seqlens_k.unsafe_ptr(), idx_scale.unsafe_ptr(),
             page_table.unsafe_ptr(), geom.unsafe_ptr(), B, T, r_max, ctx,
         )

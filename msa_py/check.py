@@ -406,8 +406,16 @@ PAGED = [
      ("kv", "idx"), "flashinfer", True),
     ("paged_decode_128k_e4m3", [(1, 131072), (1, 100003), (1, 131072), (1, 65536), (1, 3000), (1, 131072), (1, 7),
                                 (1, 131072)], 64, 4, 128, 128, 16, 128, "bfloat16", ("kv", "idx"), "plain", False),
+    # the decode indexer's e4m3 score pass (q_idx quantized too): decode, drafts past its query tile, 128K
+    ("paged_decode_e4m3_fp8_index", [(1, 9), (1, 130), (1, 3000), (1, 20000), (1, 1)], 64, 4, 128, 128, 16, 128,
+     "bfloat16", ("kv", "idx", "q"), "vllm", True),
+    ("paged_spec_e4m3_fp8_index", [(8, 5000), (8, 8), (3, 700), (12, 2100), (5, 129), (1, 300)], 64, 4, 128, 128, 16,
+     128, "bfloat16", ("kv", "idx", "q"), "flashinfer", True),
+    ("paged_decode_128k_e4m3_fp8_index", [(1, 131072), (1, 100003), (1, 131072), (1, 65536), (1, 3000), (1, 131072),
+                                          (1, 7), (1, 131072)], 64, 4, 128, 128, 16, 128, "bfloat16",
+     ("kv", "idx", "q"), "plain", False),
 ]
-PAGED_LARGE = {"paged_decode_128k_e4m3"}
+PAGED_LARGE = {"paged_decode_128k_e4m3", "paged_decode_128k_e4m3_fp8_index"}
 # e4m3 scales as an engine's calibration gives them: the cache holds x / scale
 PAGED_SCALES = dict(k_scale=0.05, v_scale=0.03, k_idx_scale=0.08)
 
@@ -769,10 +777,12 @@ def _virtual(case) -> bool:
         builds.append(("paged_msa", spec))
         # and over e4m3 caches: the decode kernels reading e4m3, or the pages widened for the prefill kernels
         builds.append(("paged_msa", replace(spec, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn")))
+        if spec.decode:  # and the FP8 indexer's decode score pass (e4m3 q_idx)
+            builds.append(("paged_msa", replace(builds[-1][1], idx_dtype="float8_e4m3fn")))
     for kind, sp in builds:
         t0 = time.time()
         E.model(kind, sp, "gpu")
-        fp8 = " (e4m3 caches)" if sp.kv_cache_dtype else ""
+        fp8 = (" (e4m3 caches" + (", e4m3 q_idx)" if sp.idx_dtype else ")")) if sp.kv_cache_dtype else ""
         print(f"{case[0]:24s} {kind}{fp8} graph compiled for sm_90 in {time.time() - t0:.1f} s")
     return True
 

@@ -197,7 +197,9 @@ def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, di
     B = B1 - 1). Symbolic shapes take the general path unless the caller says
     decode=True."""
     on_gpu = str(device.device_type) != "cpu"
-    sixteen = dtype in (DType.bfloat16, DType.float16)
+    # tensor-core inputs: 16-bit, or e4m3 index inputs (uint8 bytes) for the indexer's FP8 score pass
+    sixteen = dtype in (DType.bfloat16, DType.float16) or (
+        stage == "select" and dtype in (DType.uint8, DType.float8_e4m3fn) and dim % 64 == 0)
     if decode is None:
         static = isinstance(T, (int, np.integer)) and isinstance(B1, (int, np.integer))
         return bool(static and decode_fits(int(T), int(B1) - 1, sixteen, on_gpu, stage=stage, dim=dim,
@@ -243,8 +245,8 @@ def select_blocks(
     128; any Di on the CPU). Any positive scale of a query row or of all keys
     leaves the ranking unchanged, so per-row query scales and a per-tensor
     key scale need not be passed: the selection is the reference's on the
-    dequantized inputs. The general (query-tiled) indexer runs it, for
-    decode-sized calls too.
+    dequantized inputs. Decode-sized calls take the decode indexer's e4m3
+    score pass (mma.sync e4m3 from registers), others the general indexer.
     """
     T, S, Hkv, Di = V.index_dims(_shape(q_idx), _shape(k_idx))
     fp8 = _fp8_index(q_idx, k_idx)
@@ -260,12 +262,8 @@ def select_blocks(
               "local_blocks": local_blocks, "num_groups": Hkv, "idx_dim": Di}
     if fp8:
         _check_fp8_index_dim(dev, Di)
-        return ops.custom(  # the general indexer, decode or not (the decode indexer reads 16-bit queries)
-            "msa_select", device=dev, values=[q_idx, k_idx, cu_q, cu_k, scale],
-            out_types=[TensorType(DType.int32, [q_idx.shape[1], q_idx.shape[0], topk], device=dev)],
-            parameters=params,
-        )[0].tensor
-    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
+    else:
+        _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
     if use_decode(decode, _shape(q_idx)[0], _shape(cu_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
                   block_size=block_size, topk=topk):
         B = _num_seqs(cu_q)
@@ -871,8 +869,8 @@ def paged_select_blocks(
 
     The FP8 indexer: q_idx as uint8 e4m3 bytes (rows quantized, e.g. by
     msa_py.torch_ops.quantize_rows) over an e4m3 index-key cache: e4m3
-    products on tensor cores, the cache read as stored (the general
-    indexer, for decode-sized calls too)."""
+    products on tensor cores, the cache read as stored (decode-sized calls:
+    the decode indexer's e4m3 score pass; others the general indexer)."""
     T, Hkv, Di = _shape(q_idx)
     Di, Hkv = _static("q_idx Di", Di), _static("q_idx Hkv", Hkv)
     _check_int32("page_table", page_table)
@@ -889,15 +887,16 @@ def paged_select_blocks(
         scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), cache.k_idx_scale, dev)
         as_bytes = lambda x: x if x.dtype == DType.uint8 else ops.bitcast(x, DType.uint8)  # noqa: E731
         values = [as_bytes(q_idx), as_bytes(cache.k_idx), cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
-        return ops.custom("msa_select_paged", device=dev, values=values, out_types=[out_bid],
-                          parameters=params)[0].tensor
-    _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
-    k_idx_scale = _cache_scale("k_idx", cache.k_idx, cache.k_idx_scale, q_idx.dtype)
-    scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), k_idx_scale, dev)
-    values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
-    use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
-                         block_size=block_size, topk=topk)
-    if _is_e4m3(cache.k_idx) and not use_dec:  # the prefill indexer reads q's dtype
+        use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], DType.uint8, dev, stage="select", dim=Di,
+                             block_size=block_size, topk=topk)
+    else:
+        _check_gpu_fit("select", dev, q_idx.dtype, topk=topk, block_size=block_size, dim=Di, num_groups=Hkv)
+        k_idx_scale = _cache_scale("k_idx", cache.k_idx, cache.k_idx_scale, q_idx.dtype)
+        scale = _times(_scale_value(idx_scale, 1.0 / math.sqrt(Di), dev), k_idx_scale, dev)
+        values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
+        use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
+                             block_size=block_size, topk=topk)
+    if _is_e4m3(cache.k_idx) and values[0].dtype != DType.uint8 and not use_dec:  # the prefill indexer reads q's dtype
         k_idx, page_table, geometry = _widen_pages(cache.k_idx, page_table, seq_lens, cache.geometry, q_idx.dtype,
                                                    None, which=1, block_size=block_size, groups=1, width=Di)
         values = [q_idx, k_idx, cu_seqlens_q, cu_k, page_table, geometry, scale]

@@ -198,8 +198,9 @@ def paged_msa_attention(
     cache * k_scale, v_scale, k_idx_scale (floats; only for e4m3 caches):
     read directly by the decode kernels, widened page by page for prefill.
     index_dtype=torch.float8_e4m3fn (with an e4m3 k_idx_cache): the FP8
-    indexer, q_idx quantized per row, the cache read as stored (the
-    general indexer, for decode-sized calls too).
+    indexer, q_idx quantized per row, the cache read as stored (decode-sized
+    calls: e4m3 mma.sync straight from global memory; others the general
+    indexer's wgmma).
     """
     return paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, topk=topk,
                        block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
@@ -247,9 +248,10 @@ def _paged_select_op(
     out = torch.empty((Hkv, T, topk), dtype=torch.int32, device=q_idx.device)
     if T == 0:
         return out
-    if q_idx.dtype == FP8:  # the FP8 indexer over an e4m3 cache (the general indexer)
+    if q_idx.dtype == FP8:  # the FP8 indexer over an e4m3 cache (decode-sized: the decode indexer's e4m3 pass)
         spec = _spec("bfloat16", Hkv, Hkv, 16, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
-                     local_blocks=local_blocks, idx_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn")
+                     local_blocks=local_blocks, idx_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn",
+                     decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
     else:
         spec = _spec(_DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
                      init_blocks=init_blocks, local_blocks=local_blocks,

@@ -212,7 +212,9 @@ def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = N
 
     B, sixteen = _num_seqs(cu_q), x.dtype in (torch.bfloat16, torch.float16)
     dims = [("select", Di), ("attention", D)]
-    return all(decode_fits(T, B, sixteen, x.is_cuda, stage=st, dim=d, block_size=block_size, topk=topk)
+    # e4m3 index inputs: the decode indexer's FP8 score pass (Di a multiple of 64)
+    fits = {"select": sixteen or (x.dtype == FP8 and Di is not None and Di % 64 == 0), "attention": sixteen}
+    return all(decode_fits(T, B, fits[st], x.is_cuda, stage=st, dim=d, block_size=block_size, topk=topk)
                for st, d in dims if d is not None)
 
 
@@ -301,7 +303,7 @@ def _select_op(
     fp8 = q_idx.dtype == FP8
     spec = _spec("bfloat16" if fp8 else _DTYPES[q_idx.dtype], Hkv, Hkv, 16, Di, topk=topk, block_size=block_size,
                  init_blocks=init_blocks, local_blocks=local_blocks, idx_dtype="float8_e4m3fn" if fp8 else "",
-                 decode=not fp8 and _decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
+                 decode=_decode(T, cu_seqlens_q, q_idx, block_size, Di=Di, topk=topk))
     _run("select", spec, _device_key(q_idx),
          dict(q_idx=_idx_bytes(q_idx), k_idx=_idx_bytes(k_idx), cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               idx_scale=_scale_tensor(idx_scale, q_idx)), [out])

@@ -169,3 +169,40 @@ def test_paged_fp8_indexer_over_an_e4m3_cache(torch_device):
     assert Vf.rel_err(_np(out), ro) < 2e-2 and Vf.rel_err(_np(lse), rl) < 1e-4
     with pytest.raises(ValueError, match="reads an e4m3 k_idx_cache"):
         msa_py.paged_select_blocks(qi, ic.float().bfloat16(), pt, sl, cu, topk=TOPK, block_size=BS, index_dtype=FP8)
+
+
+def test_fp8_decode_indexer(torch_device):
+    """Decode-sized calls with e4m3 index inputs take the decode indexer
+    (its e4m3 score pass on CUDA): one new token or a few drafts per
+    sequence, one sequence past the score pass's query tile (max_q), over
+    contiguous keys and over shuffled e4m3 pages; the selection is the
+    reference's on the dequantized inputs."""
+    seqs = [(1, 300), (1, 1), (4, 700), (1, 129), (17, 450), (1, 2000), (2, 45)]  # 17 > max_q: scored by top-k
+    g = torch.Generator().manual_seed(11)
+    T, S = sum(t for t, _ in seqs), sum(s for _, s in seqs)
+    qi = (torch.randn(T, HKV, DI, generator=g) * torch.linspace(0.1, 9, T).view(T, 1, 1)).to(torch_device)
+    ki = (torch.randn(S, DI, generator=g) * 5).to(torch_device)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=torch_device)  # noqa: E731
+    cq = i32(np.concatenate([[0], np.cumsum([t for t, _ in seqs])]))
+    ck = i32(np.concatenate([[0], np.cumsum([s for _, s in seqs])]))
+    assert torch_ops._decode(T, cq, qi.to(FP8), BS, Di=DI, topk=TOPK)  # the decode indexer runs
+    q8, k8, qs, ks = msa_py.quantize_index(qi, ki)
+    bid = msa_py.select_blocks(q8, k8, cq, ck, topk=TOPK, block_size=BS)
+    rep = Vf.selection_report(bid.cpu().numpy(), _np(q8.double() * qs.double()), _np(k8.double() * ks.double()),
+                              cq.cpu().numpy(), ck.cpu().numpy(), block_size=BS, init_blocks=1, local_blocks=2)
+    assert not rep["bad"] and rep["exact"] >= 0.97 * rep["rows"], rep
+    # the same keys as shuffled e4m3 pages (the cache holds k8, its scale ks)
+    need = [-(-tk // BS) for _, tk in seqs]
+    perm = torch.randperm(sum(need) + 2, generator=g).tolist()
+    pages = torch.zeros(len(perm), BS, DI, dtype=FP8, device=torch_device)
+    pt = torch.full((len(seqs), max(need)), -1, dtype=torch.int32)
+    off = 0
+    for b, (n, (_, tk)) in enumerate(zip(need, seqs)):
+        for j in range(n):
+            pt[b, j] = p = perm.pop()
+            rows = k8[off + j * BS: off + min(tk, (j + 1) * BS)]
+            pages[p, :rows.shape[0]] = rows
+        off += tk
+    pb = msa_py.paged_select_blocks(qi, pages, pt.to(torch_device), i32([tk for _, tk in seqs]), cq, topk=TOPK,
+                                    block_size=BS, k_idx_scale=float(ks), index_dtype=FP8)  # q_idx quantized as q8
+    assert torch.equal(pb, bid)

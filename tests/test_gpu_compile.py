@@ -53,12 +53,15 @@ _KERNELS = [
     # decode over e4m3 caches: the hardware e4m3 -> f16 conversion, not a software one
     ("decode", "decode_scores_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 4, 128, 1, 2, 8, True",
      "cvt.rn.f16x2.e4m3x2"),
+    # the FP8 indexer's decode score pass: e4m3 x e4m3 mma.sync (k 32) on fragments loaded from global memory
+    ("decode", "decode_scores_fp8_kernel", "128, 4, 128, 1, 2, 8, True",
+     "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"),
     ("decode_attention", "decode_attention_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 128, 16, 4, 16, True",
      "cvt.rn.f16x2.e4m3x2"),
     ("widen", "widen_pages_kernel", "DType.bfloat16, DType.float8_e4m3fn, 128, 4, 128, 0", "cvt.rn.f16x2.e4m3x2"),
 ]
 _IDS = ["select_wgmma", "select_wgmma_fp8", "select_wgmma_fp8_paged", "attention_wgmma", "attention_mma_sync", "forced_wgmma", "forced_mma_sync", "attention_wgmma_paged",
-        "forced_wgmma_paged", "backward_mma_sync", "backward_wgmma", "decode_scores_fp8", "decode_attention_fp8", "widen_pages_fp8"]
+        "forced_wgmma_paged", "backward_mma_sync", "backward_wgmma", "decode_scores_fp8", "decode_scores_fp8_mma", "decode_attention_fp8", "widen_pages_fp8"]
 
 
 def _assemble(tmp_path, script_text: str, name: str, needle: str) -> tuple[str, str]:
