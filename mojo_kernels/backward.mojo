@@ -81,6 +81,7 @@ from .cpu_tiles import (
 
 comptime BWD_ROWS = 32  # (entry, head) rows of a GPU tile
 comptime BWD_WG_ROWS = 64  # rows of a wgmma tile (N of S^T, M of dQ)
+comptime FINISH_COLS = 8  # dq / dk / dv values a thread of the finish kernel writes (16 bytes of bf16)
 comptime BWD_CHUNK = 1024  # rows whose metadata is staged in shared memory at once (32 tiles)
 
 
@@ -694,27 +695,28 @@ def bwd_finish_kernel[dtype: DType, part_dtype: DType, head_dim: Int, topk: Int,
     num_heads: Int32, S: Int32,
 ):
     """dq = sum of the row's written partials (slots whose id lies in [0, own
-    block], the ones the inversion kept), one thread per (row, column); then
-    dk, dv cast from their accumulators."""
+    block], the ones the inversion kept), one thread per (row, 8 columns):
+    16-byte loads of the partials, which a row's threads read as whole rows;
+    then dk, dv cast from their accumulators, 8 values a thread."""
+    comptime V = FINISH_COLS
+    comptime CPR = head_dim // V
     var i = Int(block_idx.x) * 256 + Int(thread_idx.x)
-    var nq = Int(T) * Int(num_heads) * head_dim
-    if i < nq:
-        var row = i // head_dim
-        var d = i % head_dim
+    if i < Int(T) * Int(num_heads) * CPR:
+        var row = i // CPR
+        var d = (i % CPR) * V
         var t = row // Int(num_heads)
         var g = (row % Int(num_heads)) // (Int(num_heads) // num_groups)
-        var b = seq_of(cu_q, Int(num_seqs), t)
-        var jq = position_of(cu_q, cu_k, b, t) // block_size
-        var s = Float32(0)
-        for slot in range(topk):
+        var jq = position_of(cu_q, cu_k, seq_of(cu_q, Int(num_seqs), t), t) // block_size
+        var s = SIMD[DType.float32, V](0)
+        comptime for slot in range(topk):
             var j = Int(block_ids[unsafe_offset=(g * Int(T) + t) * topk + slot])
             if j >= 0 and j <= jq:
-                s += dq_p[unsafe_offset=(row * topk + slot) * head_dim + d].cast[DType.float32]()
-        dq[unsafe_offset=i] = s.cast[dtype]()
-    var nk = Int(S) * num_groups * head_dim
-    if i < nk:
-        dk[unsafe_offset=i] = dk_acc[unsafe_offset=i].cast[dtype]()
-        dv[unsafe_offset=i] = dv_acc[unsafe_offset=i].cast[dtype]()
+                s += dq_p.unsafe_load[width=V, alignment=V * size_of[part_dtype]()](
+                    (row * topk + slot) * head_dim + d).cast[DType.float32]()
+        dq.unsafe_store[alignment=V * size_of[dtype]()](row * head_dim + d, s.cast[dtype]())
+    if i < Int(S) * num_groups * CPR:
+        dk.unsafe_store[alignment=V * size_of[dtype]()](i * V, dk_acc.unsafe_load[width=V, alignment=4 * V](i * V).cast[dtype]())
+        dv.unsafe_store[alignment=V * size_of[dtype]()](i * V, dv_acc.unsafe_load[width=V, alignment=4 * V](i * V).cast[dtype]())
 
 
 def backward_smem_bytes[dtype: DType, head_dim: Int, block_size: Int]() -> Int:
@@ -832,7 +834,7 @@ struct MSASparseBackward:
                             grid_dim=work.dim_size(0), block_dim=(block_size // 16) * WARP_SIZE, shared_mem_bytes=smem,
                             func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem)),
                         )
-            var n = max(T * Hq * head_dim, nkv)
+            var n = max(T * Hq * head_dim, nkv) // FINISH_COLS  # threads: one per 8 values
             if n > 0:
                 ctx.enqueue_function[bwd_finish_kernel[dtype, part_dtype, head_dim, topk, block_size, num_groups]](
                     dq.unsafe_ptr(), dk.unsafe_ptr(), dv.unsafe_ptr(), dq_partial.unsafe_ptr(), dk_acc, dv_acc,
