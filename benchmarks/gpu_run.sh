@@ -23,7 +23,7 @@ for step in "$@"; do
     sanitize-backward) SAN_CHECK_ARGS="--backward --no-time --only ${SAN_BWD_CASES:-bwd_ragged_g4_bf16,bwd_g32_chunks_bf16,bwd_d64_bf16}" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize_backward.log" || rc=1 ;;
     fp8-cuda) python3 -m pytest -q tests/test_fp8_index.py --device cuda 2>&1 | tee "$OUT/fp8_cuda.log" || rc=1 ;;
     check-backward) python3 -m msa_py.check --device gpu --backward 2>&1 | tee "$OUT/check_backward.log" || rc=1 ;;
-    check-paged) python3 -m msa_py.check --device gpu --paged 2>&1 | tee "$OUT/check_paged.log" || rc=1 ;;
+    check-paged) python3 -m msa_py.check --device gpu --paged ${PAGED_ONLY:+--only $PAGED_ONLY} 2>&1 | tee "$OUT/check_paged.log" || rc=1 ;;
     check-fp8) python3 -m msa_py.check --device gpu --fp8-index 2>&1 | tee "$OUT/check_fp8.log" || rc=1 ;;
     long-fp8) python3 -m msa_py bench --lengths ${LONG_LENGTHS:-256k,1m} --index-dtype fp8 --repeats 2 --gather-max 0 --out "$OUT/long_fp8" 2>&1 | tee "$OUT/long_fp8.log" || rc=1 ;;
     plan) python3 -m pytest -q tests/test_paged.py -k "plan_run or fp8_caches" --device cuda 2>&1 | tee "$OUT/plan.log" || rc=1 ;;
