@@ -12,7 +12,12 @@
 #      shared memory, (query, group) rows in N held in registers;
 #      the same fp32 products as the prefill indexer), max-pooled per block,
 #      and written to block_scores [Hkv, max_q, R_max]: one float per
-#      (row, block), a few MB, never T x blocks for prefill-sized T;
+#      (row, block), a few MB, never T x blocks for prefill-sized T.
+#      With e4m3 queries and keys (the FP8 indexer) the pass is
+#      decode_scores_fp8_kernel instead: a warp per block, mma.sync
+#      m16n8k32 e4m3 on fragments loaded straight from global memory (the
+#      contraction order permuted so each lane's bytes are contiguous), no
+#      shared memory, no barrier;
 #   3. top-k: one thread block per (query, group). Each thread keeps the
 #      running top-k of a strided share of the free blocks (same insertion
 #      rule as prefill, several score loads in flight), then kfree rounds of a
