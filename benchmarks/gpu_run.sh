@@ -30,8 +30,8 @@ for step in "$@"; do
     bench-backward) python3 -m msa_py bench --backward --lengths ${BWD_LENGTHS:-32k,128k} --repeats 3 --out "$OUT/backward" 2>&1 | tee "$OUT/backward.log" || rc=1 ;;
     torch-new) python3 -m pytest -q -x tests/test_paged.py tests/test_backward.py --device cuda 2>&1 | tee "$OUT/torch_new.log" || rc=1 ;;
     decode-paged) python3 -m msa_py bench --decode --paged --batches ${DEC_BATCHES:-32} --contexts ${DEC_CONTEXTS:-128k} --out "$OUT/decode_paged" 2>&1 | tee "$OUT/decode_paged.log" || rc=1 ;;
-    decode-fp8) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --batches ${DEC_BATCHES:-32} --contexts ${DEC_CONTEXTS:-128k} --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" || rc=1 ;;
-    decode-fp8-1m) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --batches 8 --contexts 1m --repeats 3 --out "$OUT/decode_fp8_1m" 2>&1 | tee "$OUT/decode_fp8_1m.log" || rc=1 ;;
+    decode-fp8) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --index-dtype fp8 --batches ${DEC_BATCHES:-32} --contexts ${DEC_CONTEXTS:-128k} --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" || rc=1 ;;
+    decode-fp8-1m) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --index-dtype fp8 --lean --batches 8 --contexts 1m --repeats 3 --out "$OUT/decode_fp8_1m" 2>&1 | tee "$OUT/decode_fp8_1m.log" || rc=1 ;;
     long) python3 -m msa_py bench --lengths ${LONG_LENGTHS:-256k,1m} --repeats 2 --gather-max 0 --out "$OUT/long" 2>&1 | tee "$OUT/long.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     check-32k) python3 -m msa_py.check --device gpu --only 32k_model_shape_bf16 2>&1 | tee "$OUT/check_32k.log" || rc=1 ;;

@@ -620,24 +620,34 @@ def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int, fp
         f32 = lambda x: torch.tensor([x], dtype=torch.float32, device=k.device)  # noqa: E731
         spec = runner.spec
         scales = (f32(sc[0] / math.sqrt(spec.head_dim)), f32(sc[2] / math.sqrt(spec.idx_dim)), f32(sc[1]))
-        extra = dict(scale=_buf(scales[0]), idx_scale=_buf(scales[1]), v_scale=_buf(scales[2]), _scales=scales)
+        extra = dict(scale=_buf(scales[0]), idx_scale=_buf(scales[1]), v_scale=_buf(scales[2]), _scales=scales,
+                     _raw_scales=(sc[0], sc[1], sc[2]))  # k_scale, v_scale, k_idx_scale
     return dict(bufs, k_cache=_buf(kc.view(-1)), v_cache=_buf(vc.view(-1)), k_idx_cache=_buf(ic.view(-1)),
                 page_table=_buf(pt), seq_lens=_buf(sl), geometry=_buf(geom), _keep=(kc, vc, ic, pt, sl, geom), **extra)
 
 
-def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, repeats: int) -> dict:
+def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, repeats: int, prefix: str = "plan",
+                   fp8: bool = False) -> dict:
     """PagedDecodePlan over the paged caches of `pb`: the wall time per
     eager `run()` in a loop of 20 with one sync at the end (what a step
     costs when the host launches it), and on CUDA per replay of one CUDA
-    graph captured around `run()` (the kernels alone, no host work)."""
+    graph captured around `run()` (the kernels alone, no host work).
+    fp8: pb's e4m3 caches (their scales) and the FP8 indexer, q_idx rows
+    quantized as an engine would write them."""
     from .plan import PagedDecodePlan
+    from .torch_ops import FP8, quantize_rows
 
     kc, vc, ic, pt, sl, _ = pb["_keep"]
+    kw = {}
+    if fp8:
+        kc, vc, ic = (x.view(FP8) for x in (kc, vc, ic))
+        ks, vs, iks = pb["_raw_scales"]
+        kw = dict(dtype=q.dtype, k_scale=ks, v_scale=vs, k_idx_scale=iks, index_dtype=FP8)
     plan = PagedDecodePlan(kc, vc, ic, max_batch=B, max_pages=pt.shape[1], num_heads=spec.num_heads, n_new=n_new,
                            topk=spec.topk, block_size=spec.block_size, init_blocks=spec.init_blocks,
-                           local_blocks=spec.local_blocks)
+                           local_blocks=spec.local_blocks, **kw)
     plan.q.copy_(q)
-    plan.q_idx.copy_(qi)
+    plan.q_idx.copy_(quantize_rows(qi)[0] if fp8 else qi)
     plan.page_table.copy_(pt)
     plan.seq_lens.copy_(sl)
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
@@ -654,13 +664,13 @@ def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, rep
             ts.append((time.perf_counter() - t0) * 1e3 / n)
         return float(sorted(ts)[len(ts) // 2])
 
-    res = dict(plan_eager_ms=per_call(plan.run))
+    res = {f"{prefix}_eager_ms": per_call(plan.run)}
     if q.is_cuda:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             plan.run()
-        res["plan_graph_ms"] = per_call(g.replay)
-        res["plan_eager_over_graph"] = res["plan_eager_ms"] / res["plan_graph_ms"]
+        res[f"{prefix}_graph_ms"] = per_call(g.replay)
+        res[f"{prefix}_eager_over_graph"] = res[f"{prefix}_eager_ms"] / res[f"{prefix}_graph_ms"]
     return res
 
 
@@ -673,7 +683,8 @@ def selection_overlap(a, b) -> float:
 
 
 def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int = 1, repeats: int = 5,
-                     paged: bool = False, kv_fp8: bool = False, log=print) -> dict:
+                     paged: bool = False, kv_fp8: bool = False, fp8_index: bool = False, lean: bool = False,
+                     log=print) -> dict:
     """Decode shapes: each of B sequences has n_new new queries (the last
     n_new of its Tk keys) over a cache of Tk keys. MSA (whole layer) on the
     decode kernels (indexer split over keys, query-major attention) and on
@@ -684,7 +695,11 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
     paged layer timed beside the contiguous one (paged_ms). kv_fp8 (with
     paged): those pages also in e4m3 (K, V and index keys, per-tensor
     scales), timed (fp8_ms), its bytes, and its selection's overlap with the
-    16-bit one (quantizing the index keys moves some near-tied blocks)."""
+    16-bit one (quantizing the index keys moves some near-tied blocks).
+    fp8_index (with kv_fp8): the same e4m3 caches with the FP8 indexer
+    (q_idx rows in e4m3 too), timed (fp8q_ms), and as a PagedDecodePlan.
+    lean: only the contiguous layer, dense and the e4m3 rows (no stages
+    apart, no general path, no paged 16-bit layer): long contexts."""
     import torch
     import torch.nn.functional as F
 
@@ -716,14 +731,16 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                 row = dict(B=B, Tk=Tk, n_new=n_new)
                 outs = dec.run("msa", bufs)
                 row["msa_ms"] = tm(lambda: dec.run("msa", bufs, outputs=outs), repeats)
-                sel = dec.run("select", bufs)
-                row["select_ms"] = tm(lambda: dec.run("select", bufs, outputs=sel), repeats)
-                sp_ins = dict(bufs, block_ids=sel[0])
-                sp = dec.run("sparse", sp_ins)
-                row["attention_ms"] = tm(lambda: dec.run("sparse", sp_ins, outputs=sp), repeats)
-                g_outs = gen.run("msa", bufs)
-                row["msa_general_ms"] = tm(lambda: gen.run("msa", bufs, outputs=g_outs), repeats)
-                if paged:
+                if not lean:
+                    sel = dec.run("select", bufs)
+                    row["select_ms"] = tm(lambda: dec.run("select", bufs, outputs=sel), repeats)
+                    sp_ins = dict(bufs, block_ids=sel[0])
+                    sp = dec.run("sparse", sp_ins)
+                    row["attention_ms"] = tm(lambda: dec.run("sparse", sp_ins, outputs=sp), repeats)
+                    g_outs = gen.run("msa", bufs)
+                    row["msa_general_ms"] = tm(lambda: gen.run("msa", bufs, outputs=g_outs), repeats)
+                    del sel, sp_ins, sp, g_outs
+                if paged and not lean:
                     pb = _paged_buffers(torch, dec, bufs, k, v, ki, B, Tk, seed=i)
                     p_outs = dec.run("paged_msa", pb)
                     row["paged_ms"] = tm(lambda: dec.run("paged_msa", pb, outputs=p_outs), repeats)
@@ -745,6 +762,8 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                         a8 = f8.run("paged_sparse", a8_ins)
                         row["fp8_attention_ms"] = tm(lambda: f8.run("paged_sparse", a8_ins, outputs=a8), repeats)
                         del s8, a8_ins, a8
+                    del f_outs
+                if paged and kv_fp8 and fp8_index:  # the same e4m3 pages (pb8)
                     from .torch_ops import _buf, quantize_rows
 
                     q8 = quantize_rows(qi)[0].view(torch.uint8)
@@ -757,7 +776,10 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
                         sq = f8q.run("paged_select", pbq)
                         row["fp8q_select_ms"] = tm(lambda: f8q.run("paged_select", pbq, outputs=sq), repeats)
                         del sq
-                    del pb8, f_outs, pbq, q_outs
+                    row.update(_plan_overhead(torch, spec, pb8, q, qi, B, n_new, repeats, prefix="fp8q_plan", fp8=True))
+                    del pbq, q_outs
+                if paged and kv_fp8:
+                    del pb8
                 # dense decode over the same cache: q [B, Hq, n_new, D], k/v [B, Hkv, Tk, D]
                 qd = q.view(B, n_new, spec.num_heads, spec.head_dim).transpose(1, 2)
                 kd = k.view(B, Tk, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
@@ -826,7 +848,11 @@ def decode_table(result: dict) -> str:
                      + ", ".join(f"B={r['B']} Tk={r['Tk']}: {r['fp8q_ms']:.3f} ms ({r['fp8q_speedup_vs_dense']:.2f}x "
                                  f"dense, {r['fp8q_pct_copy_bw']:.0f}% copy bw, selection overlap "
                                  f"{100 * r['fp8q_selection_overlap']:.1f}%"
-                                 + (f"; select {r['fp8q_select_ms']:.3f}" if "fp8q_select_ms" in r else "") + ")"
+                                 + (f"; select {r['fp8q_select_ms']:.3f}" if "fp8q_select_ms" in r else "")
+                                 + f"; PagedDecodePlan eager {r['fp8q_plan_eager_ms']:.3f} ms"
+                                 + (f", CUDA graph replay {r['fp8q_plan_graph_ms']:.3f} ms (eager "
+                                    f"{r['fp8q_plan_eager_over_graph']:.3f}x)" if "fp8q_plan_graph_ms" in r else "")
+                                 + ")"
                                  for r in result["rows"] if "fp8q_ms" in r))
     lines.append("(MSA: decode kernels, whole layer; select / attn: its indexer and attention+combine; general: "
                  "the prefill path on the same inputs)")

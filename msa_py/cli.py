@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -203,15 +204,16 @@ def _bench_decode(args, device: str, spec) -> int:
 
     batches = [int(x) for x in args.batches.split(",")] if args.batches else ([1, 8, 32, 64] if device != "cpu" else [2])
     contexts = _lengths(args.contexts) if args.contexts else ([16384, 32768, 65536, 131072] if device != "cpu" else [256])
-    if spec.idx_dtype:
-        print("msa bench --decode: --index-dtype fp8 is the prefill indexer's (decode reads e4m3 index keys through "
-              "--paged --kv-dtype fp8)", file=sys.stderr)
+    if spec.idx_dtype and args.kv_dtype != "fp8":
+        print("msa bench --decode --index-dtype fp8 (the FP8 indexer over e4m3 index keys) needs --paged --kv-dtype "
+              "fp8", file=sys.stderr)
         return 2
     if args.kv_dtype == "fp8" and not args.paged:
         print("msa bench --decode --kv-dtype fp8 needs --paged (FP8 caches are paged caches)", file=sys.stderr)
         return 2
-    res = Bn.run_decode_bench(spec, batches, contexts, device=device, n_new=args.n_new, repeats=args.repeats,
-                              paged=args.paged, kv_fp8=args.kv_dtype == "fp8")
+    res = Bn.run_decode_bench(replace(spec, idx_dtype=""), batches, contexts, device=device, n_new=args.n_new,
+                              repeats=args.repeats, paged=args.paged, kv_fp8=args.kv_dtype == "fp8",
+                              fp8_index=bool(spec.idx_dtype), lean=args.lean)
     return _report(res, "msa bench --decode", device, Bn.decode_table, args.out, Bn.decode_plot)
 
 
@@ -247,7 +249,8 @@ def main(argv=None) -> int:
     b.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
                    help="decode --paged: fp8 also times e4m3 caches (K, V, index keys)")
     b.add_argument("--index-dtype", choices=("auto", "fp8"), default="auto",
-                   help="prefill: fp8 runs the FP8 indexer (q_idx and k_idx quantized to e4m3, e4m3 wgmma)")
+                   help="fp8 runs the FP8 indexer (q_idx and k_idx quantized to e4m3, e4m3 tensor cores); decode: "
+                        "with --paged --kv-dtype fp8")
     b.add_argument("--world-size", type=int, default=0,
                    help="several devices under torchrun: context- and tensor-parallel MSA against one device")
     b.add_argument("--backward", action="store_true",
@@ -255,6 +258,9 @@ def main(argv=None) -> int:
     b.add_argument("--batches", help="decode: comma list of batch sizes (GPU default 1,8,32,64)")
     b.add_argument("--contexts", help="decode: comma list of cache lengths (GPU default 16k,32k,64k,128k)")
     b.add_argument("--n-new", type=int, default=1, help="decode: new tokens per sequence (speculative: up to 8)")
+    b.add_argument("--lean", action="store_true",
+                   help="decode: only the layer, dense and the e4m3 rows (no stages apart, no general path, no paged "
+                        "16-bit layer): long contexts inside one call")
     args = ap.parse_args(argv)
     device = _device(args.device)
     try:

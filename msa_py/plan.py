@@ -8,7 +8,11 @@
     out, lse = plan.run()            # plan.out / plan.lse, rows of the first B sequences
 
 FP8 caches: pass dtype= (the queries') and the caches' k_scale, v_scale,
-k_idx_scale, as for paged_msa_attention.
+k_idx_scale, as for paged_msa_attention. index_dtype=torch.float8_e4m3fn
+(with an e4m3 k_idx_cache): the FP8 indexer; plan.q_idx is then e4m3 and
+the engine writes its rows quantized, `plan.q_idx[:n].copy_(
+msa_py.quantize_rows(q_idx)[0])` (a row's scale does not change its
+ranking, so none is passed).
 
 `plan` (once) checks the configuration, allocates every input and output
 at the planned size, views them as MAX buffers, compiles the layer, and
@@ -58,6 +62,7 @@ class PagedDecodePlan:
         k_scale: Optional[float] = None,
         v_scale: Optional[float] = None,
         k_idx_scale: Optional[float] = None,
+        index_dtype: Optional[torch.dtype] = None,
     ):
         O._check_tensors(k_cache=k_cache, v_cache=v_cache, k_idx_cache=k_idx_cache)
         dev = k_cache.device
@@ -80,10 +85,15 @@ class PagedDecodePlan:
                              f"float8_e4m3fn caches), got {dt}")
         fmt = P.cache_format(dt, k_cache, v_cache, k_idx_cache, k_scale=k_scale, v_scale=v_scale,
                              k_idx_scale=k_idx_scale)
+        O.check_index_dtype(index_dtype)
+        if index_dtype is not None:
+            if k_idx_cache.dtype != O.FP8:
+                raise ValueError(f"index_dtype=torch.float8_e4m3fn reads an e4m3 k_idx_cache, got {k_idx_cache.dtype}")
+            O.check_fp8_index_dim(k_idx_cache)
         self.max_batch, self.n_new, self.num_pages = max_batch, n_new, num_pages
         T = max_batch * n_new
         self.q = torch.zeros((T, num_heads, D), dtype=dt, device=dev)
-        self.q_idx = torch.zeros((T, Hkv, Di), dtype=dt, device=dev)
+        self.q_idx = torch.zeros((T, Hkv, Di), dtype=index_dtype or dt, device=dev)
         self.page_table = torch.zeros(pt_shape, dtype=torch.int32, device=dev)
         self.seq_lens = torch.full(sl_shape, n_new, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(0, T + 1, n_new, dtype=torch.int32, device=dev)
@@ -93,7 +103,8 @@ class PagedDecodePlan:
         self._keep = (k_cache, v_cache, k_idx_cache)
         geom = P._geometry(k_cache, k_idx_cache, max_pages)
         self.spec = O._spec(O._DTYPES[dt], num_heads, Hkv, D, Di, topk=topk, block_size=block_size,
-                            init_blocks=init_blocks, local_blocks=local_blocks, decode=True, **fmt.spec_fields())
+                            init_blocks=init_blocks, local_blocks=local_blocks, decode=True, **fmt.spec_fields(),
+                            idx_dtype="float8_e4m3fn" if index_dtype is not None else "")
         self.device = O._device_key(k_cache)
         sc = O._scale_tensor((1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale, k_cache)
         isc = O._scale_tensor((1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale,

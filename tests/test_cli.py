@@ -42,16 +42,19 @@ def test_bench_tiny(tmp_path, capsys):
 def test_bench_decode_tiny(tmp_path, capsys):
     stem = tmp_path / "decode"
     assert cli.main(["bench", "--decode", "--batches", "2", "--contexts", "96,160", "--n-new", "2", "--repeats", "2",
-                     "--paged", "--kv-dtype", "fp8", "--out", str(stem), *TINY]) == 0
+                     "--paged", "--kv-dtype", "fp8", "--index-dtype", "fp8", "--out", str(stem), *TINY]) == 0
     text = capsys.readouterr().out
-    assert "x dense" in text and "e4m3 caches" in text
+    assert "x dense" in text and "e4m3 caches" in text and "FP8 indexer" in text
     res = json.loads(stem.with_suffix(".json").read_text())
     assert res["mode"] == "decode" and res["n_new"] == 2 and res["kv_fp8"]
     for r in res["rows"]:
         for key in ("msa_ms", "dense_ms", "speedup_vs_dense", "gbps", "gbytes_moved", "paged_ms", "fp8_ms",
                     "fp8_gbytes_moved"):
             assert key in r and r[key] > 0, key
+        for key in ("fp8q_ms", "fp8q_speedup_vs_dense", "fp8q_plan_eager_ms"):  # the FP8 indexer's row and plan
+            assert key in r and r[key] > 0, key
         assert r["paged_same_selection"] and 0.5 <= r["fp8_selection_overlap"] <= 1.0
+        assert 0.5 <= r["fp8q_selection_overlap"] <= 1.0
         assert r["fp8_gbytes_moved"] < r["gbytes_moved"]
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
