@@ -22,15 +22,15 @@ for step in "$@"; do
     sanitize-ties) SAN_CHECK_ARGS="--ties ${SAN_TIES_CASES:-64} --seed 1" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || rc=1 ;;
     sanitize-backward) SAN_CHECK_ARGS="--backward --no-time --only ${SAN_BWD_CASES:-bwd_ragged_g4_bf16,bwd_g32_chunks_bf16,bwd_d64_bf16}" bash benchmarks/sanitize.sh 2>&1 | tee "$OUT/sanitize_backward.log" || rc=1 ;;
     fp8-cuda) python3 -m pytest -q tests/test_fp8_index.py --device cuda 2>&1 | tee "$OUT/fp8_cuda.log" || rc=1 ;;
-    check-backward) python3 -m msa_py.check --device gpu --backward 2>&1 | tee "$OUT/check_backward.log" || rc=1 ;;
+    check-backward) python3 -m msa_py.check --device gpu --backward ${BWD_ONLY:+--only $BWD_ONLY} 2>&1 | tee "$OUT/check_backward.log" || rc=1 ;;
     check-paged) python3 -m msa_py.check --device gpu --paged ${PAGED_ONLY:+--only $PAGED_ONLY} 2>&1 | tee "$OUT/check_paged.log" || rc=1 ;;
     check-fp8) python3 -m msa_py.check --device gpu --fp8-index 2>&1 | tee "$OUT/check_fp8.log" || rc=1 ;;
     long-fp8) python3 -m msa_py bench --lengths ${LONG_LENGTHS:-256k,1m} --index-dtype fp8 --repeats 2 --gather-max 0 --out "$OUT/long_fp8" 2>&1 | tee "$OUT/long_fp8.log" || rc=1 ;;
     plan) python3 -m pytest -q tests/test_paged.py -k "plan_run or fp8_caches" --device cuda 2>&1 | tee "$OUT/plan.log" || rc=1 ;;
-    bench-backward) python3 -m msa_py bench --backward --lengths ${BWD_LENGTHS:-32k,128k} --repeats 3 --out "$OUT/backward" 2>&1 | tee "$OUT/backward.log" || rc=1 ;;
+    bench-backward) python3 -m msa_py bench --backward --lengths ${BWD_LENGTHS:-32k,128k} --repeats ${BWD_REPEATS:-3} --out "$OUT/backward" 2>&1 | tee "$OUT/backward.log" || rc=1 ;;
     torch-new) python3 -m pytest -q -x tests/test_paged.py tests/test_backward.py --device cuda 2>&1 | tee "$OUT/torch_new.log" || rc=1 ;;
     decode-paged) python3 -m msa_py bench --decode --paged --batches ${DEC_BATCHES:-32} --contexts ${DEC_CONTEXTS:-128k} --out "$OUT/decode_paged" 2>&1 | tee "$OUT/decode_paged.log" || rc=1 ;;
-    decode-fp8) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --index-dtype fp8 --batches ${DEC_BATCHES:-32} --contexts ${DEC_CONTEXTS:-128k} --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" || rc=1 ;;
+    decode-fp8) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --index-dtype fp8 ${DEC_LEAN:+--lean} --batches ${DEC_BATCHES:-32} --contexts ${DEC_CONTEXTS:-128k} --out "$OUT/decode_fp8" 2>&1 | tee "$OUT/decode_fp8.log" || rc=1 ;;
     decode-fp8-1m) python3 -m msa_py bench --decode --paged --kv-dtype fp8 --index-dtype fp8 --lean --batches 8 --contexts 1m --repeats 3 --out "$OUT/decode_fp8_1m" 2>&1 | tee "$OUT/decode_fp8_1m.log" || rc=1 ;;
     long) python3 -m msa_py bench --lengths ${LONG_LENGTHS:-256k,1m} --repeats 2 --gather-max 0 --out "$OUT/long" 2>&1 | tee "$OUT/long.log" || rc=1 ;;
     check-small) python3 -m msa_py.check --device gpu --no-large 2>&1 | tee "$OUT/check.log" || rc=1 ;;
