@@ -380,8 +380,9 @@ def _fp8_block_max[
     comptime LD = CH // 16
     comptime KSTEPS = DI // 32
     comptime MT = BS // 16
-    # m tiles whose loads are in flight at once: 64 keys (8 KB at Di 128) for one n tile, 32 for more
-    comptime HALF = (4 if NTU == 1 else 2) if MT % 4 == 0 else (2 if MT % 2 == 0 else 1)
+    # m tiles whose loads are in flight at once: the whole block (16 KB at Di 128, 128 keys) in a
+    # one-tile kernel, 64 keys on its one-tile path otherwise, 32 for more tiles (registers)
+    comptime HALF = (MT if NT == 1 and MT <= 8 else (4 if MT % 4 == 0 else 1)) if NTU == 1 else (2 if MT % 2 == 0 else 1)
     comptime E8 = DType.float8_e4m3fn
     var g8 = lane // 4
     var t2 = (lane % 4) * 2
@@ -473,10 +474,14 @@ def decode_scores_fp8_kernel[
     var tk = 0
     var nrows = 0
     var r0 = (Int(block_idx.x) * DEC_WARPS + wid) * DEC_F8_ROWS
+    # the rows' sequences, resolved by lanes 0 .. DEC_F8_ROWS - 1 at once (one chain of dependent loads)
+    var my_b = 0
+    if lane < DEC_F8_ROWS and r0 + lane < nr_all:
+        my_b = seq_of(roff, B, r0 + lane)
+        while r0 + lane >= Int(roff[unsafe_offset=my_b + 1]):  # past empty sequences
+            my_b += 1
     for r in range(r0, min(r0 + DEC_F8_ROWS, nr_all)):
-        var b = seq_of(roff, B, r)
-        while r >= Int(roff[unsafe_offset=b + 1]):  # past empty sequences
-            b += 1
+        var b = Int(warp.shuffle_idx(Int32(my_b), UInt32(r - r0)))
         var j = r - Int(roff[unsafe_offset=b])
         if b != cur_b:  # warp-uniform: the sequence's (query, group) rows as B fragments
             cur_b = b

@@ -72,6 +72,7 @@ class Spec:
     kv_cache_dtype: str = ""  # paged K / V caches: "" (dtype) or "float8_e4m3fn"
     idx_cache_dtype: str = ""  # paged index-key cache: "" (dtype) or "float8_e4m3fn"
     idx_dtype: str = ""  # contiguous q_idx / k_idx: "" (dtype) or "float8_e4m3fn" (the FP8 indexer, uint8 bytes)
+    decode_queries: int = 0  # paged decode: most new tokens a sequence has (a plan's n_new; 0: up to DECODE_MAX_Q)
 
 
 def _dt(name: str):
@@ -212,14 +213,16 @@ def build_graph(kind: str, spec: Spec, device: str):
             if kind == "paged_select":
                 res = [G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
                                              topk=spec.topk, init_blocks=spec.init_blocks,
-                                             local_blocks=spec.local_blocks, idx_scale=a["idx_scale"], **paged)]
+                                             local_blocks=spec.local_blocks, idx_scale=a["idx_scale"],
+                                             decode_queries=spec.decode_queries or None, **paged)]
             elif kind == "paged_sparse":
                 res = G.paged_sparse_attention(a["q"], cache, a["block_ids"], a["page_table"], a["seq_lens"],
                                                a["cu_q"], scale=a["scale"], q_budget=spec.q_budget, **paged)
             else:
                 bid = G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
                                             topk=spec.topk, init_blocks=spec.init_blocks,
-                                            local_blocks=spec.local_blocks, idx_scale=a["idx_scale"], **paged)
+                                            local_blocks=spec.local_blocks, idx_scale=a["idx_scale"],
+                                            decode_queries=spec.decode_queries or None, **paged)
                 res = [*G.paged_sparse_attention(a["q"], cache, bid, a["page_table"], a["seq_lens"], a["cu_q"],
                                                  init_blocks=spec.init_blocks if spec.forced_pass else 0,
                                                  local_blocks=spec.local_blocks if spec.forced_pass else 0,

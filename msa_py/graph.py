@@ -213,11 +213,13 @@ def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, di
     return bool(decode)
 
 
-def _decode_max_q(num_groups: int) -> int:
+def _decode_max_q(num_groups: int, queries: int | None = None) -> int:
     """Queries per sequence scored in the decode indexer's tile ((query, group)
     rows <= 32, kept in registers); later queries of a sequence are still
-    right, only slower."""
-    return max(1, min(DECODE_MAX_Q, 32 // num_groups))
+    right, only slower. queries: a caller's bound on a sequence's new tokens
+    (a plan's n_new): a smaller tile, fewer registers (one n tile for plain
+    decode at Hkv <= 8)."""
+    return max(1, min(DECODE_MAX_Q, 32 // num_groups, queries or DECODE_MAX_Q))
 
 
 # --------------------------------------------------------------------------- stages
@@ -864,8 +866,13 @@ def paged_select_blocks(
     local_blocks: int = 2,
     idx_scale=None,
     decode: bool | None = None,
+    decode_queries: int | None = None,
 ) -> TensorValue:
     """select_blocks over a paged index-key cache. Returns logical block_ids [Hkv, T, topk].
+
+    decode_queries: the most new tokens a sequence has (a decode plan's
+    n_new), which sizes the decode indexer's query tile; more are right, only
+    slower.
 
     The FP8 indexer: q_idx as uint8 e4m3 bytes (rows quantized, e.g. by
     msa_py.torch_ops.quantize_rows) over an e4m3 index-key cache: e4m3
@@ -902,7 +909,7 @@ def paged_select_blocks(
         values = [q_idx, k_idx, cu_seqlens_q, cu_k, page_table, geometry, scale]
     if use_dec:
         B = _num_seqs(cu_seqlens_q)
-        max_q = _decode_max_q(Hkv)
+        max_q = _decode_max_q(Hkv, decode_queries)
         r_max = B * page_table.shape[1]
         return ops.custom("msa_select_decode_paged", device=dev, values=values,
                           out_types=[out_bid, TensorType(DType.float32, [Hkv * max_q * r_max], device=dev),

@@ -206,3 +206,46 @@ def test_fp8_decode_indexer(torch_device):
     pb = msa_py.paged_select_blocks(qi, pages, pt.to(torch_device), i32([tk for _, tk in seqs]), cq, topk=TOPK,
                                     block_size=BS, k_idx_scale=float(ks), index_dtype=FP8)  # q_idx quantized as q8
     assert torch.equal(pb, bid)
+
+
+def test_decode_plan_with_the_fp8_indexer(torch_device):
+    """PagedDecodePlan(index_dtype=e4m3): the engine writes q_idx rows
+    quantized (quantize_rows); run() gives paged_msa_attention's answer with
+    the FP8 indexer, and on CUDA a captured graph replays it."""
+    seqs = [(1, 40), (1, 300), (1, 33), (1, 129)]
+    g = torch.Generator().manual_seed(9)
+    need = [-(-tk // BS) for _, tk in seqs]
+    perm = torch.randperm(sum(need) + 2, generator=g).tolist()
+    pt = torch.full((len(seqs), max(need)), 0, dtype=torch.int32)
+    for b, n in enumerate(need):
+        for j in range(n):
+            pt[b, j] = perm.pop()
+    r = lambda *s: torch.randn(*s, generator=g).to(torch_device)  # noqa: E731
+    npg = pt.numel() + 2
+    scales = dict(k_scale=0.04, v_scale=0.03, k_idx_scale=0.06)
+    kc, vc = (msa_py.quantize_cache(r(npg, BS, HKV, D), FP8, scales[n]) for n in ("k_scale", "v_scale"))
+    ic = msa_py.quantize_cache(r(npg, BS, DI) * 3, FP8, scales["k_idx_scale"])
+    B = len(seqs)
+    q, qi = r(B, HQ, D).bfloat16(), (r(B, HKV, DI) * 2).bfloat16()
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=torch_device)  # noqa: E731
+    pt, sl, cu = pt.to(torch_device), i32([tk for _, tk in seqs]), i32(list(range(B + 1)))
+    plan = msa_py.PagedDecodePlan(kc, vc, ic, max_batch=B + 1, max_pages=pt.shape[1], num_heads=HQ, n_new=1,
+                                  topk=TOPK, block_size=BS, dtype=torch.bfloat16, index_dtype=FP8, **scales)
+    assert plan.q_idx.dtype == FP8
+    plan.q[:B].copy_(q)
+    plan.q_idx[:B].copy_(torch_ops.quantize_rows(qi)[0])
+    plan.page_table[:B].copy_(pt)
+    plan.seq_lens[:B].copy_(sl)
+    plan.reset_rows(B)
+    out, lse = plan.run()
+    ro, rl = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, index_dtype=FP8,
+                                        **scales)
+    assert torch.equal(out[:B], ro) and torch.equal(lse[:B], rl)
+    if torch_device == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            plan.run()
+        plan.out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(plan.out[:B], ro)
