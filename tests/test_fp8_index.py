@@ -233,7 +233,7 @@ def test_decode_plan_with_the_fp8_indexer(torch_device):
                                   topk=TOPK, block_size=BS, dtype=torch.bfloat16, index_dtype=FP8, **scales)
     assert plan.q_idx.dtype == FP8
     plan.q[:B].copy_(q)
-    plan.q_idx[:B].copy_(torch_ops.quantize_rows(qi)[0])
+    plan.q_idx[:B].copy_(msa_py.quantize_rows(qi)[0])
     plan.page_table[:B].copy_(pt)
     plan.seq_lens[:B].copy_(sl)
     plan.reset_rows(B)
