@@ -710,7 +710,8 @@ def run_decode_bench(spec: E.Spec, batches, contexts, *, device: str, n_new: int
     dec = MSARunner(replace(spec, decode=True), device)
     f8 = MSARunner(replace(spec, decode=True, kv_cache_dtype="float8_e4m3fn", idx_cache_dtype="float8_e4m3fn"), device)
     # the FP8 indexer on top: q_idx rows quantized too, the scores on e4m3 tensor cores
-    f8q = MSARunner(replace(f8.spec, idx_dtype="float8_e4m3fn", decode_queries=n_new), device)
+    f8q = MSARunner(replace(f8.spec, idx_dtype="float8_e4m3fn", decode_queries=n_new if device != "cpu" else 0),
+                    device)
     gen = MSARunner(replace(spec, decode=False), device)
     esize = 4 if spec.dtype == "float32" else 2
     rows = []

@@ -104,7 +104,10 @@ class PagedDecodePlan:
         geom = P._geometry(k_cache, k_idx_cache, max_pages)
         self.spec = O._spec(O._DTYPES[dt], num_heads, Hkv, D, Di, topk=topk, block_size=block_size,
                             init_blocks=init_blocks, local_blocks=local_blocks, decode=True, **fmt.spec_fields(),
-                            idx_dtype="float8_e4m3fn" if index_dtype is not None else "", decode_queries=n_new)
+                            idx_dtype="float8_e4m3fn" if index_dtype is not None else "",
+                            # the GPU indexer's query tile sized to n_new (registers); the CPU path does not
+                            # care, so it shares paged_msa_attention's compiled model
+                            decode_queries=n_new if k_cache.is_cuda else 0)
         self.device = O._device_key(k_cache)
         sc = O._scale_tensor((1.0 / math.sqrt(D) if scale is None else float(scale)) * fmt.k_scale, k_cache)
         isc = O._scale_tensor((1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)) * fmt.k_idx_scale,
