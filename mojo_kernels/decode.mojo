@@ -450,10 +450,11 @@ def decode_scores_fp8_kernel[
     loads: the contraction order is free, so lane (g, c) of an m tile loads
     bytes [c * Di/4, (c + 1) * Di/4) of key rows g and g + 8 (a row's four
     lanes read it whole), and k step s uses their bytes [8s, 8s + 8); the
-    query rows are loaded in the same order. Up to four m tiles (64 keys,
-    8 KB at Di 128) are in flight per warp at a time; the SM's resident
-    warps keep the bytes in flight that the DRAM needs. A sequence with at
-    most 8 (query, group) rows (plain decode at Hkv <= 8) runs one n tile."""
+    query rows are loaded in the same order. A kernel whose query tile is
+    one n tile (max_q * Hkv <= 8) keeps a whole block of loads in flight per
+    warp (16 KB at Di 128), others 64 or 32 keys; the SM's resident warps
+    keep the bytes in flight that the DRAM needs. A sequence with at most 8
+    (query, group) rows (plain decode at Hkv <= 8) runs one n tile."""
     comptime DI = idx_dim
     comptime BS = block_size
     comptime CH = DI // 4  # bytes of a row a lane holds
@@ -501,16 +502,12 @@ def decode_scores_fp8_kernel[
         if tq == 0 or j < fr[0] or j > fr[1]:
             continue
         var base = ka.block[paged](cu_k, b, j, BS)
-        comptime if NT == 1:
+        if NT == 1 or nrows <= 8:  # warp-uniform: one n tile of (query, group) rows
             _fp8_block_max[DI, BS, W, NT, 1, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r, Int(r_max), j,
                                                              tq, tk, nrows, lane)
         else:
-            if nrows <= 8:  # warp-uniform
-                _fp8_block_max[DI, BS, W, NT, 1, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r, Int(r_max),
-                                                                 j, tq, tk, nrows, lane)
-            else:
-                _fp8_block_max[DI, BS, W, NT, NT, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r,
-                                                                  Int(r_max), j, tq, tk, nrows, lane)
+            _fp8_block_max[DI, BS, W, NT, NT, num_groups, max_q](scores, kg, qf, base, ka.key_stride, r, Int(r_max),
+                                                              j, tq, tk, nrows, lane)
 
 
 def decode_scores_smem_bytes[

@@ -175,6 +175,12 @@ DECODE_MAX_DIM = {"select": 256, "attention": 128}
 DECODE_MAX_TOPK = 40
 
 
+def decode_operands_fit(sixteen_bit: bool, fp8_index: bool, stage: str, dim: int) -> bool:
+    """Tensor-core operands of a decode stage: 16-bit, or for the indexer e4m3
+    index inputs (its FP8 score pass reads Di in 64-byte lane chunks)."""
+    return sixteen_bit or (fp8_index and stage == "select" and dim % 64 == 0)
+
+
 def _decode_gpu_fits(sixteen_bit: bool, stage: str, dim: int, block_size: int, topk: int) -> bool:
     return (sixteen_bit and dim % 16 == 0 and dim <= DECODE_MAX_DIM[stage] and block_size % 16 == 0
             and block_size <= 128 and (stage != "select" or topk <= DECODE_MAX_TOPK))
@@ -197,9 +203,8 @@ def use_decode(decode, T, B1, dtype: DType, device: DeviceRef, *, stage: str, di
     B = B1 - 1). Symbolic shapes take the general path unless the caller says
     decode=True."""
     on_gpu = str(device.device_type) != "cpu"
-    # tensor-core inputs: 16-bit, or e4m3 index inputs (uint8 bytes) for the indexer's FP8 score pass
-    sixteen = dtype in (DType.bfloat16, DType.float16) or (
-        stage == "select" and dtype in (DType.uint8, DType.float8_e4m3fn) and dim % 64 == 0)
+    sixteen = decode_operands_fit(dtype in (DType.bfloat16, DType.float16),
+                                  dtype in (DType.uint8, DType.float8_e4m3fn), stage, dim)
     if decode is None:
         static = isinstance(T, (int, np.integer)) and isinstance(B1, (int, np.integer))
         return bool(static and decode_fits(int(T), int(B1) - 1, sixteen, on_gpu, stage=stage, dim=dim,
@@ -903,10 +908,11 @@ def paged_select_blocks(
         values = [q_idx, cache.k_idx, cu_seqlens_q, cu_k, page_table, cache.geometry, scale]
         use_dec = use_decode(decode, T, _shape(cu_seqlens_q)[0], q_idx.dtype, dev, stage="select", dim=Di,
                              block_size=block_size, topk=topk)
-    if _is_e4m3(cache.k_idx) and values[0].dtype != DType.uint8 and not use_dec:  # the prefill indexer reads q's dtype
-        k_idx, page_table, geometry = _widen_pages(cache.k_idx, page_table, seq_lens, cache.geometry, q_idx.dtype,
-                                                   None, which=1, block_size=block_size, groups=1, width=Di)
-        values = [q_idx, k_idx, cu_seqlens_q, cu_k, page_table, geometry, scale]
+        if _is_e4m3(cache.k_idx) and not use_dec:  # the prefill indexer reads q's dtype
+            k_idx, page_table, geometry = _widen_pages(cache.k_idx, page_table, seq_lens, cache.geometry,
+                                                       q_idx.dtype, None, which=1, block_size=block_size, groups=1,
+                                                       width=Di)
+            values = [q_idx, k_idx, cu_seqlens_q, cu_k, page_table, geometry, scale]
     if use_dec:
         B = _num_seqs(cu_seqlens_q)
         max_q = _decode_max_q(Hkv, decode_queries)

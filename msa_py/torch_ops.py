@@ -208,13 +208,12 @@ def _decode(T: int, cu_q, x: torch.Tensor, block_size: int, *, D: int | None = N
     """Decode kernels when the batch has at most DECODE_MAX_Q queries per
     sequence on average and, on CUDA, the stages' shapes fit their tensor
     cores (shapes only: no device sync, capture-safe)."""
-    from .graph import decode_fits
+    from .graph import decode_fits, decode_operands_fit
 
     B, sixteen = _num_seqs(cu_q), x.dtype in (torch.bfloat16, torch.float16)
     dims = [("select", Di), ("attention", D)]
-    # e4m3 index inputs: the decode indexer's FP8 score pass (Di a multiple of 64)
-    fits = {"select": sixteen or (x.dtype == FP8 and Di is not None and Di % 64 == 0), "attention": sixteen}
-    return all(decode_fits(T, B, fits[st], x.is_cuda, stage=st, dim=d, block_size=block_size, topk=topk)
+    return all(decode_fits(T, B, decode_operands_fit(sixteen, x.dtype == FP8, st, d), x.is_cuda, stage=st, dim=d,
+                           block_size=block_size, topk=topk)
                for st, d in dims if d is not None)
 
 
