@@ -51,7 +51,6 @@
 #        entries, so hot blocks spread over many thread blocks.
 #   Preprocessing (GPU): Dr per row, one warp per row.
 
-from std.atomic import Atomic, Ordering
 from std.math import ceildiv, exp, exp2, iota
 from std.memory import unsafe_stack_allocation
 from std.sys import inlined_assembly, size_of
@@ -71,7 +70,7 @@ from max.gpu.primitives import warp
 from .attention import LOG2E, _Item, load_kv_tile, mma_supported
 from .common import (
     LAYOUT_PADDED, LAYOUT_SW128, SW128_COLS, F32MutPtr, F32Ptr, I32Ptr, f32_neg_inf, frag_a, frag_b2, frag_b2_trans, hopper_target,
-    kmajor_desc, kv_addr, position_of, pv_tile_wgmma, score_tile_wgmma, seq_of, sw128_mnmajor_desc, tile_offset,
+    kmajor_desc, kv_addr, position_of, pv_tile_wgmma, red_add_acc_frag, score_tile_wgmma, seq_of, sw128_mnmajor_desc, tile_offset,
     wgmma_acc_fence,
 )
 from .cpu_tiles import (
@@ -256,20 +255,38 @@ def _backward_cpu[
 
 
 # ----------------------------------------------------------------------------- GPU
+comptime ROWDOT_VEC = 8  # values a lane loads at once (16 bytes of bf16)
+
+
+def rowdot_lanes(head_dim: Int) -> Int:
+    """Lanes per row of bwd_rowdot_kernel: head_dim / 8 rounded up to a power
+    of two (the shuffle tree's width)."""
+    var n = 1
+    while n * ROWDOT_VEC < head_dim:
+        n *= 2
+    return n
+
+
 def bwd_rowdot_kernel[dtype: DType, head_dim: Int](
     dr: F32MutPtr, o: Pointer[Scalar[dtype], ImmutAnyOrigin], dout: Pointer[Scalar[dtype], ImmutAnyOrigin],
     dlse: F32Ptr, rows: Int32,
 ):
-    """Dr = rowsum(dO * O) - dlse, one warp per (t, h) row."""
-    var row = Int(block_idx.x) * 8 + Int(thread_idx.x) // WARP_SIZE
-    if row >= Int(rows):
-        return
+    """Dr = rowsum(dO * O) - dlse: rowdot_lanes(D) lanes per (t, h) row, 16-byte
+    loads, a shuffle tree within the row's lanes (head_dim % 8 == 0)."""
+    comptime L = rowdot_lanes(head_dim)
+    comptime V = ROWDOT_VEC
     var lane = Int(lane_id())
+    var row = (Int(block_idx.x) * Int(8 * WARP_SIZE) + Int(thread_idx.x)) // L
+    var c = (lane % L) * V
     var s = Float32(0)
-    for d in range(lane, head_dim, WARP_SIZE):
-        s += o[unsafe_offset=row * head_dim + d].cast[DType.float32]() * dout[unsafe_offset=row * head_dim + d].cast[DType.float32]()
-    s = warp.sum(s)
-    if lane == 0:
+    if row < Int(rows) and c < head_dim:
+        var a = o.unsafe_load[width=V, alignment=V * size_of[dtype]()](row * head_dim + c).cast[DType.float32]()
+        var b = dout.unsafe_load[width=V, alignment=V * size_of[dtype]()](row * head_dim + c).cast[DType.float32]()
+        s = (a * b).reduce_add()
+    comptime for i in range(5):  # xor L/2, ..., 1: stays within the row's lanes
+        comptime if (L >> (i + 1)) > 0:
+            s += warp.shuffle_xor(s, UInt32(L >> (i + 1)))
+    if row < Int(rows) and lane % L == 0:
         dr[unsafe_offset=row] = s - dlse[unsafe_offset=row]
 
 
@@ -494,12 +511,10 @@ def backward_mma_kernel[
                                 p1 * D + col, SIMD[DType.float32, 2](acc[n8][2], acc[n8][3]).cast[part_dtype]())
     # this item's dK / dV of the block, added into the fp32 accumulators
     comptime for n in range(DN):
-        comptime for e in range(4):
-            var key = key_a + 8 * (e // 2)
-            if key < it.nk:
-                var o = kv_base + key * num_groups * D + n * 8 + t2 + e % 2
-                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dk_acc.unsafe_offset(o), dk_w[n][e])
-                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dv_acc.unsafe_offset(o), dv_w[n][e])
+        var o = kv_base + key_a * num_groups * D + n * 8 + t2
+        var o8 = o + 8 * num_groups * D
+        red_add_acc_frag(dk_acc, dk_w[n], o, o8, key_a < it.nk, key_a + 8 < it.nk)
+        red_add_acc_frag(dv_acc, dv_w[n], o, o8, key_a < it.nk, key_a + 8 < it.nk)
 
 
 @always_inline
@@ -680,12 +695,10 @@ def backward_wgmma_kernel[
                             p1 * D + col, SIMD[DType.float32, 2](dq[4 * n8 + 2], dq[4 * n8 + 3]).cast[part_dtype]())
     # this item's dK / dV of the block, added into the fp32 accumulators
     comptime for n in range(D // 8):
-        comptime for e in range(4):
-            var key = key_lo + 8 * (e // 2)
-            if key < it.nk:
-                var o = kv_base + key * num_groups * D + n * 8 + t2 + e % 2
-                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dk_acc.unsafe_offset(o), dk_wg[4 * n + e])
-                _ = Atomic.fetch_add[ordering=Ordering.RELAXED](dv_acc.unsafe_offset(o), dv_wg[4 * n + e])
+        var o = kv_base + key_lo * num_groups * D + n * 8 + t2
+        var o8 = o + 8 * num_groups * D
+        red_add_acc_frag(dk_acc, dk_wg.slice[4, offset=4 * n](), o, o8, key_lo < it.nk, key_lo + 8 < it.nk)
+        red_add_acc_frag(dv_acc, dv_wg.slice[4, offset=4 * n](), o, o8, key_lo < it.nk, key_lo + 8 < it.nk)
 
 
 def bwd_finish_kernel[dtype: DType, part_dtype: DType, head_dim: Int, topk: Int, block_size: Int, num_groups: Int](
@@ -805,9 +818,10 @@ struct MSASparseBackward:
             var dr = dv_acc.unsafe_offset(nkv)
             ctx.enqueue_memset(scratch_f32.to_device_buffer(ctx), Float32(0))
             if T > 0:
+                comptime rows_per_block = 8 * WARP_SIZE // rowdot_lanes(head_dim)
                 ctx.enqueue_function[bwd_rowdot_kernel[dtype, head_dim]](
                     dr, o.unsafe_ptr(), dout.unsafe_ptr(), dlse.unsafe_ptr(), Int32(T * Hq),
-                    grid_dim=ceildiv(T * Hq, 8), block_dim=8 * WARP_SIZE,
+                    grid_dim=ceildiv(T * Hq, rows_per_block), block_dim=8 * WARP_SIZE,
                 )
                 # Hopper: warpgroup MMA; mma.sync elsewhere
                 comptime if hopper_target() and backward_wgmma_supported[dtype, head_dim, block_size]():

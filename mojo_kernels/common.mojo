@@ -6,7 +6,9 @@ from std.utils.numerics import neg_inf
 from max.gpu.host import DeviceContext
 from max.gpu.compute.mma import WGMMADescriptor, ld_matrix, wgmma_async, wgmma_commit_group_sync, wgmma_fence_aligned
 from max.gpu.host.nvidia.tma import TensorMapSwizzle
+from max.gpu import lane_id
 from max.gpu.memory import AddressSpace
+from max.gpu.primitives import warp
 
 comptime SMEM_OPTIN_BYTES = 227 * 1024  # shared memory a thread block may opt into (sm_80, sm_90)
 
@@ -290,6 +292,32 @@ def wgmma_acc_fence[n: Int](acc: SIMD[DType.float32, n]) -> SIMD[DType.float32, 
     comptime for i in range(n):
         out[i] = inlined_assembly["", Float32, constraints="=f,0", has_side_effect=True](acc[i])
     return out
+
+
+@always_inline
+def red_add_v4(p: F32MutPtr, x: SIMD[DType.float32, 4]):
+    """Adds x into 4 floats at p (16-byte aligned, global) with one vector
+    reduction, red.global.add.v4.f32 (sm_90): L2 handles reductions per
+    transaction, so this is a quarter of the work of four scalar atomics."""
+    inlined_assembly["red.global.add.v4.f32 [$0], {$1, $2, $3, $4};", NoneType, constraints="l,f,f,f,f,~{memory}",
+                     has_side_effect=True](Int(p), x[0], x[1], x[2], x[3])
+
+
+@always_inline
+def red_add_acc_frag(dst: F32MutPtr, x: SIMD[DType.float32, 4], o_lo: Int, o_hi: Int, lo_ok: Bool, hi_ok: Bool):
+    """Adds one 8-column tile of an MMA accumulator (mma.sync's and wgmma's
+    layout: x[0:2] at row g, columns t2, t2 + 1, offset o_lo; x[2:4] at row
+    g + 8, offset o_hi) into dst, one v4 reduction a lane: a lane pair swaps
+    halves, so the even lane holds 4 columns of row g and the odd lane 4 of
+    row g + 8. lo_ok / hi_ok: the rows exist. Every lane of the warp calls it."""
+    var odd = lane_id() % 2 == 1
+    var r0 = warp.shuffle_xor(x[0] if odd else x[2], 1)
+    var r1 = warp.shuffle_xor(x[1] if odd else x[3], 1)
+    if odd:
+        if hi_ok:
+            red_add_v4(dst.unsafe_offset(o_hi - 2), SIMD[DType.float32, 4](r0, r1, x[2], x[3]))
+    elif lo_ok:
+        red_add_v4(dst.unsafe_offset(o_lo), SIMD[DType.float32, 4](x[0], x[1], r0, r1))
 
 
 # Where a sequence's keys live. Packed: the rows of k [S, Hkv, D] (or k_idx
