@@ -2,7 +2,7 @@
 # One device call: build, check against the reference, time. Run on the GPU
 # machine after the pack.sh set-up (../shared/gpu/README.md), from the repo root:
 #   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/modular/bin:$PATH
-#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [check-backward] [sanitize-backward] [fp8-cuda] [check-paged] [check-fp8] [long-fp8] [plan] [bench-backward] [torch-new] [decode-paged] [decode-fp8] [decode-fp8-1m] [long] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-backward-times] [profile-backward] [profile-decode] [profile-fp8-select] [profile-decode-fp8]
+#   bash benchmarks/gpu_run.sh [mef] check [check-small] [check-32k] [check-large] [check-decode] [ties] [sanitize-ties] [check-backward] [sanitize-backward] [fp8-cuda] [check-paged] [check-fp8] [long-fp8] [plan] [bench-backward] [torch-new] [decode-paged] [decode-fp8] [decode-fp8-1m] [long] [bench] [bench-base] [decode] [decode-spec] [demo] [torch] [overhead] [sanitize] [memory] [profile] [profile-backward-times] [profile-backward] [profile-decode] [profile-fp8-select] [profile-decode-fp8] [profile-plan-fp8]
 # Logs go to $OUT (the device tool's folder) or ./msa_out. Pass MSA_COMMIT
 # (this machine's `git rev-parse --short HEAD`): the device's copy of the
 # working tree may carry another branch's git metadata.
@@ -49,6 +49,7 @@ for step in "$@"; do
     profile) bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     profile-fp8-select) PROFILE_ARGS="--prefill 65536 --index-dtype fp8 --select-only" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_fp8_select.log" || rc=1 ;;
     profile-decode-fp8) PROFILE_ARGS="--decode 32 131072 --paged-fp8" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_decode_fp8.log" || rc=1 ;;
+    profile-plan-fp8) PROFILE_ARGS="--decode 32 131072 --plan-fp8" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_plan_fp8.log" || rc=1 ;;
     profile-backward-times) PROFILE_FROM_START=off PROFILE_TIMES=1 PROFILE_ARGS="--backward ${PROF_BWD_T:-16384}" MSA_SKIP_VALUE_CHECKS=1 bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_backward_times.log" || rc=1 ;;
     profile-backward) PROFILE_FROM_START=off PROFILE_ARGS="--backward ${PROF_BWD_T:-16384}" MSA_SKIP_VALUE_CHECKS=1 bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_backward.log" || rc=1 ;;
     profile-decode) PROFILE_ARGS="--decode 32 131072" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_decode.log" || rc=1 ;;

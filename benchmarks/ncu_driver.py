@@ -4,6 +4,7 @@
   python benchmarks/ncu_driver.py --decode 32 131072     # decode layer: B sequences, one new token each
   python benchmarks/ncu_driver.py --prefill 65536 --index-dtype fp8 --select-only   # the FP8 indexer alone
   python benchmarks/ncu_driver.py --decode 32 131072 --paged-fp8   # decode over paged e4m3 caches
+  python benchmarks/ncu_driver.py --decode 32 131072 --plan-fp8    # PagedDecodePlan, FP8 indexer
   python benchmarks/ncu_driver.py --backward 16384      # a training step: msa_attention forward, .backward
 
 Each stage runs once to compile and warm up, then once more for the profiler
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--index-dtype", choices=("auto", "fp8"), default="auto", help="prefill: the FP8 indexer")
     ap.add_argument("--select-only", action="store_true", help="prefill: the indexer alone")
     ap.add_argument("--paged-fp8", action="store_true", help="decode: the paged layer over e4m3 caches")
+    ap.add_argument("--plan-fp8", action="store_true",
+                    help="decode: PagedDecodePlan.run() over e4m3 caches with the FP8 indexer (an engine's step)")
     ap.add_argument("--backward", type=int, default=0, metavar="T",
                     help="torch forward + backward of one T-token sequence; only the second step is profiled "
                          "(profile.sh with PROFILE_FROM_START=off)")
@@ -73,6 +76,16 @@ def main() -> None:
         b["cu_q"] = _buf(torch.arange(0, B + 1, dtype=torch.int32, device="cuda"))
         b["cu_k"] = _buf(torch.arange(0, B + 1, dtype=torch.int32, device="cuda") * Tk)
         kind = "msa"
+        if a.plan_fp8:
+            from msa_py.bench import _paged_buffers, decode_plan
+
+            q, qi, k, v, ki = (torch.from_dlpack(b[n]) for n in ("q", "q_idx", "k", "v", "k_idx"))
+            pb = _paged_buffers(torch, run, b, k, v, ki, B, Tk, seed=0, fp8=True)
+            plan = decode_plan(torch, spec, pb, q, qi, B, 1, fp8=True)
+            for _ in range(2):
+                plan.run()
+                torch.cuda.synchronize()
+            return
         if a.paged_fp8:
             from msa_py.bench import _paged_buffers
 

@@ -626,14 +626,11 @@ def _paged_buffers(torch, runner, bufs, k, v, ki, B: int, Tk: int, seed: int, fp
                 page_table=_buf(pt), seq_lens=_buf(sl), geometry=_buf(geom), _keep=(kc, vc, ic, pt, sl, geom), **extra)
 
 
-def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, repeats: int, prefix: str = "plan",
-                   fp8: bool = False) -> dict:
-    """PagedDecodePlan over the paged caches of `pb`: the wall time per
-    eager `run()` in a loop of 20 with one sync at the end (what a step
-    costs when the host launches it), and on CUDA per replay of one CUDA
-    graph captured around `run()` (the kernels alone, no host work).
-    fp8: pb's e4m3 caches (their scales) and the FP8 indexer, q_idx rows
-    quantized as an engine would write them."""
+def decode_plan(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, fp8: bool = False):
+    """A PagedDecodePlan over the paged caches of `pb` (_paged_buffers), its
+    inputs written: q, q_idx, the page table and seq_lens. fp8: pb's e4m3
+    caches (their scales) and the FP8 indexer, q_idx rows quantized as an
+    engine would write them."""
     from .plan import PagedDecodePlan
     from .torch_ops import FP8, quantize_rows
 
@@ -650,6 +647,16 @@ def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, rep
     plan.q_idx.copy_(quantize_rows(qi)[0] if fp8 else qi)
     plan.page_table.copy_(pt)
     plan.seq_lens.copy_(sl)
+    return plan
+
+
+def _plan_overhead(torch, spec: E.Spec, pb: dict, q, qi, B: int, n_new: int, repeats: int, prefix: str = "plan",
+                   fp8: bool = False) -> dict:
+    """decode_plan's wall time per eager `run()` in a loop of 20 with one
+    sync at the end (what a step costs when the host launches it), and on
+    CUDA per replay of one CUDA graph captured around `run()` (the kernels
+    alone, no host work)."""
+    plan = decode_plan(torch, spec, pb, q, qi, B, n_new, fp8)
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
 
     def per_call(fn, n=20) -> float:
