@@ -46,10 +46,13 @@
 #        fragments), and writes scale dS^T to shared memory, from which the
 #        warps compute the tile's dQ rows against K in units of 16 rows x 32
 #        columns (one dS fragment feeds four products). At the end of the item
-#        its dK / dV are added (fp32 atomics) into accumulators, cast to the
-#        inputs' dtype by the last kernel; a work item is at most q_budget
-#        entries, so hot blocks spread over many thread blocks.
-#   Preprocessing (GPU): Dr per row, one warp per row.
+#        its dK / dV are added into fp32 accumulators (both GPU kernels) by
+#        vector reductions, red.global.add.v4.f32: lane pairs swap halves of
+#        each 8-column accumulator tile, so a lane adds 4 contiguous floats
+#        (a quarter of the L2 transactions of scalar atomics); the last
+#        kernel casts them to the inputs' dtype. A work item is at most
+#        q_budget entries, so hot blocks spread over many thread blocks.
+#   Preprocessing (GPU): Dr per row, D / 8 lanes a row with 16-byte loads.
 
 from std.math import ceildiv, exp, exp2, iota
 from std.memory import unsafe_stack_allocation

@@ -81,7 +81,8 @@ def test_msa_attention_gradients_match_reference(seqs, dtype, torch_device):
     dlse = torch.randn(q.shape[:2], generator=g).to(q.device)
     out, lse, dq, dk, dv = _grads(lambda q, k, v: msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK,
                                                                          block_size=BS, scale=0.11), q, k, v, dout, dlse)
-    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    with torch.no_grad():  # the op under msa_attention returns its selection too (the same compiled model)
+        bid = torch.ops.msa.msa_attention(q, k, v, qi, ki, cq, ck, TOPK, BS, 1, 2, 0.11, 1 / DI**0.5, 64)[2]
     r = [np64(x) for x in (q, k, v)]
     rq, rk, rv = R.sparse_attention_backward(*r, bid.cpu().numpy(), np64(dout), c.cu_q, c.cu_k, dlse=np64(dlse),
                                              block_size=BS, scale=0.11)
@@ -103,12 +104,12 @@ def test_sparse_gradients_any_block_ids(torch_device):
     dtype = "float32" if torch_device == "cpu" else "bfloat16"
     q, k, v, *_, cq, ck = tensors(c, torch_device, dtype)
     T = q.shape[0]
-    bid = np.full((HKV, T, 4), -1, np.int32)
+    bid = np.full((HKV, T, TOPK), -1, np.int32)  # TOPK slots: the compiled models of the test above
     p = np.arange(80 - T, 80)  # own blocks 2..4
     bid[:, :, 0] = p // BS
     bid[0, :, 1] = 0  # group 0: block 1 is chosen by no query
-    bid[1, :, 2] = p // BS  # twice
-    bid[1, ::3, 3] = p[::3] // BS - 1
+    bid[1, :, 1] = p // BS  # twice
+    bid[1, ::3, 2] = p[::3] // BS - 1
     bt = torch.from_numpy(bid).to(q.device)
     dout = torch.randn_like(q)
     dlse = torch.zeros(q.shape[:2], device=q.device)
