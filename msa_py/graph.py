@@ -624,9 +624,11 @@ def msa_attention(
         pieces = _static_pieces(q, k, cu_seqlens_q, topk=topk, block_size=block_size, q_budget=q_budget,
                                 max_workspace_bytes=max_workspace_bytes)
         if len(pieces) > 1:
+            # slices stay on the prefill kernels (decode None would send a one-query slice to the decode
+            # kernels, another summation order): the one-call answer, bit for bit
             kw = dict(topk=topk, block_size=block_size, init_blocks=init_blocks, local_blocks=local_blocks,
-                      scale=scale, idx_scale=idx_scale, q_budget=q_budget, use_mma=use_mma, decode=decode,
-                      forced_pass=forced_pass)
+                      scale=scale, idx_scale=idx_scale, q_budget=q_budget, use_mma=use_mma,
+                      decode=False if decode is None else decode, forced_pass=forced_pass)
             outs = [msa_attention(q[i0:i1], k[:k1], v[:k1], q_idx[i0:i1], k_idx[:k1], **kw) for i0, i1, k1 in pieces]
             return ops.concat([o for o, _ in outs], 0), ops.concat([l for _, l in outs], 0)
     cu_q, cu_k = _seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], q.device)

@@ -20,6 +20,7 @@ through DLPack. No host copies on the GPU path.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -441,15 +442,17 @@ def _msa_outputs(q: torch.Tensor, Hkv: int, topk: int):
             torch.empty((Hkv, T, topk), dtype=torch.int32, device=q.device))
 
 
-def _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget, **fields) -> E.Spec:
-    """The compiled-model key of the fused pipeline (contiguous or paged; fields: the paged caches' dtypes)."""
+def _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget,
+              decode_ok: bool = True, **fields) -> E.Spec:
+    """The compiled-model key of the fused pipeline (contiguous or paged; fields: the paged caches' dtypes).
+    decode_ok=False keeps a decode-sized call on the prefill kernels (a piece of a split prefill call)."""
     T, Hq, D = q.shape
     Di = q_idx.shape[2]
     if q_idx.dtype == FP8:
         fields = dict(fields, idx_dtype="float8_e4m3fn")
     return _spec(_DTYPES[q.dtype], Hq, Hkv, D, Di, topk=topk, block_size=block_size, init_blocks=init_blocks,
                  local_blocks=local_blocks, q_budget=q_budget,
-                 decode=_decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk), **fields)
+                 decode=decode_ok and _decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk), **fields)
 
 
 @torch.library.custom_op("msa::msa_attention", mutates_args=())
@@ -457,6 +460,7 @@ def _msa_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], topk: int,
     block_size: int, init_blocks: int, local_blocks: int, scale: float, idx_scale: float, q_budget: int,
+    decode_ok: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -466,7 +470,7 @@ def _msa_op(
     out, lse, block_ids = _msa_outputs(q, Hkv, topk)
     if T == 0:
         return out, lse, block_ids
-    spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget)
+    spec = _msa_spec(q, q_idx, Hkv, cu_seqlens_q, topk, block_size, init_blocks, local_blocks, q_budget, decode_ok)
     _run("msa", spec, _device_key(q),
          dict(q=q, k=k, v=v, q_idx=_idx_bytes(q_idx), k_idx=_idx_bytes(k_idx), cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
               scale=_scale_tensor(scale, q), idx_scale=_scale_tensor(idx_scale, q)), [out, lse, block_ids])
@@ -475,7 +479,7 @@ def _msa_op(
 
 @_msa_op.register_fake
 def _(q, k, v, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, topk, block_size, init_blocks, local_blocks,
-      scale, idx_scale, q_budget):
+      scale, idx_scale, q_budget, decode_ok=True):
     return (torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32),
             q.new_empty((k.shape[1], q.shape[0], topk), dtype=torch.int32))
 
@@ -573,7 +577,7 @@ def _attention_backward(ctx, dout, dlse, *_):
 
 
 def _setup_msa(ctx, inputs, output):
-    q, k, v, _, _, cu_q, cu_k, _, block_size, _, _, scale, _, q_budget = inputs
+    q, k, v, _, _, cu_q, cu_k, _, block_size, _, _, scale, _, q_budget = inputs[:14]
     out, lse, block_ids = output
     ctx.save_for_backward(q, k, v, block_ids, out, lse, cu_q, cu_k)
     ctx.block_size, ctx.scale, ctx.q_budget, ctx.n_inputs = block_size, scale, q_budget, len(inputs)
@@ -646,16 +650,18 @@ def msa_attention(
     sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
     isc = 1.0 / math.sqrt(Di) if idx_scale is None else float(idx_scale)
 
-    def call(q, q_idx, k, v, k_idx, cu_q, cu_k):
+    def call(q, q_idx, k, v, k_idx, cu_q, cu_k, decode_ok=True):
         out, lse, _ = torch.ops.msa.msa_attention(q, k, v, q_idx, k_idx, cu_q, cu_k, topk, block_size, init_blocks,
-                                                  local_blocks, sc, isc, q_budget)
+                                                  local_blocks, sc, isc, q_budget, decode_ok)
         return out, lse
 
     per_query = V.workspace_bytes_per_query(Hq, Hkv, D, topk, q.element_size(), S, block_size, q_budget)
     max_queries = max(1, _workspace_budget(q, max_workspace_bytes) // per_query)
     if T <= max_queries or _decode(T, cu_seqlens_q, q, block_size, D=D, Di=Di, topk=topk):
         return call(q, q_idx, k, v, k_idx, cu_seqlens_q, cu_seqlens_k)
-    return _in_pieces(call, max_queries, (q, q_idx), (k, v, k_idx), cu_seqlens_q, cu_seqlens_k, T, S)
+    # pieces stay on the prefill kernels, even one-query pieces: the one-call answer, bit for bit
+    return _in_pieces(functools.partial(call, decode_ok=False), max_queries, (q, q_idx), (k, v, k_idx),
+                      cu_seqlens_q, cu_seqlens_k, T, S)
 
 
 _RAM_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

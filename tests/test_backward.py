@@ -17,7 +17,7 @@ from msa_py import verify as Vf  # noqa: E402
 from cases import make_case  # noqa: E402
 from test_torch_ops import np64, tensors  # noqa: E402
 
-HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 3, 16
+HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 4, 16
 # ragged (a 1-token sequence, lengths off block multiples), chunked (Tq < Tk), GQA (G = 4)
 SHAPES = [[(40, 40), (1, 1), (33, 50), (70, 70)], [(20, 100), (16, 16)]]
 

@@ -8,7 +8,7 @@ pytest.importorskip("torch")
 from msa_py import cli  # noqa: E402
 
 # the torch tests' shape (test_torch_ops, test_backward): the CLI's graphs are theirs, compiled once per suite
-TINY = ["--device", "cpu", "--heads", "8", "--kv-heads", "2", "--head-dim", "64", "--idx-dim", "32", "--topk", "3",
+TINY = ["--device", "cpu", "--heads", "8", "--kv-heads", "2", "--head-dim", "64", "--idx-dim", "32", "--topk", "4",
         "--block-size", "16", "--dtype", "float32"]
 
 
@@ -27,7 +27,7 @@ def test_bench_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "x dense" in out and "wrote" in out
     res = json.loads(stem.with_suffix(".json").read_text())
-    assert res["scenario"] == "hot" and res["config"]["topk"] == 3 and res["device"] == "cpu"
+    assert res["scenario"] == "hot" and res["config"]["topk"] == 4 and res["device"] == "cpu"
     assert [r["T"] for r in res["rows"]] == [128, 200]
     for r in res["rows"]:
         for key in ("select_ms", "invert_ms", "block_attention_ms", "combine_ms", "msa_ms", "msa_chunked_ms",
@@ -35,7 +35,7 @@ def test_bench_tiny(tmp_path, capsys):
                     "speedup_vs_gather", "keys_per_query", "invert_combine_pct"):
             assert key in r and r[key] > 0, key
         assert r["invert_combine_pct"] == pytest.approx(100 * (r["invert_ms"] + r["combine_ms"]) / r["msa_ms"])
-        assert r["forced_pass"]  # topk 3 >= 1 sink + 2 local: the layer's stages are the forced pass's
+        assert r["forced_pass"]  # topk 4 >= 1 sink + 2 local: the layer's stages are the forced pass's
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(res["model_load_s"]) >= {"select", "invert_skip_forced", "block_attention", "forced_combine", "msa"}
 

@@ -17,7 +17,7 @@ from msa_py import verify as Vf  # noqa: E402
 
 from cases import make_case  # noqa: E402
 
-HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 3, 16
+HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 4, 16
 SHAPES = [[(77, 77)], [(40, 40), (1, 1), (33, 50), (70, 70)], [(20, 100), (16, 16)]]
 TDT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
