@@ -17,7 +17,7 @@ import msa_py  # noqa: E402
 from msa_py import reference as R  # noqa: E402
 from msa_py import verify as Vf  # noqa: E402
 
-HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 3, 16
+HQ, HKV, D, DI, TOPK, BS = 8, 2, 64, 32, 4, 16
 
 
 def _pages(seq_lens, num_pages, seed, share_prefix=False):
