@@ -104,12 +104,12 @@ def test_sparse_gradients_any_block_ids(torch_device):
     dtype = "float32" if torch_device == "cpu" else "bfloat16"
     q, k, v, *_, cq, ck = tensors(c, torch_device, dtype)
     T = q.shape[0]
-    bid = np.full((HKV, T, TOPK), -1, np.int32)  # TOPK slots: the compiled models of the test above
+    bid = np.full((HKV, T, TOPK), -1, np.int32)  # TOPK (4) slots: the compiled models of the test above
     p = np.arange(80 - T, 80)  # own blocks 2..4
     bid[:, :, 0] = p // BS
     bid[0, :, 1] = 0  # group 0: block 1 is chosen by no query
-    bid[1, :, 1] = p // BS  # twice
-    bid[1, ::3, 2] = p[::3] // BS - 1
+    bid[1, :, 2] = p // BS  # twice, after a -1 in slot 1
+    bid[1, ::3, 3] = p[::3] // BS - 1
     bt = torch.from_numpy(bid).to(q.device)
     dout = torch.randn_like(q)
     dlse = torch.zeros(q.shape[:2], device=q.device)
