@@ -259,6 +259,7 @@ def _backward_cpu[
 
 # ----------------------------------------------------------------------------- GPU
 comptime ROWDOT_VEC = 8  # values a lane loads at once (16 bytes of bf16)
+comptime ROWDOT_THREADS = 8 * WARP_SIZE  # bwd_rowdot_kernel's block size
 
 
 def rowdot_lanes(head_dim: Int) -> Int:
@@ -279,7 +280,7 @@ def bwd_rowdot_kernel[dtype: DType, head_dim: Int](
     comptime L = rowdot_lanes(head_dim)
     comptime V = ROWDOT_VEC
     var lane = Int(lane_id())
-    var row = (Int(block_idx.x) * Int(8 * WARP_SIZE) + Int(thread_idx.x)) // L
+    var row = (Int(block_idx.x) * ROWDOT_THREADS + Int(thread_idx.x)) // L
     var c = (lane % L) * V
     var s = Float32(0)
     if row < Int(rows) and c < head_dim:
@@ -821,10 +822,9 @@ struct MSASparseBackward:
             var dr = dv_acc.unsafe_offset(nkv)
             ctx.enqueue_memset(scratch_f32.to_device_buffer(ctx), Float32(0))
             if T > 0:
-                comptime rows_per_block = 8 * WARP_SIZE // rowdot_lanes(head_dim)
                 ctx.enqueue_function[bwd_rowdot_kernel[dtype, head_dim]](
                     dr, o.unsafe_ptr(), dout.unsafe_ptr(), dlse.unsafe_ptr(), Int32(T * Hq),
-                    grid_dim=ceildiv(T * Hq, rows_per_block), block_dim=8 * WARP_SIZE,
+                    grid_dim=ceildiv(T * Hq, ROWDOT_THREADS // rowdot_lanes(head_dim)), block_dim=ROWDOT_THREADS,
                 )
                 # Hopper: warpgroup MMA; mma.sync elsewhere
                 comptime if hopper_target() and backward_wgmma_supported[dtype, head_dim, block_size]():
