@@ -184,104 +184,129 @@ def uses_forced_pass(spec: Spec, device: str) -> bool:
         init_blocks=spec.init_blocks, local_blocks=spec.local_blocks)
 
 
+def _input_types(kind: str, spec: Spec, dev) -> list:
+    """A kind's graph inputs: its DPS output buffers (OUTPUTS), then its
+    tensors (input_names)."""
+    types = _types(spec, dev)
+    if kind == "combine":  # combine on its own emits the partials' dtype
+        types["out"] = type(types["out"])(types["o_partial"].dtype, types["out"].shape, device=dev)
+    return [types[n].as_buffer() for n in OUTPUTS.get(kind, ())] + [types[n] for n in input_names(kind, spec)]
+
+
 def build_graph(kind: str, spec: Spec, device: str):
+    """The graph of one kind at one spec: what model() compiles and runs."""
+    return build_bundle([(kind, spec)], device, name=f"msa_{kind}_{abs(hash(spec)) % 10**8}_{device}")
+
+
+def build_bundle(builds: list, device: str, name: str | None = None):
+    """One graph holding the ops of several (kind, spec) builds side by side,
+    each with its own inputs and outputs, in order. MAX's fixed cost per
+    graph (~15 s on a 2-core machine) dominates a compile-only check, so the
+    sm_90 check compiles its builds as one bundle."""
     from max.graph import DeviceRef, Graph
 
     dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(gpu_index(device))
-    types = _types(spec, dev)
+    per_build = [_input_types(kind, spec, dev) for kind, spec in builds]
+    name = name or f"msa_bundle_{abs(hash(tuple(builds))) % 10**8}_{device}"
+    with Graph(name, input_types=[t for ts in per_build for t in ts], custom_extensions=[kernels_path()]) as g:
+        outs, at = [], 0
+        for (kind, spec), ts in zip(builds, per_build):
+            outs += _emit(kind, spec, device, list(g.inputs[at:at + len(ts)]))
+            at += len(ts)
+        g.output(*outs)
+    return g
+
+
+def _emit(kind: str, spec: Spec, device: str, inputs: list) -> list:
+    """Adds one kind's ops to the graph being built over its inputs
+    (_input_types' order). DPS kinds write their output buffers and return
+    []; the others return their output tensors."""
     ins = input_names(kind, spec)
     dps = OUTPUTS.get(kind, ())
-    if kind == "combine":  # combine on its own emits the partials' dtype
-        types["out"] = type(types["out"])(types["o_partial"].dtype, types["out"].shape, device=dev)
-    in_types = [types[n].as_buffer() for n in dps] + [types[n] for n in ins]
     kw = dict(topk=spec.topk, block_size=spec.block_size)
     sel_kw = dict(kw, init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, decode=spec.decode)
-    name = f"msa_{kind}_{abs(hash(spec)) % 10**8}_{device}"
-    with Graph(name, input_types=in_types, custom_extensions=[kernels_path()]) as g:
-        bufs = [g.inputs[i].buffer for i in range(len(dps))]
-        a = {n: g.inputs[len(dps) + i].tensor for i, n in enumerate(ins)}
-        if kind == "msa":  # G.msa_attention, with its selection as a third output
-            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)
-            res = [*G.layer_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
-                                      q_budget=spec.q_budget, use_mma=spec.use_mma, forced_pass=spec.forced_pass,
-                                      block_size=spec.block_size, init_blocks=spec.init_blocks,
-                                      local_blocks=spec.local_blocks, decode=spec.decode), bid]
-        elif kind in ("paged_msa", "paged_select", "paged_sparse"):
-            cache = G.PagedCache(a.get("k_cache"), a.get("v_cache"), a.get("k_idx_cache"), a["geometry"],
-                                 v_scale=a.get("v_scale"))
-            paged = dict(block_size=spec.block_size, decode=spec.decode)
-            if kind == "paged_select":
-                res = [G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
-                                             topk=spec.topk, init_blocks=spec.init_blocks,
-                                             local_blocks=spec.local_blocks, idx_scale=a["idx_scale"],
-                                             decode_queries=spec.decode_queries or None, **paged)]
-            elif kind == "paged_sparse":
-                res = G.paged_sparse_attention(a["q"], cache, a["block_ids"], a["page_table"], a["seq_lens"],
-                                               a["cu_q"], scale=a["scale"], q_budget=spec.q_budget, **paged)
-            else:
-                bid = G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
-                                            topk=spec.topk, init_blocks=spec.init_blocks,
-                                            local_blocks=spec.local_blocks, idx_scale=a["idx_scale"],
-                                            decode_queries=spec.decode_queries or None, **paged)
-                res = [*G.paged_sparse_attention(a["q"], cache, bid, a["page_table"], a["seq_lens"], a["cu_q"],
-                                                 init_blocks=spec.init_blocks if spec.forced_pass else 0,
-                                                 local_blocks=spec.local_blocks if spec.forced_pass else 0,
-                                                 scale=a["scale"], q_budget=spec.q_budget, **paged), bid]
-        elif kind == "sparse_backward":
-            res = G.sparse_attention_backward(
-                a["q"], a["k"], a["v"], a["block_ids"], a["out"], a["lse"], a["dout"], a["cu_q"], a["cu_k"],
-                dlse=a["dlse"], block_size=spec.block_size, scale=a["scale"], q_budget=spec.q_budget)
-        elif kind == "sparse":
-            res = G.sparse_attention(
-                a["q"], a["k"], a["v"], a["block_ids"], a["cu_q"], a["cu_k"], block_size=spec.block_size,
-                scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, decode=spec.decode,
-            )
-        elif kind == "select":
-            res = [G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)]
-        elif kind == "combine":
-            res = G.combine(a["o_partial"], a["lse_partial"])
-        elif kind in ("invert", "invert_skip_forced"):
-            skip = dict(init_blocks=spec.init_blocks, local_blocks=spec.local_blocks) if kind != "invert" else {}
-            res = list(G.invert(a["block_ids"], a["cu_q"], a["cu_k"], num_keys=a["keys"].shape[0],
-                                block_size=spec.block_size, q_budget=spec.q_budget, **skip))
-        elif kind == "forced_combine":
-            res = G.forced_combine(a["q"], a["k"], a["v"], a["o_partial"], a["lse_partial"], a["cu_q"], a["cu_k"],
-                                   block_size=spec.block_size, init_blocks=spec.init_blocks,
-                                   local_blocks=spec.local_blocks, scale=a["scale"])
-        elif kind == "block_attention":
-            inv = G.Inversion(a["row_offsets"], None, a["entries"], a["work"], a["num_work"])
-            res = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
-                                    use_mma=spec.use_mma, **kw)
-        elif kind == "stages":
-            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
-                                  **dict(sel_kw, decode=False))
-            if uses_forced_pass(spec, device):
-                inv, o_p, lse_p, out, lse = G.forced_layer(
-                    a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=spec.block_size,
-                    init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, scale=a["scale"],
-                    q_budget=spec.q_budget, use_mma=spec.use_mma)
-            else:
-                inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
-                               q_budget=spec.q_budget)
-                o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"],
-                                               scale=a["scale"], use_mma=spec.use_mma, **kw)
-                out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
-            res = [bid, *inv, o_p, lse_p, out, lse]
-        elif kind == "decode_stages":
-            bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
-                                  **dict(sel_kw, decode=True))
-            out, lse = G.decode_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
-                                          block_size=spec.block_size)
-            res = [bid, out, lse]
+    bufs = [inputs[i].buffer for i in range(len(dps))]
+    a = {n: inputs[len(dps) + i].tensor for i, n in enumerate(ins)}
+    if kind == "msa":  # G.msa_attention, with its selection as a third output
+        bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)
+        res = [*G.layer_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                  q_budget=spec.q_budget, use_mma=spec.use_mma, forced_pass=spec.forced_pass,
+                                  block_size=spec.block_size, init_blocks=spec.init_blocks,
+                                  local_blocks=spec.local_blocks, decode=spec.decode), bid]
+    elif kind in ("paged_msa", "paged_select", "paged_sparse"):
+        cache = G.PagedCache(a.get("k_cache"), a.get("v_cache"), a.get("k_idx_cache"), a["geometry"],
+                             v_scale=a.get("v_scale"))
+        paged = dict(block_size=spec.block_size, decode=spec.decode)
+        if kind == "paged_select":
+            res = [G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
+                                         topk=spec.topk, init_blocks=spec.init_blocks,
+                                         local_blocks=spec.local_blocks, idx_scale=a["idx_scale"],
+                                         decode_queries=spec.decode_queries or None, **paged)]
+        elif kind == "paged_sparse":
+            res = G.paged_sparse_attention(a["q"], cache, a["block_ids"], a["page_table"], a["seq_lens"],
+                                           a["cu_q"], scale=a["scale"], q_budget=spec.q_budget, **paged)
         else:
-            raise ValueError(f"unknown graph kind {kind!r}; expected one of {KINDS}")
-        if dps:
-            for buf, r in zip(bufs, res):
-                buf[...] = r
-            g.output()
+            bid = G.paged_select_blocks(a["q_idx"], cache, a["page_table"], a["seq_lens"], a["cu_q"],
+                                        topk=spec.topk, init_blocks=spec.init_blocks,
+                                        local_blocks=spec.local_blocks, idx_scale=a["idx_scale"],
+                                        decode_queries=spec.decode_queries or None, **paged)
+            res = [*G.paged_sparse_attention(a["q"], cache, bid, a["page_table"], a["seq_lens"], a["cu_q"],
+                                             init_blocks=spec.init_blocks if spec.forced_pass else 0,
+                                             local_blocks=spec.local_blocks if spec.forced_pass else 0,
+                                             scale=a["scale"], q_budget=spec.q_budget, **paged), bid]
+    elif kind == "sparse_backward":
+        res = G.sparse_attention_backward(
+            a["q"], a["k"], a["v"], a["block_ids"], a["out"], a["lse"], a["dout"], a["cu_q"], a["cu_k"],
+            dlse=a["dlse"], block_size=spec.block_size, scale=a["scale"], q_budget=spec.q_budget)
+    elif kind == "sparse":
+        res = G.sparse_attention(
+            a["q"], a["k"], a["v"], a["block_ids"], a["cu_q"], a["cu_k"], block_size=spec.block_size,
+            scale=a["scale"], q_budget=spec.q_budget, use_mma=spec.use_mma, decode=spec.decode,
+        )
+    elif kind == "select":
+        res = [G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"], **sel_kw)]
+    elif kind == "combine":
+        res = G.combine(a["o_partial"], a["lse_partial"])
+    elif kind in ("invert", "invert_skip_forced"):
+        skip = dict(init_blocks=spec.init_blocks, local_blocks=spec.local_blocks) if kind != "invert" else {}
+        res = list(G.invert(a["block_ids"], a["cu_q"], a["cu_k"], num_keys=a["keys"].shape[0],
+                            block_size=spec.block_size, q_budget=spec.q_budget, **skip))
+    elif kind == "forced_combine":
+        res = G.forced_combine(a["q"], a["k"], a["v"], a["o_partial"], a["lse_partial"], a["cu_q"], a["cu_k"],
+                               block_size=spec.block_size, init_blocks=spec.init_blocks,
+                               local_blocks=spec.local_blocks, scale=a["scale"])
+    elif kind == "block_attention":
+        inv = G.Inversion(a["row_offsets"], None, a["entries"], a["work"], a["num_work"])
+        res = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                use_mma=spec.use_mma, **kw)
+    elif kind == "stages":
+        bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
+                              **dict(sel_kw, decode=False))
+        if uses_forced_pass(spec, device):
+            inv, o_p, lse_p, out, lse = G.forced_layer(
+                a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], block_size=spec.block_size,
+                init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, scale=a["scale"],
+                q_budget=spec.q_budget, use_mma=spec.use_mma)
         else:
-            g.output(*res)
-    return g
+            inv = G.invert(bid, a["cu_q"], a["cu_k"], num_keys=a["k"].shape[0], block_size=spec.block_size,
+                           q_budget=spec.q_budget)
+            o_p, lse_p = G.block_attention(a["q"], a["k"], a["v"], inv, a["cu_q"], a["cu_k"],
+                                           scale=a["scale"], use_mma=spec.use_mma, **kw)
+            out, lse = G.combine(o_p, lse_p, out_dtype=a["q"].dtype)
+        res = [bid, *inv, o_p, lse_p, out, lse]
+    elif kind == "decode_stages":
+        bid = G.select_blocks(a["q_idx"], a["k_idx"], a["cu_q"], a["cu_k"], idx_scale=a["idx_scale"],
+                              **dict(sel_kw, decode=True))
+        out, lse = G.decode_attention(a["q"], a["k"], a["v"], bid, a["cu_q"], a["cu_k"], scale=a["scale"],
+                                      block_size=spec.block_size)
+        res = [bid, out, lse]
+    else:
+        raise ValueError(f"unknown graph kind {kind!r}; expected one of {KINDS}")
+    if dps:
+        for buf, r in zip(bufs, res):
+            buf[...] = r
+        return []
+    return list(res)
 
 
 def gpu_index(device: str) -> int:

@@ -8,13 +8,16 @@ import pytest
 
 
 def test_gpu_path_compiles_for_sm90():
-    """The quick cases' graphs, and the backward at the model shape (its
-    wgmma kernel), compiled for a virtual sm_90 device."""
-    base = [sys.executable, "-m", "msa_py.check", "--device", "virtual"]
-    for args in (["--quick"], ["--backward", "--only", "bwd_model_shape_bf16"]):
-        proc = subprocess.run(base + args, capture_output=True, text=True, timeout=1500)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "CHECK PASSED" in proc.stdout
+    """The quick cases' graphs (prefill on wgmma and mma.sync, paged and e4m3
+    caches, decode, the FP8 decode indexer) and the backward at the model
+    shape (its wgmma kernel), compiled for a virtual sm_90 device as one
+    MAX graph."""
+    cmd = [sys.executable, "-m", "msa_py.check", "--device", "virtual", "--quick"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "CHECK PASSED" in proc.stdout
+    assert "sparse_backward compiled for sm_90" in proc.stdout
+    assert "e4m3 q_idx) compiled for sm_90" in proc.stdout
 
 
 # ptxas notes that mean every wgmma of a kernel runs alone (a wait after each):
