@@ -50,7 +50,7 @@ for step in "$@"; do
     profile-fp8-select) PROFILE_ARGS="--prefill 65536 --index-dtype fp8 --select-only" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_fp8_select.log" || rc=1 ;;
     profile-decode-fp8) PROFILE_ARGS="--decode 32 131072 --paged-fp8" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_decode_fp8.log" || rc=1 ;;
     profile-plan-fp8) PROFILE_ARGS="--decode 32 131072 --plan-fp8" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_plan_fp8.log" || rc=1 ;;
-    profile-backward-times) PROFILE_FROM_START=off PROFILE_TIMES=1 PROFILE_ARGS="--backward ${PROF_BWD_T:-16384}" MSA_SKIP_VALUE_CHECKS=1 bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_backward_times.log" || rc=1 ;;
+    profile-backward-times) PROFILE_COUNT=${PROFILE_COUNT:-100} PROFILE_FROM_START=off PROFILE_TIMES=1 PROFILE_ARGS="--backward ${PROF_BWD_T:-16384}" MSA_SKIP_VALUE_CHECKS=1 bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_backward_times.log" || rc=1 ;;
     profile-backward) PROFILE_FROM_START=off PROFILE_ARGS="--backward ${PROF_BWD_T:-16384}" MSA_SKIP_VALUE_CHECKS=1 bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_backward.log" || rc=1 ;;
     profile-decode) PROFILE_ARGS="--decode 32 131072" bash benchmarks/profile.sh 2>&1 | tee "$OUT/profile_decode.log" || rc=1 ;;
     *) echo "unknown step $step" ;;

@@ -6,6 +6,8 @@
   python benchmarks/ncu_driver.py --decode 32 131072 --paged-fp8   # decode over paged e4m3 caches
   python benchmarks/ncu_driver.py --decode 32 131072 --plan-fp8    # PagedDecodePlan, FP8 indexer
   python benchmarks/ncu_driver.py --backward 16384      # a training step: msa_attention forward, .backward
+                                                        # (past 16K at the model shape the call runs in pieces
+                                                        # under the default workspace budget: 2 at 32K)
 
 Each stage runs once to compile and warm up, then once more for the profiler
 (profile.sh skips the first launches of each kernel)."""
