@@ -89,7 +89,11 @@ def test_msa_attention_gradients_match_reference(seqs, dtype, torch_device):
     tol = 1e-5 if dtype == "float32" else Vf.tolerance(dtype)
     for got, ref in ((dq, rq), (dk, rk), (dv, rv)):
         assert got.dtype == q.dtype and Vf.rel_err(np64(got), ref) < tol
-    # sparse_attention on the same selection: the same gradients
+    # sparse_attention on the same selection: the same gradients (on the CPU in
+    # float32 only: bfloat16 would compile one more model for what the
+    # any-block_ids test below checks)
+    if torch_device == "cpu" and dtype != "float32":
+        return
     _, _, dq2, dk2, dv2 = _grads(lambda q, k, v: msa_py.sparse_attention(q, k, v, bid, cq, ck, block_size=BS,
                                                                          scale=0.11), q, k, v, dout, dlse)
     for got, ref in ((dq2, rq), (dk2, rk), (dv2, rv)):

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import msa_py  # noqa: E402
+from msa_py import paged as P  # noqa: E402
 from msa_py import reference as R  # noqa: E402
 from msa_py import verify as Vf  # noqa: E402
 
@@ -70,15 +71,22 @@ CASES = [(n, "plain") for n in SHAPES] + [(n, lay) for n in ("prefill_ragged", "
 
 @pytest.mark.parametrize("name,layout", CASES)
 def test_paged_msa_attention_matches_reference(name, layout, torch_device):
+    """The layer (and its own selection) against the reference; on the plain
+    prefill case also paged_select_blocks and paged_sparse_attention, whose
+    graphs differ from the layer's there (the layer's forced pass). On the
+    decode-sized cases they run the layer's kernels, checked through it."""
     q, kc, vc, qi, ic, pt, sl, cu = _case(SHAPES[name], 50, layout, dev=torch_device)
-    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
-    ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), pt.cpu().numpy(), sl.cpu().numpy(),
-                                   cu.cpu().numpy(), topk=TOPK, block_size=BS)
+    out, lse, bid = P.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, init_blocks=1,
+                                  local_blocks=2, scale=None, idx_scale=None, q_budget=64, k_scale=None,
+                                  v_scale=None, k_idx_scale=None)
+    host = (pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy())
+    ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), *host, topk=TOPK, block_size=BS)
     assert Vf.rel_err(_np(out), ro) < 1e-5 and Vf.rel_err(_np(lse), rl) < 1e-5
-    bid = msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
-    rb = R.paged_select_blocks(_np(qi), _np(ic), pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy(), topk=TOPK,
-                               block_size=BS)
+    rb = R.paged_select_blocks(_np(qi), _np(ic), *host, topk=TOPK, block_size=BS)
     np.testing.assert_array_equal(bid.cpu().numpy(), rb)
+    if (name, layout) != ("prefill_ragged", "plain"):
+        return
+    np.testing.assert_array_equal(msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS).cpu().numpy(), rb)
     o2, l2 = msa_py.paged_sparse_attention(q, kc, vc, bid, pt, sl, cu, block_size=BS)
     assert Vf.rel_err(_np(o2), ro) < 1e-5 and Vf.rel_err(_np(l2), rl) < 1e-5
 
@@ -227,15 +235,18 @@ def test_fp8_caches_match_the_dequantized_reference(name, which, layout, torch_d
     dtype = torch.bfloat16
     (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case(SHAPES[name], 60, torch_device, dtype, which, layout)
     host = dict(page_table=pt.cpu().numpy(), seq_lens=sl.cpu().numpy(), cu_seqlens_q=cu.cpu().numpy())
-    out, lse = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
+    scales = {n: kw.get(n) for n in SCALES}
+    out, lse, bid = P.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, init_blocks=1,
+                                  local_blocks=2, scale=None, idx_scale=None, q_budget=64, **scales)
     ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), topk=TOPK, block_size=BS, **host, **kw)
     assert Vf.rel_err(_np(out), ro) < 8e-3 and Vf.rel_err(_np(lse), rl) < 1e-4
-    if which != ("kv", "idx"):  # the stages apart on the all-e4m3 cases (one compiled model each keeps CI short)
-        return
     ikw = {n: kw[n] for n in ("k_idx_scale",) if n in kw}
-    bid = msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **ikw)
-    np.testing.assert_array_equal(bid.cpu().numpy(), R.paged_select_blocks(_np(qi), _np(ic), topk=TOPK, block_size=BS,
-                                                                           **host, **ikw))
+    rb = R.paged_select_blocks(_np(qi), _np(ic), topk=TOPK, block_size=BS, **host, **ikw)
+    np.testing.assert_array_equal(bid.cpu().numpy(), rb)
+    if name != "prefill_ragged" or which != ("kv", "idx"):
+        return  # the functions apart where their graphs differ from the layer's (prefill; one compile each)
+    np.testing.assert_array_equal(msa_py.paged_select_blocks(qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **ikw)
+                                  .cpu().numpy(), rb)
     vkw = {n: kw[n] for n in ("k_scale", "v_scale") if n in kw}
     o2, l2 = msa_py.paged_sparse_attention(q, kc, vc, bid, pt, sl, cu, block_size=BS, **vkw)
     assert Vf.rel_err(_np(o2), ro) < 8e-3 and Vf.rel_err(_np(l2), rl) < 1e-4
