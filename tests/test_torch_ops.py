@@ -86,7 +86,8 @@ def test_16bit_inputs(dtype, torch_device):
     q, k, v, qi, ki, cq, ck = tensors(c, torch_device, dtype)
     out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS, scale=0.11)
     assert out.dtype == TDT[dtype]
-    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    # the selection the op used (its third output: the same compiled model, no select graph per dtype)
+    bid = torch.ops.msa.msa_attention(q, k, v, qi, ki, cq, ck, TOPK, BS, 1, 2, 0.11, 1 / DI**0.5, 64)[2]
     r = [np64(x) for x in (q, k, v)]
     ro, rl = R.sparse_attention(*r, bid.cpu().numpy(), c.cu_q, c.cu_k, block_size=BS, scale=0.11)
     assert Vf.rel_err(np64(out), ro) < Vf.tolerance(dtype)
@@ -221,7 +222,7 @@ def test_decode_path(torch_device):
     out, lse = msa_py.msa_attention(q, k, v, qi, ki, cq, ck, topk=TOPK, block_size=BS)
     dev = "cpu" if torch_device == "cpu" else "gpu:0"
     assert any(key[0] == "msa" and key[1].decode and key[2] == dev for key in E.cached_models())
-    bid = msa_py.select_blocks(qi, ki, cq, ck, topk=TOPK, block_size=BS)
+    bid = torch.ops.msa.msa_attention(q, k, v, qi, ki, cq, ck, TOPK, BS, 1, 2, 1 / D**0.5, 1 / DI**0.5, 64)[2]
     r = [np64(x) for x in (q, k, v, qi, ki)]
     rep = Vf.selection_report(bid.cpu().numpy(), r[3], r[4], c.cu_q, c.cu_k, block_size=BS, init_blocks=1,
                               local_blocks=2, idx_scale=1 / math.sqrt(DI))
