@@ -790,7 +790,6 @@ def _virtual(cases, with_backward: bool = False) -> bool:
     MAX graph: MAX's fixed cost per graph, not our kernels, is most of a
     compile here (11 graphs took 274 s cold on a 2-core machine)."""
     from . import engine as E
-    from max.engine import InferenceSession
 
     builds = [b for c in cases for b in _virtual_builds(c)]
     if with_backward:

@@ -208,12 +208,12 @@ def paged_msa_attention(
                        k_idx_scale=k_idx_scale, index_dtype=index_dtype)[:2]
 
 
-def paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, *, topk, block_size,
-                init_blocks, local_blocks, scale, idx_scale, q_budget, k_scale, v_scale, k_idx_scale,
-                index_dtype=None):
+def paged_layer(q, k_cache, v_cache, q_idx, k_idx_cache, page_table, seq_lens, cu_seqlens_q, *, topk=16,
+                block_size=128, init_blocks=1, local_blocks=2, scale=None, idx_scale=None, q_budget=64,
+                k_scale=None, v_scale=None, k_idx_scale=None, index_dtype=None):
     """paged_msa_attention with the layer's own selection: (out, lse,
-    block_ids [Hkv, T, topk]), for checks that compare both with the
-    reference (msa_py.check)."""
+    block_ids [Hkv, T, topk]), for checks and tests that compare both with
+    the reference (msa_py.check); the same arguments and defaults."""
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, q_idx=q_idx, k_idx_cache=k_idx_cache)
     num_pages, Hkv, D, Di, B, max_pages = _paged_checks(q, k_cache, v_cache, k_idx_cache, page_table, seq_lens,
                                                         cu_seqlens_q, block_size)

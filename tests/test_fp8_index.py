@@ -159,16 +159,13 @@ def test_paged_fp8_indexer_over_an_e4m3_cache(torch_device):
     cu = i32(np.concatenate([[0], np.cumsum([tq for tq, _ in seqs])]))
     kw = dict(topk=TOPK, block_size=BS, k_idx_scale=kis)
     # the layer with its own selection (paged_select_blocks on e4m3 is test_fp8_decode_indexer's)
-    out, lse, bid = paged.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, init_blocks=1, local_blocks=2, scale=None,
-                                      idx_scale=None, q_budget=64, k_scale=None, v_scale=None, index_dtype=FP8, **kw)
+    out, lse, bid = paged.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, index_dtype=FP8, **kw)
     q8, qs = torch_ops.quantize_rows(qi)
     host = dict(page_table=pt.cpu().numpy(), seq_lens=sl.cpu().numpy(), cu_seqlens_q=cu.cpu().numpy())
     ki, cu_k = R.gather_pages(_np(ic), host["page_table"], host["seq_lens"], block_size=BS, scale=kis)
     rep = Vf.selection_report(bid.cpu().numpy(), _np(q8.double() * qs.double()), ki, host["cu_seqlens_q"], cu_k,
                               block_size=BS, init_blocks=1, local_blocks=2)
     assert not rep["bad"] and rep["exact"] >= 0.95 * rep["rows"], rep
-    o2, l2 = msa_py.paged_msa_attention(q, kc, vc, qi, ic, pt, sl, cu, index_dtype=FP8, **kw)
-    assert torch.equal(o2, out) and torch.equal(l2, lse)
     ro, rl = R.paged_sparse_attention(_np(q), _np(kc), _np(vc), bid.cpu().numpy(), **host, block_size=BS)
     assert Vf.rel_err(_np(out), ro) < 2e-2 and Vf.rel_err(_np(lse), rl) < 1e-4
     with pytest.raises(ValueError, match="reads an e4m3 k_idx_cache"):

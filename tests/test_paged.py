@@ -76,9 +76,7 @@ def test_paged_msa_attention_matches_reference(name, layout, torch_device):
     graphs differ from the layer's there (the layer's forced pass). On the
     decode-sized cases they run the layer's kernels, checked through it."""
     q, kc, vc, qi, ic, pt, sl, cu = _case(SHAPES[name], 50, layout, dev=torch_device)
-    out, lse, bid = P.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, init_blocks=1,
-                                  local_blocks=2, scale=None, idx_scale=None, q_budget=64, k_scale=None,
-                                  v_scale=None, k_idx_scale=None)
+    out, lse, bid = P.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS)
     host = (pt.cpu().numpy(), sl.cpu().numpy(), cu.cpu().numpy())
     ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), *host, topk=TOPK, block_size=BS)
     assert Vf.rel_err(_np(out), ro) < 1e-5 and Vf.rel_err(_np(lse), rl) < 1e-5
@@ -236,9 +234,7 @@ def test_fp8_caches_match_the_dequantized_reference(name, which, layout, torch_d
     dtype = torch.bfloat16
     (q, kc, vc, qi, ic, pt, sl, cu), kw = _fp8_case(SHAPES[name], 60, torch_device, dtype, which, layout)
     host = dict(page_table=pt.cpu().numpy(), seq_lens=sl.cpu().numpy(), cu_seqlens_q=cu.cpu().numpy())
-    scales = {n: kw.get(n) for n in SCALES}
-    out, lse, bid = P.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, init_blocks=1,
-                                  local_blocks=2, scale=None, idx_scale=None, q_budget=64, **scales)
+    out, lse, bid = P.paged_layer(q, kc, vc, qi, ic, pt, sl, cu, topk=TOPK, block_size=BS, **kw)
     ro, rl = R.paged_msa_attention(_np(q), _np(kc), _np(vc), _np(qi), _np(ic), topk=TOPK, block_size=BS, **host, **kw)
     assert Vf.rel_err(_np(out), ro) < 8e-3 and Vf.rel_err(_np(lse), rl) < 1e-4
     ikw = {n: kw[n] for n in ("k_idx_scale",) if n in kw}
